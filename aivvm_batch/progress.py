@@ -1,0 +1,63 @@
+"""Progress people can read: a live bar on a terminal, plain periodic lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+from tqdm import tqdm
+
+from jobs.records import BatchInfo, Status
+
+PLAIN_INTERVAL_SECONDS = 5.0
+
+
+def summary(info: BatchInfo) -> str:
+    parts = [f"{info.counts.get(s.value, 0)} {s.value}" for s in Status if info.counts.get(s.value)]
+    total = "?" if info.total is None else str(info.total)
+    return f"{info.done}/{total} done" + (f" ({', '.join(parts)})" if parts else "")
+
+
+class Progress:
+    """Call :meth:`update` with each new view of the batch, then :meth:`close`."""
+
+    def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self._bar: tqdm | None = None
+        self._started = time.monotonic()
+        self._first_done: int | None = None
+        self._last_line = 0.0
+
+    def update(self, info: BatchInfo) -> None:
+        if self._first_done is None:
+            self._first_done = info.done
+        if self.live:
+            self._update_bar(info)
+        elif time.monotonic() - self._last_line >= PLAIN_INTERVAL_SECONDS or info.finished:
+            self._last_line = time.monotonic()
+            print(self._plain(info), file=self.stream, flush=True)
+
+    def _update_bar(self, info: BatchInfo) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=info.total, initial=info.done, unit="item", file=self.stream,
+                             dynamic_ncols=True, desc=info.id)
+        if info.total is not None and self._bar.total != info.total:
+            self._bar.total = info.total
+        self._bar.update(info.done - self._bar.n)
+        failures = info.done - info.counts.get(Status.OK.value, 0)
+        self._bar.set_postfix_str(f"not ok: {failures}", refresh=True)
+
+    def _plain(self, info: BatchInfo) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        rate = (info.done - (self._first_done or 0)) / elapsed
+        eta = ""
+        if info.total is not None and rate > 0 and not info.finished:
+            eta = f", ETA {int((info.total - info.done) / rate)}s"
+        return f"batch {info.id}: {summary(info)}, {rate:.1f} items/s{eta}"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

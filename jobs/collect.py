@@ -1,0 +1,60 @@
+"""Collecting a batch: wait for it, and write every item's result in input order."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import ConfigError
+from .formats import ResultFormat, render
+from .records import BatchInfo
+from .store import BatchStore
+
+ProgressCallback = Callable[[BatchInfo], None]
+
+
+def wait_until_finished(store: BatchStore, batch_id: str, on_progress: ProgressCallback | None = None,
+                        poll_seconds: float = 0.5, timeout: float | None = None) -> BatchInfo:
+    """Poll the batch's counters until every item has a final result."""
+    started = time.monotonic()
+    while True:
+        info = store.info(batch_id)
+        if on_progress is not None:
+            on_progress(info)
+        if info.finished:
+            return info
+        if timeout is not None and time.monotonic() - started > timeout:
+            return info
+        time.sleep(poll_seconds)
+
+
+def write_results(store: BatchStore, batch_id: str, out: str | Path,
+                  fmt: ResultFormat = ResultFormat.NATIVE) -> BatchInfo:
+    """Write one line per item, in input order; the file appears whole or not at all."""
+    info = store.info(batch_id)
+    if not info.finished:
+        raise ConfigError(
+            f"batch {batch_id} is not finished ({info.done}/{info.total if info.total is not None else '?'}"
+            " items done): wait with --wait"
+        )
+    out = Path(out)
+    directory = out.parent if str(out.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=directory)
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+            for seq, raw in store.iter_results(batch_id, info.total or 0):
+                if raw is None:
+                    raise ConfigError(f"batch {batch_id}: item {seq} has no result yet")
+                f.write(render(raw, fmt))
+                f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return info

@@ -1,0 +1,61 @@
+"""Settings read from the environment (prefix ``AIVVM_BATCH_``), with documented defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+ENV_PREFIX = "AIVVM_BATCH_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the runtime; the field name upper-cased, prefixed, is its variable."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    visibility_timeout: int = 3600
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    item_deadline: float = 600.0
+    result_ttl: int = 7 * 24 * 3600
+    max_line_bytes: int = 1024 * 1024
+    max_items: int = 5_000_000
+    rpm: int = 0
+    tpm: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backoff_cap >= self.visibility_timeout / 2:
+            raise ConfigError(
+                f"{ENV_PREFIX}BACKOFF_CAP ({self.backoff_cap:g}s) must stay well under "
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout}s): a retry "
+                "waiting longer than the timeout would be delivered twice"
+            )
+        if self.item_deadline >= self.visibility_timeout:
+            raise ConfigError(
+                f"{ENV_PREFIX}ITEM_DEADLINE ({self.item_deadline:g}s) must be shorter than "
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout}s)"
+            )
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ConfigError(
+                    f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

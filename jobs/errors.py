@@ -1,0 +1,47 @@
+"""Exceptions of the batch package.
+
+    BatchError
+    ├── ConfigError          a setting or option is unusable (exit code 2)
+    ├── InputFileError       the input file cannot be read at all
+    ├── BatchNotFound        unknown batch id, or its results expired
+    ├── StoreUnavailable     Redis could not be reached (translated from redis-py)
+    └── InvalidLine          one input line is not a valid request (kept as an ``invalid`` result)
+"""
+
+from __future__ import annotations
+
+
+class BatchError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(BatchError):
+    pass
+
+
+class InputFileError(BatchError):
+    pass
+
+
+class BatchNotFound(BatchError):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(
+            f"batch {batch_id!r} not found: it never existed on this Redis, "
+            "or its results expired (see AIVVM_BATCH_RESULT_TTL)"
+        )
+        self.batch_id = batch_id
+
+
+class StoreUnavailable(BatchError):
+    pass
+
+
+class InvalidLine(BatchError):
+    """A line that cannot become a request; ``str(exc)`` names the line and the field."""
+
+    def __init__(self, line: int, message: str, field: str | None = None) -> None:
+        where = f"line {line}" + (f", field '{field}'" if field else "")
+        super().__init__(f"{where}: {message}")
+        self.line = line
+        self.field = field
+        self.item_id: str | None = None

@@ -1,0 +1,55 @@
+"""Every Redis key the project writes, in one place.
+
+Per-batch keys share the hash tag ``{batch_id}`` so they live in one cluster slot,
+which the Lua scripts of :mod:`jobs.store` rely on.
+"""
+
+from __future__ import annotations
+
+PREFIX = "aivb"
+QUEUE = "aivvm-batch"
+BATCH_INDEX = f"{PREFIX}:batches"
+
+
+def meta(batch_id: str) -> str:
+    """Hash: source, created, state, options, total, finished_at."""
+    return f"{PREFIX}:{{{batch_id}}}:meta"
+
+
+def requests(batch_id: str) -> str:
+    """Hash: item seq -> request JSON (valid lines only)."""
+    return f"{PREFIX}:{{{batch_id}}}:req"
+
+
+def results(batch_id: str) -> str:
+    """Hash: item seq -> final result JSON; written once (HSETNX)."""
+    return f"{PREFIX}:{{{batch_id}}}:res"
+
+
+def counts(batch_id: str) -> str:
+    """Hash: status -> number of final results with it."""
+    return f"{PREFIX}:{{{batch_id}}}:counts"
+
+
+def ids(batch_id: str) -> str:
+    """Hash: item id -> seq of the line that first used it (duplicate detection)."""
+    return f"{PREFIX}:{{{batch_id}}}:ids"
+
+
+def claim(batch_id: str, seq: int) -> str:
+    """String with a TTL: the token of the execution currently working on an item."""
+    return f"{PREFIX}:{{{batch_id}}}:claim:{seq}"
+
+
+def claim_pattern(batch_id: str) -> str:
+    return f"{PREFIX}:{{{batch_id}}}:claim:*"
+
+
+def batch_keys(batch_id: str) -> list[str]:
+    """The keys that make up a batch and expire together after it finishes."""
+    return [meta(batch_id), requests(batch_id), results(batch_id), counts(batch_id), ids(batch_id)]
+
+
+def rate_bucket(scope: str) -> str:
+    """Global rate limiter state for one provider and base URL."""
+    return f"{PREFIX}:rate:{scope}"

@@ -1,0 +1,236 @@
+"""Reading the input file and turning each line into an :class:`ItemRequest`.
+
+Both line forms of DESIGN.md are accepted, mixed freely. Parsing is pure: a bad
+line raises :class:`InvalidLine` with a message naming the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .errors import InputFileError, InvalidLine
+from .records import ChatMessage, ItemRequest
+
+DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+ROLES = frozenset({"system", "developer", "user", "assistant"})
+SIMPLE_FIELDS = frozenset(
+    {"id", "messages", "prompt", "system_message", "model", "temperature"}
+)
+PASSTHROUGH_PARAMS = frozenset(
+    {"max_tokens", "max_completion_tokens", "top_p", "stop", "presence_penalty",
+     "frequency_penalty", "seed", "n", "user", "logit_bias", "response_format"}
+)
+BATCH_FIELDS = frozenset({"custom_id", "method", "url", "body"})
+BATCH_URLS = frozenset({"/v1/chat/completions", "/chat/completions"})
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class RawLine:
+    number: int
+    data: bytes
+    oversized: bool = False
+
+
+def read_lines(stream: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[RawLine]:
+    """Yield the non-blank lines of ``stream`` with their 1-based numbers.
+
+    Memory stays bounded by ``max_line_bytes``: a longer line is yielded once,
+    truncated and flagged ``oversized``, and the rest of it is skipped.
+    """
+    number = 0
+    while True:
+        chunk = stream.readline(max_line_bytes + 1)
+        if not chunk:
+            return
+        number += 1
+        oversized = len(chunk) > max_line_bytes and not chunk.endswith(b"\n")
+        if oversized:
+            _skip_rest_of_line(stream)
+        if number == 1 and chunk.startswith(UTF8_BOM):
+            chunk = chunk[len(UTF8_BOM):]
+        if not oversized and not chunk.strip():
+            continue
+        yield RawLine(number, chunk, oversized)
+
+
+def _skip_rest_of_line(stream: BinaryIO) -> None:
+    while True:
+        rest = stream.readline(DEFAULT_MAX_LINE_BYTES)
+        if not rest or rest.endswith(b"\n"):
+            return
+
+
+def open_input(path: str | Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> ItemRequest:
+    """Turn one raw line into a request, or raise :class:`InvalidLine`."""
+    n = raw.number
+    if raw.oversized:
+        raise InvalidLine(n, f"line is longer than the limit of {max_line_bytes} bytes "
+                             "(AIVVM_BATCH_MAX_LINE_BYTES)")
+    try:
+        text = raw.data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise InvalidLine(n, f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise InvalidLine(n, "JSON nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidLine(n, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise InvalidLine(n, f"expected a JSON object, got {_kind(data)}")
+    try:
+        if "body" in data or "custom_id" in data:
+            return _parse_batch_form(n, data)
+        return _parse_simple_form(n, data)
+    except InvalidLine as exc:
+        exc.item_id = _best_effort_id(data)
+        raise
+
+
+def _best_effort_id(data: dict[str, Any]) -> str | None:
+    """The id a broken line meant to have, so its result can be matched to it."""
+    value = data.get("custom_id", data.get("id"))
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+        return str(value)[:512]
+    return None
+
+
+def _parse_simple_form(n: int, data: dict[str, Any]) -> ItemRequest:
+    unknown = sorted(set(data) - SIMPLE_FIELDS - PASSTHROUGH_PARAMS)
+    if unknown:
+        raise InvalidLine(n, f"unknown field (expected one of: {', '.join(sorted(SIMPLE_FIELDS))})",
+                          unknown[0])
+    item_id = _parse_id(n, data.get("id"), "id")
+    if "messages" in data and "prompt" in data:
+        raise InvalidLine(n, "give either 'messages' or 'prompt', not both", "prompt")
+    if "prompt" in data:
+        prompt = data["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidLine(n, "must be a non-empty string", "prompt")
+        messages = (ChatMessage("user", prompt),)
+    elif "messages" in data:
+        messages = _parse_messages(n, data["messages"], "messages")
+    else:
+        raise InvalidLine(n, "missing: give 'messages' (a list) or 'prompt' (a string)", "messages")
+    return _build(n, item_id, messages, data, "")
+
+
+def _parse_batch_form(n: int, data: dict[str, Any]) -> ItemRequest:
+    unknown = sorted(set(data) - BATCH_FIELDS)
+    if unknown:
+        raise InvalidLine(n, "unknown field in an OpenAI Batch line", unknown[0])
+    if "custom_id" not in data:
+        raise InvalidLine(n, "missing (required in the OpenAI Batch form)", "custom_id")
+    item_id = _parse_id(n, data["custom_id"], "custom_id")
+    method = data.get("method", "POST")
+    if method != "POST":
+        raise InvalidLine(n, f"must be \"POST\", got {method!r}", "method")
+    url = data.get("url", "/v1/chat/completions")
+    if url not in BATCH_URLS:
+        raise InvalidLine(n, f"only /v1/chat/completions is supported, got {url!r}", "url")
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise InvalidLine(n, f"must be an object, got {_kind(body)}", "body")
+    messages = _parse_messages(n, body.get("messages"), "body.messages")
+    if body.get("stream") not in (None, True, False):
+        raise InvalidLine(n, "must be a boolean", "body.stream")
+    return _build(n, item_id, messages, body, "body.")
+
+
+def _build(n: int, item_id: str, messages: tuple[ChatMessage, ...], data: dict[str, Any],
+           prefix: str) -> ItemRequest:
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidLine(n, f"must be a string, got {_kind(model)}", prefix + "model")
+    temperature = data.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or not 0 <= temperature <= 2:
+            raise InvalidLine(n, f"must be a number from 0 to 2, got {temperature!r}",
+                              prefix + "temperature")
+        temperature = float(temperature)
+    system_message = data.get("system_message")
+    if system_message is not None and not isinstance(system_message, str):
+        raise InvalidLine(n, f"must be a string, got {_kind(system_message)}",
+                          prefix + "system_message")
+    if all(m.role in ("system", "developer") for m in messages):
+        raise InvalidLine(n, "has only a system message; add a user message", prefix + "messages")
+    params = tuple(sorted((k, v) for k, v in data.items()
+                          if k in PASSTHROUGH_PARAMS and v is not None))
+    return ItemRequest(
+        id=item_id,
+        line=n,
+        messages=messages,
+        model=model or None,
+        temperature=temperature,
+        system_message=system_message,
+        params=params,
+    )
+
+
+def _parse_id(n: int, value: Any, name: str) -> str:
+    if value is None:
+        if name == "custom_id":
+            raise InvalidLine(n, "must not be null", name)
+        return str(n)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidLine(n, f"must be a string or an integer, got {_kind(value)}", name)
+    text = str(value)
+    if not text.strip():
+        raise InvalidLine(n, "must not be empty", name)
+    if len(text) > 512:
+        raise InvalidLine(n, "is longer than 512 characters", name)
+    return text
+
+
+def _parse_messages(n: int, value: Any, name: str) -> tuple[ChatMessage, ...]:
+    if value is None:
+        raise InvalidLine(n, "missing: must be a non-empty list of messages", name)
+    if not isinstance(value, list):
+        raise InvalidLine(n, f"must be a non-empty list, got {_kind(value)}", name)
+    if not value:
+        raise InvalidLine(n, "must be a non-empty list", name)
+    messages = []
+    for i, item in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidLine(n, f"must be an object with 'role' and 'content', got {_kind(item)}",
+                              where)
+        role = item.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise InvalidLine(n, f"unknown role {role!r} (expected one of: "
+                                 f"{', '.join(sorted(ROLES))})", where + ".role")
+        content = item.get("content")
+        if not isinstance(content, str):
+            raise InvalidLine(n, f"must be a string, got {_kind(content)}", where + ".content")
+        messages.append(ChatMessage(role, content))
+    return tuple(messages)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

@@ -1,0 +1,204 @@
+"""Records of a batch: requests, results and batch metadata, with their JSON forms."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Status(str, Enum):
+    OK = "ok"
+    FAILED = "failed"
+    INVALID = "invalid"
+    CANCELLED = "cancelled"
+
+
+class BatchState(str, Enum):
+    SUBMITTING = "submitting"
+    RUNNING = "running"
+    CANCELLED = "cancelled"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class ItemRequest:
+    """One valid input line, normalised from either input form.
+
+    ``messages`` are kept as written; ``system_message`` is the line's explicit
+    one. A provider decides how to send them (Aivvm lifts a leading system message).
+    ``params`` holds extra generation parameters (max_tokens, top_p...) that
+    providers which understand them pass on.
+    """
+
+    id: str
+    line: int
+    messages: tuple[ChatMessage, ...]
+    model: str | None = None
+    temperature: float | None = None
+    system_message: str | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.id,
+                "line": self.line,
+                "messages": [m.to_dict() for m in self.messages],
+                "model": self.model,
+                "temperature": self.temperature,
+                "system_message": self.system_message,
+                "params": dict(self.params),
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ItemRequest:
+        data = json.loads(text)
+        return cls(
+            id=data["id"],
+            line=data["line"],
+            messages=tuple(ChatMessage(m["role"], m["content"]) for m in data["messages"]),
+            model=data.get("model"),
+            temperature=data.get("temperature"),
+            system_message=data.get("system_message"),
+            params=tuple(sorted(data.get("params", {}).items())),
+        )
+
+
+@dataclass(frozen=True)
+class ItemError:
+    type: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "estimated": self.estimated,
+        }
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    id: str
+    line: int
+    status: Status
+    model: str | None = None
+    output: str | None = None
+    error: ItemError | None = None
+    attempts: int = 0
+    latency_ms: int | None = None
+    first_chunk_ms: int | None = None
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    provider: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "line": self.line,
+            "status": self.status.value,
+            "model": self.model,
+            "output": self.output,
+            "error": self.error.to_dict() if self.error else None,
+            "attempts": self.attempts,
+            "latency_ms": self.latency_ms,
+            "first_chunk_ms": self.first_chunk_ms,
+            "usage": self.usage.to_dict() if self.usage else None,
+            "finish_reason": self.finish_reason,
+            "provider": self.provider,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ItemResult:
+        d = json.loads(text)
+        error = ItemError(**d["error"]) if d.get("error") else None
+        usage_d = d.get("usage")
+        usage = (
+            Usage(usage_d["prompt_tokens"], usage_d["completion_tokens"], usage_d["estimated"])
+            if usage_d
+            else None
+        )
+        return cls(
+            id=d["id"],
+            line=d["line"],
+            status=Status(d["status"]),
+            model=d.get("model"),
+            output=d.get("output"),
+            error=error,
+            attempts=d.get("attempts", 0),
+            latency_ms=d.get("latency_ms"),
+            first_chunk_ms=d.get("first_chunk_ms"),
+            usage=usage,
+            finish_reason=d.get("finish_reason"),
+            provider=d.get("provider"),
+        )
+
+
+def invalid_result(line: int, message: str, item_id: str | None = None) -> ItemResult:
+    return ItemResult(
+        id=item_id if item_id is not None else str(line),
+        line=line,
+        status=Status.INVALID,
+        output=None,
+        error=ItemError("invalid_line", message),
+    )
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What a batch was submitted with; never holds a secret."""
+
+    provider: str = "aivvm"
+    base_url: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def providers(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.provider.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    id: str
+    source: str
+    created: float
+    state: BatchState
+    options: BatchOptions
+    total: int | None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(s.value, 0) for s in Status)
+
+    @property
+    def finished(self) -> bool:
+        return self.total is not None and self.done >= self.total

@@ -1,0 +1,404 @@
+"""The Redis batch store: one place that reads and writes a batch's keys.
+
+The connection is passed in, never global. Every state change that must happen
+once (the final result of an item, its count, the batch's expiry) happens
+inside one Lua script, so a task that runs twice cannot record twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import keys
+from .errors import BatchNotFound, StoreUnavailable
+from .records import (
+    BatchInfo,
+    BatchOptions,
+    BatchState,
+    ItemError,
+    ItemRequest,
+    ItemResult,
+    Status,
+    invalid_result,
+)
+
+DEFAULT_RESULT_TTL = 7 * 24 * 3600
+READ_CHUNK = 2000
+
+_MAYBE_FINISH = """
+local function maybe_finish(ttl)
+  local total = redis.call('HGET', KEYS[1], 'total')
+  if not total or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then return end
+  local done = 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[4])) do done = done + tonumber(v) end
+  if done >= tonumber(total) then
+    local t = redis.call('TIME')
+    redis.call('HSET', KEYS[1], 'finished_at', t[1] .. '.' .. string.format('%06d', t[2]))
+    for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+  end
+end
+"""
+
+# KEYS: meta req res counts ids claim ; ARGV: seq result status ttl
+_RECORD = _MAYBE_FINISH + """
+if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
+redis.call('DEL', KEYS[6])
+maybe_finish(tonumber(ARGV[4]))
+return 1
+"""
+
+# KEYS: meta req res counts ids claim ; ARGV: seq token ttl_ms
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 'done' end
+if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 'cancelled' end
+if redis.call('SET', KEYS[6], ARGV[2], 'NX', 'PX', ARGV[3]) then return 'claimed' end
+if redis.call('GET', KEYS[6]) == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[6], ARGV[3])
+  return 'claimed'
+end
+return 'busy'
+"""
+
+# KEYS: claim ; ARGV: token
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: meta req res counts ids claim_1..claim_n ; ARGV: ttl seq_1 result_1 ... seq_n result_n
+_CANCEL = _MAYBE_FINISH + """
+local n = 0
+for i = 6, #KEYS do
+  local seq = ARGV[2 * (i - 5)]
+  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('HSETNX', KEYS[3], seq, ARGV[2 * (i - 5) + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
+    n = n + 1
+  end
+end
+maybe_finish(tonumber(ARGV[1]))
+return n
+"""
+
+# KEYS: meta req res counts ids ; ARGV: status seq_1 ... seq_n
+_RESET = """
+local reset = {}
+for i = 2, #ARGV do
+  local raw = redis.call('HGET', KEYS[3], ARGV[i])
+  if raw and cjson.decode(raw)['status'] == ARGV[1] then
+    redis.call('HDEL', KEYS[3], ARGV[i])
+    redis.call('HINCRBY', KEYS[4], ARGV[1], -1)
+    table.insert(reset, ARGV[i])
+  end
+end
+if #reset > 0 then
+  redis.call('HDEL', KEYS[1], 'finished_at')
+  redis.call('HSET', KEYS[1], 'state', 'running')
+  for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+end
+return reset
+"""
+
+# KEYS: ids ; ARGV: id seq  -> the seq that owns the id
+_OWN_ID = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then return ARGV[2] end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+
+# KEYS: meta req res counts ids ; ARGV: total ttl
+_FINALIZE = _MAYBE_FINISH + """
+redis.call('HSET', KEYS[1], 'total', ARGV[1])
+if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
+  redis.call('HSET', KEYS[1], 'state', 'running')
+end
+maybe_finish(tonumber(ARGV[2]))
+return 1
+"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def translated(func: F) -> F:
+    """Turn redis-py's connection failures into :class:`StoreUnavailable`."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+        except ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                raise StoreUnavailable(f"Redis refused the credentials: {exc}") from exc
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ClaimOutcome(str, Enum):
+    CLAIMED = "claimed"
+    DONE = "done"
+    BUSY = "busy"
+    CANCELLED = "cancelled"
+    GONE = "gone"
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One non-blank input line on its way into the store."""
+
+    seq: int
+    parsed: ItemRequest | ItemResult
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, result_ttl: int = DEFAULT_RESULT_TTL) -> None:
+        self.redis = client
+        self.result_ttl = result_ttl
+        self._record = client.register_script(_RECORD)
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
+        self._cancel = client.register_script(_CANCEL)
+        self._reset = client.register_script(_RESET)
+        self._own_id = client.register_script(_OWN_ID)
+        self._finalize = client.register_script(_FINALIZE)
+
+    @translated
+    def create(self, batch_id: str, source: str, options: BatchOptions) -> bool:
+        """Record a new batch; False if one with this id is already there."""
+        created = time.time()
+        fields = {
+            "source": source,
+            "created": repr(created),
+            "state": BatchState.SUBMITTING.value,
+            "options": json.dumps(options.__dict__),
+        }
+        if not self.redis.hsetnx(keys.meta(batch_id), "created", fields["created"]):
+            return False
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.meta(batch_id), mapping=fields)
+        pipe.zadd(keys.BATCH_INDEX, {batch_id: created})
+        pipe.execute()
+        return True
+
+    @translated
+    def exists(self, batch_id: str) -> bool:
+        return bool(self.redis.exists(keys.meta(batch_id)))
+
+    @translated
+    def update_options(self, batch_id: str, options: BatchOptions) -> None:
+        self.redis.hset(keys.meta(batch_id), "options", json.dumps(options.__dict__))
+
+    @translated
+    def info(self, batch_id: str) -> BatchInfo:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.meta(batch_id))
+        pipe.hgetall(keys.counts(batch_id))
+        meta, counts = pipe.execute()
+        if not meta:
+            raise BatchNotFound(batch_id)
+        return _batch_info(batch_id, meta, counts)
+
+    @translated
+    def list_batches(self, limit: int = 100) -> list[BatchInfo]:
+        ids = [i.decode() for i in self.redis.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hgetall(keys.meta(batch_id))
+            pipe.hgetall(keys.counts(batch_id))
+        replies = pipe.execute()
+        found, gone = [], []
+        for i, batch_id in enumerate(ids):
+            meta, counts = replies[2 * i], replies[2 * i + 1]
+            if meta:
+                found.append(_batch_info(batch_id, meta, counts))
+            else:
+                gone.append(batch_id)
+        if gone:
+            self.redis.zrem(keys.BATCH_INDEX, *gone)
+        return found
+
+    @translated
+    def add_chunk(self, batch_id: str, entries: Sequence[ChunkEntry], *, resume: bool) -> list[int]:
+        """Store a chunk of lines in two round trips; return the seqs to enqueue.
+
+        Duplicate ids become ``invalid`` results. With ``resume``, items that
+        already have a result are not returned (a re-submission of the same file).
+        """
+        valid = [e for e in entries if isinstance(e.parsed, ItemRequest)]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry in valid:
+            assert isinstance(entry.parsed, ItemRequest)
+            self._own_id(keys=[keys.ids(batch_id)], args=[entry.parsed.id, entry.seq], client=pipe)
+        if resume:
+            for entry in valid:
+                pipe.hexists(keys.results(batch_id), entry.seq)
+        replies = pipe.execute()
+        owners = replies[: len(valid)]
+        finished = replies[len(valid):] if resume else [False] * len(valid)
+
+        duplicates = {}
+        for entry, owner in zip(valid, owners):
+            if int(owner) != entry.seq:
+                request = entry.parsed
+                assert isinstance(request, ItemRequest)
+                duplicates[entry.seq] = invalid_result(
+                    request.line,
+                    f"line {request.line}: duplicate id {request.id!r} "
+                    f"(first used on an earlier line)",
+                    request.id,
+                )
+        pipe = self.redis.pipeline(transaction=False)
+        to_enqueue: list[int] = []
+        for entry, done in zip(valid, finished):
+            if entry.seq in duplicates:
+                continue
+            assert isinstance(entry.parsed, ItemRequest)
+            pipe.hset(keys.requests(batch_id), entry.seq, entry.parsed.to_json())
+            if not done:
+                to_enqueue.append(entry.seq)
+        for entry in entries:
+            result = duplicates.get(entry.seq, entry.parsed)
+            if isinstance(result, ItemResult):
+                self._record_in(pipe, batch_id, entry.seq, result)
+        pipe.execute()
+        return to_enqueue
+
+    @translated
+    def finalize(self, batch_id: str, total: int) -> None:
+        self._finalize(keys=keys.batch_keys(batch_id), args=[total, self.result_ttl])
+
+    @translated
+    def request(self, batch_id: str, seq: int) -> tuple[ItemRequest | None, BatchOptions | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.requests(batch_id), seq)
+        pipe.hget(keys.meta(batch_id), "options")
+        raw, options = pipe.execute()
+        return (
+            ItemRequest.from_json(raw) if raw else None,
+            BatchOptions(**json.loads(options)) if options else None,
+        )
+
+    @translated
+    def claim(self, batch_id: str, seq: int, token: str, ttl_seconds: float) -> ClaimOutcome:
+        reply = self._claim(
+            keys=[*keys.batch_keys(batch_id), keys.claim(batch_id, seq)],
+            args=[seq, token, max(1, int(ttl_seconds * 1000))],
+        )
+        return ClaimOutcome(reply.decode() if isinstance(reply, bytes) else reply)
+
+    @translated
+    def release(self, batch_id: str, seq: int, token: str) -> None:
+        self._release(keys=[keys.claim(batch_id, seq)], args=[token])
+
+    @translated
+    def record(self, batch_id: str, seq: int, result: ItemResult) -> bool:
+        """Record the final result of an item; False if one was already recorded."""
+        return bool(self._record_in(None, batch_id, seq, result))
+
+    def _record_in(self, pipe: Any, batch_id: str, seq: int, result: ItemResult) -> Any:
+        return self._record(
+            keys=[*keys.batch_keys(batch_id), keys.claim(batch_id, seq)],
+            args=[seq, result.to_json(), result.status.value, self.result_ttl],
+            client=pipe,
+        )
+
+    def iter_results(self, batch_id: str, total: int, chunk: int = READ_CHUNK) -> Iterator[tuple[int, bytes | None]]:
+        """Yield ``(seq, result JSON or None)`` in input order, a chunk in memory at a time."""
+        for start in range(0, total, chunk):
+            seqs = list(range(start, min(start + chunk, total)))
+            yield from zip(seqs, self.results_of(batch_id, seqs))
+
+    @translated
+    def results_of(self, batch_id: str, seqs: Sequence[int]) -> list[bytes | None]:
+        return list(self.redis.hmget(keys.results(batch_id), seqs))
+
+    def unfinished(self, batch_id: str, total: int) -> Iterator[int]:
+        for seq, raw in self.iter_results(batch_id, total):
+            if raw is None:
+                yield seq
+
+    @translated
+    def cancel(self, batch_id: str) -> int:
+        """Stop a batch: no item starts after this; not-started items end ``cancelled``."""
+        info = self.info(batch_id)
+        self.redis.hset(keys.meta(batch_id), "state", BatchState.CANCELLED.value)
+        total = info.total if info.total is not None else self.redis.hlen(keys.requests(batch_id))
+        cancelled = 0
+        pending = list(self.unfinished(batch_id, total))
+        for start in range(0, len(pending), READ_CHUNK):
+            seqs = pending[start:start + READ_CHUNK]
+            raws = self.redis.hmget(keys.requests(batch_id), seqs)
+            args: list[Any] = [self.result_ttl]
+            claim_keys = []
+            for seq, raw in zip(seqs, raws):
+                if raw is None:
+                    continue
+                request = ItemRequest.from_json(raw)
+                result = ItemResult(
+                    id=request.id, line=request.line, status=Status.CANCELLED,
+                    model=request.model, output=None,
+                    error=ItemError("cancelled", "the batch was cancelled before this item started"),
+                )
+                claim_keys.append(keys.claim(batch_id, seq))
+                args += [seq, result.to_json()]
+            if claim_keys:
+                cancelled += int(self._cancel(keys=[*keys.batch_keys(batch_id), *claim_keys], args=args))
+        return cancelled
+
+    @translated
+    def reset(self, batch_id: str, status: Status) -> list[int]:
+        """Forget the results with ``status`` so their items can run again."""
+        info = self.info(batch_id)
+        chosen = []
+        for seq, raw in self.iter_results(batch_id, info.total or 0):
+            if raw is not None and json.loads(raw)["status"] == status.value:
+                chosen.append(seq)
+        reset: list[int] = []
+        for start in range(0, len(chosen), READ_CHUNK):
+            reply = self._reset(keys=keys.batch_keys(batch_id),
+                                args=[status.value, *chosen[start:start + READ_CHUNK]])
+            reset += [int(s) for s in reply]
+        return reset
+
+    @translated
+    def clear_claims(self, batch_id: str) -> None:
+        """Drop every claim of a batch (only safe when no worker of it can be alive)."""
+        for key in self.redis.scan_iter(match=keys.claim_pattern(batch_id), count=1000):
+            self.redis.delete(key)
+
+    @translated
+    def memory_usage(self, batch_id: str) -> int:
+        return sum(int(self.redis.memory_usage(k) or 0) for k in keys.batch_keys(batch_id))
+
+
+def _batch_info(batch_id: str, meta: dict[bytes, bytes], counts: dict[bytes, bytes]) -> BatchInfo:
+    m = {k.decode(): v.decode() for k, v in meta.items()}
+    return BatchInfo(
+        id=batch_id,
+        source=m.get("source", ""),
+        created=float(m.get("created", 0)),
+        state=_state(m),
+        options=BatchOptions(**json.loads(m.get("options", "{}"))),
+        total=int(m["total"]) if "total" in m else None,
+        counts={k.decode(): int(v) for k, v in counts.items() if int(v)},
+    )
+
+
+def _state(meta: dict[str, str]) -> BatchState:
+    state = BatchState(meta.get("state", BatchState.SUBMITTING.value))
+    if "finished_at" in meta and state is not BatchState.CANCELLED:
+        return BatchState.FINISHED
+    return state
