@@ -1,0 +1,209 @@
+"""The whole path with real parts: a Redis server, a Celery worker process, HTTP to the stand-in."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from aivvm_batch.stub import StubServer
+from aivvm_batch.workers import WorkerProcesses
+from jobs import keys
+from jobs.records import Status
+from jobs.store import BatchStore
+from tests.conftest import Batches
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("workers")]
+
+
+def reply(prompt: str) -> str:
+    return f"Stand-in reply to: {prompt}"
+
+
+def test_both_input_forms_complete_in_input_order(batches: Batches, stub: StubServer) -> None:
+    lines = [
+        {"id": "q1", "messages": [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "Hello one"}],
+         "model": "gpt-4", "temperature": 0.2},
+        {"id": "q2", "prompt": "Hello two"},
+        {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hello three"}]}},
+        {"prompt": "Hello four"},
+    ] + [{"id": f"n{i}", "prompt": f"number {i}"} for i in range(40)]
+    results = batches.run(lines, base_url=stub.base_url)
+    assert [r["id"] for r in results] == ["q1", "q2", "r1", "4"] + [f"n{i}" for i in range(40)]
+    assert [r["line"] for r in results] == list(range(1, 45))
+    assert {r["status"] for r in results} == {"ok"}
+    assert results[0]["output"] == reply("Hello one")
+    assert results[0]["model"] == "gpt-4"
+    assert results[2]["output"] == reply("Hello three")
+    assert results[10]["output"] == reply("number 6")
+    assert all(r["attempts"] == 1 and r["latency_ms"] >= r["first_chunk_ms"] >= 0 for r in results)
+
+
+def test_invalid_lines_get_their_own_results_and_the_rest_completes(batches: Batches, stub: StubServer) -> None:
+    lines: list[object] = [
+        {"id": "good1", "prompt": "fine"},
+        "{not json",
+        {"id": "nomsg"},
+        {"id": "role", "messages": [{"role": "wizard", "content": "x"}]},
+        b"\xff\xfe not utf-8",
+        {"id": "good1", "prompt": "duplicate id"},
+        "",
+        {"id": "good2", "prompt": "also fine"},
+    ]
+    results = batches.run(lines, base_url=stub.base_url)
+    by_line = {r["line"]: r for r in results}
+    assert sorted(by_line) == [1, 2, 3, 4, 5, 6, 8]
+    assert by_line[1]["status"] == by_line[8]["status"] == "ok"
+    for line in (2, 3, 4, 5, 6):
+        assert by_line[line]["status"] == "invalid"
+        assert by_line[line]["error"]["type"] == "invalid_line"
+        assert by_line[line]["error"]["message"].startswith(f"line {line}")
+    assert "not valid JSON" in by_line[2]["error"]["message"]
+    assert "'messages'" in by_line[3]["error"]["message"]
+    assert "unknown role 'wizard'" in by_line[4]["error"]["message"]
+    assert "UTF-8" in by_line[5]["error"]["message"]
+    assert "duplicate id 'good1'" in by_line[6]["error"]["message"]
+    assert by_line[3]["id"] == "nomsg"
+
+
+def test_text_split_across_chunks_and_invalid_bytes(batches: Batches, stub: StubServer) -> None:
+    results = batches.run([
+        {"id": "split", "prompt": "[[stub fault=split]] accents"},
+        {"id": "bad", "prompt": "[[stub fault=badbytes]] bytes"},
+    ], base_url=stub.base_url)
+    assert results[0]["status"] == "ok"
+    assert "héllo wörld — 日本語 ✓ 🎉" in results[0]["output"]
+    assert "\ufffd" not in results[0]["output"]
+    assert results[1]["status"] == "ok"
+    assert "\ufffd" in results[1]["output"]
+    assert results[1]["output"].replace("\ufffd", "") == reply("bytes")
+
+
+def test_unsupported_model_fails_without_a_request(batches: Batches, stub: StubServer) -> None:
+    stub.reset()
+    results = batches.run([{"id": "m", "prompt": "which model", "model": "gpt-5"}], base_url=stub.base_url)
+    assert results[0]["status"] == "failed"
+    assert results[0]["error"] == {"type": "unsupported_model", "message": "Model is not supported: gpt-5"}
+    assert results[0]["attempts"] == 1
+    assert stub.stats()["requests"] == 0
+
+
+def test_transient_failures_are_retried_until_success(batches: Batches, stub: StubServer) -> None:
+    results = batches.run([
+        {"id": "503", "prompt": "[[stub fault=status code=503 times=2]] a"},
+        {"id": "cut", "prompt": "[[stub fault=cut times=1]] b"},
+        {"id": "empty", "prompt": "[[stub fault=empty times=1]] c"},
+        {"id": "stall", "prompt": "[[stub fault=stall stall=6 times=1]] d"},
+        {"id": "reset", "prompt": "[[stub fault=reset times=1]] e"},
+    ], base_url=stub.base_url)
+    assert [r["status"] for r in results] == ["ok"] * 5
+    assert [r["attempts"] for r in results] == [3, 2, 2, 2, 2]
+    assert [r["output"] for r in results] == [reply(p) for p in "abcde"]
+
+
+def test_retry_after_is_honoured(batches: Batches, stub: StubServer) -> None:
+    stub.reset()
+    results = batches.run([{"id": "429", "prompt": "[[stub fault=429 retry_after=2 times=1]] slow down"}],
+                          base_url=stub.base_url)
+    assert results[0]["status"] == "ok" and results[0]["attempts"] == 2
+    first, second = stub.stats()["times"][-2:]
+    assert second - first >= 2.0
+
+
+def test_permanent_and_exhausted_failures(batches: Batches, stub: StubServer, settings) -> None:
+    results = batches.run([
+        {"id": "400", "prompt": "[[stub fault=status code=400]] bad request"},
+        {"id": "500", "prompt": "[[stub fault=status code=500]] always down"},
+        {"id": "cut", "prompt": "[[stub fault=cut chunks=4]] always cut"},
+        {"id": "empty", "prompt": "[[stub fault=empty]] nothing"},
+    ], base_url=stub.base_url, timeout=90)
+    by_id = {r["id"]: r for r in results}
+    assert by_id["400"]["status"] == "failed"
+    assert by_id["400"]["attempts"] == 1
+    assert by_id["400"]["error"]["type"] == "http_error"
+    assert by_id["500"]["error"]["type"] == "server_error"
+    assert by_id["500"]["attempts"] == settings.max_retries + 1
+    assert by_id["cut"]["error"]["type"] == "incomplete_reply"
+    assert by_id["cut"]["output"] and reply("always cut").startswith(by_id["cut"]["output"])
+    assert by_id["empty"]["error"]["type"] == "empty_reply"
+    assert by_id["empty"]["attempts"] == settings.max_retries + 1
+
+
+def test_connection_refused_is_retried_then_failed(batches: Batches) -> None:
+    results = batches.run([{"id": "x", "prompt": "nobody home"}], base_url="http://127.0.0.1:9", timeout=90)
+    assert results[0]["status"] == "failed"
+    assert results[0]["error"]["type"] == "connection_error"
+    assert results[0]["attempts"] == 4
+
+
+def test_a_message_delivered_twice_is_recorded_once(batches: Batches, stub: StubServer,
+                                                    store: BatchStore, publisher) -> None:
+    stub.reset()
+    batch_id = batches.submit([{"id": "once", "prompt": "twice delivered"}], base_url=stub.base_url)
+    publisher.publish(batch_id, [0, 0])
+    batches.wait(batch_id)
+    time.sleep(1.0)
+    assert len(batches.results(batch_id)) == 1
+    assert store.info(batch_id).counts == {"ok": 1}
+    assert stub.stats()["by_prompt"]["twice delivered"] == 1
+
+
+def test_finished_batch_expires_after_the_result_ttl(batches: Batches, stub: StubServer,
+                                                     redis_client: redis.Redis, settings) -> None:
+    batch_id = batches.submit([{"prompt": "ttl"}], base_url=stub.base_url)
+    batches.wait(batch_id)
+    ttls = [redis_client.ttl(k) for k in keys.batch_keys(batch_id) if redis_client.exists(k)]
+    assert ttls and all(0 < t <= settings.result_ttl for t in ttls)
+
+
+def test_cancel_ends_pending_items_cancelled(batches: Batches, stub: StubServer, store: BatchStore) -> None:
+    lines = [{"id": f"c{i}", "prompt": f"[[stub latency=1 chunks=2]] slow {i}"} for i in range(100)]
+    batch_id = batches.submit(lines, base_url=stub.base_url)
+    time.sleep(1.5)
+    cancelled = store.cancel(batch_id)
+    info = batches.wait(batch_id)
+    assert cancelled > 0
+    assert info.counts.get("cancelled", 0) >= cancelled
+    assert info.counts.get("ok", 0) + info.counts.get("cancelled", 0) == 100
+    statuses = [r["status"] for r in batches.results(batch_id)]
+    assert len(statuses) == 100 and "ok" in statuses
+
+
+def test_retry_command_runs_failed_items_again(batches: Batches, stub: StubServer,
+                                               store: BatchStore, publisher) -> None:
+    batch_id = batches.submit([
+        {"id": "flaky", "prompt": "[[stub fault=status code=404 times=1]] once missing"},
+        {"id": "fine", "prompt": "fine"},
+    ], base_url=stub.base_url)
+    batches.wait(batch_id)
+    assert store.info(batch_id).counts == {"ok": 1, "failed": 1}
+    seqs = store.reset(batch_id, Status.FAILED)
+    assert seqs == [0]
+    publisher.publish(batch_id, seqs)
+    batches.wait(batch_id)
+    assert store.info(batch_id).counts == {"ok": 2}
+    assert batches.results(batch_id)[0]["output"] == reply("once missing")
+
+
+def test_a_pickled_message_is_refused(redis_client: redis.Redis, batches: Batches, stub: StubServer,
+                                      workers: WorkerProcesses) -> None:
+    import base64
+    import pickle
+
+    body = base64.b64encode(pickle.dumps(([], {}, {}))).decode()
+    evil = {"body": body, "content-encoding": "binary", "content-type": "application/x-python-serialize",
+            "headers": {"lang": "py", "task": "worker.tasks.complete_item", "id": "evil",
+                        "root_id": "evil", "retries": 0},
+            "properties": {"delivery_tag": "evil-tag", "body_encoding": "base64",
+                           "delivery_info": {"exchange": keys.QUEUE, "routing_key": keys.QUEUE},
+                           "priority": 0, "delivery_mode": 2}}
+    redis_client.lpush(keys.QUEUE, json.dumps(evil))
+    results = batches.run([{"prompt": "still working"}], base_url=stub.base_url)
+    assert results[0]["status"] == "ok"
+    assert workers.alive() == 1
+    logs = "".join(p.read_text(errors="replace") for p in workers.log_dir.glob("*.log"))
+    assert "application/x-python-serialize" in logs
