@@ -7,7 +7,7 @@ line raises :class:`InvalidLine` with a message naming the line and the field.
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ PASSTHROUGH_PARAMS = frozenset(
 BATCH_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 BATCH_URLS = frozenset({"/v1/chat/completions", "/chat/completions"})
 UTF8_BOM = b"\xef\xbb\xbf"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,14 @@ def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
         raise InvalidLine(n, "JSON nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise InvalidLine(n, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise InvalidLine(n, f"not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidLine(n, "contains a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
+                                 "not text") from None
     if not isinstance(data, dict):
         raise InvalidLine(n, f"expected a JSON object, got {_kind(data)}")
     try:
@@ -139,7 +148,7 @@ def _parse_batch_form(n: int, data: dict[str, Any]) -> ItemRequest:
     if method != "POST":
         raise InvalidLine(n, f"must be \"POST\", got {method!r}", "method")
     url = data.get("url", "/v1/chat/completions")
-    if url not in BATCH_URLS:
+    if not isinstance(url, str) or url not in BATCH_URLS:
         raise InvalidLine(n, f"only /v1/chat/completions is supported, got {url!r}", "url")
     body = data.get("body")
     if not isinstance(body, dict):
@@ -158,9 +167,9 @@ def _build(n: int, item_id: str, messages: tuple[ChatMessage, ...], data: dict[s
     temperature = data.get("temperature")
     if temperature is not None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or not 0 <= temperature <= 2:
-            raise InvalidLine(n, f"must be a number from 0 to 2, got {temperature!r}",
-                              prefix + "temperature")
+                or not 0 <= temperature <= 2:
+            shown = repr(temperature) if len(repr(temperature)) < 40 else repr(temperature)[:37] + "..."
+            raise InvalidLine(n, f"must be a number from 0 to 2, got {shown}", prefix + "temperature")
         temperature = float(temperature)
     system_message = data.get("system_message")
     if system_message is not None and not isinstance(system_message, str):

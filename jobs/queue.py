@@ -24,37 +24,35 @@ from .config import Settings
 TASK_NAME = "worker.tasks.complete_item"
 
 
-def make_app(settings: Settings | None = None) -> Celery:
-    settings = settings or Settings.from_env()
-    app = Celery("aivvm_batch", include=["worker.tasks"])
-    configure(app, settings)
-    return app
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings``, with the delivery guarantees we rely on."""
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": keys.QUEUE,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "visibility_timeout": settings.visibility_timeout,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": False,
+    }
 
 
 def configure(app: Celery, settings: Settings) -> None:
-    """Point ``app`` at ``settings.redis_url`` with the delivery guarantees we rely on."""
-    transport = {"visibility_timeout": settings.visibility_timeout}
-    app.conf.update(
-        broker_url=settings.redis_url,
-        result_backend=None,
-        task_ignore_result=True,
-        task_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_default_queue=keys.QUEUE,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options=transport,
-        result_backend_transport_options=transport,
-        visibility_timeout=settings.visibility_timeout,
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_send_task_events=True,
-        task_send_sent_event=False,
-        worker_hijack_root_logger=False,
-    )
+    """Point ``app`` at ``settings.redis_url`` (the CLI does this before any use)."""
+    app.conf.update(celery_settings(settings))
 
 
 class Publisher:
@@ -103,4 +101,7 @@ class Publisher:
         self.redis.delete(keys.QUEUE, "unacked", "unacked_index")
 
 
-app = make_app()
+app = Celery("aivvm_batch", include=["worker.tasks"])
+# Read the environment only when the configuration is first needed (plain `celery -A`
+# workers), so that a bad variable is reported by whoever uses it, not at import.
+app.add_defaults(lambda: celery_settings(Settings.from_env()))

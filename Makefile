@@ -1,0 +1,36 @@
+# The two commands a new user runs: `make demo` and `make test`. Needs Python 3.10+ and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: demo test test-integration test-chaos bench lint-compose clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+## Run the bundled sample batch on a private Redis against the local stand-in provider.
+demo: $(STAMP)
+	$(BIN)/aivvm-batch run samples/simple.jsonl -o results/simple.results.jsonl --stub
+
+## The whole test suite (starts its own Redis unless REDIS_URL is set).
+test: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q
+
+test-chaos: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -m chaos
+
+## Throughput, submit/collect speed and memory, rate limiting: prints figures.
+bench: $(TEST_STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .aivvm-batch results

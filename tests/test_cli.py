@@ -1,0 +1,135 @@
+"""The ``aivvm-batch`` commands as a user runs them: real processes, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aivvm_batch.stub import StubServer
+from tests.conftest import WORKER_ENV, Batches
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aivvm_batch", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+
+
+def lines_file(path: Path, lines: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr
+
+
+@pytest.mark.usefixtures("workers")
+def test_submit_status_collect(redis_url: str, stub: StubServer, tmp_path: Path) -> None:
+    env = {"AIVVM_BATCH_REDIS_URL": redis_url}
+    source = lines_file(tmp_path / "in.jsonl", [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two"}])
+    submitted = cli("submit", str(source), "--base-url", stub.base_url, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    assert re.fullmatch(r"b[0-9a-f]{15}", batch_id)
+    out = tmp_path / "out.jsonl"
+    collected = cli("collect", batch_id, "-o", str(out), "--wait", env=env)
+    assert collected.returncode == 0, collected.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["status"]) for r in results] == [("a", "ok"), ("b", "ok")]
+    status = cli("status", batch_id, "--json", env=env)
+    assert json.loads(status.stdout)["counts"]["ok"] == 2
+    table = cli("status", batch_id, env=env)
+    assert "2/2 (100.0%)" in table.stdout
+    listed = cli("batches", "--json", env=env)
+    assert batch_id in {json.loads(line)["id"] for line in listed.stdout.splitlines()}
+    openai_out = tmp_path / "openai.jsonl"
+    assert cli("collect", batch_id, "-o", str(openai_out), "--format", "openai", env=env).returncode == 0
+    first = json.loads(openai_out.read_text().splitlines()[0])
+    assert first["custom_id"] == "a"
+    assert first["response"]["body"]["choices"][0]["message"]["content"] == "Stand-in reply to: one"
+
+
+@pytest.mark.usefixtures("workers")
+def test_collect_exits_1_when_any_item_is_not_ok(redis_url: str, stub: StubServer, tmp_path: Path) -> None:
+    env = {"AIVVM_BATCH_REDIS_URL": redis_url}
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "fine"}\n{"prompt": 42}\n')
+    batch_id = cli("submit", str(source), "--base-url", stub.base_url, env=env).stdout.strip()
+    out = tmp_path / "out.jsonl"
+    collected = cli("collect", batch_id, "-o", str(out), "--wait", env=env)
+    assert collected.returncode == 1
+    assert [json.loads(x)["status"] for x in out.read_text().splitlines()] == ["ok", "invalid"]
+
+
+def test_user_mistakes_get_one_line_and_exit_2(redis_url: str, tmp_path: Path) -> None:
+    env = {"AIVVM_BATCH_REDIS_URL": redis_url}
+    assert_clean_error(cli("collect", "bnosuchbatch", "-o", str(tmp_path / "x"), env=env),
+                       "bnosuchbatch", "not found")
+    assert_clean_error(cli("submit", str(tmp_path / "missing.jsonl"), env=env), "missing.jsonl")
+    assert_clean_error(cli("status", "b1", "--redis-url", "redis://127.0.0.1:9/0"), "Redis is unreachable")
+    directory = cli("submit", str(tmp_path), env=env)
+    assert directory.returncode == 2 and "Traceback" not in directory.stderr
+    assert "is a directory" in directory.stderr
+    bad_env = cli("status", "b1", env={**env, "AIVVM_BATCH_MAX_RETRIES": "many"})
+    assert_clean_error(bad_env, "AIVVM_BATCH_MAX_RETRIES")
+    usage = cli("submit", str(tmp_path / "x.jsonl"), "--provider", "nope", env=env)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr and "nope" in usage.stderr
+
+
+def test_run_with_the_embedded_default_and_the_stand_in(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    proc = cli("run", str(ROOT / "samples" / "simple.jsonl"), "-o", str(out), "--stub",
+               "--state-dir", str(tmp_path / "state"), env={"AIVVM_BATCH_REDIS_URL": ""})
+    assert proc.returncode == 0, proc.stderr
+    sample_lines = (ROOT / "samples" / "simple.jsonl").read_text().splitlines()
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(results) == len(sample_lines)
+    assert all(r["status"] == "ok" and r["output"].startswith("Stand-in reply to: ") for r in results)
+    assert f"results: {out}" in proc.stderr
+
+
+def test_run_interrupted_then_run_again_continues(tmp_path: Path) -> None:
+    """SIGINT mid-batch, then the same command: finished items are not sent again."""
+    total, concurrency = 40, 4
+    source = lines_file(tmp_path / "in.jsonl",
+                        [{"id": f"i{i}", "prompt": f"[[stub latency=0.4 chunks=2]] item {i}"} for i in range(total)])
+    out = tmp_path / "out.jsonl"
+    with StubServer() as stub:
+        args = [sys.executable, "-m", "aivvm_batch", "run", str(source), "-o", str(out),
+                "--base-url", stub.base_url, "--concurrency", str(concurrency),
+                "--state-dir", str(tmp_path / "state")]
+        env = {**os.environ, **WORKER_ENV, "AIVVM_BATCH_REDIS_URL": ""}
+        first = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while stub.stats()["requests"] < total // 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 130, err
+        assert not out.exists()
+        calls_before = stub.stats()["requests"]
+        assert calls_before < total
+        second = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+        calls = stub.stats()["by_prompt"]
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in results] == [f"i{i}" for i in range(total)]
+    assert all(r["status"] == "ok" for r in results)
+    assert sum(calls.values()) <= total + concurrency
+    assert max(calls.values()) <= 2
