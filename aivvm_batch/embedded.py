@@ -68,8 +68,13 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pidfile(self) -> Path:
+        return self.data_dir / "redis.pid"
+
     def start(self, port: int | None = None) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._wait_for_previous()
         binary = redis_server_binary()
         for _ in range(5):
             self.port = port or free_port()
@@ -77,7 +82,8 @@ class EmbeddedRedis:
                     "--dir", str(self.data_dir.resolve()), "--save", "",
                     "--appendonly", "yes" if self.persistent else "no",
                     "--appendfsync", "everysec",
-                    "--logfile", "redis.log", "--daemonize", "no", *self.extra_args]
+                    "--logfile", "redis.log", "--pidfile", str(self.pidfile.resolve()),
+                    "--daemonize", "no", *self.extra_args]
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             preexec_fn=die_with_parent, cwd=self.data_dir)
@@ -87,6 +93,20 @@ class EmbeddedRedis:
             if port:
                 break
         raise ConfigError(f"could not start {binary}; see {self.data_dir / 'redis.log'}")
+
+    def _wait_for_previous(self) -> None:
+        """A server left by a killed run may still be saving this folder: let it finish first."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" not in cmdline:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + START_TIMEOUT
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
@@ -137,7 +157,3 @@ class EmbeddedRedis:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def wipe(data_dir: Path) -> None:
-    shutil.rmtree(data_dir, ignore_errors=True)
-    os.makedirs(data_dir, exist_ok=True)

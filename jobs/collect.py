@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, StoreUnavailable
 from .formats import ResultFormat, render
 from .records import BatchInfo
 from .store import BatchStore
@@ -17,11 +17,25 @@ ProgressCallback = Callable[[BatchInfo], None]
 
 
 def wait_until_finished(store: BatchStore, batch_id: str, on_progress: ProgressCallback | None = None,
-                        poll_seconds: float = 0.5, timeout: float | None = None) -> BatchInfo:
-    """Poll the batch's counters until every item has a final result."""
+                        poll_seconds: float = 0.5, timeout: float | None = None,
+                        reconnect_seconds: float = 120.0) -> BatchInfo:
+    """Poll the batch's counters until every item has a final result.
+
+    A Redis that goes away while we wait (a restart) is waited for, up to
+    ``reconnect_seconds``; then :class:`StoreUnavailable` is raised.
+    """
     started = time.monotonic()
+    unreachable_since: float | None = None
     while True:
-        info = store.info(batch_id)
+        try:
+            info = store.info(batch_id)
+        except StoreUnavailable:
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > reconnect_seconds:
+                raise
+            time.sleep(poll_seconds)
+            continue
+        unreachable_since = None
         if on_progress is not None:
             on_progress(info)
         if info.finished:

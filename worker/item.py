@@ -20,8 +20,8 @@ from jobs.store import BatchStore, ClaimOutcome
 from .completion import BeforeCall, attempt, to_result
 from .errors import RateLimited
 
-CLAIM_SLACK_SECONDS = 30.0
-BUSY_RECHECK_SECONDS = 15.0
+CLAIM_SLACK_SECONDS = 5.0
+BUSY_RECHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from .base import CompletionCall
 
 READ_SIZE = 65536
 ERROR_BODY_LIMIT = 4096
+MAX_RETRY_AFTER = 3600.0
 ErrorParser = Callable[[int, str, float | None], ProviderHTTPError]
 
 _local = threading.local()
@@ -67,7 +69,7 @@ def _read_body(response: requests.Response, call: CompletionCall, read_timeout: 
     raw = response.raw
     while True:
         try:
-            data = raw.read1(READ_SIZE)
+            data = raw.read1(READ_SIZE, decode_content=True)
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise ProviderTimeout(f"the reply stalled for more than {read_timeout:g}s") from exc
         except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as exc:
@@ -81,24 +83,27 @@ def _read_body(response: requests.Response, call: CompletionCall, read_timeout: 
 
 def _read_error_body(response: requests.Response) -> str:
     try:
-        data = response.raw.read(ERROR_BODY_LIMIT)
+        data = response.raw.read(ERROR_BODY_LIMIT, decode_content=True)
     except Exception:  # the error body is a courtesy; its loss must not hide the status
         return ""
     return data.decode("utf-8", errors="replace").strip()
 
 
 def retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date)."""
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped at an hour."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return min(max(0.0, seconds), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        seconds = parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError):
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def decode_utf8(chunks: Iterator[bytes]) -> Iterator[str]:
