@@ -19,12 +19,13 @@ class WorkerProcesses:
     """``count`` Celery worker processes on ``redis_url`` (passed by environment, not argv)."""
 
     def __init__(self, redis_url: str, *, count: int = 1, concurrency: int = 64,
-                 log_dir: Path, env: dict[str, str] | None = None) -> None:
+                 log_dir: Path, env: dict[str, str] | None = None, loglevel: str = "WARNING") -> None:
         self.redis_url = redis_url
         self.count = count
         self.concurrency = concurrency
         self.log_dir = log_dir
         self.env = env or {}
+        self.loglevel = loglevel
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> WorkerProcesses:
@@ -33,7 +34,7 @@ class WorkerProcesses:
         for i in range(self.count):
             log = open(self.log_dir / f"worker-{i}.log", "ab")
             args = [sys.executable, "-m", "aivvm_batch", "worker",
-                    "--concurrency", str(self.concurrency), "--loglevel", "WARNING",
+                    "--concurrency", str(self.concurrency), "--loglevel", self.loglevel,
                     "--name", f"run{os.getpid()}-{i}@%h"]
             self.processes.append(subprocess.Popen(
                 args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
