@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aivvm_batch.stub import StubServer
-from tests.conftest import WORKER_ENV, Batches
+from tests.conftest import WORKER_ENV
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

@@ -35,6 +35,7 @@ class Attempt:
     latency_ms: int
     first_chunk_ms: int | None
     end: StreamEnd | None = None
+    scope: str = ""
 
     @property
     def transient(self) -> bool:
@@ -69,6 +70,7 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
     chunks: list[str] = []
     first_chunk_ms = None
     end = None
+    scope = provider.name
     error: ProviderError | None = None
     try:
         model = provider.check_model(model)
@@ -84,6 +86,7 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
             read_timeout=settings.read_timeout,
             deadline=started + settings.item_deadline,
         )
+        scope = provider.scope(call)
         if before_call is not None:
             before_call(provider, call)
         for chunk in provider.stream(call):
@@ -100,7 +103,7 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
         error = ProviderError(f"internal error: {type(exc).__name__}: {exc}")
         error.kind = "internal_error"
     return Attempt(provider.name, model or request.model or "", "".join(chunks), error,
-                   _ms_since(started), first_chunk_ms, end)
+                   _ms_since(started), first_chunk_ms, end, scope)
 
 
 def _combined(last: Attempt, errors: list[tuple[str, ProviderError]]) -> Attempt:
@@ -109,7 +112,7 @@ def _combined(last: Attempt, errors: list[tuple[str, ProviderError]]) -> Attempt
     combined.kind = errors[0][1].kind
     combined.transient = any(exc.transient for _, exc in errors)
     combined.retry_after = max((exc.retry_after or 0 for _, exc in errors), default=0) or None
-    return Attempt(last.provider, last.model, "", combined, last.latency_ms, None, None)
+    return Attempt(last.provider, last.model, "", combined, last.latency_ms, None, None, last.scope)
 
 
 def to_result(request: ItemRequest, outcome: Attempt, attempts: int) -> ItemResult:
@@ -145,6 +148,12 @@ def usage(request: ItemRequest, outcome: Attempt) -> Usage:
 
 def prompt_text(request: ItemRequest) -> str:
     return (request.system_message or "") + "".join(m.content for m in request.messages)
+
+
+def request_tokens(request: ItemRequest) -> int:
+    """What a request may cost in tokens, for a tokens-per-minute limit: prompt plus max_tokens."""
+    max_tokens = dict(request.params).get("max_tokens")
+    return estimate_tokens(prompt_text(request)) + (max_tokens if isinstance(max_tokens, int) else 0)
 
 
 def estimate_tokens(text: str) -> int:

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from celery.utils.time import get_exponential_backoff_interval
 
 from jobs.config import Settings
-from jobs.records import ItemError, ItemResult, Status
+from jobs.records import BatchOptions, ItemError, ItemRequest, ItemResult, Status
 from jobs.store import BatchStore, ClaimOutcome
 
-from .completion import BeforeCall, attempt, to_result
-from .errors import RateLimited
+from .completion import BeforeCall, attempt, request_tokens, to_result
+from .errors import ProviderHTTPError, RateLimited
+from .providers import AbstractProvider, CompletionCall
+from .ratelimit import RateLimiter
 
 CLAIM_SLACK_SECONDS = 5.0
 BUSY_RECHECK_SECONDS = 5.0
@@ -47,8 +49,21 @@ def backoff(attempt_number: int, settings: Settings, retry_after: float | None) 
     return max(random.uniform(ceiling / 2, ceiling), retry_after or 0.0)
 
 
+def rate_gate(limiter: RateLimiter, request: ItemRequest, options: BatchOptions,
+              settings: Settings) -> BeforeCall:
+    """Wait for the shared rate limit before each provider call of this item."""
+    rpm = options.rpm or settings.rpm
+    tpm = options.tpm or settings.tpm
+    tokens = request_tokens(request)
+
+    def before_call(provider: type[AbstractProvider], call: CompletionCall) -> None:
+        limiter.acquire(provider.scope(call), rpm=rpm, tpm=tpm, tokens=tokens)
+
+    return before_call
+
+
 def process(store: BatchStore, settings: Settings, batch_id: str, seq: int, attempt_number: int,
-            not_before: float = 0.0, before_call: BeforeCall | None = None) -> Done | RunAgain:
+            not_before: float = 0.0, limiter: RateLimiter | None = None) -> Done | RunAgain:
     wait = not_before - time.time()
     if wait > 0:
         return RunAgain(min(wait, settings.backoff_cap), attempt_number, not_before)
@@ -67,6 +82,7 @@ def process(store: BatchStore, settings: Settings, batch_id: str, seq: int, atte
                 error=ItemError("cancelled", "the batch was cancelled before this item started"),
             ))
         return Done(claim.value)
+    before_call = rate_gate(limiter, request, options, settings) if limiter is not None else None
     try:
         outcome = attempt(request, options.providers(), options.base_url, settings, before_call)
     except RateLimited as limited:
@@ -76,6 +92,10 @@ def process(store: BatchStore, settings: Settings, batch_id: str, seq: int, atte
     except BaseException:
         store.release(batch_id, seq, token)
         raise
+    error = outcome.error
+    if limiter is not None and isinstance(error, ProviderHTTPError) and error.status == 429 \
+            and error.retry_after:
+        limiter.pause(outcome.scope, error.retry_after)
     if outcome.transient and attempt_number <= settings.max_retries:
         store.release(batch_id, seq, token)
         assert outcome.error is not None

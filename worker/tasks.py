@@ -19,12 +19,13 @@ from jobs.queue import TASK_NAME, app
 from jobs.store import BatchStore
 
 from .item import Done, RunAgain, process
+from .ratelimit import RateLimiter
 
 REDIS_RETRIES = 30
 
 
 @functools.lru_cache(maxsize=1)
-def runtime() -> tuple[BatchStore, Settings]:
+def runtime() -> tuple[BatchStore, Settings, RateLimiter]:
     """The worker's store and settings, made once per process from the app's broker URL."""
     settings = Settings.from_env(redis_url=app.conf.broker_url)
     client = redis.Redis.from_url(
@@ -33,15 +34,15 @@ def runtime() -> tuple[BatchStore, Settings]:
         retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), REDIS_RETRIES),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
-    return BatchStore(client, settings.result_ttl), settings
+    return BatchStore(client, settings.result_ttl), settings, RateLimiter(client)
 
 
 @app.task(bind=True, name=TASK_NAME, max_retries=None, ignore_result=True,
           acks_late=True, reject_on_worker_lost=True)
 def complete_item(self: Task, batch_id: str, seq: int, attempt: int = 1,
                   not_before: float = 0.0) -> str:
-    store, settings = runtime()
-    outcome = process(store, settings, batch_id, seq, attempt, not_before)
+    store, settings, limiter = runtime()
+    outcome = process(store, settings, batch_id, seq, attempt, not_before, limiter)
     if isinstance(outcome, RunAgain):
         raise self.retry(countdown=outcome.countdown, max_retries=None,
                          kwargs={"attempt": outcome.attempt, "not_before": outcome.not_before})

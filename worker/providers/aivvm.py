@@ -6,7 +6,6 @@ temperature; the reply is plain UTF-8 text streamed in arbitrary chunks.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,15 +35,12 @@ models: dict[str, dict[str, str]] = {
 class Aivvm(AbstractProvider):
     url = "https://chat.aivvm.com"
     name = "aivvm"
+    base_url_variable = "AIVVM_BASE_URL"
     working = True
     supports_stream = True
     supports_gpt_35_turbo = True
     supports_gpt_4 = True
     models = models
-
-    @classmethod
-    def base_url(cls, call: CompletionCall) -> str:
-        return (call.base_url or os.environ.get("AIVVM_BASE_URL") or cls.url).rstrip("/")
 
     @classmethod
     def check_model(cls, model: str) -> str:

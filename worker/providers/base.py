@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class AbstractProvider:
 
     url: ClassVar[str]
     name: ClassVar[str]
+    base_url_variable: ClassVar[str]
     working: ClassVar[bool] = True
     supports_stream: ClassVar[bool] = True
     supports_gpt_35_turbo: ClassVar[bool] = False
@@ -55,6 +57,16 @@ class AbstractProvider:
     @classmethod
     def stream(cls, call: CompletionCall) -> Iterator[str | StreamEnd]:
         raise NotImplementedError
+
+    @classmethod
+    def base_url(cls, call: CompletionCall) -> str:
+        """The call's base URL, else the worker's ``base_url_variable``, else ``url``."""
+        return (call.base_url or os.environ.get(cls.base_url_variable) or cls.url).rstrip("/")
+
+    @classmethod
+    def scope(cls, call: CompletionCall) -> str:
+        """What a rate limit applies to: this provider at this base URL."""
+        return f"{cls.name}|{cls.base_url(call)}"
 
     @classmethod
     def check_model(cls, model: str) -> str:

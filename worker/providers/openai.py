@@ -21,12 +21,9 @@ DEFAULT_MODEL = "gpt-3.5-turbo"
 class OpenAI(AbstractProvider):
     url = "https://api.openai.com/v1"
     name = "openai"
+    base_url_variable = "OPENAI_BASE_URL"
     supports_gpt_35_turbo = True
     supports_gpt_4 = True
-
-    @classmethod
-    def base_url(cls, call: CompletionCall) -> str:
-        return (call.base_url or os.environ.get("OPENAI_BASE_URL") or cls.url).rstrip("/")
 
     @classmethod
     def check_model(cls, model: str) -> str:

@@ -1,0 +1,61 @@
+"""The shared rate limiter against a real Redis (the rate it keeps is measured by `make bench`)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from worker.errors import RateLimited
+from worker.ratelimit import RateLimiter
+
+pytestmark = pytest.mark.integration
+
+
+def scope() -> str:
+    return f"test|{uuid.uuid4().hex}"
+
+
+def test_calls_are_given_successive_slots(redis_client: redis.Redis) -> None:
+    limiter = RateLimiter(redis_client, max_wait=10.0)
+    name = scope()
+    script = limiter._acquire
+    waits = [int(script(keys=limiter._keys(name), args=[200.0, 0.0, 0, 10000])) for _ in range(5)]
+    # each reservation is one interval (200 ms) after the previous one
+    assert waits[0] == 0
+    for before, after in zip(waits, waits[1:]):
+        assert 150 <= after - before <= 200
+
+
+def test_a_slot_too_far_away_is_refused_without_being_reserved(redis_client: redis.Redis) -> None:
+    limiter = RateLimiter(redis_client, max_wait=0.5)
+    name = scope()
+    assert limiter.acquire(name, rpm=60) == 0
+    with pytest.raises(RateLimited) as refused:
+        limiter.acquire(name, rpm=60)
+    assert 0.5 < refused.value.delay <= 1.0
+    with pytest.raises(RateLimited) as again:
+        limiter.acquire(name, rpm=60)
+    assert again.value.delay <= refused.value.delay
+
+
+def test_tokens_per_minute_charge_the_estimated_cost(redis_client: redis.Redis) -> None:
+    limiter = RateLimiter(redis_client, max_wait=0.5)
+    name = scope()
+    assert limiter.acquire(name, tpm=6000, tokens=100) == 0  # 100 tokens = 1 s at 6000/min
+    with pytest.raises(RateLimited) as refused:
+        limiter.acquire(name, tpm=6000, tokens=1)
+    assert 0.5 < refused.value.delay <= 1.0
+
+
+def test_a_pause_holds_every_caller_even_without_limits(redis_client: redis.Redis) -> None:
+    limiter = RateLimiter(redis_client, max_wait=0.1)
+    other = RateLimiter(redis.Redis(connection_pool=redis_client.connection_pool), max_wait=0.1)
+    name = scope()
+    assert limiter.acquire(name) == 0
+    limiter.pause(name, 3.0)
+    with pytest.raises(RateLimited) as refused:
+        other.acquire(name)
+    assert 2.5 < refused.value.delay <= 3.0
+    assert other.acquire(scope()) == 0

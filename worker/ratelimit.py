@@ -1,0 +1,84 @@
+"""A rate limit shared by every worker through Redis: requests and tokens per minute.
+
+Scheduling, not polling: each call reserves the next free slot (generic cell rate
+algorithm: the key holds the theoretical arrival time of the next request) and
+sleeps until it, so callers spread evenly without a thundering herd. A slot further
+away than ``max_wait`` is not reserved: the caller is told to come back later.
+A 429 with Retry-After pauses the scope for every worker.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from jobs import keys
+
+from .errors import RateLimited
+
+# KEYS: requests_key tokens_key ; ARGV: ms_per_request ms_per_token tokens max_wait_ms
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local start = now
+for i = 1, 2 do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat > start then start = tat end
+end
+local wait = start - now
+if wait > tonumber(ARGV[4]) then return -wait end
+local costs = {tonumber(ARGV[1]), tonumber(ARGV[2]) * tonumber(ARGV[3])}
+for i = 1, 2 do
+  if costs[i] > 0 then
+    local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if tat < start then tat = start end
+    tat = tat + costs[i]
+    redis.call('SET', KEYS[i], tat, 'PX', math.max(1000, math.ceil(tat - now + 60000)))
+  end
+end
+return wait
+"""
+
+# KEYS: requests_key tokens_key ; ARGV: pause_ms
+_PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = now + tonumber(ARGV[1])
+for i = 1, 2 do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < until_ms then redis.call('SET', KEYS[i], until_ms, 'PX', tonumber(ARGV[1]) + 60000) end
+end
+return until_ms
+"""
+
+
+class RateLimiter:
+    def __init__(self, client: redis.Redis, max_wait: float = 5.0) -> None:
+        self.max_wait = max_wait
+        self._acquire = client.register_script(_ACQUIRE)
+        self._pause = client.register_script(_PAUSE)
+
+    @staticmethod
+    def _keys(scope: str) -> list[str]:
+        return [keys.rate_bucket(scope) + ":req", keys.rate_bucket(scope) + ":tok"]
+
+    def acquire(self, scope: str, *, rpm: int = 0, tpm: int = 0, tokens: int = 0) -> float:
+        """Wait for this call's slot; raise :class:`RateLimited` if it is too far away.
+
+        Returns the seconds waited. With no limit set it still honours a pause.
+        """
+        ms_per_request = 60000.0 / rpm if rpm > 0 else 0.0
+        ms_per_token = 60000.0 / tpm if tpm > 0 else 0.0
+        reply = int(self._acquire(keys=self._keys(scope),
+                                  args=[ms_per_request, ms_per_token, max(tokens, 0),
+                                        int(self.max_wait * 1000)]))
+        if reply < 0:
+            raise RateLimited(-reply / 1000)
+        if reply > 0:
+            time.sleep(reply / 1000)
+        return reply / 1000
+
+    def pause(self, scope: str, seconds: float) -> None:
+        """No call on ``scope`` starts for ``seconds`` (a server's Retry-After), on any worker."""
+        self._pause(keys=self._keys(scope), args=[max(1, int(seconds * 1000))])
