@@ -111,10 +111,17 @@ end
 return reset
 """
 
-# KEYS: ids ; ARGV: id seq  -> the seq that owns the id
-_OWN_ID = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then return ARGV[2] end
-return redis.call('HGET', KEYS[1], ARGV[1])
+# KEYS: ids ; ARGV: id_1 seq_1 ... id_n seq_n  -> for each id, the seq that owns it
+_OWN_IDS = """
+local owners = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    owners[#owners + 1] = ARGV[i + 1]
+  else
+    owners[#owners + 1] = redis.call('HGET', KEYS[1], ARGV[i])
+  end
+end
+return owners
 """
 
 # KEYS: meta req res counts ids ; ARGV: total ttl
@@ -172,7 +179,7 @@ class BatchStore:
         self._release = client.register_script(_RELEASE)
         self._cancel = client.register_script(_CANCEL)
         self._reset = client.register_script(_RESET)
-        self._own_id = client.register_script(_OWN_ID)
+        self._own_ids = client.register_script(_OWN_IDS)
         self._finalize = client.register_script(_FINALIZE)
 
     @translated
@@ -231,48 +238,47 @@ class BatchStore:
         return found
 
     @translated
-    def add_chunk(self, batch_id: str, entries: Sequence[ChunkEntry], *, resume: bool) -> list[int]:
-        """Store a chunk of lines in two round trips; return the seqs to enqueue.
+    def add_chunk(self, batch_id: str, entries: Sequence[ChunkEntry], *, resume: bool,
+                  enqueue: Callable[[Any, list[int]], None]) -> list[int]:
+        """Store a chunk of lines in two round trips and enqueue its items in the second.
 
         Duplicate ids become ``invalid`` results. With ``resume``, items that
-        already have a result are not returned (a re-submission of the same file).
+        already have a result are not enqueued again (a re-submission of the same file).
+        Returns the enqueued seqs.
         """
-        valid = [e for e in entries if isinstance(e.parsed, ItemRequest)]
+        valid = [(e.seq, e.parsed) for e in entries if isinstance(e.parsed, ItemRequest)]
         pipe = self.redis.pipeline(transaction=False)
-        for entry in valid:
-            assert isinstance(entry.parsed, ItemRequest)
-            self._own_id(keys=[keys.ids(batch_id)], args=[entry.parsed.id, entry.seq], client=pipe)
-        if resume:
-            for entry in valid:
-                pipe.hexists(keys.results(batch_id), entry.seq)
-        replies = pipe.execute()
-        owners = replies[: len(valid)]
-        finished = replies[len(valid):] if resume else [False] * len(valid)
+        id_args: list[Any] = []
+        for seq, request in valid:
+            id_args += [request.id, seq]
+        if valid:
+            self._own_ids(keys=[keys.ids(batch_id)], args=id_args, client=pipe)
+        if resume and valid:
+            pipe.hmget(keys.results(batch_id), [seq for seq, _ in valid])
+        replies = pipe.execute() if valid else []
+        owners = replies[0] if valid else []
+        finished = replies[1] if resume and valid else [None] * len(valid)
 
-        duplicates = {}
-        for entry, owner in zip(valid, owners):
-            if int(owner) != entry.seq:
-                request = entry.parsed
-                assert isinstance(request, ItemRequest)
-                duplicates[entry.seq] = invalid_result(
+        results: dict[int, ItemResult] = {e.seq: e.parsed for e in entries if isinstance(e.parsed, ItemResult)}
+        stored: dict[int, str] = {}
+        to_enqueue: list[int] = []
+        for (seq, request), owner, done in zip(valid, owners, finished):
+            if int(owner) != seq:
+                results[seq] = invalid_result(
                     request.line,
-                    f"line {request.line}: duplicate id {request.id!r} "
-                    f"(first used on an earlier line)",
+                    f"line {request.line}: duplicate id {request.id!r} (first used on an earlier line)",
                     request.id,
                 )
-        pipe = self.redis.pipeline(transaction=False)
-        to_enqueue: list[int] = []
-        for entry, done in zip(valid, finished):
-            if entry.seq in duplicates:
                 continue
-            assert isinstance(entry.parsed, ItemRequest)
-            pipe.hset(keys.requests(batch_id), entry.seq, entry.parsed.to_json())
-            if not done:
-                to_enqueue.append(entry.seq)
-        for entry in entries:
-            result = duplicates.get(entry.seq, entry.parsed)
-            if isinstance(result, ItemResult):
-                self._record_in(pipe, batch_id, entry.seq, result)
+            stored[seq] = request.to_json()
+            if done is None:
+                to_enqueue.append(seq)
+        pipe = self.redis.pipeline(transaction=False)
+        if stored:
+            pipe.hset(keys.requests(batch_id), mapping=stored)
+        for seq, result in results.items():
+            self._record_in(pipe, batch_id, seq, result)
+        enqueue(pipe, to_enqueue)
         pipe.execute()
         return to_enqueue
 

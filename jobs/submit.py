@@ -1,7 +1,7 @@
 """Submitting a file: stream its lines into the store and onto the queue, a chunk at a time.
 
 Memory is bounded by the chunk size, whatever the file's length; each chunk costs
-three Redis round trips, none per line.
+two Redis round trips, none per line.
 """
 
 from __future__ import annotations
@@ -84,6 +84,6 @@ def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[C
            resume: bool) -> int:
     if not chunk:
         return 0
-    seqs = store.add_chunk(batch_id, chunk, resume=resume)
-    publisher.publish(batch_id, seqs)
+    seqs = store.add_chunk(batch_id, chunk, resume=resume,
+                           enqueue=lambda pipe, seqs: publisher.publish(batch_id, seqs, pipe))
     return len(seqs)
