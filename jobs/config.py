@@ -28,6 +28,7 @@ class Settings:
     max_items: int = 5_000_000
     rpm: int = 0
     tpm: int = 0
+    task_events: bool = False
 
     def __post_init__(self) -> None:
         if self.backoff_cap >= self.visibility_timeout / 2:
@@ -52,10 +53,19 @@ class Settings:
                 continue
             kind = type(f.default)
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = _boolean(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ConfigError(
                     f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
                 ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

@@ -48,7 +48,8 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "worker_send_task_events": True,
+        # events cost Redis publishes per task: on for Flower (AIVVM_BATCH_TASK_EVENTS=1)
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
     }

@@ -60,16 +60,33 @@ return 1
 """
 
 # KEYS: meta req res counts ids claim ; ARGV: seq token ttl_ms
+# -> {outcome, request, options, paused_ms}
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 'done' end
-if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 'cancelled' end
-if redis.call('SET', KEYS[6], ARGV[2], 'NX', 'PX', ARGV[3]) then return 'claimed' end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'done'} end
+local meta = redis.call('HMGET', KEYS[1], 'state', 'options', 'paused_until')
+local request = redis.call('HGET', KEYS[2], ARGV[1])
+if meta[1] == 'cancelled' then return {'cancelled', request, meta[2]} end
+if meta[3] then
+  local t = redis.call('TIME')
+  local wait = tonumber(meta[3]) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if wait > 0 then return {'paused', request, meta[2], wait} end
+end
+if redis.call('SET', KEYS[6], ARGV[2], 'NX', 'PX', ARGV[3]) then return {'claimed', request, meta[2]} end
 if redis.call('GET', KEYS[6]) == ARGV[2] then
   redis.call('PEXPIRE', KEYS[6], ARGV[3])
-  return 'claimed'
+  return {'claimed', request, meta[2]}
 end
-return 'busy'
+return {'busy'}
+"""
+
+# KEYS: meta ; ARGV: pause_ms
+_PAUSE = """
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', KEYS[1], 'paused_until') or '0')
+if until_ms > current then redis.call('HSET', KEYS[1], 'paused_until', until_ms) end
+return until_ms
 """
 
 # KEYS: claim ; ARGV: token
@@ -158,8 +175,19 @@ class ClaimOutcome(str, Enum):
     CLAIMED = "claimed"
     DONE = "done"
     BUSY = "busy"
+    PAUSED = "paused"
     CANCELLED = "cancelled"
     GONE = "gone"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learns when it tries to start an item, in one round trip."""
+
+    outcome: ClaimOutcome
+    request: ItemRequest | None = None
+    options: BatchOptions | None = None
+    paused_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +204,7 @@ class BatchStore:
         self.result_ttl = result_ttl
         self._record = client.register_script(_RECORD)
         self._claim = client.register_script(_CLAIM)
+        self._pause = client.register_script(_PAUSE)
         self._release = client.register_script(_RELEASE)
         self._cancel = client.register_script(_CANCEL)
         self._reset = client.register_script(_RESET)
@@ -287,23 +316,22 @@ class BatchStore:
         self._finalize(keys=keys.batch_keys(batch_id), args=[total, self.result_ttl])
 
     @translated
-    def request(self, batch_id: str, seq: int) -> tuple[ItemRequest | None, BatchOptions | None]:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hget(keys.requests(batch_id), seq)
-        pipe.hget(keys.meta(batch_id), "options")
-        raw, options = pipe.execute()
-        return (
-            ItemRequest.from_json(raw) if raw else None,
-            BatchOptions(**json.loads(options)) if options else None,
-        )
-
-    @translated
-    def claim(self, batch_id: str, seq: int, token: str, ttl_seconds: float) -> ClaimOutcome:
+    def claim(self, batch_id: str, seq: int, token: str, ttl_seconds: float) -> Claim:
+        """Take an item for ``ttl_seconds`` unless it is done, taken, cancelled or paused."""
         reply = self._claim(
             keys=[*keys.batch_keys(batch_id), keys.claim(batch_id, seq)],
             args=[seq, token, max(1, int(ttl_seconds * 1000))],
         )
-        return ClaimOutcome(reply.decode() if isinstance(reply, bytes) else reply)
+        outcome = ClaimOutcome(reply[0].decode())
+        request = ItemRequest.from_json(reply[1]) if len(reply) > 1 and reply[1] else None
+        options = BatchOptions(**json.loads(reply[2])) if len(reply) > 2 and reply[2] else None
+        paused = int(reply[3]) / 1000 if len(reply) > 3 else 0.0
+        return Claim(outcome, request, options, paused)
+
+    @translated
+    def pause(self, batch_id: str, seconds: float) -> None:
+        """No item of the batch starts for ``seconds``, on any worker (a server's Retry-After)."""
+        self._pause(keys=[keys.meta(batch_id)], args=[max(1, int(seconds * 1000))])
 
     @translated
     def release(self, batch_id: str, seq: int, token: str) -> None:

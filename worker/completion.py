@@ -86,7 +86,7 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
             read_timeout=settings.read_timeout,
             deadline=started + settings.item_deadline,
         )
-        scope = provider.scope(call)
+        scope = provider.scope(call.base_url)
         if before_call is not None:
             before_call(provider, call)
         for chunk in provider.stream(call):

@@ -57,7 +57,7 @@ def rate_gate(limiter: RateLimiter, request: ItemRequest, options: BatchOptions,
     tokens = request_tokens(request)
 
     def before_call(provider: type[AbstractProvider], call: CompletionCall) -> None:
-        limiter.acquire(provider.scope(call), rpm=rpm, tpm=tpm, tokens=tokens)
+        limiter.acquire(provider.scope(call.base_url), rpm=rpm, tpm=tpm, tokens=tokens)
 
     return before_call
 
@@ -67,39 +67,42 @@ def process(store: BatchStore, settings: Settings, batch_id: str, seq: int, atte
     wait = not_before - time.time()
     if wait > 0:
         return RunAgain(min(wait, settings.backoff_cap), attempt_number, not_before)
-    request, options = store.request(batch_id, seq)
-    if options is None:
-        return Done("gone")
     token = uuid.uuid4().hex
     claim = store.claim(batch_id, seq, token, settings.item_deadline + CLAIM_SLACK_SECONDS)
-    if claim is ClaimOutcome.BUSY:
+    if claim.outcome is ClaimOutcome.BUSY:
         return RunAgain(BUSY_RECHECK_SECONDS, attempt_number, 0.0)
-    if claim is not ClaimOutcome.CLAIMED or request is None:
-        if claim is ClaimOutcome.CANCELLED and request is not None:
+    if claim.outcome is ClaimOutcome.PAUSED:
+        return RunAgain(min(claim.paused_seconds, settings.backoff_cap), attempt_number,
+                        time.time() + claim.paused_seconds)
+    request, options = claim.request, claim.options
+    if claim.outcome is not ClaimOutcome.CLAIMED or request is None or options is None:
+        if claim.outcome is ClaimOutcome.CANCELLED and request is not None:
             store.record(batch_id, seq, ItemResult(
                 id=request.id, line=request.line, status=Status.CANCELLED, model=request.model,
                 attempts=attempt_number - 1,
                 error=ItemError("cancelled", "the batch was cancelled before this item started"),
             ))
-        return Done(claim.value)
-    before_call = rate_gate(limiter, request, options, settings) if limiter is not None else None
+        return Done(claim.outcome.value)
+    limited = limiter is not None and bool(options.rpm or options.tpm or settings.rpm or settings.tpm)
+    before_call = rate_gate(limiter, request, options, settings) if limited and limiter else None
     try:
         outcome = attempt(request, options.providers(), options.base_url, settings, before_call)
-    except RateLimited as limited:
+    except RateLimited as refused:
         store.release(batch_id, seq, token)
-        return RunAgain(min(limited.delay, settings.backoff_cap), attempt_number,
-                        time.time() + limited.delay)
+        return RunAgain(min(refused.delay, settings.backoff_cap), attempt_number,
+                        time.time() + refused.delay)
     except BaseException:
         store.release(batch_id, seq, token)
         raise
     error = outcome.error
-    if limiter is not None and isinstance(error, ProviderHTTPError) and error.status == 429 \
-            and error.retry_after:
-        limiter.pause(outcome.scope, error.retry_after)
+    if isinstance(error, ProviderHTTPError) and error.status == 429 and error.retry_after:
+        store.pause(batch_id, error.retry_after)
+        if limiter is not None:
+            limiter.pause(outcome.scope, error.retry_after)
     if outcome.transient and attempt_number <= settings.max_retries:
         store.release(batch_id, seq, token)
-        assert outcome.error is not None
-        delay = backoff(attempt_number, settings, outcome.error.retry_after)
+        assert error is not None
+        delay = backoff(attempt_number, settings, error.retry_after)
         return RunAgain(min(delay, settings.backoff_cap), attempt_number + 1, time.time() + delay)
     result = to_result(request, outcome, attempt_number)
     store.record(batch_id, seq, result)

@@ -68,7 +68,7 @@ class Aivvm(AbstractProvider):
     @classmethod
     def stream(cls, call: CompletionCall) -> Iterator[str | StreamEnd]:
         body = cls.request_body(call)
-        base = cls.base_url(call)
+        base = cls.base_url(call.base_url)
         headers = {
             "accept": "text/event-stream",
             "content-type": "application/json",

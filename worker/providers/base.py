@@ -59,14 +59,14 @@ class AbstractProvider:
         raise NotImplementedError
 
     @classmethod
-    def base_url(cls, call: CompletionCall) -> str:
-        """The call's base URL, else the worker's ``base_url_variable``, else ``url``."""
-        return (call.base_url or os.environ.get(cls.base_url_variable) or cls.url).rstrip("/")
+    def base_url(cls, given: str | None) -> str:
+        """The given base URL, else the worker's ``base_url_variable``, else ``url``."""
+        return (given or os.environ.get(cls.base_url_variable) or cls.url).rstrip("/")
 
     @classmethod
-    def scope(cls, call: CompletionCall) -> str:
+    def scope(cls, given_base_url: str | None) -> str:
         """What a rate limit applies to: this provider at this base URL."""
-        return f"{cls.name}|{cls.base_url(call)}"
+        return f"{cls.name}|{cls.base_url(given_base_url)}"
 
     @classmethod
     def check_model(cls, model: str) -> str:

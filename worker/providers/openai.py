@@ -49,7 +49,7 @@ class OpenAI(AbstractProvider):
         api_key = call.api_key or os.environ.get("OPENAI_API_KEY")
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        url = f"{cls.base_url(call)}/chat/completions"
+        url = f"{cls.base_url(call.base_url)}/chat/completions"
         raw = post_stream(url, cls.request_body(call), headers, call, _error)
         finish_reason = None
         usage: dict[str, Any] = {}
