@@ -19,13 +19,15 @@ class WorkerProcesses:
     """``count`` Celery worker processes on ``redis_url`` (passed by environment, not argv)."""
 
     def __init__(self, redis_url: str, *, count: int = 1, concurrency: int = 64,
-                 log_dir: Path, env: dict[str, str] | None = None, loglevel: str = "WARNING") -> None:
+                 log_dir: Path, env: dict[str, str] | None = None, loglevel: str = "WARNING",
+                 pool: str = "threads") -> None:
         self.redis_url = redis_url
         self.count = count
         self.concurrency = concurrency
         self.log_dir = log_dir
         self.env = env or {}
         self.loglevel = loglevel
+        self.pool = pool
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> WorkerProcesses:
@@ -34,7 +36,7 @@ class WorkerProcesses:
         for i in range(self.count):
             log = open(self.log_dir / f"worker-{i}.log", "ab")
             args = [sys.executable, "-m", "aivvm_batch", "worker",
-                    "--concurrency", str(self.concurrency), "--loglevel", self.loglevel,
+                    "--concurrency", str(self.concurrency), "--loglevel", self.loglevel, "--pool", self.pool,
                     "--name", f"run{os.getpid()}-{i}@%h"]
             self.processes.append(subprocess.Popen(
                 args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

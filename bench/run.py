@@ -119,7 +119,8 @@ class Bench:
 
     def workers(self, count: int, concurrency: int, env: dict[str, str] | None = None) -> WorkerProcesses:
         workers = WorkerProcesses(self.redis_url, count=count, concurrency=concurrency,
-                                  log_dir=self.tmp / "logs", env=env or {}).start()
+                                  log_dir=self.tmp / "logs", env=env or {},
+                                  pool=os.environ.get("BENCH_POOL", "threads")).start()
         return workers
 
 
@@ -140,9 +141,13 @@ def bench_latency(bench: Bench, quick: bool) -> None:
             warm = bench.write("warm.jsonl", slots, lambda i: f"warm {i}")
             bench.run_batch(warm, BatchOptions(base_url=base))
             path = bench.write("latency.jsonl", n, lambda i: f"latency {i}")
-            _, seconds, samples = bench.run_batch(path, BatchOptions(base_url=base))
+            batch_id, seconds, samples = bench.run_batch(path, BatchOptions(base_url=base))
+            latencies = [json.loads(raw)["latency_ms"] for _, raw in bench.store.iter_results(batch_id, n)]
         finally:
             workers.stop()
+    mean_ms = sum(latencies) / len(latencies)
+    print(f"  mean reply time seen by the workers: {mean_ms:.0f} ms (the stand-in's nominal: {latency * 1000:.0f} ms);"
+          f" slots / mean reply time = {slots / (mean_ms / 1000):.1f} items/s")
     ideal = slots / latency
     end_to_end = n / seconds
     steady = steady_rate(samples, n)

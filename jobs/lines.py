@@ -7,6 +7,7 @@ line raises :class:`InvalidLine` with a message naming the line and the field.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,12 +47,12 @@ def read_lines(stream: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
     """
     number = 0
     while True:
-        chunk = stream.readline(max_line_bytes + 1)
+        chunk = stream.readline(max_line_bytes + 2)  # room for a CRLF line end
         if not chunk:
             return
         number += 1
-        oversized = len(chunk) > max_line_bytes and not chunk.endswith(b"\n")
-        if oversized:
+        oversized = len(chunk.rstrip(b"\r\n")) > max_line_bytes
+        if oversized and not chunk.endswith(b"\n"):
             _skip_rest_of_line(stream)
         if number == 1 and chunk.startswith(UTF8_BOM):
             chunk = chunk[len(UTF8_BOM):]
@@ -85,7 +86,7 @@ def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
     except UnicodeDecodeError as exc:
         raise InvalidLine(n, f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
     except RecursionError:
         raise InvalidLine(n, "JSON nested too deeply") from None
     except json.JSONDecodeError as exc:
@@ -107,6 +108,17 @@ def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
     except InvalidLine as exc:
         exc.item_id = _best_effort_id(data)
         raise
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _best_effort_id(data: dict[str, Any]) -> str | None:

@@ -41,7 +41,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_default_queue": keys.QUEUE,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "visibility_timeout": settings.visibility_timeout,

@@ -16,12 +16,13 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import redis
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
-from .errors import BatchNotFound, StoreUnavailable
+from .errors import BatchNotFound, ConfigError, StoreUnavailable
 from .records import (
     BatchInfo,
     BatchOptions,
@@ -161,11 +162,13 @@ def translated(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except AuthenticationError as exc:
+            raise ConfigError(f"Redis refused the credentials in the Redis URL: {exc}") from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
         except ResponseError as exc:
             if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-                raise StoreUnavailable(f"Redis refused the credentials: {exc}") from exc
+                raise ConfigError(f"Redis refused the credentials in the Redis URL: {exc}") from exc
             raise
 
     return wrapper  # type: ignore[return-value]
