@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import redis
 
-from jobs.collect import wait_until_finished, write_results
+from jobs.collect import follow_results, wait_until_finished, write_results
 from jobs.config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
 from jobs.errors import BatchError
 from jobs.formats import ResultFormat
@@ -177,12 +177,23 @@ def status(batch_id: str, redis_url: str, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Results file (written aside, then renamed into place).")
 @click.option("--wait", is_flag=True, help="Wait for the batch to finish, showing progress.")
+@click.option("--follow", is_flag=True,
+              help="Write results to OUTPUT as they finish (completion order) until the batch ends.")
 @format_option
 @redis_url_option
 @handle_errors
-def collect(batch_id: str, output: Path, wait: bool, fmt: str, redis_url: str) -> None:
+def collect(batch_id: str, output: Path, wait: bool, follow: bool, fmt: str, redis_url: str) -> None:
     """Write every item's result, in input order, to OUTPUT."""
     store = open_store(redis_url)
+    if follow:
+        progress = Progress()
+        try:
+            with open(output, "wb") as out:
+                info = follow_results(store, batch_id, out, ResultFormat(fmt), progress.update)
+        finally:
+            progress.close()
+        click.echo(f"{output}: {summary(info)} (completion order)", err=True)
+        exit_for(info)
     if wait:
         progress = Progress()
         try:

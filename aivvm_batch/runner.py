@@ -121,6 +121,11 @@ def info_dict(info: BatchInfo) -> dict[str, Any]:
         "total": info.total,
         "done": info.done,
         "counts": {s.value: info.counts.get(s.value, 0) for s in Status},
+        "usage": {
+            "prompt_tokens": info.usage.get("prompt_tokens", 0),
+            "completion_tokens": info.usage.get("completion_tokens", 0),
+            "items_estimated": info.usage.get("estimated", 0),
+        },
     }
 
 
@@ -132,5 +137,9 @@ def info_table(info: BatchInfo) -> str:
                 "%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
             ("progress", f"{info.done}/{total if total is not None else '?'} ({percent})")]
     rows += [(s.value, str(info.counts.get(s.value, 0))) for s in Status]
+    estimated = info.usage.get("estimated", 0)
+    rows += [("prompt tokens", str(info.usage.get("prompt_tokens", 0))),
+             ("completion tokens", str(info.usage.get("completion_tokens", 0))
+              + (f" ({estimated} items estimated)" if estimated else ""))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

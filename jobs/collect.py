@@ -7,6 +7,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import ConfigError, StoreUnavailable
 from .formats import ResultFormat, render
@@ -72,3 +73,26 @@ def write_results(store: BatchStore, batch_id: str, out: str | Path,
         Path(tmp).unlink(missing_ok=True)
         raise
     return info
+
+
+def follow_results(store: BatchStore, batch_id: str, out: BinaryIO,
+                   fmt: ResultFormat = ResultFormat.NATIVE, on_progress: ProgressCallback | None = None,
+                   poll_seconds: float = 0.5) -> BatchInfo:
+    """Write results as they are recorded (completion order), until the batch finishes.
+
+    An item run again by ``retry`` is written again when its new result arrives.
+    """
+    offset = 0
+    while True:
+        info = store.info(batch_id)
+        if on_progress is not None:
+            on_progress(info)
+        while seqs := store.finished_since(batch_id, offset):
+            for raw in store.results_of(batch_id, seqs):
+                if raw is not None:
+                    out.write(render(raw, fmt) + b"\n")
+            offset += len(seqs)
+            out.flush()
+        if info.finished:
+            return info
+        time.sleep(poll_seconds)

@@ -29,7 +29,7 @@ class Settings:
     rpm: int = 0
     tpm: int = 0
     task_events: bool = False
-    prefetch_multiplier: int = 1
+    prefetch_multiplier: int = 4
 
     def __post_init__(self) -> None:
         if self.backoff_cap >= self.visibility_timeout / 2:

@@ -45,9 +45,20 @@ def claim_pattern(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:claim:*"
 
 
+def finished_log(batch_id: str) -> str:
+    """List: item seqs in the order their final results were recorded (for ``collect --follow``)."""
+    return f"{PREFIX}:{{{batch_id}}}:log"
+
+
+def usage(batch_id: str) -> str:
+    """Hash: prompt_tokens, completion_tokens, estimated (items whose counts are estimates)."""
+    return f"{PREFIX}:{{{batch_id}}}:usage"
+
+
 def batch_keys(batch_id: str) -> list[str]:
-    """The keys that make up a batch and expire together after it finishes."""
-    return [meta(batch_id), requests(batch_id), results(batch_id), counts(batch_id), ids(batch_id)]
+    """The keys that make up a batch and expire together after it finishes (KEYS[1..7] of the scripts)."""
+    return [meta(batch_id), requests(batch_id), results(batch_id), counts(batch_id), ids(batch_id),
+            finished_log(batch_id), usage(batch_id)]
 
 
 def rate_bucket(scope: str) -> str:

@@ -194,6 +194,7 @@ class BatchInfo:
     options: BatchOptions
     total: int | None
     counts: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)
 
     @property
     def done(self) -> int:

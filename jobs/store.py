@@ -46,21 +46,28 @@ local function maybe_finish(ttl)
   if done >= tonumber(total) then
     local t = redis.call('TIME')
     redis.call('HSET', KEYS[1], 'finished_at', t[1] .. '.' .. string.format('%06d', t[2]))
-    for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+    for i = 1, 7 do redis.call('EXPIRE', KEYS[i], ttl) end
   end
 end
 """
 
-# KEYS: meta req res counts ids claim ; ARGV: seq result status ttl
+# KEYS: meta req res counts ids log usage claim
+# ARGV: seq result status ttl prompt_tokens completion_tokens estimated(0|1)
 _RECORD = _MAYBE_FINISH + """
 if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
-redis.call('DEL', KEYS[6])
+redis.call('RPUSH', KEYS[6], ARGV[1])
+if tonumber(ARGV[5]) + tonumber(ARGV[6]) > 0 then
+  redis.call('HINCRBY', KEYS[7], 'prompt_tokens', ARGV[5])
+  redis.call('HINCRBY', KEYS[7], 'completion_tokens', ARGV[6])
+  redis.call('HINCRBY', KEYS[7], 'estimated', ARGV[7])
+end
+redis.call('DEL', KEYS[8])
 maybe_finish(tonumber(ARGV[4]))
 return 1
 """
 
-# KEYS: meta req res counts ids claim ; ARGV: seq token ttl_ms
+# KEYS: meta req res counts ids log usage claim ; ARGV: seq token ttl_ms
 # -> {outcome, request, options, paused_ms}
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
@@ -73,9 +80,9 @@ if meta[3] then
   local wait = tonumber(meta[3]) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   if wait > 0 then return {'paused', request, meta[2], wait} end
 end
-if redis.call('SET', KEYS[6], ARGV[2], 'NX', 'PX', ARGV[3]) then return {'claimed', request, meta[2]} end
-if redis.call('GET', KEYS[6]) == ARGV[2] then
-  redis.call('PEXPIRE', KEYS[6], ARGV[3])
+if redis.call('SET', KEYS[8], ARGV[2], 'NX', 'PX', ARGV[3]) then return {'claimed', request, meta[2]} end
+if redis.call('GET', KEYS[8]) == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[8], ARGV[3])
   return {'claimed', request, meta[2]}
 end
 return {'busy'}
@@ -96,13 +103,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: meta req res counts ids claim_1..claim_n ; ARGV: ttl seq_1 result_1 ... seq_n result_n
+# KEYS: meta req res counts ids log usage claim_1..claim_n ; ARGV: ttl seq_1 result_1 ... seq_n result_n
 _CANCEL = _MAYBE_FINISH + """
 local n = 0
-for i = 6, #KEYS do
-  local seq = ARGV[2 * (i - 5)]
-  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('HSETNX', KEYS[3], seq, ARGV[2 * (i - 5) + 1]) == 1 then
+for i = 8, #KEYS do
+  local seq = ARGV[2 * (i - 7)]
+  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('HSETNX', KEYS[3], seq, ARGV[2 * (i - 7) + 1]) == 1 then
     redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
+    redis.call('RPUSH', KEYS[6], seq)
     n = n + 1
   end
 end
@@ -110,7 +118,7 @@ maybe_finish(tonumber(ARGV[1]))
 return n
 """
 
-# KEYS: meta req res counts ids ; ARGV: status seq_1 ... seq_n
+# KEYS: meta req res counts ids log usage ; ARGV: status seq_1 ... seq_n
 _RESET = """
 local reset = {}
 for i = 2, #ARGV do
@@ -124,7 +132,7 @@ end
 if #reset > 0 then
   redis.call('HDEL', KEYS[1], 'finished_at')
   redis.call('HSET', KEYS[1], 'state', 'running')
-  for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+  for i = 1, 7 do redis.call('PERSIST', KEYS[i]) end
 end
 return reset
 """
@@ -142,7 +150,7 @@ end
 return owners
 """
 
-# KEYS: meta req res counts ids ; ARGV: total ttl
+# KEYS: meta req res counts ids log usage ; ARGV: total ttl
 _FINALIZE = _MAYBE_FINISH + """
 redis.call('HSET', KEYS[1], 'total', ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
@@ -245,10 +253,11 @@ class BatchStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.meta(batch_id))
         pipe.hgetall(keys.counts(batch_id))
-        meta, counts = pipe.execute()
+        pipe.hgetall(keys.usage(batch_id))
+        meta, counts, usage = pipe.execute()
         if not meta:
             raise BatchNotFound(batch_id)
-        return _batch_info(batch_id, meta, counts)
+        return _batch_info(batch_id, meta, counts, usage)
 
     @translated
     def list_batches(self, limit: int = 100) -> list[BatchInfo]:
@@ -346,11 +355,19 @@ class BatchStore:
         return bool(self._record_in(None, batch_id, seq, result))
 
     def _record_in(self, pipe: Any, batch_id: str, seq: int, result: ItemResult) -> Any:
+        usage = result.usage
         return self._record(
             keys=[*keys.batch_keys(batch_id), keys.claim(batch_id, seq)],
-            args=[seq, result.to_json(), result.status.value, self.result_ttl],
+            args=[seq, result.to_json(), result.status.value, self.result_ttl,
+                  usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                  int(bool(usage and usage.estimated))],
             client=pipe,
         )
+
+    @translated
+    def finished_since(self, batch_id: str, offset: int, limit: int = READ_CHUNK) -> list[int]:
+        """Seqs of the results recorded after the first ``offset`` ones, in the order recorded."""
+        return [int(s) for s in self.redis.lrange(keys.finished_log(batch_id), offset, offset + limit - 1)]
 
     def iter_results(self, batch_id: str, total: int, chunk: int = READ_CHUNK) -> Iterator[tuple[int, bytes | None]]:
         """Yield ``(seq, result JSON or None)`` in input order, a chunk in memory at a time."""
@@ -421,7 +438,8 @@ class BatchStore:
         return sum(int(self.redis.memory_usage(k) or 0) for k in keys.batch_keys(batch_id))
 
 
-def _batch_info(batch_id: str, meta: dict[bytes, bytes], counts: dict[bytes, bytes]) -> BatchInfo:
+def _batch_info(batch_id: str, meta: dict[bytes, bytes], counts: dict[bytes, bytes],
+                usage: dict[bytes, bytes] | None = None) -> BatchInfo:
     m = {k.decode(): v.decode() for k, v in meta.items()}
     return BatchInfo(
         id=batch_id,
@@ -431,6 +449,7 @@ def _batch_info(batch_id: str, meta: dict[bytes, bytes], counts: dict[bytes, byt
         options=BatchOptions(**json.loads(m.get("options", "{}"))),
         total=int(m["total"]) if "total" in m else None,
         counts={k.decode(): int(v) for k, v in counts.items() if int(v)},
+        usage={k.decode(): int(v) for k, v in (usage or {}).items()},
     )
 
 

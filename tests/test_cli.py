@@ -133,3 +133,21 @@ def test_run_interrupted_then_run_again_continues(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" for r in results)
     assert sum(calls.values()) <= total + concurrency
     assert max(calls.values()) <= 2
+
+
+@pytest.mark.usefixtures("workers")
+def test_collect_follow_and_usage_totals(redis_url: str, stub: StubServer, tmp_path: Path) -> None:
+    env = {"AIVVM_BATCH_REDIS_URL": redis_url}
+    source = lines_file(tmp_path / "in.jsonl",
+                        [{"id": f"f{i}", "prompt": f"[[stub latency=0.3 chunks=3]] follow {i}"} for i in range(30)])
+    batch_id = cli("submit", str(source), "--base-url", stub.base_url, env=env).stdout.strip()
+    out = tmp_path / "follow.jsonl"
+    followed = cli("collect", batch_id, "-o", str(out), "--follow", env=env)
+    assert followed.returncode == 0, followed.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in results) == sorted(f"f{i}" for i in range(30))
+    status = json.loads(cli("status", batch_id, "--json", env=env).stdout)
+    assert status["usage"]["prompt_tokens"] == sum(r["usage"]["prompt_tokens"] for r in results) > 0
+    assert status["usage"]["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in results) > 0
+    assert status["usage"]["items_estimated"] == 30
+    assert "prompt tokens" in cli("status", batch_id, env=env).stdout
