@@ -21,7 +21,6 @@ injects a fault or changes the reply (see :func:`parse_directive` and
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import hmac
@@ -44,7 +43,6 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 __all__ = [
     "StubServer",
     "serve",
-    "main",
     "FaultPlan",
     "ChatRequest",
     "parse_directive",
@@ -934,23 +932,3 @@ def serve(
         pass
     finally:
         restore()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m aivvm_batch.stub``: run the stand-in provider (not a model)."""
-    parser = argparse.ArgumentParser(description="Local stand-in chat provider (not a model).")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8787)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds per reply")
-    parser.add_argument("--chunks", type=int, default=4, help="chunks per reply")
-    parser.add_argument("--api-key", default=None, help="require this key on the OpenAI endpoint")
-    args = parser.parse_args(argv)
-
-    def announce(url: str) -> None:
-        print(f"stand-in provider (not a model): Aivvm {url}/api/chat, OpenAI {url}/v1", flush=True)
-
-    serve(args.host, args.port, latency=args.latency, chunks=args.chunks, api_key=args.api_key, ready=announce)
-
-
-if __name__ == "__main__":
-    main()
