@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.util
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import click
 import redis
 
 from jobs.collect import follow_results, wait_until_finished, write_results
+from jobs import keys
 from jobs.config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
 from jobs.errors import BatchError
 from jobs.formats import ResultFormat
@@ -141,21 +143,31 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None,
 @redis_url_option
 @concurrency_option
 @click.option("--pool", envvar=env("POOL"), show_envvar=True, type=click.Choice(["threads", "gevent"]),
-              default="threads", show_default=True, help="Celery pool (gevent must be installed).")
+              default="threads", show_default=True,
+              help="Celery pool: threads, or gevent (pip install 'aivvm-batch[gevent]').")
 @click.option("--loglevel", envvar=env("LOGLEVEL"), show_envvar=True, default="INFO", show_default=True)
 @click.option("--name", envvar=env("WORKER_NAME"), show_envvar=True, default=None,
               help="Celery node name (default: celery@hostname).")
 @handle_errors
 def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str | None) -> None:
-    """Run a Celery worker that completes queued items."""
-    configure(celery_app, Settings.from_env(redis_url=redis_url))
-    importlib.import_module("worker.tasks")  # registers the task on the app
+    """Run a Celery worker that completes queued items.
 
-    argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-            f"--queues={celery_app.conf.task_default_queue}", "--without-gossip", "--without-mingle"]
+    It becomes `celery -A worker.tasks worker` with these options (Celery's own entry
+    point, which patches the process for gevent before anything else is imported);
+    the Redis URL is passed in the environment, never on the command line.
+    """
+    settings = Settings.from_env(redis_url=redis_url)
+    if pool == "gevent" and importlib.util.find_spec("gevent") is None:
+        fail("the gevent pool needs gevent: pip install 'aivvm-batch[gevent]'")
+    os.environ[env("REDIS_URL")] = settings.redis_url
+    argv = [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", f"--pool={pool}",
+            f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"--queues={keys.QUEUE}",
+            "--without-gossip", "--without-mingle"]
     if name:
         argv.append(f"--hostname={name}")
-    celery_app.worker_main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 @main.command()
