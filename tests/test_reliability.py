@@ -92,8 +92,13 @@ class Cluster:
         return workers
 
     def worker_logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted((self.tmp_path / "logs").glob("*/*.log")))
+        """Each worker log's errors, then its tail."""
+        parts = []
+        for path in sorted((self.tmp_path / "logs").glob("*/*.log")):
+            text = path.read_text(errors="replace")
+            errors = [line for line in text.splitlines() if "CRITICAL/" in line or "ERROR/" in line][:10]
+            parts.append(f"--- {path.parent.name}/{path.name}\n" + "\n".join(errors) + "\n...\n" + text[-2000:])
+        return "\n".join(parts)
 
     def write(self, lines: list[dict[str, Any]]) -> Path:
         self.files += 1
@@ -124,14 +129,23 @@ class Cluster:
                 f"batch {batch_id}: fewer than {at_least} results after {timeout}s: {info}\n{self.worker_logs()}")
             time.sleep(0.05)
 
-    def wait_finished(self, batch_id: str, timeout: float) -> BatchInfo:
-        """Until the batch is finished; fails early when an unfinished item has no message left."""
+    def wait_finished(self, batch_id: str, timeout: float, workers: WorkerProcesses | None = None,
+                      alive: int = 0) -> BatchInfo:
+        """Until the batch is finished.
+
+        Fails early when an unfinished item has no message left, or when fewer than ``alive``
+        of ``workers`` are still running.
+        """
         deadline = time.monotonic() + timeout
         orphans_since: float | None = None
         while True:
             info = self.info(batch_id)
             if info is not None and info.finished:
                 return info
+            if workers is not None:
+                assert workers.alive() >= alive, (
+                    f"worker processes exited (codes {[p.poll() for p in workers.processes]}) before batch "
+                    f"{batch_id} finished ({info})\n{self.worker_logs()}")
             orphans = self.orphans(batch_id, info.total) if info is not None and info.total else []
             orphans_since = (orphans_since or time.monotonic()) if orphans else None
             assert not (orphans and time.monotonic() - orphans_since > ORPHAN_GRACE), (
@@ -217,7 +231,7 @@ def test_worker_killed_mid_batch_loses_nothing(cluster: Cluster) -> None:
     killed_at = time.monotonic()
 
     # The dead worker's messages come back after the visibility timeout, at a sweep of the other.
-    cluster.wait_finished(batch_id, timeout=140)
+    cluster.wait_finished(batch_id, timeout=140, workers=workers, alive=1)
     recovered_in = time.monotonic() - killed_at
     results = cluster.results(batch_id, total)
     assert [r["id"] for r in results] == [f"k{i}" for i in range(total)]
@@ -231,9 +245,11 @@ def test_worker_killed_mid_batch_loses_nothing(cluster: Cluster) -> None:
     calls = stub.stats()["by_prompt"]
     assert set(calls) == {f"kill {i}" for i in range(total)}
     twice = sorted(p for p, n in calls.items() if n > 1)
-    # Only items in flight on the killed worker (at most its concurrency) may be sent twice:
+    # Only items in flight on the killed worker (at most its concurrency, 16) may be sent twice:
     # their request reached the provider but no result was recorded before the kill.
-    # Observed: 0-16 such prompts a run (see the printed figures with -s).
+    # Observed: 15-16 a run, i.e. every item the killed worker was streaming (figures with -s).
+    # Recovery takes ~99s, not about the visibility timeout (12s): kombu 5.7 scans `unacked` only
+    # on every 10th 10-second sweep (unacked_restore_throttle), which jobs/queue.py leaves as is.
     assert max(calls.values()) <= 2
     assert len(twice) <= 16, twice
     print(f"\nworker kill: {at_kill.done}/{total} done at the kill, recovered in {recovered_in:.1f}s, "
@@ -257,7 +273,7 @@ def test_warm_shutdown_mid_batch_loses_nothing(cluster: Cluster) -> None:
     assert victim.wait(60) == 0, cluster.worker_logs()
     exited_in = time.monotonic() - started
 
-    cluster.wait_finished(batch_id, timeout=60)
+    cluster.wait_finished(batch_id, timeout=60, workers=workers, alive=1)
     results = cluster.results(batch_id, total)
     assert [r["id"] for r in results] == [f"w{i}" for i in range(total)]
     assert [r["status"] for r in results] == ["ok"] * total
@@ -294,8 +310,11 @@ def test_redis_restart_mid_batch(cluster: Cluster) -> None:
         cluster.redis_server.start(port=port)
         restarted = time.monotonic()
 
-        assert collector.wait(150) == 0, collector_log.read_text() + cluster.worker_logs()
+        cluster.wait_finished(batch_id, timeout=130, workers=workers, alive=2)
         finished_in = time.monotonic() - restarted
+        # Both workers rode out the restart (none died on the reconnection).
+        assert workers.alive() == 2, cluster.worker_logs()
+        assert collector.wait(20) == 0, collector_log.read_text()
     finally:
         if collector.poll() is None:
             collector.kill()
@@ -306,7 +325,6 @@ def test_redis_restart_mid_batch(cluster: Cluster) -> None:
     assert all(r["output"] == reply(f"restart {i}") for i, r in enumerate(results))
     assert cluster.results(batch_id, total) == results
     assert cluster.store.info(batch_id).counts == {"ok": total}
-    assert workers.alive() == 2
     calls = stub.stats()["by_prompt"]
     assert set(calls) == {f"restart {i}" for i in range(total)}
     twice = [p for p, n in calls.items() if n > 1]
@@ -320,7 +338,7 @@ def test_provider_faults_mixed_in_one_batch(cluster: Cluster) -> None:
     slow_down = cluster.stub(latency=0.0, chunks=2)  # its own server: its request times are this item's
     closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-    cluster.start_workers(count=2, concurrency=8)
+    workers = cluster.start_workers(count=2, concurrency=8)
     try:
         mixed = [
             {"id": "s500", "prompt": "[[stub fault=status code=500 times=1]] five hundred"},
@@ -340,7 +358,7 @@ def test_provider_faults_mixed_in_one_batch(cluster: Cluster) -> None:
         refused_id = cluster.submit([{"id": "refused", "prompt": "nobody home"}],
                                     base_url=f"http://127.0.0.1:{closed.getsockname()[1]}")
         for batch_id in (mixed_id, limited_id, refused_id):
-            cluster.wait_finished(batch_id, timeout=90)
+            cluster.wait_finished(batch_id, timeout=90, workers=workers, alive=2)
     finally:
         closed.close()
 
@@ -421,7 +439,7 @@ def test_run_killed_with_sigkill_then_resumed(tmp_path: Path) -> None:
         calls_before = stub.stats()["requests"]
         assert total // 2 <= calls_before < total
 
-        second = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(args, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert second.returncode == 0, second.stderr + "\n" + (tmp_path / "state" / "logs" / "worker-0.log").read_text(
             errors="replace")[-3000:]
         stats = stub.stats()
@@ -440,13 +458,13 @@ def test_run_killed_with_sigkill_then_resumed(tmp_path: Path) -> None:
 def test_duplicate_deliveries_under_load(cluster: Cluster) -> None:
     total = 100
     stub = cluster.stub(latency=0.3, chunks=3)
-    cluster.start_workers(count=2, concurrency=16)
+    workers = cluster.start_workers(count=2, concurrency=16)
     lines = [{"id": f"d{i}", "prompt": f"dup {i}"} for i in range(total)]
     batch_id = cluster.submit(lines, base_url=stub.base_url)
     cluster.publisher.publish(batch_id, list(range(total)))
     cluster.publisher.publish(batch_id, list(range(total)))
 
-    cluster.wait_finished(batch_id, timeout=90)
+    cluster.wait_finished(batch_id, timeout=90, workers=workers, alive=2)
     # Let every extra delivery (and the retries of those that found the item busy) run out.
     cluster.wait_queue_drained(timeout=60)
     results = cluster.results(batch_id, total)
@@ -491,8 +509,8 @@ def test_message_taken_by_a_worker_killed_before_recording_it_is_not_lost(cluste
     victim.wait(10)
 
     # Another worker is up; whatever the product does about a vanished message, the item must end.
-    cluster.start_workers(count=1, concurrency=4)
-    cluster.wait_finished(taken, timeout=70)
+    second = cluster.start_workers(count=1, concurrency=4)
+    cluster.wait_finished(taken, timeout=70, workers=second, alive=1)
     [result] = cluster.results(taken, 1)
     assert result["status"] == "ok"
     assert result["output"] == reply(taken_prompt)
