@@ -30,6 +30,7 @@ class Settings:
     tpm: int = 0
     task_events: bool = False
     prefetch_multiplier: int = 4
+    sweep_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if self.backoff_cap >= self.visibility_timeout / 2:

@@ -428,6 +428,14 @@ class BatchStore:
         return reset
 
     @translated
+    def claimed(self, batch_id: str, seqs: Sequence[int]) -> set[int]:
+        """The items among ``seqs`` that an execution holds a live claim on."""
+        pipe = self.redis.pipeline(transaction=False)
+        for seq in seqs:
+            pipe.exists(keys.claim(batch_id, seq))
+        return {seq for seq, held in zip(seqs, pipe.execute()) if held}
+
+    @translated
     def clear_claims(self, batch_id: str) -> None:
         """Drop every claim of a batch (only safe when no worker of it can be alive)."""
         for key in self.redis.scan_iter(match=keys.claim_pattern(batch_id), count=1000):

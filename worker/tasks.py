@@ -20,6 +20,7 @@ from jobs.store import BatchStore
 
 from .item import Done, RunAgain, process
 from .ratelimit import RateLimiter
+from .sweeper import Sweeper
 
 REDIS_RETRIES = 30
 
@@ -35,6 +36,9 @@ def runtime() -> tuple[BatchStore, Settings, RateLimiter]:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return BatchStore(client, settings.result_ttl), settings, RateLimiter(client)
+
+
+app.steps["worker"].add(Sweeper)
 
 
 @app.task(bind=True, name=TASK_NAME, max_retries=None, ignore_result=True,

@@ -1,0 +1,75 @@
+"""A sweep, run by the workers, that enqueues again the items whose message was lost.
+
+Every ``sweep_interval`` seconds one worker (a Redis lock) looks at the running
+batches. A batch is examined for orphans (see :mod:`jobs.reconcile`) when the queue is
+empty and its count of finished items has not moved since the previous sweep: that
+is when a lost message would otherwise stall it for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps
+
+from jobs import keys
+from jobs.queue import Publisher
+from jobs.reconcile import requeue_orphans
+from jobs.records import BatchState
+from jobs.store import BatchStore
+
+logger = logging.getLogger(__name__)
+SWEEP_LOCK = f"{keys.PREFIX}:sweep:lock"
+SWEEP_SEEN = f"{keys.PREFIX}:sweep:seen"
+
+
+def sweep_once(store: BatchStore, publisher: Publisher, interval: float) -> dict[str, list[int]]:
+    """One sweep; returns the seqs enqueued again, by batch."""
+    if not store.redis.set(SWEEP_LOCK, "1", nx=True, px=max(1, int(interval * 900))):
+        return {}
+    if store.redis.llen(keys.QUEUE):
+        store.redis.delete(SWEEP_SEEN)
+        return {}
+    requeued: dict[str, list[int]] = {}
+    for info in store.list_batches(limit=500):
+        if info.state is not BatchState.RUNNING or info.finished:
+            store.redis.hdel(SWEEP_SEEN, info.id)
+            continue
+        previous = store.redis.hget(SWEEP_SEEN, info.id)
+        if previous is not None and int(previous) == info.done:
+            seqs = requeue_orphans(store, publisher, info.id)
+            if seqs:
+                logger.warning("batch %s: enqueued again %d items whose message was lost", info.id, len(seqs))
+                requeued[info.id] = seqs
+        store.redis.hset(SWEEP_SEEN, info.id, info.done)
+    return requeued
+
+
+class Sweeper(bootsteps.StartStopStep):
+    """Runs :func:`sweep_once` in a daemon thread of each worker process."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        from .tasks import runtime
+
+        store, settings, _ = runtime()
+        publisher = Publisher(store.redis, parent.app)
+
+        def loop() -> None:
+            while not self._stop.wait(settings.sweep_interval):
+                try:
+                    sweep_once(store, publisher, settings.sweep_interval)
+                except Exception:  # a failed sweep is retried at the next interval
+                    logger.exception("sweep for lost messages failed")
+
+        self._thread = threading.Thread(target=loop, name="aivvm-batch-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
