@@ -172,6 +172,14 @@ def invalid_result(line: int, message: str, item_id: str | None = None) -> ItemR
     )
 
 
+def cancelled_result(request: ItemRequest, attempts: int = 0) -> ItemResult:
+    return ItemResult(
+        id=request.id, line=request.line, status=Status.CANCELLED, model=request.model,
+        attempts=attempts,
+        error=ItemError("cancelled", "the batch was cancelled before this item started"),
+    )
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """What a batch was submitted with; never holds a secret."""

@@ -27,10 +27,10 @@ from .records import (
     BatchInfo,
     BatchOptions,
     BatchState,
-    ItemError,
     ItemRequest,
     ItemResult,
     Status,
+    cancelled_result,
     invalid_result,
 )
 
@@ -400,14 +400,8 @@ class BatchStore:
             for seq, raw in zip(seqs, raws):
                 if raw is None:
                     continue
-                request = ItemRequest.from_json(raw)
-                result = ItemResult(
-                    id=request.id, line=request.line, status=Status.CANCELLED,
-                    model=request.model, output=None,
-                    error=ItemError("cancelled", "the batch was cancelled before this item started"),
-                )
                 claim_keys.append(keys.claim(batch_id, seq))
-                args += [seq, result.to_json()]
+                args += [seq, cancelled_result(ItemRequest.from_json(raw)).to_json()]
             if claim_keys:
                 cancelled += int(self._cancel(keys=[*keys.batch_keys(batch_id), *claim_keys], args=args))
         return cancelled

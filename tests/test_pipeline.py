@@ -207,3 +207,12 @@ def test_a_pickled_message_is_refused(redis_client: redis.Redis, batches: Batche
     assert workers.alive() == 1
     logs = "".join(p.read_text(errors="replace") for p in workers.log_dir.glob("*.log"))
     assert "application/x-python-serialize" in logs
+
+
+def test_a_batch_rate_limit_spaces_the_requests(batches: Batches, stub: StubServer) -> None:
+    stub.reset()
+    results = batches.run([{"prompt": f"limited {i}"} for i in range(16)], base_url=stub.base_url, rpm=300)
+    assert [r["status"] for r in results] == ["ok"] * 16
+    times = sorted(stub.stats()["times"])
+    # 300 per minute is one request every 0.2 s: 16 requests cannot take less than 15 intervals
+    assert times[-1] - times[0] >= 15 * 0.2 * 0.9

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from jobs.config import Settings
 from jobs.records import ItemError, ItemRequest, ItemResult, Status, Usage
 
-from .errors import ProviderError
+from .errors import ProviderError, RateLimited
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
 
 API_KEY_VARIABLES = {"aivvm": "AIVVM_API_KEY", "openai": "OPENAI_API_KEY"}
@@ -98,6 +98,8 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
             chunks.append(chunk)
     except ProviderError as exc:
         error = exc
+    except RateLimited:
+        raise
     except Exception as exc:  # a bug must end the item as failed, not lose it
         logger.exception("internal error while streaming from %s", provider.name)
         error = ProviderError(f"internal error: {type(exc).__name__}: {exc}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from celery.utils.time import get_exponential_backoff_interval
 
 from jobs.config import Settings
-from jobs.records import BatchOptions, ItemError, ItemRequest, ItemResult, Status
+from jobs.records import BatchOptions, ItemRequest, cancelled_result
 from jobs.store import BatchStore, ClaimOutcome
 
 from .completion import BeforeCall, attempt, request_tokens, to_result
@@ -77,11 +77,7 @@ def process(store: BatchStore, settings: Settings, batch_id: str, seq: int, atte
     request, options = claim.request, claim.options
     if claim.outcome is not ClaimOutcome.CLAIMED or request is None or options is None:
         if claim.outcome is ClaimOutcome.CANCELLED and request is not None:
-            store.record(batch_id, seq, ItemResult(
-                id=request.id, line=request.line, status=Status.CANCELLED, model=request.model,
-                attempts=attempt_number - 1,
-                error=ItemError("cancelled", "the batch was cancelled before this item started"),
-            ))
+            store.record(batch_id, seq, cancelled_result(request, attempt_number - 1))
         return Done(claim.outcome.value)
     limited = limiter is not None and bool(options.rpm or options.tpm or settings.rpm or settings.tpm)
     before_call = rate_gate(limiter, request, options, settings) if limited and limiter else None
