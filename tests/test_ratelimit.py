@@ -59,3 +59,21 @@ def test_a_pause_holds_every_caller_even_without_limits(redis_client: redis.Redi
         other.acquire(name)
     assert 2.5 < refused.value.delay <= 3.0
     assert other.acquire(scope()) == 0
+
+
+def test_a_pause_that_begins_while_waiting_for_a_slot_is_waited_out(redis_client: redis.Redis) -> None:
+    import threading
+    import time
+
+    limiter = RateLimiter(redis_client, max_wait=5.0)
+    name = scope()
+    limiter.acquire(name, rpm=60)  # the next slot is one second away
+    waited: list[float] = []
+    waiter = threading.Thread(target=lambda: waited.append(limiter.acquire(name, rpm=60)))
+    started = time.monotonic()
+    waiter.start()
+    time.sleep(0.3)
+    limiter.pause(name, 2.0)  # a 429 elsewhere, while the waiter sleeps towards its slot
+    waiter.join(10)
+    assert time.monotonic() - started >= 2.2
+    assert waited and waited[0] >= 1.9

@@ -17,12 +17,16 @@ from jobs import keys
 
 from .errors import RateLimited
 
-# KEYS: requests_key tokens_key ; ARGV: ms_per_request ms_per_token tokens max_wait_ms
-_ACQUIRE = """
+_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: requests_key tokens_key pause_key ; ARGV: ms_per_request ms_per_token tokens max_wait_ms
+# -> ms to wait for the reserved slot, or minus the wait when it is too far to reserve
+_ACQUIRE = _NOW + """
 local start = now
-for i = 1, 2 do
+for i = 1, 3 do
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat > start then start = tat end
 end
@@ -40,16 +44,15 @@ end
 return wait
 """
 
-# KEYS: requests_key tokens_key ; ARGV: pause_ms
-_PAUSE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local until_ms = now + tonumber(ARGV[1])
-for i = 1, 2 do
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if tat < until_ms then redis.call('SET', KEYS[i], until_ms, 'PX', tonumber(ARGV[1]) + 60000) end
+# KEYS: pause_key ; ARGV: pause_ms (0: only read) -> ms the pause still holds
+_PAUSE = _NOW + """
+local until_ms = tonumber(redis.call('GET', KEYS[1]) or '0')
+local wanted = now + tonumber(ARGV[1])
+if tonumber(ARGV[1]) > 0 and wanted > until_ms then
+  until_ms = wanted
+  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + 1000)
 end
-return until_ms
+return math.max(0, until_ms - now)
 """
 
 
@@ -61,12 +64,13 @@ class RateLimiter:
 
     @staticmethod
     def _keys(scope: str) -> list[str]:
-        return [keys.rate_bucket(scope) + ":req", keys.rate_bucket(scope) + ":tok"]
+        bucket = keys.rate_bucket(scope)
+        return [bucket + ":req", bucket + ":tok", bucket + ":pause"]
 
     def acquire(self, scope: str, *, rpm: int = 0, tpm: int = 0, tokens: int = 0) -> float:
         """Wait for this call's slot; raise :class:`RateLimited` if it is too far away.
 
-        Returns the seconds waited. With no limit set it still honours a pause.
+        Returns the seconds waited. A pause that began while waiting is waited out too.
         """
         ms_per_request = 60000.0 / rpm if rpm > 0 else 0.0
         ms_per_token = 60000.0 / tpm if tpm > 0 else 0.0
@@ -75,10 +79,18 @@ class RateLimiter:
                                         int(self.max_wait * 1000)]))
         if reply < 0:
             raise RateLimited(-reply / 1000)
-        if reply > 0:
-            time.sleep(reply / 1000)
-        return reply / 1000
+        waited = reply / 1000
+        time.sleep(waited)
+        while (paused := self._paused(scope, 0.0)) > 0:
+            if paused > self.max_wait:
+                raise RateLimited(paused)
+            time.sleep(paused)
+            waited += paused
+        return waited
 
     def pause(self, scope: str, seconds: float) -> None:
         """No call on ``scope`` starts for ``seconds`` (a server's Retry-After), on any worker."""
-        self._pause(keys=self._keys(scope), args=[max(1, int(seconds * 1000))])
+        self._paused(scope, max(seconds, 0.001))
+
+    def _paused(self, scope: str, seconds: float) -> float:
+        return int(self._pause(keys=self._keys(scope)[2:], args=[int(seconds * 1000)])) / 1000
