@@ -754,8 +754,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._cut()
             return
         delay = plan.latency / len(body) if body else plan.latency
+        started = time.monotonic()
         for index, piece in enumerate(body, 1):
-            self._pause(delay)
+            # pace to a schedule, so sleep overshoots do not add up over the chunks
+            self._pause(started + index * delay - time.monotonic())
             if not self._write(chunk_frame(piece)):
                 return
             if plan.fault == "cut" and index == cut_after:
