@@ -173,7 +173,8 @@ def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str
 @main.command()
 @click.argument("batch_id")
 @redis_url_option
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object for scripts.")
+@click.option("--json", "as_json", is_flag=True, envvar=env("JSON"), show_envvar=True,
+              help="Print a JSON object for scripts.")
 @handle_errors
 def status(batch_id: str, redis_url: str, as_json: bool) -> None:
     """Print a batch's counts by status and its progress."""
@@ -186,10 +187,12 @@ def status(batch_id: str, redis_url: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("batch_id")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("-o", "--output", envvar=env("OUTPUT"), show_envvar=True,
+              type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Results file (written aside, then renamed into place).")
-@click.option("--wait", is_flag=True, help="Wait for the batch to finish, showing progress.")
-@click.option("--follow", is_flag=True,
+@click.option("--wait", is_flag=True, envvar=env("WAIT"), show_envvar=True,
+              help="Wait for the batch to finish, showing progress.")
+@click.option("--follow", is_flag=True, envvar=env("FOLLOW"), show_envvar=True,
               help="Write results to OUTPUT as they finish (completion order) until the batch ends.")
 @format_option
 @redis_url_option
@@ -229,7 +232,8 @@ def cancel(batch_id: str, redis_url: str) -> None:
 
 @main.command()
 @click.argument("batch_id")
-@click.option("--status", "status_", type=click.Choice([Status.FAILED.value, Status.CANCELLED.value]),
+@click.option("--status", "status_", envvar=env("RETRY_STATUS"), show_envvar=True,
+              type=click.Choice([Status.FAILED.value, Status.CANCELLED.value]),
               default=Status.FAILED.value, show_default=True, help="Which items to run again.")
 @redis_url_option
 @handle_errors
@@ -245,7 +249,8 @@ def retry(batch_id: str, status_: str, redis_url: str) -> None:
 
 @main.command()
 @redis_url_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON lines for scripts.")
+@click.option("--json", "as_json", is_flag=True, envvar=env("JSON"), show_envvar=True,
+              help="Print JSON lines for scripts.")
 @handle_errors
 def batches(redis_url: str, as_json: bool) -> None:
     """List the batches on this Redis, newest first."""
@@ -258,7 +263,8 @@ def batches(redis_url: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("-o", "--output", envvar=env("OUTPUT"), show_envvar=True,
+              type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Results file.")
 @provider_option
 @base_url_option

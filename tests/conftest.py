@@ -77,11 +77,12 @@ def stub() -> Iterator[StubServer]:
 
 
 @pytest.fixture(scope="session")
-def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcesses]:
+def workers(redis_url: str, stub: StubServer,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcesses]:
     """One real Celery worker process (threads pool) shared by the integration tests."""
     processes = WorkerProcesses(redis_url, count=1, concurrency=32,
                                 log_dir=tmp_path_factory.mktemp("worker-logs"),
-                                env=WORKER_ENV).start()
+                                env={**WORKER_ENV, "OPENAI_BASE_URL": stub.base_url + "/v1"}).start()
     yield processes
     processes.stop()
 

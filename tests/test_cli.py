@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 
 from aivvm_batch.stub import StubServer
@@ -151,3 +152,31 @@ def test_collect_follow_and_usage_totals(redis_url: str, stub: StubServer, tmp_p
     assert status["usage"]["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in results) > 0
     assert status["usage"]["items_estimated"] == 30
     assert "prompt tokens" in cli("status", batch_id, env=env).stdout
+
+
+def test_every_option_has_an_environment_variable_with_the_prefix() -> None:
+    from aivvm_batch.cli import main
+
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden and param.name != "help":
+                assert param.envvar and param.envvar.startswith("AIVVM_BATCH_"), (name, param.name)
+                assert param.show_envvar, (name, param.name)
+
+
+@pytest.mark.usefixtures("workers")
+def test_cancel_then_retry_the_cancelled_items(redis_url: str, stub: StubServer, tmp_path: Path) -> None:
+    env = {"AIVVM_BATCH_REDIS_URL": redis_url}
+    source = lines_file(tmp_path / "in.jsonl",
+                        [{"id": f"c{i}", "prompt": f"[[stub latency=0.5 chunks=2]] cancel me {i}"} for i in range(150)])
+    batch_id = cli("submit", str(source), "--base-url", stub.base_url, env=env).stdout.strip()
+    cancelled = cli("cancel", batch_id, env=env)
+    assert cancelled.returncode == 0 and "items cancelled" in cancelled.stderr
+    out = tmp_path / "out.jsonl"
+    assert cli("collect", batch_id, "-o", str(out), "--wait", env=env).returncode == 1
+    statuses = [json.loads(x)["status"] for x in out.read_text().splitlines()]
+    assert len(statuses) == 150 and "cancelled" in statuses
+    retried = cli("retry", batch_id, "--status", "cancelled", env=env)
+    assert retried.returncode == 0 and f"{statuses.count('cancelled')} items enqueued again" in retried.stderr
+    assert cli("collect", batch_id, "-o", str(out), "--wait", env=env, timeout=180).returncode == 0
+    assert {json.loads(x)["status"] for x in out.read_text().splitlines()} == {"ok"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -216,3 +217,47 @@ def test_a_batch_rate_limit_spaces_the_requests(batches: Batches, stub: StubServ
     times = sorted(stub.stats()["times"])
     # 300 per minute is one request every 0.2 s: 16 requests cannot take less than 15 intervals
     assert times[-1] - times[0] >= 15 * 0.2 * 0.9
+
+
+def test_openai_provider_end_to_end_with_server_usage(batches: Batches, stub: StubServer) -> None:
+    results = batches.run([
+        {"custom_id": "o1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 50}},
+        {"id": "o2", "prompt": "[[stub fault=status code=503 times=1]] retried"},
+    ], provider="openai", base_url=stub.base_url + "/v1")
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert results[0]["output"] == reply("Hello there")
+    assert results[0]["model"] == "gpt-4o" and results[0]["provider"] == "openai"
+    assert results[0]["usage"]["estimated"] is False and results[0]["usage"]["completion_tokens"] > 0
+    assert results[0]["finish_reason"] == "stop"
+    assert results[1]["attempts"] == 2
+
+
+def test_fallback_to_the_next_provider_before_any_chunk(batches: Batches, stub: StubServer) -> None:
+    # aivvm at a closed port fails before any chunk: the item moves on to openai (OPENAI_BASE_URL
+    # is read by the worker: the session worker was started with the stand-in's /v1 there)
+    results = batches.run([{"id": "f", "prompt": "fall back"}], provider="aivvm,openai",
+                          base_url="http://127.0.0.1:9")
+    assert results[0]["status"] == "ok"
+    assert results[0]["provider"] == "openai"
+    assert results[0]["output"] == reply("fall back")
+
+
+SAMPLE_STATUSES = {  # as README.md's table says
+    "simple.jsonl": {line: "ok" for line in range(1, 7)},
+    "openai-batch.jsonl": {1: "ok", 2: "ok", 3: "ok"},
+    "mixed-with-mistakes.jsonl": {1: "ok", 2: "ok", 3: "invalid", 5: "invalid", 6: "invalid",
+                                  7: "invalid", 8: "failed", 9: "invalid", 10: "ok"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_STATUSES))
+def test_samples_end_as_the_readme_says(name: str, batches: Batches, stub: StubServer) -> None:
+    from jobs.records import BatchOptions
+    from jobs.submit import submit_file
+
+    path = Path(__file__).resolve().parent.parent / "samples" / name
+    batch_id = submit_file(batches.store, batches.publisher, path, BatchOptions(base_url=stub.base_url),
+                           batches.settings).batch_id
+    batches.wait(batch_id)
+    assert {r["line"]: r["status"] for r in batches.results(batch_id)} == SAMPLE_STATUSES[name]
