@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ class CompletionCall:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
 
-class AbstractProvider:
+class AbstractProvider(ABC):
     """A streaming chat provider.
 
     Subclasses implement :meth:`stream`; :meth:`create_completion` is the seed's
@@ -55,8 +56,9 @@ class AbstractProvider:
     supports_gpt_4: ClassVar[bool] = False
 
     @classmethod
+    @abstractmethod
     def stream(cls, call: CompletionCall) -> Iterator[str | StreamEnd]:
-        raise NotImplementedError
+        """Yield the reply's text chunks, then a :class:`StreamEnd` if the server said more."""
 
     @classmethod
     def base_url(cls, given: str | None) -> str:
