@@ -103,6 +103,7 @@ def test_run_with_the_embedded_default_and_the_stand_in(tmp_path: Path) -> None:
     assert len(results) == len(sample_lines)
     assert all(r["status"] == "ok" and r["output"].startswith("Stand-in reply to: ") for r in results)
     assert f"results: {out}" in proc.stderr
+    assert f"{len(sample_lines)}/{len(sample_lines)} done ({len(sample_lines)} ok)" in proc.stderr  # plain progress
 
 
 def test_run_interrupted_then_run_again_continues(tmp_path: Path) -> None:
