@@ -18,14 +18,12 @@ ProgressCallback = Callable[[BatchInfo], None]
 
 
 def wait_until_finished(store: BatchStore, batch_id: str, on_progress: ProgressCallback | None = None,
-                        poll_seconds: float = 0.5, timeout: float | None = None,
-                        reconnect_seconds: float = 120.0) -> BatchInfo:
+                        poll_seconds: float = 0.5, reconnect_seconds: float = 120.0) -> BatchInfo:
     """Poll the batch's counters until every item has a final result.
 
     A Redis that goes away while we wait (a restart) is waited for, up to
     ``reconnect_seconds``; then :class:`StoreUnavailable` is raised.
     """
-    started = time.monotonic()
     unreachable_since: float | None = None
     while True:
         try:
@@ -40,8 +38,6 @@ def wait_until_finished(store: BatchStore, batch_id: str, on_progress: ProgressC
         if on_progress is not None:
             on_progress(info)
         if info.finished:
-            return info
-        if timeout is not None and time.monotonic() - started > timeout:
             return info
         time.sleep(poll_seconds)
 

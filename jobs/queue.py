@@ -24,8 +24,7 @@ from .config import Settings
 TASK_NAME = "worker.tasks.complete_item"
 WORKER_TRANSPORT = "worker.transport:Transport"
 # Markers in the template message, replaced per item (batch ids are [0-9a-z] only).
-_TASK_ID, _BATCH, _SEQ, _ARGSREPR, _BODY, _TAG = (
-    "@@task_id@@", "@@batch@@", 0, "@@argsrepr@@", "@@body@@", "@@tag@@")
+_TASK_ID, _ARGSREPR, _BODY, _TAG = "@@task_id@@", "@@argsrepr@@", "@@body@@", "@@tag@@"
 _MARKERS = (_TASK_ID, _ARGSREPR, _BODY, _TAG)
 
 
@@ -77,7 +76,7 @@ class Publisher:
 
     def __init__(self, client: redis.Redis, app: Celery) -> None:
         self.redis = client
-        template = app.amqp.as_task_v2(_TASK_ID, TASK_NAME, args=(_BATCH, _SEQ), kwargs={})
+        template = app.amqp.as_task_v2(_TASK_ID, TASK_NAME, args=("", 0), kwargs={})
         headers = dict(template.headers, argsrepr=_ARGSREPR)
         properties = dict(
             template.properties,

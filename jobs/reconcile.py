@@ -14,6 +14,7 @@ import json
 
 from . import keys
 from .queue import Publisher
+from .records import BatchInfo
 from .store import BatchStore
 
 QUEUE_SCAN_LIMIT = 100_000
@@ -32,8 +33,8 @@ def pending_task_ids(store: BatchStore) -> set[str] | None:
     return ids
 
 
-def orphans(store: BatchStore, batch_id: str) -> list[int]:
-    info = store.info(batch_id)
+def orphans(store: BatchStore, info: BatchInfo) -> list[int]:
+    batch_id = info.id
     if info.finished or info.total is None:
         return []
     unfinished = list(store.unfinished(batch_id, info.total))
@@ -47,7 +48,7 @@ def orphans(store: BatchStore, batch_id: str) -> list[int]:
             if seq not in claimed and f"{batch_id}:{seq}" not in pending]
 
 
-def requeue_orphans(store: BatchStore, publisher: Publisher, batch_id: str) -> list[int]:
-    seqs = orphans(store, batch_id)
-    publisher.publish(batch_id, seqs)
+def requeue_orphans(store: BatchStore, publisher: Publisher, info: BatchInfo) -> list[int]:
+    seqs = orphans(store, info)
+    publisher.publish(info.id, seqs)
     return seqs

@@ -435,10 +435,6 @@ class BatchStore:
         for key in self.redis.scan_iter(match=keys.claim_pattern(batch_id), count=1000):
             self.redis.delete(key)
 
-    @translated
-    def memory_usage(self, batch_id: str) -> int:
-        return sum(int(self.redis.memory_usage(k) or 0) for k in keys.batch_keys(batch_id))
-
 
 def _batch_info(batch_id: str, meta: dict[bytes, bytes], counts: dict[bytes, bytes],
                 usage: dict[bytes, bytes] | None = None) -> BatchInfo:

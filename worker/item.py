@@ -79,8 +79,8 @@ def process(store: BatchStore, settings: Settings, batch_id: str, seq: int, atte
         if claim.outcome is ClaimOutcome.CANCELLED and request is not None:
             store.record(batch_id, seq, cancelled_result(request, attempt_number - 1))
         return Done(claim.outcome.value)
-    limited = limiter is not None and bool(options.rpm or options.tpm or settings.rpm or settings.tpm)
-    before_call = rate_gate(limiter, request, options, settings) if limited and limiter else None
+    limited = bool(options.rpm or options.tpm or settings.rpm or settings.tpm)
+    before_call = rate_gate(limiter, request, options, settings) if limiter and limited else None
     try:
         outcome = attempt(request, options.providers(), options.base_url, settings, before_call)
     except RateLimited as refused:

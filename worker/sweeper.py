@@ -39,7 +39,7 @@ def sweep_once(store: BatchStore, publisher: Publisher, interval: float) -> dict
             continue
         previous = store.redis.hget(SWEEP_SEEN, info.id)
         if previous is not None and int(previous) == info.done:
-            seqs = requeue_orphans(store, publisher, info.id)
+            seqs = requeue_orphans(store, publisher, info)
             if seqs:
                 logger.warning("batch %s: enqueued again %d items whose message was lost", info.id, len(seqs))
                 requeued[info.id] = seqs
