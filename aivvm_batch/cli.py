@@ -2,108 +2,25 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
-import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, NoReturn, TypeVar
 
 import click
-import redis
 
-from jobs.collect import follow_results, wait_until_finished, write_results
 from jobs import keys
-from jobs.config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
-from jobs.errors import BatchError
-from jobs.formats import ResultFormat
+from jobs.config import Settings
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.queue import configure
-from jobs.records import BatchInfo, BatchOptions, Status
-from jobs.store import BatchStore
-from jobs.submit import submit_file
+from jobs.records import Status
 
 from . import runner
-from .progress import Progress, summary
-
-F = TypeVar("F", bound=Callable[..., Any])
-PROVIDER_NAMES = ("aivvm", "openai")
-
-
-def env(name: str) -> str:
-    return ENV_PREFIX + name
-
-
-def handle_errors(func: F) -> F:
-    """A user's mistake or an unreachable server: one line on stderr, exit 2, no traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except BatchError as exc:
-            fail(str(exc))
-
-    return wrapper  # type: ignore[return-value]
-
-
-def fail(message: str) -> NoReturn:
-    click.echo(f"aivvm-batch: error: {message}", err=True)
-    sys.exit(2)
-
-
-def parse_providers(value: str) -> str:
-    names = [p.strip() for p in value.split(",") if p.strip()]
-    unknown = [n for n in names if n not in PROVIDER_NAMES]
-    if not names or unknown:
-        raise click.BadParameter(
-            f"unknown provider {', '.join(unknown) or value!r}; choose from {', '.join(PROVIDER_NAMES)}"
-            " (several, comma-separated, are tried in order)"
-        )
-    return ",".join(names)
-
-
-redis_url_option = click.option(
-    "--redis-url", envvar=env("REDIS_URL"), show_envvar=True, default=DEFAULT_REDIS_URL,
-    show_default=True, help="Redis holding the queue and the batches (redis://, rediss://, "
-    "redis://:password@host).")
-provider_option = click.option(
-    "--provider", envvar=env("PROVIDER"), show_envvar=True, default="aivvm", show_default=True,
-    callback=lambda ctx, param, value: parse_providers(value),
-    help="aivvm or openai; a comma-separated list falls back in order while nothing has streamed.")
-base_url_option = click.option(
-    "--base-url", envvar=env("BASE_URL"), show_envvar=True, default=None,
-    help="Provider base URL, kept with the batch (default: AIVVM_BASE_URL or OPENAI_BASE_URL in the "
-    "worker's environment, else the provider's own).")
-rpm_option = click.option("--rpm", envvar=env("RPM"), show_envvar=True, type=click.IntRange(min=1),
-                          default=None, help="Requests per minute for the batch, shared by all workers.")
-tpm_option = click.option("--tpm", envvar=env("TPM"), show_envvar=True, type=click.IntRange(min=1),
-                          default=None, help="Estimated tokens per minute for the batch, shared by all workers.")
-format_option = click.option(
-    "--format", "fmt", envvar=env("FORMAT"), show_envvar=True,
-    type=click.Choice([f.value for f in ResultFormat]), default=ResultFormat.NATIVE.value,
-    show_default=True, help="native result lines, or OpenAI's Batch output form.")
-concurrency_option = click.option(
-    "--concurrency", envvar=env("CONCURRENCY"), show_envvar=True, type=click.IntRange(min=1),
-    default=128, show_default=True, help="Concurrent items per worker process.")
-
-
-def open_store(redis_url: str) -> BatchStore:
-    settings = Settings.from_env(redis_url=redis_url)
-    return BatchStore(redis.Redis.from_url(redis_url, socket_connect_timeout=5), settings.result_ttl)
-
-
-def interrupt(signum: int, frame: object) -> NoReturn:
-    """SIGTERM stops `run` the way Ctrl-C does: cleanly, resumable."""
-    raise KeyboardInterrupt
-
-
-def exit_for(info: BatchInfo) -> NoReturn:
-    sys.exit(0 if info.counts.get(Status.OK.value, 0) == info.total else 1)
+from .cli_batch import collect, submit
+from .cli_run import run
+from .options import concurrency_option, env, fail, handle_errors, open_store, redis_url_option
+from .progress import summary
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -115,28 +32,6 @@ def main() -> None:
     result and a status for every input line. `run` does all three at once
     on a private Redis, with nothing to install.
     """
-
-
-@main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@redis_url_option
-@provider_option
-@base_url_option
-@rpm_option
-@tpm_option
-@handle_errors
-def submit(file: Path, redis_url: str, provider: str, base_url: str | None,
-           rpm: int | None, tpm: int | None) -> None:
-    """Record FILE as a batch, enqueue its items, print the batch id."""
-    settings = Settings.from_env(redis_url=redis_url)
-    store = open_store(redis_url)
-    configure(celery_app, settings)
-    publisher = Publisher(store.redis, celery_app)
-    options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
-    report = submit_file(store, publisher, file, options, settings)
-    click.echo(report.batch_id)
-    if report.invalid:
-        click.echo(f"{report.invalid} of {report.total} lines are invalid (see their results)", err=True)
 
 
 @main.command()
@@ -187,41 +82,6 @@ def status(batch_id: str, redis_url: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("batch_id")
-@click.option("-o", "--output", envvar=env("OUTPUT"), show_envvar=True,
-              type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Results file (written aside, then renamed into place).")
-@click.option("--wait", is_flag=True, envvar=env("WAIT"), show_envvar=True,
-              help="Wait for the batch to finish, showing progress.")
-@click.option("--follow", is_flag=True, envvar=env("FOLLOW"), show_envvar=True,
-              help="Write results to OUTPUT as they finish (completion order) until the batch ends.")
-@format_option
-@redis_url_option
-@handle_errors
-def collect(batch_id: str, output: Path, wait: bool, follow: bool, fmt: str, redis_url: str) -> None:
-    """Write every item's result, in input order, to OUTPUT."""
-    store = open_store(redis_url)
-    if follow:
-        progress = Progress()
-        try:
-            with open(output, "wb") as out:
-                info = follow_results(store, batch_id, out, ResultFormat(fmt), progress.update)
-        finally:
-            progress.close()
-        click.echo(f"{output}: {summary(info)} (completion order)", err=True)
-        exit_for(info)
-    if wait:
-        progress = Progress()
-        try:
-            wait_until_finished(store, batch_id, progress.update)
-        finally:
-            progress.close()
-    info = write_results(store, batch_id, output, ResultFormat(fmt))
-    click.echo(f"{output}: {summary(info)}", err=True)
-    exit_for(info)
-
-
-@main.command()
-@click.argument("batch_id")
 @redis_url_option
 @handle_errors
 def cancel(batch_id: str, redis_url: str) -> None:
@@ -262,51 +122,6 @@ def batches(redis_url: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", envvar=env("OUTPUT"), show_envvar=True,
-              type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Results file.")
-@provider_option
-@base_url_option
-@concurrency_option
-@click.option("--workers", "worker_count", envvar=env("WORKERS"), show_envvar=True,
-              type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes to start.")
-@click.option("--redis-url", envvar=env("REDIS_URL"), show_envvar=True, default=None,
-              help="Use this Redis (and any workers on it) instead of a private one.")
-@click.option("--state-dir", envvar=env("STATE_DIR"), show_envvar=True, default=".aivvm-batch",
-              show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where the private Redis keeps its data, so an interrupted run continues.")
-@click.option("--stub", is_flag=True, envvar=env("STUB"), show_envvar=True,
-              help="Start the local stand-in provider (not a model) and use it.")
-@rpm_option
-@tpm_option
-@format_option
-@handle_errors
-def run(file: Path, output: Path, provider: str, base_url: str | None, concurrency: int,
-        worker_count: int, redis_url: str | None, state_dir: Path, stub: bool,
-        rpm: int | None, tpm: int | None, fmt: str) -> None:
-    """Submit FILE, work it and collect OUTPUT in one command.
-
-    With no --redis-url it needs no server: it starts a private Redis with its
-    data in --state-dir. Run again on the same file, it continues where it stopped.
-    """
-    signal.signal(signal.SIGTERM, interrupt)
-    options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
-    plan = runner.RunPlan(file=file, output=output, options=options, concurrency=concurrency,
-                          worker_count=worker_count, redis_url=redis_url, state_dir=state_dir,
-                          use_stub=stub, fmt=ResultFormat(fmt))
-    try:
-        info = runner.run(plan, Progress())
-    except KeyboardInterrupt:
-        click.echo("\naivvm-batch: interrupted; run the same command again to continue", err=True)
-        sys.exit(130)
-    click.echo(f"results: {output}", err=True)
-    click.echo(f"summary: {summary(info)}", err=True)
-    exit_for(info)
-
-
-@main.command()
 @click.option("--host", envvar=env("STUB_HOST"), show_envvar=True, default="127.0.0.1", show_default=True)
 @click.option("--port", envvar=env("STUB_PORT"), show_envvar=True, type=click.IntRange(0, 65535),
               default=8787, show_default=True)
@@ -328,6 +143,10 @@ def stub(host: str, port: int, latency: float, chunks: int, api_key: str | None)
 
     serve(host, port, latency=latency, chunks=chunks, api_key=api_key,
           ready=lambda url: click.echo(f"stand-in provider (not a model) on {url}", err=True))
+
+
+for command in (submit, collect, run):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

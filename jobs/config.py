@@ -31,6 +31,15 @@ class Settings:
     task_events: bool = False
     prefetch_multiplier: int = 4
     sweep_interval: float = 10.0
+    # a reply (decoded) past this many bytes fails the item as reply_too_large
+    max_reply_bytes: int = 4 * 1024 * 1024
+    # decoded bytes per received byte beyond which a compressed reply is a bomb
+    max_decompression_ratio: float = 100.0
+    # retries of a reply cut mid-stream (each one a paid partial generation)
+    max_cut_retries: int = 2
+    # comma-separated base URLs a worker's API keys may be sent to, besides each provider's
+    # own default and its configured AIVVM_BASE_URL / OPENAI_BASE_URL
+    allowed_base_urls: str = ""
 
     def __post_init__(self) -> None:
         if self.backoff_cap >= self.visibility_timeout / 2:
