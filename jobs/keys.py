@@ -9,6 +9,8 @@ from __future__ import annotations
 PREFIX = "aivb"
 QUEUE = "aivvm-batch"
 BATCH_INDEX = f"{PREFIX}:batches"
+# Hash: worker node name -> epoch seconds it was last seen alive (its sweeper's heartbeat)
+WORKERS = f"{PREFIX}:workers"
 
 
 def meta(batch_id: str) -> str:
@@ -53,6 +55,11 @@ def finished_log(batch_id: str) -> str:
 def usage(batch_id: str) -> str:
     """Hash: prompt_tokens, completion_tokens, estimated (items whose counts are estimates)."""
     return f"{PREFIX}:{{{batch_id}}}:usage"
+
+
+def errors(batch_id: str) -> str:
+    """Hash: "<error type>: <message>" of a failed attempt (transient or final) -> how many times."""
+    return f"{PREFIX}:{{{batch_id}}}:errors"
 
 
 def batch_keys(batch_id: str) -> list[str]:

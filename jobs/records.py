@@ -203,6 +203,16 @@ class BatchInfo:
     total: int | None
     counts: dict[str, int] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)
+    # "<error type>: <message>" of failed attempts (retried or final) -> count
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def top_error(self) -> tuple[str, int] | None:
+        """The most frequent attempt error and how often it happened, if any."""
+        if not self.errors:
+            return None
+        text = max(self.errors, key=lambda k: self.errors[k])
+        return text, self.errors[text]
 
     @property
     def done(self) -> int:

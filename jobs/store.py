@@ -254,10 +254,30 @@ class BatchStore:
         pipe.hgetall(keys.meta(batch_id))
         pipe.hgetall(keys.counts(batch_id))
         pipe.hgetall(keys.usage(batch_id))
-        meta, counts, usage = pipe.execute()
+        pipe.hgetall(keys.errors(batch_id))
+        meta, counts, usage, errors = pipe.execute()
         if not meta:
             raise BatchNotFound(batch_id)
-        return _batch_info(batch_id, meta, counts, usage)
+        return _batch_info(batch_id, meta, counts, usage, errors)
+
+    @translated
+    def note_attempt_error(self, batch_id: str, text: str) -> None:
+        """Count a failed attempt's error (``"<type>: <message>"``) for ``status`` and progress."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(keys.errors(batch_id), text[:200], 1)
+        pipe.expire(keys.errors(batch_id), self.result_ttl)
+        pipe.execute()
+
+    @translated
+    def worker_heartbeat(self, name: str) -> None:
+        """Say that worker ``name`` is alive now."""
+        self.redis.hset(keys.WORKERS, name, repr(time.time()))
+
+    @translated
+    def last_worker_seen(self) -> float | None:
+        """Epoch seconds of the latest heartbeat of any worker, or None if none was ever seen."""
+        seen = [float(v) for v in self.redis.hvals(keys.WORKERS)]
+        return max(seen) if seen else None
 
     @translated
     def list_batches(self, limit: int = 100) -> list[BatchInfo]:
@@ -437,7 +457,8 @@ class BatchStore:
 
 
 def _batch_info(batch_id: str, meta: dict[bytes, bytes], counts: dict[bytes, bytes],
-                usage: dict[bytes, bytes] | None = None) -> BatchInfo:
+                usage: dict[bytes, bytes] | None = None,
+                errors: dict[bytes, bytes] | None = None) -> BatchInfo:
     m = {k.decode(): v.decode() for k, v in meta.items()}
     return BatchInfo(
         id=batch_id,
@@ -448,6 +469,7 @@ def _batch_info(batch_id: str, meta: dict[bytes, bytes], counts: dict[bytes, byt
         total=int(m["total"]) if "total" in m else None,
         counts={k.decode(): int(v) for k, v in counts.items() if int(v)},
         usage={k.decode(): int(v) for k, v in (usage or {}).items()},
+        errors={k.decode(errors="replace"): int(v) for k, v in (errors or {}).items()},
     )
 
 
