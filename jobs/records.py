@@ -82,9 +82,14 @@ class ItemRequest:
 class ItemError:
     type: str
     message: str
+    # the HTTP status of the provider's answer, when there was one (for OpenAI's output form)
+    http_status: int | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        return {"type": self.type, "message": self.message}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.http_status is not None:
+            d["http_status"] = self.http_status
+        return d
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,19 @@ class Usage:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "estimated": self.estimated,
         }
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    """Values for lines that lack them (``--model``, ``--temperature``, ``--max-tokens``, ``--system``).
+
+    Applied when a line is parsed, so the stored request is the one sent.
+    """
+
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    system_message: str | None = None
 
 
 @dataclass(frozen=True)
