@@ -5,6 +5,7 @@
     ├── InputFileError       the input file cannot be read at all
     ├── BatchNotFound        unknown batch id, or its results expired
     ├── StoreUnavailable     Redis could not be reached (translated from redis-py)
+    │   └── StoreFull        Redis is at maxmemory and refuses writes (OutOfMemoryError): wait
     └── InvalidLine          one input line is not a valid request (kept as an ``invalid`` result)
 """
 
@@ -34,6 +35,10 @@ class BatchNotFound(BatchError):
 
 class StoreUnavailable(BatchError):
     pass
+
+
+class StoreFull(StoreUnavailable):
+    """Redis is at ``maxmemory`` (policy ``noeviction``) and refuses writes until memory frees."""
 
 
 class InvalidLine(BatchError):

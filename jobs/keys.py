@@ -11,6 +11,11 @@ QUEUE = "aivvm-batch"
 BATCH_INDEX = f"{PREFIX}:batches"
 # Hash: worker node name -> epoch seconds it was last seen alive (its sweeper's heartbeat)
 WORKERS = f"{PREFIX}:workers"
+# Hash: a caller's key for an input source (``run``'s) -> the batch id it last ran
+RUN_BATCHES = f"{PREFIX}:runs"
+# The workers' sweep for lost messages: a lock (string) and batch id -> finished count seen (hash)
+SWEEP_LOCK = f"{PREFIX}:sweep:lock"
+SWEEP_SEEN = f"{PREFIX}:sweep:seen"
 
 
 def meta(batch_id: str) -> str:

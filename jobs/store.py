@@ -7,6 +7,7 @@ inside one Lua script, so a task that runs twice cannot record twice.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -18,11 +19,11 @@ from typing import Any, TypeVar
 import redis
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
-from .errors import BatchNotFound, ConfigError, StoreUnavailable
+from .errors import BatchNotFound, ConfigError, StoreFull, StoreUnavailable
 from .records import (
     BatchInfo,
     BatchOptions,
@@ -54,6 +55,7 @@ end
 # KEYS: meta req res counts ids log usage claim
 # ARGV: seq result status ttl prompt_tokens completion_tokens estimated(0|1)
 _RECORD = _MAYBE_FINISH + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
 redis.call('RPUSH', KEYS[6], ARGV[1])
@@ -90,6 +92,7 @@ return {'busy'}
 
 # KEYS: meta ; ARGV: pause_ms
 _PAUSE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local t = redis.call('TIME')
 local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 local current = tonumber(redis.call('HGET', KEYS[1], 'paused_until') or '0')
@@ -164,7 +167,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def translated(func: F) -> F:
-    """Turn redis-py's connection failures into :class:`StoreUnavailable`."""
+    """Turn redis-py's failures into this package's errors (:class:`StoreUnavailable`, ...)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -175,11 +178,23 @@ def translated(func: F) -> F:
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
         except ResponseError as exc:
+            if is_out_of_memory(exc):
+                raise StoreFull(FULL_MESSAGE) from exc
             if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
                 raise ConfigError(f"Redis refused the credentials in the Redis URL: {exc}") from exc
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+FULL_MESSAGE = ("Redis is full: it reached its maxmemory and refuses writes "
+                "(OOM command not allowed); free memory or raise maxmemory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A write refused at ``maxmemory``; from a script, Redis 6.2 wraps it in an ERR reply."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "OOM command not allowed" in str(exc))
 
 
 class ClaimOutcome(str, Enum):
@@ -199,6 +214,27 @@ class Claim:
     request: ItemRequest | None = None
     options: BatchOptions | None = None
     paused_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """An earlier batch whose ``ok`` results a new submission may carry over.
+
+    ``same_options``: the earlier batch had the same provider and base URL (else
+    nothing is kept, and every line with a counterpart counts as changed).
+    """
+
+    batch_id: str
+    same_options: bool
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What :meth:`BatchStore.add_chunk` did with one chunk."""
+
+    enqueued: list[int]
+    kept: int = 0
+    changed: int = 0
 
 
 @dataclass(frozen=True)
@@ -300,30 +336,41 @@ class BatchStore:
 
     @translated
     def add_chunk(self, batch_id: str, entries: Sequence[ChunkEntry], *, resume: bool,
-                  enqueue: Callable[[Any, list[int]], None]) -> list[int]:
+                  enqueue: Callable[[Any, list[int]], None], reuse: Reuse | None = None) -> ChunkOutcome:
         """Store a chunk of lines in two round trips and enqueue its items in the second.
 
         Duplicate ids become ``invalid`` results. With ``resume``, items that
         already have a result are not enqueued again (a re-submission of the same file).
-        Returns the enqueued seqs.
+        With ``reuse``, an item whose request equals the earlier batch's at the same
+        seq, and whose result there is ``ok``, gets that result instead of a message.
         """
         valid = [(e.seq, e.parsed) for e in entries if isinstance(e.parsed, ItemRequest)]
+        seqs = [seq for seq, _ in valid]
         pipe = self.redis.pipeline(transaction=False)
         id_args: list[Any] = []
         for seq, request in valid:
             id_args += [request.id, seq]
+        nothing: list[Any] = [None] * len(valid)
+        owners, finished, old_requests, old_results = nothing, nothing, nothing, nothing
         if valid:
             self._own_ids(keys=[keys.ids(batch_id)], args=id_args, client=pipe)
-        if resume and valid:
-            pipe.hmget(keys.results(batch_id), [seq for seq, _ in valid])
-        replies = pipe.execute() if valid else []
-        owners = replies[0] if valid else []
-        finished = replies[1] if resume and valid else [None] * len(valid)
+            if resume:
+                pipe.hmget(keys.results(batch_id), seqs)
+            if reuse is not None:
+                pipe.hmget(keys.requests(reuse.batch_id), seqs)
+                pipe.hmget(keys.results(reuse.batch_id), seqs)
+            replies = iter(pipe.execute())
+            owners = next(replies)
+            finished = next(replies) if resume else nothing
+            if reuse is not None:
+                old_requests, old_results = next(replies), next(replies)
+        earlier = list(zip(old_requests, old_results))
 
         results: dict[int, ItemResult] = {e.seq: e.parsed for e in entries if isinstance(e.parsed, ItemResult)}
         stored: dict[int, str] = {}
         to_enqueue: list[int] = []
-        for (seq, request), owner, done in zip(valid, owners, finished):
+        kept = changed = 0
+        for (seq, request), owner, done, (old_request, old_result) in zip(valid, owners, finished, earlier):
             if int(owner) != seq:
                 results[seq] = invalid_result(
                     request.line,
@@ -332,8 +379,15 @@ class BatchStore:
                 )
                 continue
             stored[seq] = request.to_json()
-            if done is None:
-                to_enqueue.append(seq)
+            if done is not None:
+                continue
+            carried = _carried_over(request, stored[seq], old_request, old_result, reuse)
+            if carried is not None:
+                results[seq] = carried
+                kept += 1
+                continue
+            changed += old_request is not None or old_result is not None
+            to_enqueue.append(seq)
         pipe = self.redis.pipeline(transaction=False)
         if stored:
             pipe.hset(keys.requests(batch_id), mapping=stored)
@@ -341,7 +395,38 @@ class BatchStore:
             self._record_in(pipe, batch_id, seq, result)
         enqueue(pipe, to_enqueue)
         pipe.execute()
-        return to_enqueue
+        return ChunkOutcome(to_enqueue, kept, changed)
+
+    @translated
+    def run_batch(self, source_key: str) -> str | None:
+        """The batch last set for ``source_key`` (see :meth:`set_run_batch`), if it still exists."""
+        found = self.redis.hget(keys.RUN_BATCHES, source_key)
+        if found is None:
+            return None
+        batch_id = found.decode() if isinstance(found, bytes) else str(found)
+        if not self.redis.exists(keys.meta(batch_id)):
+            self.redis.hdel(keys.RUN_BATCHES, source_key)
+            return None
+        return batch_id
+
+    @translated
+    def set_run_batch(self, source_key: str, batch_id: str) -> None:
+        self.redis.hset(keys.RUN_BATCHES, source_key, batch_id)
+
+    @translated
+    def delete(self, batch_id: str) -> None:
+        """Remove a batch: its keys, claims and index entry (DEL is allowed in a full Redis).
+
+        Its messages still queued find it gone and are dropped; the sweep never sees it again.
+        The meta key goes first, so that nothing running can record into the batch after it.
+        """
+        self.redis.delete(keys.meta(batch_id))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(*keys.batch_keys(batch_id), keys.errors(batch_id))
+        pipe.zrem(keys.BATCH_INDEX, batch_id)
+        pipe.hdel(keys.SWEEP_SEEN, batch_id)
+        pipe.execute()
+        self.clear_claims(batch_id)
 
     @translated
     def finalize(self, batch_id: str, total: int) -> None:
@@ -454,6 +539,19 @@ class BatchStore:
         """Drop every claim of a batch (only safe when no worker of it can be alive)."""
         for key in self.redis.scan_iter(match=keys.claim_pattern(batch_id), count=1000):
             self.redis.delete(key)
+
+
+def _carried_over(request: ItemRequest, request_json: str, old_request: bytes | None,
+                  old_result: bytes | None, reuse: Reuse | None) -> ItemResult | None:
+    """The earlier batch's result for this item, if it may stand for the new one."""
+    if reuse is None or not reuse.same_options or old_request is None or old_result is None:
+        return None
+    if json.loads(old_request) != json.loads(request_json):
+        return None
+    result = ItemResult.from_json(old_result)
+    if result.status is not Status.OK:
+        return None
+    return dataclasses.replace(result, id=request.id, line=request.line)
 
 
 def _batch_info(batch_id: str, meta: dict[bytes, bytes], counts: dict[bytes, bytes],

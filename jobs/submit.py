@@ -7,19 +7,25 @@ two Redis round trips, none per line.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .config import Settings
-from .errors import ConfigError, InvalidLine
-from .lines import open_input, parse_line, read_lines
+from .errors import BatchError, BatchNotFound, ConfigError, InvalidLine, StoreFull
+from .lines import RawLine, open_input, parse_line, read_lines
 from .queue import Publisher
-from .records import BatchOptions, ItemRequest, ItemResult, invalid_result
-from .store import BatchStore, ChunkEntry
+from .records import BatchOptions, ItemRequest, ItemResult, RequestDefaults, invalid_result
+from .store import BatchStore, ChunkEntry, ChunkOutcome, Reuse
 
 CHUNK_LINES = 2000
+logger = logging.getLogger(__name__)
+# parse_line gains a ``defaults`` parameter (jobs/lines.py); until then defaults are not applied
+_PARSE_TAKES_DEFAULTS = len(inspect.signature(parse_line).parameters) >= 3
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,11 @@ class SubmitReport:
     invalid: int
     enqueued: int
     resumed: bool
+    # results carried over from ``reuse_from`` instead of being enqueued
+    kept: int = 0
+    # valid lines with a counterpart at the same line in ``reuse_from`` that could not be kept
+    # (another request, provider or base URL, or an earlier result that was not ok)
+    changed: int = 0
 
 
 def new_batch_id() -> str:
@@ -45,45 +56,97 @@ def file_batch_id(path: str | Path, options: BatchOptions) -> str:
 
 
 def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, options: BatchOptions,
-                settings: Settings, *, batch_id: str | None = None, resume: bool = False) -> SubmitReport:
+                settings: Settings, *, batch_id: str | None = None, resume: bool = False,
+                reuse_from: str | None = None, defaults: RequestDefaults = RequestDefaults()) -> SubmitReport:
     """Record the batch and enqueue its items.
 
     With ``resume``, the batch may already hold some of the file: every step is
     idempotent, and items that already have a result are not enqueued again.
+    With ``reuse_from`` (an earlier batch's id), an item whose request, provider and
+    base URL equal the earlier batch's at the same line, and whose result there is
+    ``ok``, gets that result without being enqueued. ``defaults`` fill what lines lack.
+
+    A submission that fails (a full or lost Redis, an unreadable file, Ctrl-C) of a
+    batch this call created removes the batch again, so that no worker works on a
+    half-submitted batch; with ``resume`` the batch is kept, to be resumed.
     """
     batch_id = batch_id or new_batch_id()
     with open_input(path) as stream:
-        if not store.create(batch_id, str(path), options) and not resume:
+        created = store.create(batch_id, str(path), options)
+        if not created and not resume:
             raise ConfigError(f"batch {batch_id} already exists")
-        if resume:
-            store.update_options(batch_id, options)
-        total = invalid = enqueued = 0
-        chunk: list[ChunkEntry] = []
-        for raw in read_lines(stream, settings.max_line_bytes):
-            parsed: ItemRequest | ItemResult
-            if total >= settings.max_items:
-                parsed = invalid_result(raw.number, f"line {raw.number}: the batch is limited to "
-                                        f"{settings.max_items} items (AIVVM_BATCH_MAX_ITEMS)")
-            else:
-                try:
-                    parsed = parse_line(raw, settings.max_line_bytes)
-                except InvalidLine as exc:
-                    parsed = invalid_result(raw.number, str(exc), exc.item_id)
-            invalid += isinstance(parsed, ItemResult)
-            chunk.append(ChunkEntry(total, parsed))
+        try:
+            report = _submit(store, publisher, stream, batch_id, options, settings, resume,
+                             _reuse(store, reuse_from, options), defaults)
+        except BaseException as exc:
+            if created and not resume:
+                _abandon(store, batch_id)
+                if isinstance(exc, StoreFull):
+                    raise StoreFull(f"{exc}; nothing was submitted") from exc
+            raise
+    return report
+
+
+def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id: str,
+            options: BatchOptions, settings: Settings, resume: bool, reuse: Reuse | None,
+            defaults: RequestDefaults) -> SubmitReport:
+    if resume:
+        store.update_options(batch_id, options)
+    total = invalid = enqueued = kept = changed = 0
+    chunk: list[ChunkEntry] = []
+    for raw in read_lines(stream, settings.max_line_bytes):
+        parsed: ItemRequest | ItemResult
+        if total >= settings.max_items:
+            chunk.append(ChunkEntry(total, invalid_result(raw.number, (
+                f"line {raw.number}: the file was cut here: a batch is limited to {settings.max_items} "
+                "items (AIVVM_BATCH_MAX_ITEMS); this line and the rest of the file were not read"))))
+            invalid += 1
             total += 1
-            if len(chunk) >= CHUNK_LINES:
-                enqueued += _flush(store, publisher, batch_id, chunk, resume)
-                chunk = []
-        enqueued += _flush(store, publisher, batch_id, chunk, resume)
+            break
+        try:
+            parsed = _parse(raw, settings.max_line_bytes, defaults)
+        except InvalidLine as exc:
+            parsed = invalid_result(raw.number, str(exc), exc.item_id)
+        invalid += isinstance(parsed, ItemResult)
+        chunk.append(ChunkEntry(total, parsed))
+        total += 1
+        if len(chunk) >= CHUNK_LINES:
+            outcome = _flush(store, publisher, batch_id, chunk, resume, reuse)
+            enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
+            chunk = []
+    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse)
+    enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     store.finalize(batch_id, total)
-    return SubmitReport(batch_id, total, invalid, enqueued, resume)
+    return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed)
+
+
+def _parse(raw: RawLine, max_line_bytes: int, defaults: RequestDefaults) -> ItemRequest:
+    if _PARSE_TAKES_DEFAULTS:
+        return parse_line(raw, max_line_bytes, defaults)  # type: ignore[call-arg,unused-ignore]
+    return parse_line(raw, max_line_bytes)
+
+
+def _reuse(store: BatchStore, earlier_id: str | None, options: BatchOptions) -> Reuse | None:
+    if earlier_id is None:
+        return None
+    try:
+        earlier = store.info(earlier_id).options
+    except BatchNotFound:
+        return None
+    same = earlier.provider == options.provider and earlier.base_url == options.base_url
+    return Reuse(earlier_id, same_options=same)
+
+
+def _abandon(store: BatchStore, batch_id: str) -> None:
+    try:
+        store.delete(batch_id)
+    except BatchError:
+        logger.warning("could not remove the half-submitted batch %s", batch_id)
 
 
 def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[ChunkEntry],
-           resume: bool) -> int:
+           resume: bool, reuse: Reuse | None) -> ChunkOutcome:
     if not chunk:
-        return 0
-    seqs = store.add_chunk(batch_id, chunk, resume=resume,
+        return ChunkOutcome([])
+    return store.add_chunk(batch_id, chunk, resume=resume, reuse=reuse,
                            enqueue=lambda pipe, seqs: publisher.publish(batch_id, seqs, pipe))
-    return len(seqs)

@@ -21,8 +21,8 @@ from jobs.records import BatchState
 from jobs.store import BatchStore
 
 logger = logging.getLogger(__name__)
-SWEEP_LOCK = f"{keys.PREFIX}:sweep:lock"
-SWEEP_SEEN = f"{keys.PREFIX}:sweep:seen"
+SWEEP_LOCK = keys.SWEEP_LOCK
+SWEEP_SEEN = keys.SWEEP_SEEN
 
 
 def sweep_once(store: BatchStore, publisher: Publisher, interval: float) -> dict[str, list[int]]:
