@@ -445,10 +445,30 @@ def test_max_items(redis_url: str, stub: StubServer, tmp_path: Path) -> None:
     collected = cli("collect", submitted.stdout.strip(), "-o", str(out), "--wait", env=env)
     assert collected.returncode == 1, collected.stderr
     results = results_of(out)
-    assert [(r["line"], r["status"]) for r in results] == [
-        (1, "ok"), (2, "ok"), (3, "ok"), (4, "invalid"), (5, "invalid")]
+    assert [(r["line"], r["status"]) for r in results] == [(1, "ok"), (2, "ok"), (3, "ok"), (4, "invalid")]
     assert [r["output"] for r in results[:3]] == [f"Stand-in reply to: item {i}" for i in (1, 2, 3)]
-    for result in results[3:]:
-        message = result["error"]["message"]
-        assert message.startswith(f"line {result['line']}")
-        assert "3 items" in message and "AIVVM_BATCH_MAX_ITEMS" in message, message
+    message = results[3]["error"]["message"]
+    assert message.startswith("line 4: the file was cut here")
+    assert "3 items" in message and "AIVVM_BATCH_MAX_ITEMS" in message, message
+
+
+def test_past_max_items_the_file_is_not_read(redis_url: str, tmp_path: Path) -> None:
+    """200,000 lines past a limit of 10 add one result, not 200,000 (Redis memory stays flat)."""
+    from jobs.config import Settings
+    from jobs.queue import Publisher, configure
+    from jobs.queue import app as celery_app
+    from jobs.records import BatchOptions
+    from jobs.store import BatchStore
+    from jobs.submit import submit_file
+
+    settings = Settings.from_env({"AIVVM_BATCH_MAX_ITEMS": "10"}, redis_url=redis_url)
+    client = redis.Redis.from_url(redis_url)
+    configure(celery_app, settings)
+    source = tmp_path / "many.jsonl"
+    source.write_text("{}\n" * 200_000)
+    report = submit_file(BatchStore(client), Publisher(client, celery_app), source, BatchOptions(),
+                         settings)
+    assert (report.total, report.invalid, report.enqueued) == (11, 11, 0)
+    assert client.hlen(keys.results(report.batch_id)) == 11
+    cut = json.loads(client.hget(keys.results(report.batch_id), 10))
+    assert cut["line"] == 11 and cut["error"]["message"].startswith("line 11: the file was cut here")
