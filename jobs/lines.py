@@ -2,6 +2,8 @@
 
 Both line forms of DESIGN.md are accepted, mixed freely. Parsing is pure: a bad
 line raises :class:`InvalidLine` with a message naming the line and the field.
+A line without an id gets ``line-N`` (its line number), a form no given id is
+expected to take, so it cannot collide with an id such as ``"3"`` given elsewhere.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import InputFileError, InvalidLine
-from .records import ChatMessage, ItemRequest
+from .records import ChatMessage, ItemRequest, RequestDefaults
 
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 SIMPLE_FIELDS = frozenset(
-    {"id", "messages", "prompt", "system_message", "model", "temperature"}
+    {"id", "messages", "prompt", "system_message", "model", "temperature", "metadata"}
 )
 PASSTHROUGH_PARAMS = frozenset(
     {"max_tokens", "max_completion_tokens", "top_p", "stop", "presence_penalty",
      "frequency_penalty", "seed", "n", "user", "logit_bias", "response_format"}
 )
 BATCH_FIELDS = frozenset({"custom_id", "method", "url", "body"})
+BODY_FIELDS = frozenset({"messages", "model", "temperature", "system_message", "metadata", "stream"})
+TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")
 BATCH_URLS = frozenset({"/v1/chat/completions", "/chat/completions"})
 UTF8_BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -75,8 +79,17 @@ def open_input(path: str | Path) -> BinaryIO:
         raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> ItemRequest:
-    """Turn one raw line into a request, or raise :class:`InvalidLine`."""
+def default_id(line: int) -> str:
+    """The id of a line that gives none."""
+    return f"line-{line}"
+
+
+def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+               defaults: RequestDefaults = RequestDefaults()) -> ItemRequest:
+    """Turn one raw line into a request, or raise :class:`InvalidLine`.
+
+    ``defaults`` fill what the line lacks (its own values win).
+    """
     n = raw.number
     if raw.oversized:
         raise InvalidLine(n, f"line is longer than the limit of {max_line_bytes} bytes "
@@ -103,8 +116,8 @@ def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
         raise InvalidLine(n, f"expected a JSON object, got {_kind(data)}")
     try:
         if "body" in data or "custom_id" in data:
-            return _parse_batch_form(n, data)
-        return _parse_simple_form(n, data)
+            return _parse_batch_form(n, data, defaults)
+        return _parse_simple_form(n, data, defaults)
     except InvalidLine as exc:
         exc.item_id = _best_effort_id(data)
         raise
@@ -129,11 +142,21 @@ def _best_effort_id(data: dict[str, Any]) -> str | None:
     return None
 
 
-def _parse_simple_form(n: int, data: dict[str, Any]) -> ItemRequest:
-    unknown = sorted(set(data) - SIMPLE_FIELDS - PASSTHROUGH_PARAMS)
+def _refuse_unknown(n: int, data: dict[str, Any], known: frozenset[str], prefix: str,
+                    expected: str) -> None:
+    """Name every unknown field at once, so one fix is enough."""
+    unknown = sorted(set(data) - known)
+    if len(unknown) == 1:
+        raise InvalidLine(n, f"unknown field ({expected})", prefix + unknown[0])
     if unknown:
-        raise InvalidLine(n, f"unknown field (expected one of: {', '.join(sorted(SIMPLE_FIELDS))})",
-                          unknown[0])
+        names = ", ".join(repr(prefix + name) for name in unknown)
+        raise InvalidLine(n, f"unknown fields {names} ({expected})")
+
+
+def _parse_simple_form(n: int, data: dict[str, Any], defaults: RequestDefaults) -> ItemRequest:
+    _refuse_unknown(n, data, SIMPLE_FIELDS | PASSTHROUGH_PARAMS, "",
+                    f"expected one of: {', '.join(sorted(SIMPLE_FIELDS))}, or a generation "
+                    "parameter such as max_tokens")
     item_id = _parse_id(n, data.get("id"), "id")
     if "messages" in data and "prompt" in data:
         raise InvalidLine(n, "give either 'messages' or 'prompt', not both", "prompt")
@@ -141,18 +164,17 @@ def _parse_simple_form(n: int, data: dict[str, Any]) -> ItemRequest:
         prompt = data["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidLine(n, "must be a non-empty string", "prompt")
-        messages = (ChatMessage("user", prompt),)
+        messages: tuple[ChatMessage, ...] = (ChatMessage("user", prompt),)
     elif "messages" in data:
         messages = _parse_messages(n, data["messages"], "messages")
     else:
         raise InvalidLine(n, "missing: give 'messages' (a list) or 'prompt' (a string)", "messages")
-    return _build(n, item_id, messages, data, "")
+    return _build(n, item_id, messages, data, "", defaults)
 
 
-def _parse_batch_form(n: int, data: dict[str, Any]) -> ItemRequest:
-    unknown = sorted(set(data) - BATCH_FIELDS)
-    if unknown:
-        raise InvalidLine(n, "unknown field in an OpenAI Batch line", unknown[0])
+def _parse_batch_form(n: int, data: dict[str, Any], defaults: RequestDefaults) -> ItemRequest:
+    _refuse_unknown(n, data, BATCH_FIELDS, "",
+                    f"an OpenAI Batch line has only {', '.join(sorted(BATCH_FIELDS))}")
     if "custom_id" not in data:
         raise InvalidLine(n, "missing (required in the OpenAI Batch form)", "custom_id")
     item_id = _parse_id(n, data["custom_id"], "custom_id")
@@ -165,48 +187,94 @@ def _parse_batch_form(n: int, data: dict[str, Any]) -> ItemRequest:
     body = data.get("body")
     if not isinstance(body, dict):
         raise InvalidLine(n, f"must be an object, got {_kind(body)}", "body")
+    _refuse_unknown(n, body, BODY_FIELDS | PASSTHROUGH_PARAMS, "body.",
+                    "not supported here: it would be dropped, and the reply would not be "
+                    "what the line asks for")
     messages = _parse_messages(n, body.get("messages"), "body.messages")
     if body.get("stream") not in (None, True, False):
         raise InvalidLine(n, "must be a boolean", "body.stream")
-    return _build(n, item_id, messages, body, "body.")
+    return _build(n, item_id, messages, body, "body.", defaults)
 
 
 def _build(n: int, item_id: str, messages: tuple[ChatMessage, ...], data: dict[str, Any],
-           prefix: str) -> ItemRequest:
+           prefix: str, defaults: RequestDefaults) -> ItemRequest:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidLine(n, f"must be a string, got {_kind(model)}", prefix + "model")
-    temperature = data.get("temperature")
-    if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not 0 <= temperature <= 2:
-            shown = repr(temperature) if len(repr(temperature)) < 40 else repr(temperature)[:37] + "..."
-            raise InvalidLine(n, f"must be a number from 0 to 2, got {shown}", prefix + "temperature")
-        temperature = float(temperature)
+    model = model or defaults.model or None
+    temperature = _parse_temperature(n, data.get("temperature"), prefix + "temperature")
+    if temperature is None:
+        temperature = defaults.temperature
     system_message = data.get("system_message")
     if system_message is not None and not isinstance(system_message, str):
         raise InvalidLine(n, f"must be a string, got {_kind(system_message)}",
                           prefix + "system_message")
     if all(m.role in ("system", "developer") for m in messages):
         raise InvalidLine(n, "has only a system message; add a user message", prefix + "messages")
-    params = tuple(sorted((k, v) for k, v in data.items()
-                          if k in PASSTHROUGH_PARAMS and v is not None))
+    has_own_system = system_message is not None or any(
+        m.role in ("system", "developer") for m in messages)
+    if not has_own_system:
+        system_message = defaults.system_message
+    _check_choices(n, data.get("n"), prefix + "n")
+    params = dict((k, v) for k, v in data.items() if k in PASSTHROUGH_PARAMS and v is not None)
+    for name in TOKEN_LIMITS:
+        if name in params:
+            _check_token_limit(n, params[name], prefix + name)
+    if defaults.max_tokens is not None and not any(name in params for name in TOKEN_LIMITS):
+        params["max_tokens"] = defaults.max_tokens
     return ItemRequest(
         id=item_id,
         line=n,
         messages=messages,
-        model=model or None,
+        model=model,
         temperature=temperature,
         system_message=system_message,
-        params=params,
+        params=tuple(sorted(params.items())),
+        metadata=_parse_metadata(n, data.get("metadata"), prefix + "metadata"),
     )
+
+
+def _parse_temperature(n: int, value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+        raise InvalidLine(n, f"must be a number from 0 to 2, got {shown}", name)
+    return float(value)
+
+
+def _check_choices(n: int, value: Any, name: str) -> None:
+    """One line, one completion: ``n`` > 1 would come back as one interleaved text."""
+    if value is None or (type(value) is int and value == 1):
+        return
+    raise InvalidLine(n, f"must be 1, got {_shown(value)}: one line gets one completion "
+                         "(repeat the line with other ids for more)", name)
+
+
+def _check_token_limit(n: int, value: Any, name: str) -> None:
+    if type(value) is not int or value < 1:
+        raise InvalidLine(n, f"must be a positive integer, got {_shown(value)}", name)
+
+
+def _parse_metadata(n: int, value: Any, name: str) -> tuple[tuple[str, Any], ...]:
+    """Kept with the request and its result; never sent to the provider."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidLine(n, f"must be an object, got {_kind(value)}", name)
+    return tuple(sorted(value.items()))
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) < 40 else text[:37] + "..."
 
 
 def _parse_id(n: int, value: Any, name: str) -> str:
     if value is None:
         if name == "custom_id":
             raise InvalidLine(n, "must not be null", name)
-        return str(n)
+        return default_id(n)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidLine(n, f"must be a string or an integer, got {_kind(value)}", name)
     text = str(value)

@@ -38,7 +38,8 @@ class ItemRequest:
     ``messages`` are kept as written; ``system_message`` is the line's explicit
     one. A provider decides how to send them (Aivvm lifts a leading system message).
     ``params`` holds extra generation parameters (max_tokens, top_p...) that
-    providers which understand them pass on.
+    providers which understand them pass on. ``metadata`` is the line's own
+    ``metadata`` object: kept with the result, never sent to a provider.
     """
 
     id: str
@@ -48,21 +49,21 @@ class ItemRequest:
     temperature: float | None = None
     system_message: str | None = None
     params: tuple[tuple[str, Any], ...] = ()
+    metadata: tuple[tuple[str, Any], ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "id": self.id,
-                "line": self.line,
-                "messages": [m.to_dict() for m in self.messages],
-                "model": self.model,
-                "temperature": self.temperature,
-                "system_message": self.system_message,
-                "params": dict(self.params),
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        data: dict[str, Any] = {
+            "id": self.id,
+            "line": self.line,
+            "messages": [m.to_dict() for m in self.messages],
+            "model": self.model,
+            "temperature": self.temperature,
+            "system_message": self.system_message,
+            "params": dict(self.params),
+        }
+        if self.metadata:
+            data["metadata"] = dict(self.metadata)
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ItemRequest:
@@ -75,6 +76,7 @@ class ItemRequest:
             temperature=data.get("temperature"),
             system_message=data.get("system_message"),
             params=tuple(sorted(data.get("params", {}).items())),
+            metadata=tuple(sorted((data.get("metadata") or {}).items())),
         )
 
 
@@ -134,9 +136,14 @@ class ItemResult:
     usage: Usage | None = None
     finish_reason: str | None = None
     provider: str | None = None
+    # Unix seconds when the result was made (the OpenAI form's ``created``); None in older results
+    created: int | None = None
+    # the request's ``metadata``, carried over as given
+    metadata: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The native result line; ``created`` and ``metadata`` only when there are some."""
+        d: dict[str, Any] = {
             "id": self.id,
             "line": self.line,
             "status": self.status.value,
@@ -150,6 +157,11 @@ class ItemResult:
             "finish_reason": self.finish_reason,
             "provider": self.provider,
         }
+        if self.created is not None:
+            d["created"] = self.created
+        if self.metadata:
+            d["metadata"] = dict(self.metadata)
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
@@ -177,12 +189,15 @@ class ItemResult:
             usage=usage,
             finish_reason=d.get("finish_reason"),
             provider=d.get("provider"),
+            created=d.get("created"),
+            metadata=tuple(sorted((d.get("metadata") or {}).items())),
         )
 
 
 def invalid_result(line: int, message: str, item_id: str | None = None) -> ItemResult:
+    """The result of a line that is no request; without an id of its own it gets ``line-N``."""
     return ItemResult(
-        id=item_id if item_id is not None else str(line),
+        id=item_id if item_id is not None else f"line-{line}",
         line=line,
         status=Status.INVALID,
         output=None,
@@ -193,7 +208,7 @@ def invalid_result(line: int, message: str, item_id: str | None = None) -> ItemR
 def cancelled_result(request: ItemRequest, attempts: int = 0) -> ItemResult:
     return ItemResult(
         id=request.id, line=request.line, status=Status.CANCELLED, model=request.model,
-        attempts=attempts,
+        attempts=attempts, metadata=request.metadata,
         error=ItemError("cancelled", "the batch was cancelled before this item started"),
     )
 

@@ -177,8 +177,8 @@ def test_a_corpus_of_broken_lines_through_run(stub: StubServer, tmp_path: Path) 
     by_line = {r["line"]: r for r in results}
     assert by_line[1]["id"] == "v1"  # the BOM did not become part of the line
     assert by_line[3]["id"] == "wt-prompt"  # a broken line keeps the id it meant to have
-    assert by_line[14]["id"] == "14"
-    assert by_line[37]["id"] == "37"  # default id: the line number
+    assert by_line[14]["id"] == "line-14"
+    assert by_line[37]["id"] == "line-37"  # default id: line-N
     assert sum(r["status"] == "ok" for r in results) == 6
     assert out.stat().st_size < 100_000, "the huge line is not copied into the results"
     assert "summary:" in stderr

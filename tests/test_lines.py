@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from jobs.errors import BatchError, InvalidLine
 from jobs.lines import DEFAULT_MAX_LINE_BYTES, RawLine, parse_line, read_lines
-from jobs.records import ChatMessage, ItemRequest
+from jobs.records import ChatMessage, ItemRequest, RequestDefaults
 
 # -- helpers -----------------------------------------------------------------
 
@@ -82,12 +82,20 @@ def test_system_message_field() -> None:
 
 def test_id_defaults_to_line_number() -> None:
     req = parse({"prompt": "Hello"}, number=17)
-    assert req.id == "17"
+    assert req.id == "line-17"
     assert req.line == 17
 
 
 def test_null_id_defaults_to_line_number() -> None:
-    assert parse({"id": None, "prompt": "Hello"}, number=5).id == "5"
+    assert parse({"id": None, "prompt": "Hello"}, number=5).id == "line-5"
+
+
+def test_a_default_id_cannot_equal_a_given_numeric_id() -> None:
+    """Line 3 with no id must not collide with an earlier line whose custom_id is "3"."""
+    given = parse_line(RawLine(1, json.dumps(batch(custom_id="3")).encode()))
+    defaulted = parse({"prompt": "no id"}, number=3)
+    assert given.id == "3"
+    assert defaulted.id == "line-3"
 
 
 def test_numeric_id_kept_as_its_string() -> None:
@@ -469,7 +477,7 @@ def test_blank_and_whitespace_lines_skipped_but_counted() -> None:
     data = b'\n{"prompt":"a"}\n   \n\t\r\n\n{"prompt":"b"}\n\n'
     lines = read_all(data)
     assert [r.number for r in lines] == [2, 6]
-    assert [parse_line(r).id for r in lines] == ["2", "6"]
+    assert [parse_line(r).id for r in lines] == ["line-2", "line-6"]
 
 
 def test_empty_file_yields_nothing() -> None:
@@ -489,8 +497,8 @@ def test_last_line_without_trailing_newline() -> None:
 def test_utf8_bom_at_start_is_dropped() -> None:
     lines = read_all(b'\xef\xbb\xbf{"prompt":"hi"}\n{"prompt":"yo"}\n')
     assert lines[0] == RawLine(1, b'{"prompt":"hi"}\n')
-    assert parse_line(lines[0]).id == "1"
-    assert parse_line(lines[1]).id == "2"
+    assert parse_line(lines[0]).id == "line-1"
+    assert parse_line(lines[1]).id == "line-2"
 
 
 def test_bom_alone_on_first_line_is_blank() -> None:
@@ -502,7 +510,7 @@ def test_crlf_line_endings() -> None:
     lines = read_all(b'{"prompt":"a"}\r\n\r\n{"id":"x","prompt":"b"}\r\n')
     assert [r.number for r in lines] == [1, 3]
     reqs = [parse_line(r) for r in lines]
-    assert [(q.id, q.messages[0].content) for q in reqs] == [("1", "a"), ("x", "b")]
+    assert [(q.id, q.messages[0].content) for q in reqs] == [("line-1", "a"), ("x", "b")]
 
 
 def test_small_limit_oversized_line_then_next_line() -> None:
@@ -624,3 +632,94 @@ def test_fuzz_valid_simple_form(item_id: str, prompt: str, number: int, ensure_a
 def test_non_finite_numbers_are_not_json(literal: bytes) -> None:
     exc = parse_line_error(RawLine(7, b'{"prompt": "x", "temperature": ' + literal + b"}"), 1000)
     assert str(exc).startswith("line 7: not valid JSON")
+
+
+# -- n, token limits, metadata, unknown fields --------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["simple", "batch"])
+@pytest.mark.parametrize("n", [2, 0, 1.0, "1", True])
+def test_n_other_than_1_is_invalid(form: str, n: Any) -> None:
+    data = {"prompt": "x", "n": n} if form == "simple" else batch(body={"messages": USER_HI, "n": n})
+    exc = invalid(data, number=4)
+    assert exc.field == ("n" if form == "simple" else "body.n")
+    assert "must be 1" in str(exc) and "one line gets one completion" in str(exc)
+
+
+def test_n_equal_to_1_is_fine() -> None:
+    assert parse({"prompt": "x", "n": 1}).params == (("n", 1),)
+    assert parse(batch(body={"messages": USER_HI, "n": 1})).params == (("n", 1),)
+
+
+@pytest.mark.parametrize("value", [0, -5, "100", 1.5, True, [1]])
+def test_max_tokens_must_be_a_positive_integer(value: Any) -> None:
+    exc = invalid({"prompt": "x", "max_tokens": value})
+    assert exc.field == "max_tokens"
+    assert "positive integer" in str(exc)
+
+
+def test_metadata_is_kept_and_not_a_parameter() -> None:
+    req = parse({"id": "m", "prompt": "x", "metadata": {"team": "red", "n": 2}})
+    assert req.metadata == (("n", 2), ("team", "red"))
+    assert req.params == ()
+    assert ItemRequest.from_json(req.to_json()) == req
+    body = parse(batch(body={"messages": USER_HI, "max_tokens": 5, "metadata": {"k": "v"}}))
+    assert body.metadata == (("k", "v"),)
+    assert body.params == (("max_tokens", 5),)
+
+
+def test_metadata_must_be_an_object() -> None:
+    assert invalid({"prompt": "x", "metadata": "tag"}).field == "metadata"
+
+
+def test_every_unknown_field_is_named() -> None:
+    exc = invalid({"id": "u", "prompt": "x", "colour": 1, "size": 2, "temprature": 0.1}, number=2)
+    assert exc.field is None
+    assert "unknown fields 'colour', 'size', 'temprature'" in str(exc)
+    body = invalid(batch(body={"messages": USER_HI, "tools": [], "logprobs": True}))
+    assert "'body.logprobs', 'body.tools'" in str(body)
+    one = invalid(batch(body={"messages": USER_HI, "tools": []}))
+    assert one.field == "body.tools"
+
+
+# -- defaults ------------------------------------------------------------------------------------
+
+DEFAULTS = RequestDefaults(model="gpt-4", temperature=0.3, max_tokens=77, system_message="Be terse.")
+
+
+def with_defaults(obj: Any, defaults: RequestDefaults = DEFAULTS) -> ItemRequest:
+    return parse_line(line(obj), defaults=defaults)
+
+
+@pytest.mark.parametrize("form", ["simple", "batch"])
+def test_defaults_fill_what_a_line_lacks(form: str) -> None:
+    data = {"prompt": "x"} if form == "simple" else batch(body={"messages": USER_HI})
+    req = with_defaults(data)
+    assert (req.model, req.temperature, req.system_message) == ("gpt-4", 0.3, "Be terse.")
+    assert req.params == (("max_tokens", 77),)
+
+
+@pytest.mark.parametrize("form", ["simple", "batch"])
+def test_a_lines_own_values_win_over_defaults(form: str) -> None:
+    own = {"model": "gpt-3.5-turbo", "temperature": 0.0, "max_tokens": 5, "system_message": "Mine."}
+    data = {"prompt": "x", **own} if form == "simple" else batch(body={"messages": USER_HI, **own})
+    req = with_defaults(data)
+    assert (req.model, req.temperature, req.system_message) == ("gpt-3.5-turbo", 0.0, "Mine.")
+    assert req.params == (("max_tokens", 5),)
+
+
+def test_default_system_only_when_the_line_has_no_system_message() -> None:
+    led = with_defaults({"messages": [{"role": "system", "content": "Own."}, *USER_HI]})
+    assert led.system_message is None
+    dev = with_defaults({"messages": [{"role": "developer", "content": "Own."}, *USER_HI]})
+    assert dev.system_message is None
+
+
+def test_default_max_tokens_does_not_add_to_max_completion_tokens() -> None:
+    req = with_defaults({"prompt": "x", "max_completion_tokens": 9})
+    assert req.params == (("max_completion_tokens", 9),)
+
+
+def test_no_defaults_leave_the_line_as_written() -> None:
+    req = parse_line(line({"prompt": "x"}), defaults=RequestDefaults())
+    assert (req.model, req.temperature, req.system_message, req.params) == (None, None, None, ())
