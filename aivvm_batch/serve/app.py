@@ -1,0 +1,276 @@
+"""The ASGI app: OpenAI's /v1/files and /v1/batches over the store and queue, and a page.
+
+Handlers translate; the work is in jobs.files (files), records (the Batch
+object), driver (running it). Every error answers in OpenAI's error form;
+blocking Redis calls run in the thread pool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
+from jobs.files import FileNotFound
+from jobs.records import BatchInfo
+
+from . import page
+from .auth import check_host, check_origin
+from .context import ServeContext
+from .errors import APIError, BadRequest, NotFound, TooLarge, Unavailable
+from .records import ApiBatch, ApiStatus
+from .upload import receive_upload
+
+log = logging.getLogger("aivvm_batch.serve")
+T = TypeVar("T")
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+ENDPOINTS = ("/v1/chat/completions",)
+WINDOWS = ("24h",)
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+PAGE_BATCHES = 50
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def blocking(func: Callable[..., T], *args: Any) -> T:
+    return await anyio.to_thread.run_sync(partial(func, *args))
+
+
+def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if run_driver:
+            ctx.driver.start()
+        try:
+            yield
+        finally:
+            if run_driver:
+                await blocking(ctx.driver.stop)
+
+    def endpoint(handler: Handler, *, authenticated: bool = True) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            try:
+                if ctx.keys.open:
+                    check_host(request.headers.get("host"))
+                check_origin(request.headers.get("origin"), request.headers.get("host"))
+                owner = ctx.keys.owner(request.headers.get("authorization")) if authenticated else ""
+                return await handler(request, owner)
+            except APIError as exc:
+                return error_response(exc)
+            except StoreUnavailable as exc:
+                log.warning("%s %s: %s", request.method, request.url.path, exc)
+                return error_response(Unavailable("the batch store (Redis) is unreachable; try again"))
+            except BatchError as exc:
+                return error_response(BadRequest(str(exc)))
+        return wrapped
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def upload_file(request: Request, owner: str) -> Response:
+        stored = await receive_upload(request, ctx.files, owner, ctx.limits.max_upload_bytes)
+        return JSONResponse(stored.to_api())
+
+    async def list_files(request: Request, owner: str) -> Response:
+        q = request.query_params
+        limit = _int_param(q.get("limit"), "limit", 1, 10_000, 10_000)
+        order = q.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise BadRequest("order must be 'asc' or 'desc'", param="order")
+        try:
+            found, more = await blocking(partial(ctx.files.list_files, owner, after=q.get("after"), limit=limit,
+                                                 newest_first=order == "desc", purpose=q.get("purpose")))
+        except FileNotFound as exc:
+            raise NotFound(str(exc), param="after") from exc
+        return JSONResponse(_page([f.to_api() for f in found], more))
+
+    async def get_file(request: Request, owner: str) -> Response:
+        return JSONResponse((await _owned_file(request, owner)).to_api())
+
+    async def file_content(request: Request, owner: str) -> Response:
+        stored = await _owned_file(request, owner)
+        return StreamingResponse(ctx.files.iter_content(stored.id), media_type="application/octet-stream",
+                                 headers={"content-length": str(stored.bytes)})
+
+    async def delete_file(request: Request, owner: str) -> Response:
+        file_id = request.path_params["file_id"]
+        try:
+            await blocking(ctx.files.delete, owner, file_id)
+        except FileNotFound as exc:
+            raise NotFound(str(exc), param="file_id") from exc
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+    async def _owned_file(request: Request, owner: str) -> Any:
+        try:
+            return await blocking(ctx.files.get, owner, request.path_params["file_id"])
+        except FileNotFound as exc:
+            raise NotFound(str(exc), param="file_id") from exc
+
+    # -- batches ---------------------------------------------------------------------------
+
+    async def create_batch(request: Request, owner: str) -> Response:
+        body = await _json_body(request, ctx.limits.max_body_bytes)
+        input_file_id = body.get("input_file_id")
+        if not isinstance(input_file_id, str) or not input_file_id:
+            raise BadRequest("input_file_id is required (the id of a file uploaded with purpose 'batch')",
+                             param="input_file_id")
+        endpoint_ = body.get("endpoint")
+        if endpoint_ not in ENDPOINTS:
+            raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint_!r}", param="endpoint")
+        window = body.get("completion_window")
+        if window not in WINDOWS:
+            raise BadRequest(f"completion_window must be '24h', got {window!r}", param="completion_window")
+        metadata = _metadata(body.get("metadata"))
+        try:
+            stored = await blocking(ctx.files.get, owner, input_file_id)
+        except FileNotFound as exc:
+            raise NotFound(str(exc), param="input_file_id") from exc
+        if stored.purpose != "batch":
+            raise BadRequest(f"the file {input_file_id} was not uploaded with purpose 'batch'",
+                             param="input_file_id")
+        batch = await blocking(ctx.records.create, owner, input_file_id, endpoint_, window,
+                               ctx.limits.window_seconds, metadata)
+        ctx.driver.wake.set()
+        return JSONResponse(batch.to_api(None))
+
+    async def list_batches(request: Request, owner: str) -> Response:
+        q = request.query_params
+        limit = _int_param(q.get("limit"), "limit", 1, 100, 20)
+        found, more = await blocking(ctx.records.list_batches, owner, q.get("after"), limit)
+        return JSONResponse(_page([b.to_api(i) for b, i in await blocking(_with_infos, found)], more))
+
+    async def get_batch(request: Request, owner: str) -> Response:
+        batch = await blocking(ctx.records.get, owner, request.path_params["batch_id"])
+        return JSONResponse(batch.to_api(await blocking(_info, batch)))
+
+    async def cancel_batch(request: Request, owner: str) -> Response:
+        batch_id = request.path_params["batch_id"]
+        batch = await blocking(ctx.records.get, owner, batch_id)
+        if batch.status in (ApiStatus.VALIDATING, ApiStatus.IN_PROGRESS):
+            await blocking(ctx.records.transition, batch_id, (ApiStatus.VALIDATING, ApiStatus.IN_PROGRESS),
+                           ApiStatus.CANCELLING, {"cancelling_at": int(time.time())})
+            ctx.driver.wake.set()
+            batch = await blocking(ctx.records.get, owner, batch_id)
+        if batch.status not in (ApiStatus.CANCELLING, ApiStatus.CANCELLED):
+            raise BadRequest(f"Cannot cancel a batch with status '{batch.status.value}'.", param="batch_id",
+                             code="invalid_status")
+        return JSONResponse(batch.to_api(await blocking(_info, batch)))
+
+    def _info(batch: ApiBatch) -> BatchInfo | None:
+        if batch.final_counts is not None or not batch.store_id:
+            return None
+        try:
+            return ctx.store.info(batch.store_id)
+        except BatchNotFound:
+            return None
+
+    def _with_infos(batches: list[ApiBatch]) -> list[tuple[ApiBatch, BatchInfo | None]]:
+        return [(b, _info(b)) for b in batches]
+
+    # -- the page --------------------------------------------------------------------------
+
+    async def page_batches(request: Request, owner: str) -> Response:
+        found, _ = await blocking(ctx.records.list_batches, owner, None, PAGE_BATCHES)
+        rows = []
+        for batch, info in await blocking(_with_infos, found):
+            rows.append(page.row(batch.to_api(info), info))
+        return JSONResponse({"batches": rows})
+
+    async def health(request: Request, owner: str) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    def static(body: str, media_type: str) -> Handler:
+        async def handler(request: Request, owner: str) -> Response:
+            return Response(body, media_type=media_type, headers=page.HEADERS)
+        return handler
+
+    routes = [
+        Route("/", endpoint(static(page.HTML, "text/html; charset=utf-8"), authenticated=False)),
+        Route("/ui/page.js", endpoint(static(page.SCRIPT, "text/javascript; charset=utf-8"), authenticated=False)),
+        Route("/ui/page.css", endpoint(static(page.STYLE, "text/css; charset=utf-8"), authenticated=False)),
+        Route("/ui/batches", endpoint(page_batches)),
+        Route("/health", endpoint(health, authenticated=False)),
+        Route("/v1/files", endpoint(upload_file), methods=["POST"]),
+        Route("/v1/files", endpoint(list_files), methods=["GET"]),
+        Route("/v1/files/{file_id}", endpoint(get_file), methods=["GET"]),
+        Route("/v1/files/{file_id}", endpoint(delete_file), methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", endpoint(file_content), methods=["GET"]),
+        Route("/v1/batches", endpoint(create_batch), methods=["POST"]),
+        Route("/v1/batches", endpoint(list_batches), methods=["GET"]),
+        Route("/v1/batches/{batch_id}", endpoint(get_batch), methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", endpoint(cancel_batch), methods=["POST"]),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error = APIError(f"{request.method} {request.url.path}: {exc.detail}")
+        error.status, error.type, error.code = exc.status_code, "invalid_request_error", None
+        return error_response(error)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("%s %s: unexpected %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+        return error_response(APIError("The server had an error while processing your request."))
+
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
+def _int_param(raw: str | None, name: str, low: int, high: int, default: int) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {raw!r}", param=name) from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}, got {value}", param=name)
+    return value
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA_PAIRS:
+        raise BadRequest(f"metadata must be an object of at most {MAX_METADATA_PAIRS} pairs", param="metadata")
+    for key, item in value.items():
+        if not isinstance(item, str) or len(key) > MAX_METADATA_KEY or len(item) > MAX_METADATA_VALUE:
+            raise BadRequest(f"metadata keys are strings of at most {MAX_METADATA_KEY} characters and values "
+                             f"strings of at most {MAX_METADATA_VALUE}", param="metadata")
+    return dict(value)
+
+
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"the request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"the request body is larger than {limit} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return data

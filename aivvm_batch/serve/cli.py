@@ -1,0 +1,148 @@
+"""``aivvm-batch serve``: OpenAI-compatible /v1/files and /v1/batches over the store and queue."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from jobs.config import Settings
+from jobs.errors import ConfigError, StoreUnavailable
+from jobs.files import FileStore
+from jobs.queue import Publisher, configure
+from jobs.queue import app as celery_app
+from jobs.records import BatchOptions
+from jobs.store import BatchStore
+
+from ..options import base_url_option, concurrency_option, env, handle_errors, provider_option
+from .auth import is_loopback, load_keys
+from .context import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_WINDOW_SECONDS, ServeContext, ServeLimits
+from .driver import Driver, DriverConfig
+from .records import BatchRecords
+
+KEYS_VARIABLE = env("API_KEYS")
+
+
+@click.command()
+@click.option("--host", envvar=env("SERVE_HOST"), show_envvar=True, default="127.0.0.1", show_default=True,
+              help="Address to listen on; other than loopback only with API keys configured.")
+@click.option("--port", envvar=env("SERVE_PORT"), show_envvar=True, type=click.IntRange(1, 65535),
+              default=8080, show_default=True, help="Port to listen on.")
+@provider_option
+@base_url_option
+@click.option("--redis-url", envvar=env("REDIS_URL"), show_envvar=True, default=None,
+              help="Join this Redis (and any workers and serve replicas on it) instead of starting a "
+              "private Redis and workers.")
+@concurrency_option
+@click.option("--workers", "worker_count", envvar=env("WORKERS"), show_envvar=True,
+              type=click.IntRange(min=0), default=1, show_default=True,
+              help="Worker processes to start with the private Redis.")
+@click.option("--state-dir", envvar=env("STATE_DIR"), show_envvar=True, default=".aivvm-batch",
+              show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the private Redis keeps its data.")
+@click.option("--api-keys-file", envvar=env("API_KEYS_FILE"), show_envvar=True, default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help=f"API keys, one a line (besides the comma-separated {KEYS_VARIABLE}).")
+@click.option("--max-upload-bytes", envvar=env("MAX_UPLOAD_BYTES"), show_envvar=True,
+              type=click.IntRange(min=1), default=DEFAULT_MAX_UPLOAD_BYTES, show_default=True,
+              help="Largest file accepted by POST /v1/files.")
+@click.option("--completion-window-seconds", envvar=env("COMPLETION_WINDOW_SECONDS"), show_envvar=True,
+              type=click.IntRange(min=1), default=DEFAULT_WINDOW_SECONDS, show_default=True,
+              help="How long the completion window '24h' lasts before unfinished items expire.")
+@click.option("--stub", is_flag=True, envvar=env("STUB"), show_envvar=True,
+              help="Start the local stand-in provider (not a model) and use it.")
+@handle_errors
+def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: str | None,
+          concurrency: int, worker_count: int, state_dir: Path, api_keys_file: Path | None,
+          max_upload_bytes: int, completion_window_seconds: int, stub: bool) -> None:
+    """Serve OpenAI's files and batches API (and a page at /) over the queue.
+
+    Each API key (AIVVM_BATCH_API_KEYS, comma-separated, or --api-keys-file) sees
+    only its own files and batches. With no key, it listens on loopback only.
+    With no --redis-url it starts a private Redis and workers, as `run` does.
+    """
+    keys = load_keys(os.environ.get(KEYS_VARIABLE), api_keys_file)
+    if keys.open and not is_loopback(host):
+        raise ConfigError(f"--host {host} is not a loopback address: set {KEYS_VARIABLE} (or --api-keys-file) "
+                          "so that clients must present a key")
+    _check_port(host, port)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    with ExitStack() as stack:
+        options = BatchOptions(provider=provider, base_url=base_url)
+        if stub:
+            from ..stub import StubServer
+
+            stand_in = stack.enter_context(StubServer())
+            options = BatchOptions(provider=provider, base_url=stand_in.base_url
+                                   + ("/v1" if provider.startswith("openai") else ""))
+        if redis_url is None:
+            redis_url = _private(stack, state_dir, worker_count, concurrency)
+        ctx = _context(redis_url, options, keys, ServeLimits(max_upload_bytes=max_upload_bytes,
+                                                             window_seconds=completion_window_seconds))
+        _run(ctx, host, port)
+
+
+def _context(redis_url: str, options: BatchOptions, keys: Any, limits: ServeLimits) -> ServeContext:
+    settings = Settings.from_env(redis_url=redis_url)
+    configure(celery_app, settings)
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, health_check_interval=30)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise ConfigError(f"Redis refused the credentials in the Redis URL: {exc}") from exc
+    except redis.RedisError as exc:
+        raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+    store = BatchStore(client, settings.result_ttl)
+    files = FileStore(client)
+    records = BatchRecords(client)
+    driver = Driver(store, files, records, Publisher(client, celery_app), DriverConfig(options, settings))
+    return ServeContext(store=store, files=files, records=records, driver=driver, keys=keys, limits=limits)
+
+
+def _private(stack: ExitStack, state_dir: Path, worker_count: int, concurrency: int) -> str:
+    from ..embedded import EmbeddedRedis
+    from ..workers import WorkerProcesses
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = stack.enter_context(open(state_dir / "serve.lock", "a+"))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"another `aivvm-batch serve` is using {state_dir}; pass another --state-dir "
+                          "or share a Redis with --redis-url") from None
+    embedded = stack.enter_context(EmbeddedRedis(state_dir / "serve-redis"))
+    if worker_count:
+        workers = WorkerProcesses(embedded.url, count=worker_count, concurrency=concurrency,
+                                  log_dir=state_dir / "serve-logs").start()
+        stack.callback(workers.stop)
+    return embedded.url
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _run(ctx: ServeContext, host: str, port: int) -> None:
+    import uvicorn
+
+    from .app import build_app
+
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"aivvm-batch serve: OpenAI API at http://{shown}:{port}/v1, page at http://{shown}:{port}/",
+               err=True)
+    config = uvicorn.Config(build_app(ctx), host=host.strip("[]"), port=port, log_level="warning",
+                            access_log=False, server_header=False, lifespan="on")
+    uvicorn.Server(config).run()

@@ -1,0 +1,231 @@
+"""Advances API batches: validating → in_progress → finalizing → completed (or failed,
+cancelling → cancelled, expired).
+
+Every ``serve`` replica runs a driver; a lease per batch lets one replica at a
+time take a step, and every step is idempotent, so a replica that dies mid-way
+is simply followed by another. Submitting spools the input file from Redis to a
+temporary file (jobs.submit reads a path) and resumes if a previous attempt
+stopped half way. Finishing writes the output and error files into the file
+store, in input order, a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.config import Settings
+from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
+from jobs.files import FileNotFound, FileStore, FileWriter
+from jobs.queue import Publisher
+from jobs.records import BatchInfo, BatchOptions, ItemResult, Status
+from jobs.store import BatchStore
+from jobs.submit import submit_file
+
+from .lease import Lease
+from .output import api_line
+from .records import ApiBatch, ApiStatus, BatchRecords, api_lease, final_snapshot
+
+log = logging.getLogger("aivvm_batch.serve")
+MAX_REPORTED_ERRORS = 100
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    options: BatchOptions
+    settings: Settings
+    interval: float = 0.5
+    threads: int = 4
+
+
+class Driver:
+    def __init__(self, store: BatchStore, files: FileStore, records: BatchRecords,
+                 publisher: Publisher, config: DriverConfig) -> None:
+        self.store = store
+        self.files = files
+        self.records = records
+        self.publisher = publisher
+        self.config = config
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="serve-driver")
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Driver:
+        self._thread = threading.Thread(target=self._loop, name="serve-driver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.wake.wait(self.config.interval)
+            self.wake.clear()
+            try:
+                active = self.records.active()
+            except BatchError as exc:
+                log.warning("cannot list the active batches: %s", exc)
+                continue
+            for batch_id in active:
+                with self._lock:
+                    if batch_id in self._busy:
+                        continue
+                    self._busy.add(batch_id)
+                self._pool.submit(self._guarded_step, batch_id)
+
+    def _guarded_step(self, batch_id: str) -> None:
+        try:
+            self.step(batch_id)
+        except StoreUnavailable as exc:
+            log.warning("batch %s waits for Redis: %s", batch_id, exc)
+        except Exception:
+            log.exception("batch %s: unexpected error (it will be tried again)", batch_id)
+        finally:
+            with self._lock:
+                self._busy.discard(batch_id)
+
+    def step(self, batch_id: str) -> None:
+        """Take whatever step the batch is ready for (safe to call at any time, from any replica)."""
+        batch = self.records.load(batch_id)
+        if batch is None or batch.status.terminal:
+            self.records.deactivate(batch_id)
+            return
+        with Lease(self.store.redis, api_lease(batch_id)) as held:
+            if not held:
+                return
+            if not batch.submitted:
+                batch = self._submit(batch)
+                if batch.status.terminal:
+                    return
+            self._advance(batch)
+
+    def _submit(self, batch: ApiBatch) -> ApiBatch:
+        with tempfile.TemporaryDirectory(prefix="aivvm-serve-") as tmp:
+            path = Path(tmp) / f"{batch.input_file_id}.jsonl"
+            try:
+                self.files.get(batch.owner, batch.input_file_id)
+                with open(path, "wb") as spool:
+                    for chunk in self.files.iter_content(batch.input_file_id):
+                        spool.write(chunk)
+            except FileNotFound:
+                return self._fail(batch, [{"code": "file_not_found", "line": None, "param": "input_file_id",
+                                           "message": f"the input file {batch.input_file_id} was deleted"}])
+            self.store.create(batch.store_id, f"{batch.input_file_id} ({batch.id})", self.config.options)
+            try:
+                submit_file(self.store, self.publisher, path, self.config.options, self.config.settings,
+                            batch_id=batch.store_id, resume=True)
+            except BatchError as exc:
+                if isinstance(exc, StoreUnavailable):
+                    raise
+                return self._fail(batch, [{"code": "invalid_file", "line": None, "param": None,
+                                           "message": str(exc)}])
+        info = self.store.info(batch.store_id)
+        if not info.total:
+            return self._fail(batch, [{"code": "empty_file", "line": None, "param": "input_file_id",
+                                       "message": "the input file holds no request"}])
+        if info.counts.get(Status.INVALID.value, 0) >= info.total:
+            return self._fail(batch, self._line_errors(batch, info))
+        now = int(time.time())
+        self.records.transition(batch.id, (ApiStatus.VALIDATING,), ApiStatus.IN_PROGRESS,
+                                {"in_progress_at": now})
+        self.records.transition(batch.id, tuple(ApiStatus), None, {"submitted": "1"})
+        return self._reload(batch)
+
+    def _line_errors(self, batch: ApiBatch, info: BatchInfo) -> list[dict[str, object]]:
+        errors: list[dict[str, object]] = []
+        for _, raw in self.store.iter_results(batch.store_id, min(info.total or 0, MAX_REPORTED_ERRORS)):
+            if raw is None:
+                continue
+            result = ItemResult.from_json(raw)
+            errors.append({"code": "invalid_request", "line": result.line, "param": None,
+                           "message": result.error.message if result.error else "invalid line"})
+        return errors
+
+    def _fail(self, batch: ApiBatch, errors: list[dict[str, object]]) -> ApiBatch:
+        self.records.transition(batch.id, (ApiStatus.VALIDATING, ApiStatus.CANCELLING), ApiStatus.FAILED,
+                                {"failed_at": int(time.time()), "errors": json.dumps(errors),
+                                 "submitted": "1"})
+        self.records.deactivate(batch.id)
+        return self._reload(batch)
+
+    def _reload(self, batch: ApiBatch) -> ApiBatch:
+        return self.records.load(batch.id) or batch
+
+    def _advance(self, batch: ApiBatch) -> None:
+        try:
+            info = self.store.info(batch.store_id)
+        except BatchNotFound:
+            self._fail_running(batch, "the batch's items expired from Redis before it finished")
+            return
+        if batch.status is ApiStatus.CANCELLING and not batch.cancel_sent:
+            self.store.cancel(batch.store_id)
+            self.records.transition(batch.id, (ApiStatus.CANCELLING,), None, {"cancel_sent": "1"})
+            info = self.store.info(batch.store_id)
+        elif (batch.status is ApiStatus.IN_PROGRESS and not batch.expiring and not info.finished
+              and time.time() >= batch.expires_at):
+            self.records.transition(batch.id, (ApiStatus.IN_PROGRESS,), None, {"expiring": "1"})
+            self.store.cancel(batch.store_id)
+            info = self.store.info(batch.store_id)
+        if info.finished:
+            self._finish(self._reload(batch), info)
+
+    def _fail_running(self, batch: ApiBatch, message: str) -> None:
+        self.records.transition(batch.id, (ApiStatus.IN_PROGRESS, ApiStatus.CANCELLING, ApiStatus.FINALIZING),
+                                ApiStatus.FAILED, {"failed_at": int(time.time()), "errors": json.dumps(
+                                    [{"code": "batch_lost", "line": None, "param": None, "message": message}])})
+        self.records.deactivate(batch.id)
+
+    def _finish(self, batch: ApiBatch, info: BatchInfo) -> None:
+        if batch.status is ApiStatus.CANCELLING:
+            final, stamp = ApiStatus.CANCELLED, "cancelled_at"
+        elif batch.expiring:
+            final, stamp = ApiStatus.EXPIRED, "expired_at"
+        else:
+            final, stamp = ApiStatus.COMPLETED, "completed_at"
+            if not self.records.transition(batch.id, (ApiStatus.IN_PROGRESS, ApiStatus.FINALIZING),
+                                           ApiStatus.FINALIZING, {"finalizing_at": int(time.time())}):
+                return
+        output, error = self._write_results(batch, info, expired=final is ApiStatus.EXPIRED)
+        fields: dict[str, object] = {stamp: int(time.time()), **final_snapshot(info)}
+        if output:
+            fields["output_file_id"] = output
+        if error:
+            fields["error_file_id"] = error
+        allowed = (ApiStatus.FINALIZING,) if final is ApiStatus.COMPLETED else (batch.status,)
+        if self.records.transition(batch.id, allowed, final, fields):
+            self.records.deactivate(batch.id)
+        else:
+            for file_id in (output, error):
+                if file_id:
+                    self.files.delete(batch.owner, file_id)
+
+    def _write_results(self, batch: ApiBatch, info: BatchInfo, *, expired: bool) -> tuple[str | None, str | None]:
+        output = FileWriter(self.files, batch.owner, f"{batch.id}_output.jsonl", "batch_output")
+        error = FileWriter(self.files, batch.owner, f"{batch.id}_error.jsonl", "batch_output")
+        created = int(info.created)
+        try:
+            for _, raw in self.store.iter_results(batch.store_id, info.total or 0):
+                if raw is None:
+                    continue
+                success, line = api_line(ItemResult.from_json(raw), expired=expired, created=created)
+                (output if success else error).write(line)
+            ids = tuple(w.commit().id if w.size else None for w in (output, error))
+        except BaseException:
+            output.abort()
+            error.abort()
+            raise
+        return ids[0], ids[1]

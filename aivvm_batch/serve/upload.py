@@ -1,0 +1,142 @@
+"""``POST /v1/files``: a multipart upload streamed into the file store, a chunk at a time.
+
+The body is parsed as it arrives (python-multipart's push parser); the file's
+bytes go to Redis in chunks and the size limit is enforced while reading, so
+neither memory nor disk ever holds the whole upload.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from jobs.files import FileStore, FileWriter, StoredFile
+
+from .errors import BadRequest, TooLarge
+
+MAX_FIELD_BYTES = 64 * 1024
+MAX_PARTS = 16
+# room for the multipart framing and the small fields around the file
+FRAMING_SLACK = 64 * 1024
+PURPOSES = ("batch",)
+
+
+@dataclass
+class _Part:
+    name: str = ""
+    filename: str | None = None
+    data: bytearray = field(default_factory=bytearray)
+
+
+class _Collector:
+    """python-multipart callbacks: small fields in memory, the one file into a writer."""
+
+    def __init__(self, files: FileStore, owner: str, max_bytes: int) -> None:
+        self.files = files
+        self.owner = owner
+        self.max_bytes = max_bytes
+        self.fields: dict[str, str] = {}
+        self.writer: FileWriter | None = None
+        self.parts = 0
+        self._part = _Part()
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._in_file = False
+
+    def callbacks(self) -> dict[str, object]:
+        return {"on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished}
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise BadRequest(f"a file upload has at most {MAX_PARTS} form fields")
+        self._part = _Part()
+        self._disposition = b""
+        self._in_file = False
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise BadRequest("a form part has no name in its Content-Disposition")
+        self._part.name = options[b"name"].decode("utf-8", errors="replace")
+        if b"filename" in options:
+            if self._part.name != "file" or self.writer is not None:
+                raise BadRequest("send exactly one file, in the form field 'file'", param="file")
+            filename = posixpath.basename(options[b"filename"].decode("utf-8", errors="replace")
+                                          .replace("\\", "/"))[:255] or "upload.jsonl"
+            self.writer = FileWriter(self.files, self.owner, filename, "batch")
+            self._in_file = True
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file:
+            assert self.writer is not None
+            if self.writer.size + (end - start) > self.max_bytes:
+                raise TooLarge(f"the file is larger than this server's limit of {self.max_bytes} bytes "
+                               "(AIVVM_BATCH_MAX_UPLOAD_BYTES)", param="file")
+            self.writer.add(data[start:end])
+        else:
+            if len(self._part.data) + (end - start) > MAX_FIELD_BYTES:
+                raise BadRequest(f"the form field {self._part.name!r} is too long", param=self._part.name)
+            self._part.data += data[start:end]
+
+    def on_part_end(self) -> None:
+        if not self._in_file:
+            self.fields[self._part.name] = self._part.data.decode("utf-8", errors="replace")
+
+
+async def receive_upload(request: Request, files: FileStore, owner: str, max_bytes: int) -> StoredFile:
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise BadRequest("upload a file as multipart/form-data with the fields 'file' and 'purpose'")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes + FRAMING_SLACK:
+        raise TooLarge(f"the file is larger than this server's limit of {max_bytes} bytes "
+                       "(AIVVM_BATCH_MAX_UPLOAD_BYTES)", param="file")
+    collector = _Collector(files, owner, max_bytes)
+    parser = MultipartParser(params[b"boundary"], collector.callbacks(),  # type: ignore[arg-type]
+                             max_size=max_bytes + FRAMING_SLACK)
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            writer = collector.writer
+            if writer is not None and writer.full:
+                await anyio.to_thread.run_sync(writer.push_full)
+        parser.finalize()
+        writer = collector.writer
+        if writer is None:
+            raise BadRequest("the form has no file: send it in the field 'file'", param="file")
+        purpose = collector.fields.get("purpose")
+        if purpose not in PURPOSES:
+            raise BadRequest(f"purpose must be 'batch', got {purpose!r}", param="purpose")
+        return await anyio.to_thread.run_sync(writer.commit)
+    except FormParserError as exc:
+        await _abort(collector)
+        raise BadRequest(f"the multipart body cannot be read: {exc}") from exc
+    except (Exception, ClientDisconnect):
+        await _abort(collector)
+        raise
+
+
+async def _abort(collector: _Collector) -> None:
+    if collector.writer is not None:
+        await anyio.to_thread.run_sync(collector.writer.abort)
