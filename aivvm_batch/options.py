@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import click
 import redis
+from redis.connection import parse_url
 
 from jobs.config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
-from jobs.errors import BatchError
+from jobs.errors import BatchError, ConfigError
 from jobs.formats import ResultFormat
-from jobs.records import BatchInfo, Status
+from jobs.records import BatchInfo, RequestDefaults, Status
 from jobs.store import BatchStore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,6 +45,58 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def interrupted(message: str) -> NoReturn:
+    """Ctrl-C: one line, exit 130 (128 + SIGINT), as shells report it; not click's ``Aborted!``."""
+    click.echo(f"\naivvm-batch: interrupted; {message}", err=True)
+    sys.exit(130)
+
+
+class OptionError(click.ClickException):
+    """An unusable option value found while parsing: one line, exit 2, like :func:`fail`."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"aivvm-batch: error: {self.format_message()}", err=True)
+
+
+_REDIS_SCHEMES = "redis://[:password@]host[:port][/db], rediss://... or unix:///path"
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` if redis-py can use it, else :class:`ConfigError` naming it (password hidden)."""
+    try:
+        parse_url(url)
+        path = urlsplit(url).path
+    except ValueError as exc:
+        raise ConfigError(f"the Redis URL {masked_url(url)} is not valid: {exc} "
+                          f"(expected {_REDIS_SCHEMES})") from None
+    if not url.startswith("unix:") and not re.fullmatch(r"/?(\d+)?", path):
+        raise ConfigError(f"the Redis URL {masked_url(url)} is not valid: the database "
+                          f"{path.lstrip('/')!r} is not a number (expected {_REDIS_SCHEMES})")
+    return url
+
+
+def masked_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for a message."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    userinfo, host = rest.split("/", 1)[0].rsplit("@", 1)
+    tail = rest[len(userinfo) + 1 + len(host):]
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{scheme}://{user}:***@{host}{tail}"
+
+
+def _redis_url_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_redis_url(value)
+    except ConfigError as exc:
+        raise OptionError(str(exc)) from None
+
+
 def parse_providers(value: str) -> str:
     names = [p.strip() for p in value.split(",") if p.strip()]
     unknown = [n for n in names if n not in PROVIDER_NAMES]
@@ -55,8 +110,8 @@ def parse_providers(value: str) -> str:
 
 redis_url_option = click.option(
     "--redis-url", envvar=env("REDIS_URL"), show_envvar=True, default=DEFAULT_REDIS_URL,
-    show_default=True, help="Redis holding the queue and the batches (redis://, rediss://, "
-    "redis://:password@host).")
+    show_default=True, callback=_redis_url_callback,
+    help="Redis holding the queue and the batches (redis://, rediss://, redis://:password@host).")
 provider_option = click.option(
     "--provider", envvar=env("PROVIDER"), show_envvar=True, default="aivvm", show_default=True,
     callback=lambda ctx, param, value: parse_providers(value),
@@ -78,7 +133,43 @@ concurrency_option = click.option(
     default=128, show_default=True, help="Concurrent items per worker process.")
 
 
+_DEFAULT_OPTIONS = (
+    click.option("--model", envvar=env("MODEL"), show_envvar=True, default=None,
+                 help="Model for lines that name none (a line's own model wins)."),
+    click.option("--temperature", envvar=env("TEMPERATURE"), show_envvar=True,
+                 type=click.FloatRange(0, 2), default=None,
+                 help="Temperature for lines that give none."),
+    click.option("--max-tokens", envvar=env("MAX_TOKENS"), show_envvar=True,
+                 type=click.IntRange(min=1), default=None,
+                 help="max_tokens for lines that give neither max_tokens nor max_completion_tokens."),
+    click.option("--system", envvar=env("SYSTEM"), show_envvar=True, default=None,
+                 help="System message for lines that have none of their own "
+                 "(no system_message, no system or developer message)."),
+)
+
+
+def request_defaults_options(func: F) -> F:
+    """Add ``--model``, ``--temperature``, ``--max-tokens`` and ``--system``.
+
+    The command receives them as one keyword argument, ``defaults`` (a
+    :class:`RequestDefaults`), applied to every line that lacks the value.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, model: str | None, temperature: float | None, max_tokens: int | None,
+                system: str | None, **kwargs: Any) -> Any:
+        defaults = RequestDefaults(model=model or None, temperature=temperature,
+                                   max_tokens=max_tokens, system_message=system)
+        return func(*args, defaults=defaults, **kwargs)
+
+    decorated: Any = wrapper
+    for option in reversed(_DEFAULT_OPTIONS):
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
+
+
 def open_store(redis_url: str) -> BatchStore:
+    check_redis_url(redis_url)
     settings = Settings.from_env(redis_url=redis_url)
     return BatchStore(redis.Redis.from_url(redis_url, socket_connect_timeout=5), settings.result_ttl)
 

@@ -1,4 +1,12 @@
-"""Result line formats: ours (DESIGN.md), and OpenAI's Batch output form."""
+"""Result line formats: ours (DESIGN.md), and OpenAI's Batch output form.
+
+The OpenAI form follows the per-line object of OpenAI's batch output and error
+files (``BatchRequestOutput``): ``{id, custom_id, response, error}``. A request
+that got an HTTP answer has ``response: {status_code, request_id, body}`` (an
+``openai.types.chat.ChatCompletion`` for a success, ``{"error": {...}}`` for a
+refusal) and ``error: null``; one that got none (unreachable server, invalid
+line, cancelled) has ``response: null`` and ``error: {code, message}``.
+"""
 
 from __future__ import annotations
 
@@ -14,48 +22,68 @@ class ResultFormat(str, Enum):
     OPENAI = "openai"
 
 
-def render(raw: bytes, fmt: ResultFormat) -> bytes:
-    """One output line (without newline) from a stored result."""
+# the finish reasons a ChatCompletion may carry; any other is reported as "stop"
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+
+
+def render(raw: bytes, fmt: ResultFormat, batch_created: float | None = None) -> bytes:
+    """One output line (without newline) from a stored result.
+
+    ``batch_created`` (Unix seconds) stands in for the ``created`` time of a
+    result recorded without one.
+    """
     if fmt is ResultFormat.NATIVE:
         return raw
     result = ItemResult.from_json(raw)
-    return json.dumps(openai_line(result), ensure_ascii=False, separators=(",", ":")).encode()
+    line = openai_line(result, batch_created)
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def openai_line(result: ItemResult) -> dict[str, Any]:
+def openai_line(result: ItemResult, batch_created: float | None = None) -> dict[str, Any]:
     """The OpenAI Batch output form, so tools written for it read ours unchanged."""
+    line: dict[str, Any] = {"id": f"batch_req_{result.line}", "custom_id": result.id}
     request_id = f"req_{result.line}"
-    if result.status is Status.OK:
-        usage = result.usage.to_dict() if result.usage else None
-        if usage is not None:
-            usage.pop("estimated", None)
-        return {
-            "id": f"batch_req_{result.line}",
-            "custom_id": result.id,
-            "response": {
-                "status_code": 200,
-                "request_id": request_id,
-                "body": {
-                    "id": f"chatcmpl-{result.line}",
-                    "object": "chat.completion",
-                    "model": result.model,
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.output},
-                        "finish_reason": result.finish_reason or "stop",
-                    }],
-                    "usage": usage,
-                },
-            },
-            "error": None,
-        }
     error = result.error
-    return {
-        "id": f"batch_req_{result.line}",
-        "custom_id": result.id,
-        "response": None,
-        "error": {
+    if result.status is Status.OK:
+        line["response"] = {"status_code": 200, "request_id": request_id,
+                            "body": _completion(result, batch_created)}
+        line["error"] = None
+    elif error is not None and error.http_status is not None:
+        line["response"] = {
+            "status_code": error.http_status,
+            "request_id": request_id,
+            "body": {"error": {"message": error.message, "type": error.type, "param": None,
+                               "code": error.type}},
+        }
+        line["error"] = None
+    else:
+        line["response"] = None
+        line["error"] = {
             "code": error.type if error else result.status.value,
             "message": error.message if error else result.status.value,
-        },
+        }
+    return line
+
+
+def _completion(result: ItemResult, batch_created: float | None) -> dict[str, Any]:
+    created = result.created if result.created is not None else int(batch_created or 0)
+    finish = result.finish_reason if result.finish_reason in FINISH_REASONS else "stop"
+    body: dict[str, Any] = {
+        "id": f"chatcmpl-{result.line}",
+        "object": "chat.completion",
+        "created": created,
+        "model": result.model or "",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": result.output},
+            "finish_reason": finish,
+            "logprobs": None,
+        }],
     }
+    usage = result.usage.to_dict() if result.usage is not None else None
+    if usage is not None:
+        usage.pop("estimated", None)
+    body["usage"] = usage
+    if result.metadata:
+        body["metadata"] = dict(result.metadata)
+    return body

@@ -262,6 +262,10 @@ def _parse_metadata(n: int, value: Any, name: str) -> tuple[tuple[str, Any], ...
         return ()
     if not isinstance(value, dict):
         raise InvalidLine(n, f"must be an object, got {_kind(value)}", name)
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise InvalidLine(n, f"values must be strings (as in OpenAI's metadata), got "
+                                 f"{_kind(item)} for {key!r}", name)
     return tuple(sorted(value.items()))
 
 
@@ -323,3 +327,51 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What a dry run found: counts, and the first problems (each names its line and field)."""
+
+    total: int
+    invalid: int
+    problems: tuple[InvalidLine, ...]
+
+    @property
+    def valid(self) -> int:
+        return self.total - self.invalid
+
+
+def validate_lines(stream: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                   max_items: int | None = None, defaults: RequestDefaults = RequestDefaults(),
+                   keep: int = 10) -> Validation:
+    """Check every line as ``submit`` would, duplicate ids included, calling nothing.
+
+    It keeps each id seen (memory grows with the number of lines).
+    """
+    total = invalid = 0
+    problems: list[InvalidLine] = []
+    first_line_of: dict[str, int] = {}
+    for raw in read_lines(stream, max_line_bytes):
+        problem: InvalidLine | None = None
+        if max_items is not None and total >= max_items:
+            problem = InvalidLine(raw.number, f"the file would be cut here: a batch is limited to "
+                                              f"{max_items} items (AIVVM_BATCH_MAX_ITEMS)")
+        else:
+            try:
+                request = parse_line(raw, max_line_bytes, defaults)
+            except InvalidLine as exc:
+                problem = exc
+            else:
+                first = first_line_of.setdefault(request.id, raw.number)
+                if first != raw.number:
+                    problem = InvalidLine(raw.number, f"duplicate id {request.id!r} "
+                                                      f"(first used on line {first})")
+        total += 1
+        if problem is not None:
+            invalid += 1
+            if len(problems) < keep:
+                problems.append(problem)
+            if max_items is not None and total > max_items:
+                break
+    return Validation(total, invalid, tuple(problems))

@@ -659,8 +659,8 @@ def test_max_tokens_must_be_a_positive_integer(value: Any) -> None:
 
 
 def test_metadata_is_kept_and_not_a_parameter() -> None:
-    req = parse({"id": "m", "prompt": "x", "metadata": {"team": "red", "n": 2}})
-    assert req.metadata == (("n", 2), ("team", "red"))
+    req = parse({"id": "m", "prompt": "x", "metadata": {"team": "red", "n": "2"}})
+    assert req.metadata == (("n", "2"), ("team", "red"))
     assert req.params == ()
     assert ItemRequest.from_json(req.to_json()) == req
     body = parse(batch(body={"messages": USER_HI, "max_tokens": 5, "metadata": {"k": "v"}}))
@@ -668,8 +668,10 @@ def test_metadata_is_kept_and_not_a_parameter() -> None:
     assert body.params == (("max_tokens", 5),)
 
 
-def test_metadata_must_be_an_object() -> None:
+def test_metadata_must_be_an_object_of_strings() -> None:
     assert invalid({"prompt": "x", "metadata": "tag"}).field == "metadata"
+    exc = invalid({"prompt": "x", "metadata": {"n": 2}})
+    assert exc.field == "metadata" and "values must be strings" in str(exc)
 
 
 def test_every_unknown_field_is_named() -> None:
