@@ -2,8 +2,9 @@
 
 ``jobs.formats.openai_line`` makes the line; here a cancelled item of a batch
 that expired or was cancelled gets OpenAI's ``batch_expired`` / ``batch_cancelled``
-error, and a completion body always carries ``created`` (the SDK's
-``ChatCompletion`` requires it).
+error, and a completion body always carries a real ``created`` (the SDK's
+``ChatCompletion`` requires it; a result recorded without one gets the batch's
+creation time).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def api_line(result: ItemResult, *, expired: bool, created: int) -> tuple[bool, 
     response = line.get("response")
     body = response.get("body") if isinstance(response, dict) else None
     if isinstance(body, dict) and body.get("object") == "chat.completion":
-        body.setdefault("created", created)
+        if not body.get("created"):
+            body["created"] = created
     success = result.status is Status.OK
     return success, json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
