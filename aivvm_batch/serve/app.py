@@ -170,23 +170,24 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
                              code="invalid_status")
         return JSONResponse(batch.to_api(await blocking(_info, batch)))
 
-    def _info(batch: ApiBatch) -> BatchInfo | None:
-        if batch.final_counts is not None or not batch.store_id:
+    def _info(batch: ApiBatch, live: bool = False) -> BatchInfo | None:
+        """The store's view of the batch, while it exists (``live``: even once the batch ended)."""
+        if (batch.final_counts is not None and not live) or not batch.store_id:
             return None
         try:
             return ctx.store.info(batch.store_id)
         except BatchNotFound:
             return None
 
-    def _with_infos(batches: list[ApiBatch]) -> list[tuple[ApiBatch, BatchInfo | None]]:
-        return [(b, _info(b)) for b in batches]
+    def _with_infos(batches: list[ApiBatch], live: bool = False) -> list[tuple[ApiBatch, BatchInfo | None]]:
+        return [(b, _info(b, live)) for b in batches]
 
     # -- the page --------------------------------------------------------------------------
 
     async def page_batches(request: Request, owner: str) -> Response:
         found, _ = await blocking(ctx.records.list_batches, owner, None, PAGE_BATCHES)
         rows = []
-        for batch, info in await blocking(_with_infos, found):
+        for batch, info in await blocking(_with_infos, found, True):
             rows.append(page.row(batch.to_api(info), info))
         return JSONResponse({"batches": rows})
 

@@ -196,7 +196,7 @@ async function refresh() {
   const running = data.batches.filter((row) => !TERMINAL.has(row.batch.status)).length;
   setState(running ? running + " running, updated " + new Date().toLocaleTimeString()
                    : "all batches ended, updated " + new Date().toLocaleTimeString());
-  document.body.dataset.loaded = "1";
+  document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
   schedule();
 }
 
