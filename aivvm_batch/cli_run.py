@@ -2,71 +2,97 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
 import click
 
 from jobs.formats import ResultFormat
-from jobs.records import BatchOptions
+from jobs.records import BatchOptions, Status
 
 from . import runner
 from .options import (
     base_url_option,
-    concurrency_option,
     env,
     exit_for,
     format_option,
     handle_errors,
-    interrupt,
     provider_option,
     rpm_option,
     tpm_option,
 )
 from .progress import Progress, summary
+from .signals import Interrupts
+from .watch import default_workers
+
+EXIT_INTERRUPTED = 130
 
 
 @click.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(allow_dash=True, path_type=str))
 @click.option("-o", "--output", envvar=env("OUTPUT"), show_envvar=True,
-              type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Results file.")
+              type=click.Path(allow_dash=True, path_type=str), required=True,
+              help="Results file; - writes them to standard output.")
 @provider_option
 @base_url_option
-@concurrency_option
+@click.option("--concurrency", envvar=env("CONCURRENCY"), show_envvar=True, type=click.IntRange(min=1),
+              default=128, show_default=True,
+              help="Requests in flight in all, shared by the worker processes.")
 @click.option("--workers", "worker_count", envvar=env("WORKERS"), show_envvar=True,
-              type=click.IntRange(min=1), default=1, show_default=True,
+              type=click.IntRange(min=1), default=None, show_default="one per core",
               help="Worker processes to start.")
+@click.option("--fresh", is_flag=True, envvar=env("FRESH"), show_envvar=True,
+              help="Keep nothing from the previous run of this input: send every line again.")
 @click.option("--redis-url", envvar=env("REDIS_URL"), show_envvar=True, default=None,
               help="Use this Redis (and any workers on it) instead of a private one.")
 @click.option("--state-dir", envvar=env("STATE_DIR"), show_envvar=True, default=".aivvm-batch",
               show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where the private Redis keeps its data, so an interrupted run continues.")
+              help="Where the private Redis keeps its data, so that an interrupted run continues.")
 @click.option("--stub", is_flag=True, envvar=env("STUB"), show_envvar=True,
               help="Start the local stand-in provider (not a model) and use it.")
 @rpm_option
 @tpm_option
 @format_option
 @handle_errors
-def run(file: Path, output: Path, provider: str, base_url: str | None, concurrency: int,
-        worker_count: int, redis_url: str | None, state_dir: Path, stub: bool,
+def run(file: str, output: str, provider: str, base_url: str | None, concurrency: int,
+        worker_count: int | None, fresh: bool, redis_url: str | None, state_dir: Path, stub: bool,
         rpm: int | None, tpm: int | None, fmt: str) -> None:
-    """Submit FILE, work it and collect OUTPUT in one command.
+    """Submit FILE (- for standard input), work it and collect OUTPUT in one command.
 
     With no --redis-url it needs no server: it starts a private Redis with its
-    data in --state-dir. Run again on the same file, it continues where it stopped.
+    data in --state-dir. Run it again on the same input and it keeps every ok
+    result whose line, provider and base URL are unchanged, and sends the rest.
+
+    Ctrl-C once: no new item starts, and those in flight finish and are recorded;
+    Ctrl-C twice: abandon them (they are sent again by the next run).
     """
-    signal.signal(signal.SIGTERM, interrupt)
     options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
     plan = runner.RunPlan(file=file, output=output, options=options, concurrency=concurrency,
-                          worker_count=worker_count, redis_url=redis_url, state_dir=state_dir,
-                          use_stub=stub, fmt=ResultFormat(fmt))
-    try:
-        info = runner.run(plan, Progress())
-    except KeyboardInterrupt:
-        click.echo("\naivvm-batch: interrupted; run the same command again to continue", err=True)
-        sys.exit(130)
-    click.echo(f"results: {output}", err=True)
-    click.echo(f"summary: {summary(info)}", err=True)
-    exit_for(info)
+                          worker_count=worker_count or default_workers(), redis_url=redis_url,
+                          state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
+    progress = Progress()
+    with Interrupts() as interrupts:
+        try:
+            result = runner.run(plan, progress, interrupts)
+        except runner.Interrupted as stop:
+            click.echo(_interrupted_message(stop), err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            click.echo(_interrupted_message(runner.Interrupted(None)), err=True)
+            sys.exit(EXIT_INTERRUPTED)
+    click.echo(f"results: {'standard output' if output == '-' else output}", err=True)
+    click.echo(f"summary: {summary(result.info)}", err=True)
+    if result.stopped:
+        click.echo(f"aivvm-batch: stopped early: {result.stopped}; fix the cause and run the same "
+                   "command again (the failed and cancelled items are sent again)", err=True)
+    exit_for(result.info)
+
+
+def _interrupted_message(stop: runner.Interrupted) -> str:
+    text = "\naivvm-batch: interrupted"
+    if stop.info is not None:
+        ok = stop.info.counts.get(Status.OK.value, 0)
+        text += f" ({ok} of {stop.info.total if stop.info.total is not None else '?'} items ok)"
+    if stop.abandoned:
+        text += f"; {stop.abandoned} items in flight were abandoned and will be sent again"
+    return text + "; run the same command again to continue"

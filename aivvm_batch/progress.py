@@ -1,4 +1,8 @@
-"""Progress people can read: a live bar on a terminal, plain periodic lines otherwise."""
+"""Progress people can read: a live bar on a terminal, plain periodic lines otherwise.
+
+Both show the most frequent error of failed attempts, so that a batch that fails
+systematically says why while it runs.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from tqdm import tqdm
 
 from jobs.records import BatchInfo, Status
 
+from .watch import error_brief
+
 PLAIN_INTERVAL_SECONDS = 5.0
 
 
@@ -20,7 +26,7 @@ def summary(info: BatchInfo) -> str:
 
 
 class Progress:
-    """Call :meth:`update` with each new view of the batch, then :meth:`close`."""
+    """Call :meth:`update` with each new view of the batch, :meth:`note` for a message, then :meth:`close`."""
 
     def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -30,14 +36,21 @@ class Progress:
         self._first_done: int | None = None
         self._last_line = 0.0
 
-    def update(self, info: BatchInfo) -> None:
+    def update(self, info: BatchInfo, *, force: bool = False) -> None:
         if self._first_done is None:
             self._first_done = info.done
         if self.live:
             self._update_bar(info)
-        elif time.monotonic() - self._last_line >= PLAIN_INTERVAL_SECONDS or info.finished:
+        elif force or info.finished or time.monotonic() - self._last_line >= PLAIN_INTERVAL_SECONDS:
             self._last_line = time.monotonic()
             print(self._plain(info), file=self.stream, flush=True)
+
+    def note(self, message: str) -> None:
+        """A line of its own (above the bar on a terminal)."""
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
 
     def _update_bar(self, info: BatchInfo) -> None:
         if self._bar is None:
@@ -47,7 +60,9 @@ class Progress:
             self._bar.total = info.total
         self._bar.update(info.done - self._bar.n)
         failures = info.done - info.counts.get(Status.OK.value, 0)
-        self._bar.set_postfix_str(f"not ok: {failures}", refresh=True)
+        errors = error_brief(info, 40)
+        self._bar.set_postfix_str(f"not ok: {failures}" + (f", errors: {errors}" if errors else ""),
+                                  refresh=True)
 
     def _plain(self, info: BatchInfo) -> str:
         elapsed = max(time.monotonic() - self._started, 1e-6)
@@ -55,7 +70,9 @@ class Progress:
         eta = ""
         if info.total is not None and rate > 0 and not info.finished:
             eta = f", ETA {int((info.total - info.done) / rate)}s"
-        return f"batch {info.id}: {summary(info)}, {rate:.1f} items/s{eta}"
+        errors = error_brief(info)
+        failing = f"; failed attempts: {sum(info.errors.values())}, most often {errors}" if errors else ""
+        return f"batch {info.id}: {summary(info)}, {rate:.1f} items/s{eta}{failing}"
 
     def close(self) -> None:
         if self._bar is not None:

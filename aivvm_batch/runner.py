@@ -1,93 +1,295 @@
-"""``aivvm-batch run``: submit, work and collect in one process, resumable.
+"""``aivvm-batch run``: check, submit, work and collect in one process, resumable.
 
 It uses the same store, queue and Celery worker as the distributed mode: a
 private Redis (or the one given), worker processes, and the collector.
+
+Each run makes a new batch. The file it reads (its absolute path; for standard
+input or a pipe, a digest of what was read) maps to the batch of the previous run,
+whose ``ok`` results are carried over for every line whose request, provider and
+base URL are unchanged; then the previous batch is deleted.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from jobs.collect import wait_until_finished, write_results
 from jobs.config import Settings
-from jobs.errors import ConfigError
-from jobs.formats import ResultFormat
+from jobs.errors import ConfigError, StoreUnavailable
+from jobs.formats import ResultFormat, render
+from jobs.output import write_atomically
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.queue import configure
-from jobs.records import BatchInfo, BatchOptions, Status
+from jobs.records import BatchInfo, BatchOptions, BatchState, RequestDefaults, Status
 from jobs.store import BatchStore
-from jobs.submit import file_batch_id, submit_file
+from jobs.submit import SubmitReport, new_batch_id, submit_file
 
 from .embedded import EmbeddedRedis
+from .preflight import Checked, preflight, prune_spool
 from .progress import Progress, summary
+from .signals import Interrupts
+from .watch import attempts_warning, default_workers, split_concurrency, systematic_failure
 from .workers import WorkerProcesses
+
+POLL_SECONDS = 0.5
+RECONNECT_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    file: Path
-    output: Path
+    file: str
+    output: str
     options: BatchOptions
-    concurrency: int = 64
-    worker_count: int = 1
+    defaults: RequestDefaults = RequestDefaults()
+    concurrency: int = 128
+    worker_count: int = field(default_factory=default_workers)
     redis_url: str | None = None
     state_dir: Path = Path(".aivvm-batch")
     use_stub: bool = False
     fmt: ResultFormat = ResultFormat.NATIVE
+    fresh: bool = False
 
 
-def run(plan: RunPlan, progress: Progress) -> BatchInfo:
+@dataclass(frozen=True)
+class RunResult:
+    info: BatchInfo
+    # why the batch was stopped before every item was tried, if it was
+    stopped: str | None = None
+
+
+class Interrupted(Exception):
+    """``run`` stopped on Ctrl-C/SIGTERM once its in-flight items were recorded."""
+
+    def __init__(self, info: BatchInfo | None, abandoned: int = 0) -> None:
+        super().__init__("interrupted")
+        self.info = info
+        self.abandoned = abandoned
+
+
+@dataclass
+class _Watch:
+    """What the watch loop knows, kept where an abandoning Ctrl-C can still read it."""
+
+    info: BatchInfo | None = None
+    stopped: str | None = None
+    interrupted: bool = False
+    warned: bool = False
+    in_flight: int = 0
+
+
+def run(plan: RunPlan, progress: Progress, interrupts: Interrupts) -> RunResult:
+    """Everything that can be checked is checked before Redis starts or anything is paid."""
+    state = _Watch()
+    workers: WorkerProcesses | None = None
     with ExitStack() as stack:
-        plan.state_dir.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(_state_lock(plan.state_dir))
-        options = plan.options
-        if plan.use_stub:
-            from .stub import StubServer
-
-            stub = stack.enter_context(StubServer())
-            options = BatchOptions(provider=options.provider, rpm=options.rpm, tpm=options.tpm,
-                                   base_url=stub.base_url + ("/v1" if options.provider.startswith("openai") else ""))
-        private = plan.redis_url is None
-        if private:
-            embedded = stack.enter_context(EmbeddedRedis(plan.state_dir / "redis"))
-            redis_url = embedded.url
-        else:
-            assert plan.redis_url is not None
-            redis_url = plan.redis_url
-        settings = Settings.from_env(redis_url=redis_url)
-        store = BatchStore(redis.Redis.from_url(redis_url, socket_connect_timeout=5), settings.result_ttl)
-        configure(celery_app, settings)
-        batch_id = file_batch_id(plan.file, options)
-        resume = store.exists(batch_id)
-        if resume and private:
-            Publisher(store.redis, celery_app).purge()
-            store.clear_claims(batch_id)
-        if not (resume and store.info(batch_id).finished):
-            workers = WorkerProcesses(redis_url, count=plan.worker_count, concurrency=plan.concurrency,
-                                      log_dir=plan.state_dir / "logs").start()
-            stack.callback(workers.stop)
-            submit_file(store, Publisher(store.redis, celery_app), plan.file, options, settings,
-                        batch_id=batch_id, resume=resume)
+        try:
+            checked = preflight(plan, progress)
+            stack.enter_context(_state_lock(plan.state_dir))
+            options = plan.options
+            if plan.use_stub:
+                options = _with_stub(stack, plan)
+            private = plan.redis_url is None
+            if private:
+                embedded = stack.enter_context(EmbeddedRedis(plan.state_dir / "redis"))
+                redis_url = embedded.url
+            else:
+                assert plan.redis_url is not None
+                redis_url = plan.redis_url
+            settings = Settings.from_env(redis_url=redis_url)
+            store = BatchStore(redis.Redis.from_url(redis_url, socket_connect_timeout=5), settings.result_ttl)
+            configure(celery_app, settings)
+            publisher = Publisher(store.redis, celery_app)
+            if private:
+                _forget_unfinished_work(store, publisher)
+                options = _pin_base_url(options)
+            report = _submit(store, publisher, checked, plan, options, settings, progress,
+                             redis_url if private else None)
+            if private:
+                prune_spool(plan.state_dir, {b.source for b in store.list_batches(limit=1000)})
+            info = store.info(report.batch_id)
+            if not info.finished:
+                workers = WorkerProcesses(redis_url, concurrencies=split_concurrency(plan.concurrency,
+                                                                                       plan.worker_count),
+                                          log_dir=plan.state_dir / "logs").start()
+                stack.callback(workers.stop)
+                interrupts.arm()
+                try:
+                    info = _watch(store, report.batch_id, workers, progress, interrupts, state)
+                finally:
+                    progress.close()
+            if state.interrupted:
+                raise Interrupted(info)
             try:
-                wait_until_finished(store, batch_id, lambda info: _watch(info, progress, workers))
-            finally:
-                progress.close()
-        return write_results(store, batch_id, plan.output, plan.fmt)
+                write_atomically(plan.output, _rendered(store, report.batch_id, info, plan.fmt))
+            except OSError as exc:
+                again = ("run the same command with another -o: the ok results are kept" if private else
+                         f"aivvm-batch collect {report.batch_id} --redis-url {redis_url} -o ...")
+                raise ConfigError(f"cannot write {plan.output}: {exc.strerror or exc}; the results stay in "
+                                  f"batch {report.batch_id} ({again})") from exc
+            return RunResult(info, state.stopped)
+        except KeyboardInterrupt:
+            interrupts.ignore()
+            progress.close()
+            if workers is not None:
+                workers.kill()
+            raise Interrupted(state.info, state.in_flight) from None
     raise AssertionError("unreachable")
 
 
-def _watch(info: BatchInfo, progress: Progress, workers: WorkerProcesses) -> None:
-    progress.update(info)
-    if not info.finished and workers.alive() == 0:
-        raise ConfigError(f"the worker processes exited; see their logs ({summary(info)})")
+def _submit(store: BatchStore, publisher: Publisher, checked: Checked, plan: RunPlan,
+            options: BatchOptions, settings: Settings, progress: Progress,
+            private_url: str | None) -> SubmitReport:
+    """A new batch for this run, carrying over what the previous run of this input got right."""
+    previous = store.run_batch(checked.source_key)
+    earlier = store.info(previous) if previous is not None else None
+    batch_id = new_batch_id()
+    report = submit_file(store, publisher, checked.path, options, settings, batch_id=batch_id,
+                         reuse_from=None if plan.fresh else previous, defaults=plan.defaults)
+    store.set_run_batch(checked.source_key, batch_id)
+    if previous is not None:
+        store.delete(previous)
+    where = (f" on the private Redis {private_url} (while this run lasts: "
+             f"aivvm-batch status {batch_id} --redis-url {private_url})") if private_url else ""
+    progress.note(f"aivvm-batch: batch {batch_id}: {report.total} lines from {checked.display}{where}")
+    if earlier is not None:
+        progress.note(f"aivvm-batch: {resume_message(earlier, report, options, plan.fresh)}")
+    return report
+
+
+def resume_message(earlier: BatchInfo, report: SubmitReport, options: BatchOptions, fresh: bool) -> str:
+    """What a run did with the previous run's results for the same input."""
+    valid = report.total - report.invalid
+    if fresh:
+        return f"--fresh: batch {earlier.id} of the previous run is dropped; all {valid} items run again"
+    if (earlier.options.provider, earlier.options.base_url) != (options.provider, options.base_url):
+        return (f"batch {earlier.id} of the previous run used provider {earlier.options.provider} at "
+                f"{earlier.options.base_url or 'its default URL'}; now {options.provider} at "
+                f"{options.base_url or 'its default URL'}: nothing kept, all {valid} items run again")
+    to_run = valid - report.kept
+    earlier_all_ok = earlier.finished and earlier.counts.get(Status.OK.value, 0) + earlier.counts.get(
+        Status.INVALID.value, 0) == earlier.total
+    if earlier_all_ok:
+        detail = f"{report.changed} line{'s' if report.changed != 1 else ''} changed"
+        if to_run > report.changed:
+            detail += f", {to_run - report.changed} new"
+    else:
+        detail = f"{to_run} to run"
+    return f"resuming batch {earlier.id}: {report.kept} of {valid} results kept, {detail}"
+
+
+def _watch(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress: Progress,
+           interrupts: Interrupts, state: _Watch) -> BatchInfo:
+    """Show progress until the batch finishes; stop taking items on Ctrl-C or a systematic failure."""
+    unreachable_since: float | None = None
+    while True:
+        try:
+            info = store.info(batch_id)
+        except StoreUnavailable:
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > RECONNECT_SECONDS:
+                raise
+            time.sleep(POLL_SECONDS)
+            continue
+        unreachable_since = None
+        state.info = info
+        state.in_flight = (info.total or 0) - info.done
+        if interrupts.requested and not state.interrupted:
+            state.interrupted = True
+            store.cancel(batch_id)
+            info = state.info = store.info(batch_id)
+            state.in_flight = (info.total or 0) - info.done
+            if state.in_flight:
+                progress.note(f"aivvm-batch: interrupted: waiting for {state.in_flight} items in flight "
+                              "to finish and be recorded; Ctrl-C again to abandon them")
+        if not state.warned and (warning := attempts_warning(info)):
+            state.warned = True
+            progress.note(f"aivvm-batch: {warning}{_key_hint(warning, info.options)}")
+        if state.stopped is None and not state.interrupted and (reason := systematic_failure(info)):
+            left = (info.total or 0) - info.done
+            store.cancel(batch_id)
+            state.stopped = reason = reason + _key_hint(reason, info.options)
+            progress.note(f"aivvm-batch: stopping: {reason}; the {left} items not finished are cancelled "
+                          "(those in flight finish first)")
+            info = state.info = store.info(batch_id)
+        progress.update(info)
+        if info.finished:
+            return info
+        if workers.alive() == 0:
+            raise ConfigError(f"the worker processes exited; see their logs in {workers.log_dir} "
+                              f"({summary(info)})")
+        time.sleep(POLL_SECONDS)
+
+
+def _key_hint(error: str, options: BatchOptions) -> str:
+    """Say so when a server refused us its API and no key is set for the provider."""
+    if not any(mark in error for mark in ("401", "403", "unauthorized", "api_key")):
+        return ""
+    from worker.providers import PROVIDERS
+
+    variable = getattr(PROVIDERS[options.providers()[0]], "api_key_variable", None)
+    if variable is None or os.environ.get(variable):
+        return ""
+    return f" ({variable} is not set in this environment)"
+
+
+def _rendered(store: BatchStore, batch_id: str, info: BatchInfo, fmt: ResultFormat) -> Iterator[bytes]:
+    for seq, raw in store.iter_results(batch_id, info.total or 0):
+        if raw is None:
+            raise ConfigError(f"batch {batch_id}: item {seq} has no result")
+        yield render(raw, fmt) + b"\n"
+
+
+def _with_stub(stack: ExitStack, plan: RunPlan) -> BatchOptions:
+    """Start the stand-in, on the port of the previous run if it is free (same base URL, same batch)."""
+    from .stub import StubServer
+
+    port_file = plan.state_dir / "stub.port"
+    try:
+        stub = StubServer(port=int(port_file.read_text()))
+    except (OSError, ValueError):
+        stub = StubServer()
+    stack.enter_context(stub)
+    port_file.write_text(str(stub.port))
+    options = plan.options
+    suffix = "/v1" if options.providers()[0] == "openai" else ""
+    return BatchOptions(provider=options.provider, base_url=stub.base_url + suffix,
+                        rpm=options.rpm, tpm=options.tpm)
+
+
+def _pin_base_url(options: BatchOptions) -> BatchOptions:
+    """On the private Redis only ``run``'s workers work, with ``run``'s environment: record the
+    base URL they will use, so that a changed AIVVM_BASE_URL/OPENAI_BASE_URL is a changed batch."""
+    if options.base_url:
+        return options
+    from worker.providers import PROVIDERS
+
+    first = PROVIDERS[options.providers()[0]]
+    return BatchOptions(provider=options.provider, base_url=first.base_url(None),
+                        rpm=options.rpm, tpm=options.tpm)
+
+
+def _forget_unfinished_work(store: BatchStore, publisher: Publisher) -> None:
+    """On the private Redis, no worker is alive (the state lock): drop what earlier runs left.
+
+    Their queued and unacknowledged messages are purged; a batch they left unfinished
+    is cancelled (its ``ok`` results stay, for its input's next run), so that the
+    workers' sweep never enqueues its items again during another input's run.
+    """
+    publisher.purge()
+    for info in store.list_batches(limit=1000):
+        if info.state is BatchState.SUBMITTING:
+            store.delete(info.id)
+        elif info.state is BatchState.RUNNING and not info.finished:
+            store.cancel(info.id)
 
 
 class _state_lock:
@@ -98,6 +300,7 @@ class _state_lock:
         self.file: Any = None
 
     def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,4 +1,9 @@
-"""Worker processes started by ``aivvm-batch run``: the same Celery worker as distributed mode."""
+"""Worker processes started by ``aivvm-batch run``: the same Celery worker as distributed mode.
+
+Each runs in a session of its own, so that a terminal's Ctrl-C (sent to the
+foreground process group) reaches ``run`` only, which stops them in order; each
+still dies with ``run`` (``PR_SET_PDEATHSIG``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .embedded import die_with_parent
@@ -16,31 +23,44 @@ def _die_with_parent() -> None:
 
 
 class WorkerProcesses:
-    """``count`` Celery worker processes on ``redis_url`` (passed by environment, not argv)."""
+    """Celery worker processes on ``redis_url`` (passed by environment, not argv).
+
+    ``count`` processes of ``concurrency`` slots each, or one process per entry of
+    ``concurrencies``.
+    """
 
     def __init__(self, redis_url: str, *, count: int = 1, concurrency: int = 64,
-                 log_dir: Path, env: dict[str, str] | None = None, loglevel: str = "WARNING",
+                 concurrencies: Sequence[int] | None = None, log_dir: Path,
+                 env: dict[str, str] | None = None, loglevel: str = "WARNING",
                  pool: str = "threads") -> None:
         self.redis_url = redis_url
-        self.count = count
-        self.concurrency = concurrency
+        self.concurrencies = list(concurrencies) if concurrencies is not None else [concurrency] * count
         self.log_dir = log_dir
         self.env = env or {}
         self.loglevel = loglevel
         self.pool = pool
         self.processes: list[subprocess.Popen[bytes]] = []
 
+    @property
+    def count(self) -> int:
+        return len(self.concurrencies)
+
+    @property
+    def names(self) -> list[str]:
+        """The Celery node names, ``%h`` unexpanded."""
+        return [f"run{os.getpid()}-{i}@%h" for i in range(self.count)]
+
     def start(self) -> WorkerProcesses:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "AIVVM_BATCH_REDIS_URL": self.redis_url}
-        for i in range(self.count):
+        for i, (concurrency, name) in enumerate(zip(self.concurrencies, self.names)):
             log = open(self.log_dir / f"worker-{i}.log", "ab")
             args = [sys.executable, "-m", "aivvm_batch", "worker",
-                    "--concurrency", str(self.concurrency), "--loglevel", self.loglevel, "--pool", self.pool,
-                    "--name", f"run{os.getpid()}-{i}@%h"]
+                    "--concurrency", str(concurrency), "--loglevel", self.loglevel, "--pool", self.pool,
+                    "--name", name]
             self.processes.append(subprocess.Popen(
                 args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=_die_with_parent,
             ))
             log.close()
         return self
@@ -48,15 +68,28 @@ class WorkerProcesses:
     def alive(self) -> int:
         return sum(p.poll() is None for p in self.processes)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Warm shutdown (SIGTERM): in-flight items finish; then SIGKILL what is left."""
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM): no new task; those running finish and are recorded."""
         for p in self.processes:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown, waited for ``timeout`` seconds in all; then SIGKILL what is left."""
+        self.terminate()
+        deadline = time.monotonic() + timeout
         for p in self.processes:
             try:
-                p.wait(timeout)
+                p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL every worker still running, and wait for it."""
+        for p in self.processes:
+            if p.poll() is None:
                 p.kill()
-                p.wait()
+        for p in self.processes:
+            p.wait()
         self.processes = []

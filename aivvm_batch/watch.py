@@ -1,0 +1,95 @@
+"""What ``run`` makes of a view of its batch: warnings worth a line, and when to stop paying.
+
+Pure functions of :class:`~jobs.records.BatchInfo`, so that the rules are tested without
+Redis or workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jobs.records import BatchInfo, Status
+
+# A warning needs this many failed attempts (or one per item, if fewer items)...
+WARN_AFTER_ATTEMPTS = 3
+# ...and a stop this many items ended failed (or every item, if fewer).
+STOP_AFTER_ITEMS = 8
+ERROR_TEXT_CHARS = 160
+
+
+def valid_items(info: BatchInfo) -> int | None:
+    """Items that are sent to a provider (invalid lines are not), once the total is known."""
+    if info.total is None:
+        return None
+    return info.total - info.counts.get(Status.INVALID.value, 0)
+
+
+def failed_attempts(info: BatchInfo) -> int:
+    return sum(info.errors.values())
+
+
+def short(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def attempts_warning(info: BatchInfo) -> str | None:
+    """``12 of 12 attempts failed: <error>`` while no item is ok and the first attempts fail.
+
+    Said once the first few attempts have all failed, long before the retries of
+    a systematic failure (server down, wrong base URL, missing key) run out.
+    """
+    valid = valid_items(info)
+    failed = failed_attempts(info)
+    if info.counts.get(Status.OK.value, 0) or not valid or failed < min(WARN_AFTER_ATTEMPTS, valid):
+        return None
+    top = info.top_error
+    assert top is not None
+    text, count = top
+    attempts = failed + info.counts.get(Status.OK.value, 0)
+    if count == failed:
+        return f"{failed} of {attempts} attempts failed: {short(text)}"
+    return f"{failed} of {attempts} attempts failed; the most frequent error ({count}): {short(text)}"
+
+
+def systematic_failure(info: BatchInfo) -> str | None:
+    """Why the batch should stop, when every item that ended failed the same way.
+
+    That is: at least ``STOP_AFTER_ITEMS`` items (or all of them, if fewer) ended
+    ``failed``, none is ``ok``, every failed attempt so far had one identical error,
+    and items remain that would be paid for next.
+    """
+    valid = valid_items(info)
+    if not valid or info.finished or info.counts.get(Status.OK.value, 0):
+        return None
+    failed = info.counts.get(Status.FAILED.value, 0)
+    if failed < min(STOP_AFTER_ITEMS, valid) or len(info.errors) != 1:
+        return None
+    text = next(iter(info.errors))
+    return f"the first {failed} items all failed with the same error: {short(text)}"
+
+
+def error_brief(info: BatchInfo, limit: int = 60) -> str:
+    """The most frequent attempt error and its count, for a progress line; empty if none."""
+    top = info.top_error
+    if top is None:
+        return ""
+    text, count = top
+    return f"{count}× {short(text, limit)}"
+
+
+def split_concurrency(total: int, workers: int) -> list[int]:
+    """``total`` requests in flight shared by at most ``workers`` processes, summing to ``total``.
+
+    A worker gets at least one slot, so there are never more workers than slots.
+    """
+    if total < 1 or workers < 1:
+        raise ValueError("concurrency and workers must be at least 1")
+    count = min(total, workers)
+    base, extra = divmod(total, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+def default_workers() -> int:
+    """One worker process per core."""
+    return max(1, os.cpu_count() or 1)
