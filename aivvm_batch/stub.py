@@ -906,7 +906,11 @@ def _install_sigterm(stop: threading.Event) -> Callable[[], None]:
         stop.set()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def serve(

@@ -53,7 +53,8 @@ AIVVM_MODELS = {
     "gpt-4-32k": "GPT-4-32K",
     "gpt-4-32k-0613": "GPT-4-32K-0613",
 }
-ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY")
+ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY",
+                 "AIVVM_BATCH_ALLOWED_BASE_URLS")
 
 
 # --------------------------------------------------------------------------
@@ -551,19 +552,19 @@ def test_openai_create_completion_yields_only_text(stub: StubServer) -> None:
     assert "".join(chunks) == reply_to("Hi")
 
 
-def test_openai_request_shape(capture: CaptureServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+def test_openai_request_shape(capture: CaptureServer) -> None:
     capture.reply = Scripted(chunks=sse(
         {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]},
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
         "[DONE]",
     ))
-    items = list(OpenAI.stream(openai_call(capture.base_url + "/v1/", "Hi", temperature=0.2)))
+    items = list(OpenAI.stream(openai_call(capture.base_url + "/v1/", "Hi", temperature=0.2,
+                                           api_key="sk-given")))
     assert items == ["ok", StreamEnd("stop", None, None)]
     request = capture.requests[0]
     assert request.method == "POST"
     assert request.path == "/v1/chat/completions"
-    assert request.headers["authorization"] == "Bearer sk-env"
+    assert request.headers["authorization"] == "Bearer sk-given"
     assert request.headers["content-type"] == "application/json"
     assert request.body["model"] == "gpt-4"
     assert request.body["messages"] == user("Hi")
@@ -590,17 +591,30 @@ def test_openai_missing_key_is_401_invalid_api_key(keyed_stub: StubServer) -> No
     assert error.transient is False
 
 
-def test_openai_key_from_env_is_accepted(keyed_stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("allow", ["AIVVM_BATCH_ALLOWED_BASE_URLS", "OPENAI_BASE_URL"])
+def test_openai_key_from_env_is_accepted_where_allowed(keyed_stub: StubServer, monkeypatch: pytest.MonkeyPatch,
+                                                       allow: str) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv(allow, keyed_stub.base_url + "/v1/")
     chunks = OpenAI.create_completion(model="gpt-4", messages=user("Hi"), base_url=keyed_stub.base_url + "/v1")
     assert "".join(chunks) == reply_to("Hi")
 
 
-def test_openai_wrong_key_from_env_is_401(keyed_stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
-    _, error = collect(OpenAI.stream(openai_call(keyed_stub.base_url + "/v1", "Hi")))
+def test_openai_key_from_env_is_withheld_elsewhere(keyed_stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed's create_completion binds the worker's key like the worker does."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    _, error = collect(OpenAI.create_completion(model="gpt-4", messages=user("Hi"),
+                                                base_url=keyed_stub.base_url + "/v1"))
     assert isinstance(error, ProviderHTTPError)
     assert error.status == 401
+    assert "OPENAI_API_KEY was not sent" in str(error)
+
+
+def test_openai_wrong_key_is_401(keyed_stub: StubServer) -> None:
+    _, error = collect(OpenAI.stream(openai_call(keyed_stub.base_url + "/v1", "Hi", api_key="sk-wrong")))
+    assert isinstance(error, ProviderHTTPError)
+    assert error.status == 401
+    assert "was not sent" not in str(error)
 
 
 def test_openai_error_kind_from_json_type(stub: StubServer) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ from dataclasses import dataclass
 from jobs.config import Settings
 from jobs.records import ItemError, ItemRequest, ItemResult, Status, Usage
 
-from .errors import ProviderError, RateLimited
+from .errors import ProviderError, ProviderHTTPError, RateLimited
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
+from .providers.credentials import choose_key, redact, worker_keys
 
-API_KEY_VARIABLES = {"aivvm": "AIVVM_API_KEY", "openai": "OPENAI_API_KEY"}
 logger = logging.getLogger(__name__)
 BeforeCall = Callable[[type[AbstractProvider], CompletionCall], None]
 
@@ -74,6 +73,7 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
     error: ProviderError | None = None
     try:
         model = provider.check_model(model)
+        key = choose_key(provider, provider.base_url(base_url), settings.allowed_base_urls)
         call = CompletionCall(
             model=model,
             messages=tuple(m.to_dict() for m in request.messages),
@@ -81,10 +81,13 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
             temperature=request.temperature,
             params=dict(request.params),
             base_url=base_url,
-            api_key=os.environ.get(API_KEY_VARIABLES[provider.name]) or None,
+            api_key=key.key,
+            key_withheld=key.withheld,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             deadline=started + settings.item_deadline,
+            max_reply_bytes=settings.max_reply_bytes,
+            max_decompression_ratio=settings.max_decompression_ratio,
         )
         scope = provider.scope(call.base_url)
         if before_call is not None:
@@ -97,7 +100,7 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
                 first_chunk_ms = _ms_since(started)
             chunks.append(chunk)
     except ProviderError as exc:
-        error = exc
+        error = _without_keys(exc)
     except RateLimited:
         raise
     except Exception as exc:  # a bug must end the item as failed, not lose it
@@ -106,6 +109,15 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
         error.kind = "internal_error"
     return Attempt(provider.name, model or request.model or "", "".join(chunks), error,
                    _ms_since(started), first_chunk_ms, end, scope)
+
+
+def _without_keys(error: ProviderError) -> ProviderError:
+    """The error, its message cleared of any key of this worker (the last guard before Redis)."""
+    message = str(error)
+    cleaned = redact(message, worker_keys(PROVIDERS.values()))
+    if cleaned != message:
+        error.args = (cleaned,)
+    return error
 
 
 def _combined(last: Attempt, errors: list[tuple[str, ProviderError]]) -> Attempt:
@@ -121,7 +133,8 @@ def to_result(request: ItemRequest, outcome: Attempt, attempts: int) -> ItemResu
     """The final result of an item from its last attempt."""
     error = None
     if outcome.error is not None:
-        error = ItemError(outcome.error.kind, str(outcome.error))
+        status = outcome.error.status if isinstance(outcome.error, ProviderHTTPError) else None
+        error = ItemError(outcome.error.kind, str(outcome.error), http_status=status)
     return ItemResult(
         id=request.id,
         line=request.line,
@@ -136,7 +149,6 @@ def to_result(request: ItemRequest, outcome: Attempt, attempts: int) -> ItemResu
         finish_reason=(outcome.end.finish_reason if outcome.end else None)
         or ("stop" if error is None else None),
         provider=outcome.provider,
-       
     )
 
 

@@ -2,15 +2,21 @@
 
     ProviderError                 base; ``kind`` is the result's error type
     ├── UnsupportedModel          (also a ValueError, as in the seed) permanent
-    ├── ProviderHTTPError         non-2xx reply; transient for 408/409/425/429/5xx
-    ├── ProviderTransportError    connection refused/reset, DNS...: transient
+    ├── ProviderHTTPError         non-2xx reply, ``status`` kept (the result's ``http_status``);
+    │   │                         transient for 408/409/425/429/5xx, else permanent
+    │   └── RedirectError         3xx: never followed (``redirect``), names the Location: permanent
+    ├── ProviderTransportError    connection refused/reset, DNS...: transient (``connection_error``)
+    ├── TLSError                  certificate not trusted, TLS handshake refused: permanent
     ├── ProviderTimeout           connect/read timeout or the item deadline: transient
     ├── IncompleteReply           the body was cut short by the connection: transient
     ├── EmptyReply                200 with nothing in it: transient
-    └── MalformedReply            the reply does not follow the protocol: permanent
+    ├── ReplyTooLarge             past AIVVM_BATCH_MAX_REPLY_BYTES (decoded) or past the
+    │                             decompression ratio; the text up to the cap is kept: permanent
+    └── MalformedReply            the reply does not follow the protocol (a web page, an
+                                  encoding never asked for, an event that is not JSON): permanent
     RateLimited                   the shared rate limiter says wait (not a provider failure)
 
-Foreign exceptions (requests, urllib3) are translated to these at the provider boundary.
+Foreign exceptions (requests, urllib3, ssl, zlib) are translated to these at the provider boundary.
 """
 
 from __future__ import annotations
@@ -41,10 +47,30 @@ class ProviderHTTPError(ProviderError):
         self.transient = status in TRANSIENT_STATUSES
         self.retry_after = retry_after
 
+    def add_detail(self, detail: str) -> None:
+        """Append ``detail`` to the message (what the worker knows and the server could not say)."""
+        self.args = (f"{self.args[0]} ({detail})",)
+
+
+class RedirectError(ProviderHTTPError):
+    """A 3xx answer. Following it would send the request (and the key) where nobody configured."""
+
+    def __init__(self, status: int, location: str | None) -> None:
+        where = f"to {location}" if location else "without a Location"
+        super().__init__(status, f"the server redirects {where}; redirects are not followed: "
+                                 "use the URL that answers as the base URL", kind="redirect")
+        self.location = location
+
 
 class ProviderTransportError(ProviderError):
     kind = "connection_error"
     transient = True
+
+
+class TLSError(ProviderError):
+    """Retrying does not make an untrusted certificate trusted."""
+
+    kind = "tls_error"
 
 
 class ProviderTimeout(ProviderError):
@@ -60,6 +86,12 @@ class IncompleteReply(ProviderError):
 class EmptyReply(ProviderError):
     kind = "empty_reply"
     transient = True
+
+
+class ReplyTooLarge(ProviderError):
+    """Asking again would fetch the same oversized reply (and pay for it) again."""
+
+    kind = "reply_too_large"
 
 
 class MalformedReply(ProviderError):

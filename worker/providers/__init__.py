@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from .aivvm import Aivvm
 from .base import AbstractProvider, CompletionCall, StreamEnd
+from .checks import check_base_url
 from .openai import OpenAI
 
+# The one registry: each class names its base-URL and API-key variables.
 PROVIDERS: dict[str, type[AbstractProvider]] = {"aivvm": Aivvm, "openai": OpenAI}
 
-__all__ = ["PROVIDERS", "AbstractProvider", "Aivvm", "CompletionCall", "OpenAI", "StreamEnd"]
+__all__ = ["PROVIDERS", "AbstractProvider", "Aivvm", "CompletionCall", "OpenAI", "StreamEnd",
+           "check_base_url"]

@@ -2,6 +2,10 @@
 
 ``POST {base}/api/chat`` with the model entry, messages, key, prompt and
 temperature; the reply is plain UTF-8 text streamed in arbitrary chunks.
+
+chatbot-ui answers ``text/plain`` (the stand-in: ``text/plain; charset=utf-8``) or no
+content type; a 200 web page (``text/html``: a login or error page of a proxy) is not a
+reply and fails as ``malformed_reply``.
 """
 
 from __future__ import annotations
@@ -9,15 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import EmptyReply, ProviderHTTPError, UnsupportedModel
+from ..errors import EmptyReply, MalformedReply, ProviderHTTPError, UnsupportedModel
 from .base import AbstractProvider, CompletionCall, StreamEnd
-from .http import decode_utf8, post_stream
+from .decoding import decode_utf8
+from .http import post_stream
 
 DEFAULT_SYSTEM_MESSAGE = (
     "You are ChatGPT, a large language model trained by OpenAI. "
     "Follow the user's instructions carefully. Respond using markdown."
 )
 DEFAULT_MODEL = "gpt-3.5-turbo"
+WEB_PAGES = frozenset({"text/html", "application/xhtml+xml"})
 DEFAULT_TEMPERATURE = 0.7
 
 models: dict[str, dict[str, str]] = {
@@ -36,6 +42,7 @@ class Aivvm(AbstractProvider):
     url = "https://chat.aivvm.com"
     name = "aivvm"
     base_url_variable = "AIVVM_BASE_URL"
+    api_key_variable = "AIVVM_API_KEY"
     working = True
     supports_stream = True
     supports_gpt_35_turbo = True
@@ -77,11 +84,17 @@ class Aivvm(AbstractProvider):
             "user-agent": "aivvm-batch",
         }
         received = False
-        for text in decode_utf8(post_stream(f"{base}/api/chat", body, headers, call, _error)):
+        for text in decode_utf8(post_stream(f"{base}/api/chat", body, headers, call, _error, _check_type)):
             received = True
             yield text
         if not received:
             raise EmptyReply("the server answered 200 with an empty body")
+
+
+def _check_type(media: str) -> None:
+    if media in WEB_PAGES:
+        raise MalformedReply(f"the server answered 200 with {media}, a web page, not an Aivvm reply "
+                             "(plain text): is the base URL right?")
 
 
 def _error(status: int, text: str, retry_after: float | None) -> ProviderHTTPError:

@@ -9,6 +9,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from jobs.config import Settings
+
+from .credentials import choose_key
+
+_DEFAULTS = Settings()
 Messages = Sequence[Mapping[str, str]]
 
 
@@ -23,7 +28,11 @@ class StreamEnd:
 
 @dataclass(frozen=True)
 class CompletionCall:
-    """Everything one request needs. ``api_key`` comes from the worker's environment only."""
+    """Everything one request needs.
+
+    ``api_key`` is sent as it is: it comes from the worker's environment only, through
+    :func:`credentials.choose_key`, which withholds it from base URLs not allowed.
+    """
 
     model: str
     messages: tuple[Mapping[str, str], ...]
@@ -35,6 +44,12 @@ class CompletionCall:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     deadline: float | None = None  # time.monotonic() after which the call gives up
+    # past this many decoded reply bytes the call fails as reply_too_large
+    max_reply_bytes: int = _DEFAULTS.max_reply_bytes
+    # decoded bytes per compressed byte beyond which a compressed reply is a bomb
+    max_decompression_ratio: float = _DEFAULTS.max_decompression_ratio
+    # the key variable whose key was not sent to this base URL (see credentials.choose_key)
+    key_withheld: str | None = None
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -49,7 +64,9 @@ class AbstractProvider(ABC):
 
     url: ClassVar[str]
     name: ClassVar[str]
+    # the worker's environment variables beside each other: where to call, and the key for it
     base_url_variable: ClassVar[str]
+    api_key_variable: ClassVar[str]
     working: ClassVar[bool] = True
     supports_stream: ClassVar[bool] = True
     supports_gpt_35_turbo: ClassVar[bool] = False
@@ -81,8 +98,16 @@ class AbstractProvider(ABC):
         """Yield the reply's text chunks (one chunk when ``stream`` is false).
 
         kwargs: ``system_message``, ``temperature``, and ``base_url``, ``api_key``,
-        ``connect_timeout``, ``read_timeout``, ``deadline`` as in :class:`CompletionCall`.
+        ``connect_timeout``, ``read_timeout``, ``deadline``, ``max_reply_bytes`` as in
+        :class:`CompletionCall`. Without ``api_key``, the worker's key is used where its
+        environment allows it (``AIVVM_BATCH_ALLOWED_BASE_URLS``, the provider's variables).
         """
+        settings = Settings.from_env()
+        kwargs.setdefault("max_reply_bytes", settings.max_reply_bytes)
+        kwargs.setdefault("max_decompression_ratio", settings.max_decompression_ratio)
+        if "api_key" not in kwargs:
+            choice = choose_key(cls, cls.base_url(kwargs.get("base_url")), settings.allowed_base_urls)
+            kwargs.update(api_key=choice.key, key_withheld=choice.withheld)
         call = CompletionCall(model=cls.check_model(model),
                               messages=tuple(messages), **kwargs)
         chunks = (c for c in cls.stream(call) if isinstance(c, str))

@@ -1,0 +1,341 @@
+"""Pure protocol logic of the providers, with literal bytes and strings: no I/O.
+
+The bounded body decoder, the bounded event-stream reader, base-URL checks and normal
+forms, which key a call carries, redaction, and how errors become results.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import tracemalloc
+import zlib
+
+import pytest
+
+from jobs.records import ChatMessage, ItemRequest
+from worker.completion import Attempt, to_result
+from worker.errors import (
+    IncompleteReply,
+    MalformedReply,
+    ProviderHTTPError,
+    ProviderTransportError,
+    RedirectError,
+    ReplyTooLarge,
+    TLSError,
+)
+from worker.providers import PROVIDERS, Aivvm, OpenAI, check_base_url
+from worker.providers.checks import normal_form
+from worker.providers.credentials import choose_key, is_allowed, redact
+from worker.providers.decoding import RATIO_FLOOR, STEP, BodyDecoder
+from worker.providers.openai import sse_data
+
+MiB = 1024 * 1024
+
+
+def feed_all(decoder: BodyDecoder, chunks: list[bytes]) -> bytes:
+    out = b"".join(decoder.feed(c) for c in chunks)
+    return out + decoder.finish()
+
+
+def split_every(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+# --------------------------------------------------------------------------
+# BodyDecoder: plain bodies
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", [None, "", "identity", " Identity "])
+def test_plain_body_passes_through(encoding: str | None) -> None:
+    decoder = BodyDecoder(encoding, 100, 100.0)
+    assert feed_all(decoder, [b"caf\xc3", b"\xa9 ok"]) == b"caf\xc3\xa9 ok"
+    assert decoder.error is None
+
+
+def test_plain_body_of_exactly_the_cap_is_whole() -> None:
+    decoder = BodyDecoder(None, 10, 100.0)
+    assert feed_all(decoder, [b"01234", b"56789"]) == b"0123456789"
+    assert decoder.error is None
+
+
+def test_plain_body_past_the_cap_keeps_the_cap_then_stops() -> None:
+    decoder = BodyDecoder(None, 10, 100.0)
+    assert decoder.feed(b"01234") == b"01234"
+    assert decoder.feed(b"56789X") == b"56789"
+    assert isinstance(decoder.error, ReplyTooLarge)
+    assert decoder.error.kind == "reply_too_large" and decoder.error.transient is False
+    assert "10 bytes" in str(decoder.error)
+    assert decoder.feed(b"more") == b""
+    assert decoder.finish() == b""
+
+
+# --------------------------------------------------------------------------
+# BodyDecoder: gzip and deflate
+# --------------------------------------------------------------------------
+
+TEXT = ("Stand-in reply: héllo wörld — 日本語 ✓ 🎉 " * 50).encode()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "GZIP"])
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_gzip_body_fed_in_pieces(encoding: str, size: int) -> None:
+    decoder = BodyDecoder(encoding, MiB, 100.0)
+    assert feed_all(decoder, split_every(gzip.compress(TEXT), size)) == TEXT
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib-wrapped", "raw"])
+@pytest.mark.parametrize("size", [1, 2, 5000])
+def test_deflate_body_in_either_form(wbits: int, size: int) -> None:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    data = compressor.compress(TEXT) + compressor.flush()
+    assert feed_all(BodyDecoder("deflate", MiB, 100.0), split_every(data, size)) == TEXT
+
+
+def test_gzip_members_one_after_another() -> None:
+    data = gzip.compress(b"first ") + gzip.compress(b"second")
+    assert feed_all(BodyDecoder("gzip", MiB, 100.0), split_every(data, 3)) == b"first second"
+
+
+def test_gzip_cut_before_its_end_is_incomplete() -> None:
+    data = gzip.compress(TEXT)
+    decoder = BodyDecoder("gzip", MiB, 100.0)
+    decoder.feed(data[: len(data) // 2])
+    with pytest.raises(IncompleteReply):
+        decoder.finish()
+
+
+def test_gzip_that_is_not_gzip_is_malformed() -> None:
+    with pytest.raises(MalformedReply) as caught:
+        BodyDecoder("gzip", MiB, 100.0).feed(b"this is plain text, whatever the header says")
+    assert caught.value.transient is False
+
+
+def test_empty_gzip_body_is_no_error() -> None:
+    assert BodyDecoder("gzip", MiB, 100.0).finish() == b""
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, br", "gzip, gzip", "deflate, gzip"])
+def test_encodings_never_asked_for_are_malformed(encoding: str) -> None:
+    with pytest.raises(MalformedReply) as caught:
+        BodyDecoder(encoding, MiB, 100.0)
+    assert "gzip" in str(caught.value)
+
+
+def zeros_gzip(size: int) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    block = bytes(MiB)
+    return b"".join(compressor.compress(block) for _ in range(size // MiB)) + compressor.flush()
+
+
+BOMB = zeros_gzip(64 * MiB)  # about 64 KB
+
+
+def test_a_gzip_bomb_stops_at_the_cap_with_flat_memory() -> None:
+    decoder = BodyDecoder("gzip", MiB, 1e9)  # no ratio limit: the cap alone
+    tracemalloc.start()
+    try:
+        out = b"".join(decoder.feed(c) for c in split_every(BOMB, 65536))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out == bytes(MiB)
+    assert isinstance(decoder.error, ReplyTooLarge)
+    assert peak < 4 * MiB
+
+
+def test_a_gzip_bomb_stops_at_the_ratio_long_before_the_cap() -> None:
+    decoder = BodyDecoder("gzip", 1024 * MiB, 100.0)
+    out = b"".join(decoder.feed(c) for c in split_every(BOMB, 65536))
+    assert isinstance(decoder.error, ReplyTooLarge)
+    assert "100 times" in str(decoder.error) and "bomb" in str(decoder.error)
+    assert RATIO_FLOOR < len(out) <= RATIO_FLOOR + STEP
+
+
+def test_a_well_compressed_small_reply_is_not_a_bomb() -> None:
+    """Below RATIO_FLOOR decoded bytes the ratio is not judged: short repetitive replies pass."""
+    text = b"ha" * (RATIO_FLOOR // 2)
+    assert feed_all(BodyDecoder("gzip", MiB, 100.0), [gzip.compress(text)]) == text
+
+
+# --------------------------------------------------------------------------
+# Event stream: bounded lines
+# --------------------------------------------------------------------------
+
+
+def test_an_event_line_that_never_ends_is_too_large() -> None:
+    texts = iter(["data: "] + ["a" * 1000] * 100)
+    with pytest.raises(ReplyTooLarge):
+        list(sse_data(texts, max_chars=10_000))
+
+
+def test_many_data_lines_in_one_event_are_too_large() -> None:
+    texts = iter(["data: aaaa\n"] * 10_000)
+    with pytest.raises(ReplyTooLarge):
+        list(sse_data(texts, max_chars=10_000))
+
+
+def test_events_under_the_limit_pass() -> None:
+    texts = iter(["data: " + "a" * 500, "0\n\n", "data: b\n\n"])
+    assert list(sse_data(texts, max_chars=1000)) == ["a" * 500 + "0", "b"]
+
+
+# --------------------------------------------------------------------------
+# Base URLs
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "https://chat.example.com", "http://localhost:8000/v1",
+                                 "HTTP://Example.com/", "http://[::1]:8080"])
+@pytest.mark.parametrize("provider", ["aivvm", "openai"])
+def test_good_base_urls(provider: str, url: str) -> None:
+    assert check_base_url(provider, url) is None
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("127.0.0.1:8000", "no scheme: write http://127.0.0.1:8000 or https://127.0.0.1:8000"),
+    ("localhost/v1", "no scheme: write http://localhost/v1 or https://localhost/v1"),
+    ("localhost:8000", "no scheme: write http://localhost:8000 or https://localhost:8000"),
+    ("ftp://example.com", "the scheme ftp:// is not supported: use http:// or https://"),
+    ("file:///etc/passwd", "the scheme file:// is not supported: use http:// or https://"),
+    ("http://", "no host: write it as http://host:port"),
+    ("http://example.com:99999", "the port is not a number from 0 to 65535"),
+    ("http://example.com/v1?x=1", "a base URL has no query (?...) or fragment (#...)"),
+])
+def test_bad_base_urls_are_one_line_value_errors(url: str, reason: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        check_base_url("aivvm", url)
+    assert str(caught.value) == reason
+
+
+@pytest.mark.parametrize(("provider", "url", "warning"), [
+    ("aivvm", "http://host:3000/api/chat",
+     "the base URL ends in /api/chat, which aivvm-batch appends itself; use http://host:3000"),
+    ("aivvm", "http://host:3000/api/chat/",
+     "the base URL ends in /api/chat, which aivvm-batch appends itself; use http://host:3000"),
+    ("openai", "http://localhost:8000/v1/chat/completions",
+     "the base URL ends in /chat/completions, which aivvm-batch appends itself; use http://localhost:8000/v1"),
+])
+def test_a_base_url_ending_in_the_protocol_path_is_a_warning(provider: str, url: str, warning: str) -> None:
+    assert check_base_url(provider, url) == warning
+
+
+def test_an_unknown_provider_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        check_base_url("gemini", "http://x")
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("http://Example.COM", "http://example.com:80/"),
+    ("HTTPS://example.com/v1/", "https://example.com:443/v1"),
+    ("http://127.0.0.1:8000/v1", " http://127.0.0.1:8000/v1// "),
+])
+def test_normal_forms_equal(a: str, b: str) -> None:
+    assert normal_form(a) is not None and normal_form(a) == normal_form(b)
+
+
+@pytest.mark.parametrize("other", [
+    "https://good.example:8000",  # scheme
+    "http://good.example:8001",  # port
+    "http://good.example:8000/v1",  # path
+    "http://good.example:8000.evil.example",  # a longer host
+    "http://good.example:8000@evil.example",  # userinfo, then another host
+    "http://evil.example/http://good.example:8000",  # the allowed URL as a path
+    "http://good.example.:8000",  # a trailing dot is another name
+])
+def test_a_base_url_must_equal_an_allowed_one(other: str) -> None:
+    env = {"OPENAI_API_KEY": "sk-k"}
+    assert is_allowed(OpenAI, "http://good.example:8000", "http://good.example:8000", env)
+    assert not is_allowed(OpenAI, other, "http://good.example:8000", env)
+    assert choose_key(OpenAI, other, "http://good.example:8000", env).key is None
+
+
+# --------------------------------------------------------------------------
+# Which key a call carries
+# --------------------------------------------------------------------------
+
+
+def test_each_provider_names_its_variables() -> None:
+    assert {(p.base_url_variable, p.api_key_variable) for p in PROVIDERS.values()} == {
+        ("AIVVM_BASE_URL", "AIVVM_API_KEY"), ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+
+
+def test_the_default_url_and_the_base_url_variable_are_allowed() -> None:
+    env = {"AIVVM_API_KEY": "k1", "AIVVM_BASE_URL": "http://mine:3000/"}
+    assert choose_key(Aivvm, Aivvm.url, "", env).key == "k1"
+    assert choose_key(Aivvm, "http://mine:3000", "", env).key == "k1"
+    assert choose_key(Aivvm, "http://other:3000", "", env).key is None
+
+
+def test_allowed_urls_are_comma_separated() -> None:
+    env = {"OPENAI_API_KEY": "sk-k"}
+    extra = " http://a:1/v1 ,, https://b.example/v1/ "
+    assert choose_key(OpenAI, "http://a:1/v1", extra, env).key == "sk-k"
+    assert choose_key(OpenAI, "https://B.example:443/v1", extra, env).key == "sk-k"
+    assert choose_key(OpenAI, "http://c:1/v1", extra, env).key is None
+
+
+def test_no_key_configured_withholds_nothing() -> None:
+    choice = choose_key(OpenAI, "http://anywhere", "", {})
+    assert choice.key is None and choice.withheld is None and choice.hint is None
+
+
+def test_a_withheld_key_is_named_once_per_base_url_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    env = {"OPENAI_API_KEY": "sk-never-logged"}
+    with caplog.at_level(logging.WARNING, logger="worker.providers.credentials"):
+        for _ in range(3):
+            choice = choose_key(OpenAI, "http://warned-once.example/v1", "", env)
+        choose_key(OpenAI, "http://warned-twice.example/v1", "", env)
+    assert choice.key is None and choice.withheld == "OPENAI_API_KEY"
+    assert choice.hint is not None and "AIVVM_BATCH_ALLOWED_BASE_URLS" in choice.hint
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "http://warned-once.example/v1 is not an allowed base URL" in messages[0]
+    assert not any("sk-never-logged" in m for m in messages)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("bad key sk-123456 given", "bad key [redacted] given"),
+    ('{"auth": "Bearer abc.def-ghi"}', '{"auth": "Bearer [redacted]"}'),
+    ("authorization: bearer xyz, more", "authorization: bearer [redacted], more"),
+    ("nothing secret", "nothing secret"),
+])
+def test_redact(text: str, expected: str) -> None:
+    assert redact(text, ["sk-123456", None]) == expected
+
+
+# --------------------------------------------------------------------------
+# Errors: classification and results
+# --------------------------------------------------------------------------
+
+
+def test_new_error_kinds_are_permanent() -> None:
+    redirect = RedirectError(302, "https://elsewhere.example/login")
+    assert (redirect.kind, redirect.status, redirect.transient) == ("redirect", 302, False)
+    assert isinstance(redirect, ProviderHTTPError)
+    assert "https://elsewhere.example/login" in str(redirect)
+    assert (TLSError("x").kind, TLSError("x").transient) == ("tls_error", False)
+    assert (ReplyTooLarge("x").kind, ReplyTooLarge("x").transient) == ("reply_too_large", False)
+    assert ProviderTransportError("x").transient is True
+
+
+def request() -> ItemRequest:
+    return ItemRequest(id="q", line=1, messages=(ChatMessage("user", "hi"),))
+
+
+def outcome(error: Exception | None, text: str = "") -> Attempt:
+    return Attempt("openai", "gpt-4", text, error, 10, None)  # type: ignore[arg-type]
+
+
+def test_a_result_carries_the_http_status() -> None:
+    result = to_result(request(), outcome(ProviderHTTPError(503, "busy")), 3)
+    assert result.error is not None and result.error.http_status == 503
+    assert result.to_dict()["error"]["http_status"] == 503
+
+
+def test_a_result_without_http_has_no_status() -> None:
+    result = to_result(request(), outcome(ReplyTooLarge("too big"), "abc"), 1)
+    assert result.error is not None and result.error.http_status is None
+    assert result.output == "abc"
+    assert "http_status" not in result.to_dict()["error"]

@@ -1,0 +1,106 @@
+"""The worker's API keys: the one place that reads them, and where each may go.
+
+A key is bound to the base URLs configured beside it in the worker's environment: the
+provider's own default URL (``Aivvm.url``, ``OpenAI.url``), its base-URL variable
+(``AIVVM_BASE_URL``, ``OPENAI_BASE_URL``) and the entries of
+``AIVVM_BATCH_ALLOWED_BASE_URLS``. A batch's ``--base-url`` is chosen by whoever submits;
+when it is none of those, the call carries no key (and the worker says so once per URL
+in its log, never the key).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .checks import normal_form
+
+if TYPE_CHECKING:
+    from .base import AbstractProvider
+
+ALLOWED_VARIABLE = "AIVVM_BATCH_ALLOWED_BASE_URLS"
+REDACTED = "[redacted]"
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
+logger = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class KeyChoice:
+    """The key a call carries, or why it carries none."""
+
+    key: str | None
+    # the variable whose key exists but was not sent, because the base URL is not allowed
+    withheld: str | None = None
+
+    @property
+    def hint(self) -> str | None:
+        """What a 401/403 answer should say when the key was withheld."""
+        if self.withheld is None:
+            return None
+        return (f"the worker's {self.withheld} was not sent: this base URL is not one its owner "
+                f"allowed; to send it, add the URL to {ALLOWED_VARIABLE} in the worker's environment")
+
+
+def api_key(provider: type[AbstractProvider], environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return env.get(provider.api_key_variable) or None
+
+
+def worker_keys(providers: Iterable[type[AbstractProvider]],
+                environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every key this worker holds (to redact them from anything a server says)."""
+    return [k for k in (api_key(p, environ) for p in providers) if k]
+
+
+def allowed_base_urls(provider: type[AbstractProvider], extra: str,
+                      environ: Mapping[str, str] | None = None) -> list[str]:
+    env = os.environ if environ is None else environ
+    configured = env.get(provider.base_url_variable) or ""
+    return [provider.url, configured, *extra.split(",")]
+
+
+def is_allowed(provider: type[AbstractProvider], base_url: str, extra: str,
+               environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``base_url`` equals (in normal form) one the worker's owner configured."""
+    wanted = normal_form(base_url)
+    if wanted is None:
+        return False
+    return any(normal_form(url) == wanted for url in allowed_base_urls(provider, extra, environ) if url.strip())
+
+
+def choose_key(provider: type[AbstractProvider], base_url: str, extra_allowed: str,
+               environ: Mapping[str, str] | None = None) -> KeyChoice:
+    """The worker's key for ``provider`` if ``base_url`` (the one the call goes to) may have it."""
+    key = api_key(provider, environ)
+    if key is None:
+        return KeyChoice(None)
+    if is_allowed(provider, base_url, extra_allowed, environ):
+        return KeyChoice(key)
+    _warn_once(provider, base_url)
+    return KeyChoice(None, provider.api_key_variable)
+
+
+def _warn_once(provider: type[AbstractProvider], base_url: str) -> None:
+    with _warned_lock:
+        if (provider.name, base_url) in _warned:
+            return
+        _warned.add((provider.name, base_url))
+    logger.warning("%s is not an allowed base URL for the %s provider: the worker's %s is not sent "
+                   "there. If it should be, add it to %s (or set %s) in the worker's environment.",
+                   base_url, provider.name, provider.api_key_variable, ALLOWED_VARIABLE,
+                   provider.base_url_variable)
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """``text`` with every given secret and any ``Bearer`` token replaced by ``[redacted]``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
