@@ -149,7 +149,7 @@ class FileStore:
     @translated
     def get(self, owner: str, file_id: str) -> StoredFile:
         """The file ``file_id`` if ``owner`` owns it, else :class:`FileNotFound`."""
-        raw = self.redis.hgetall(file_meta(file_id))
+        raw: Any = self.redis.hgetall(file_meta(file_id))
         meta = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
         if not meta or meta.get("owner") != owner:
             raise FileNotFound(file_id)
@@ -163,14 +163,14 @@ class FileStore:
         index = owner_files(owner)
         start = 0
         if after:
-            rank = self.redis.zrevrank(index, after) if newest_first else self.redis.zrank(index, after)
+            rank: Any = self.redis.zrevrank(index, after) if newest_first else self.redis.zrank(index, after)
             if rank is None:
                 raise FileNotFound(after)
             start = int(rank) + 1
         found: list[StoredFile] = []
         page = max(limit, 100)
         while len(found) <= limit:
-            ids = (self.redis.zrevrange(index, start, start + page - 1) if newest_first
+            ids: Any = (self.redis.zrevrange(index, start, start + page - 1) if newest_first
                    else self.redis.zrange(index, start, start + page - 1))
             if not ids:
                 break
@@ -199,7 +199,7 @@ class FileStore:
 
     @translated
     def _chunk(self, file_id: str, index: int) -> bytes | None:
-        value = self.redis.lindex(file_data(file_id), index)
+        value: Any = self.redis.lindex(file_data(file_id), index)
         return bytes(value) if value is not None else None
 
     @translated

@@ -29,8 +29,13 @@ from aivvm_batch.serve.errors import Forbidden, Unauthorized
 from aivvm_batch.serve.output import api_line
 from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
+from aivvm_batch.serve.driver import Driver, DriverConfig
+from aivvm_batch.serve.records import ACTIVE, BatchRecords
 from jobs.files import CHUNK_BYTES, FileStore, file_data, file_meta
-from jobs.records import ItemError, ItemResult, Status, Usage
+from jobs.queue import Publisher
+from jobs.queue import app as celery_app
+from jobs.records import BatchOptions, ItemError, ItemResult, Status, Usage
+from jobs.store import BatchStore
 from tests.serve_helpers import ROOT, Served, request_line, serving, wait_for, with_db, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -142,7 +147,7 @@ def check_batch(batch: Batch) -> Batch:
 
 def test_sdk_whole_flow(server: Served, tmp_path: Path) -> None:
     api = client(server)
-    lines = [request_line(f"r{i}", f"question {i}") for i in range(8)]
+    lines: list[Any] = [request_line(f"r{i}", f"question {i}") for i in range(8)]
     lines.insert(3, b"this line is not json")
     lines.insert(6, request_line("bad-status", "[[stub fault=status code=400]] refuse me"))
     path = write_jsonl(tmp_path / "requests.jsonl", lines)
@@ -180,7 +185,8 @@ def test_sdk_whole_flow(server: Served, tmp_path: Path) -> None:
         assert completion.choices[0].message.content and completion.created >= batch.created_at - 1
     errors = [json.loads(line) for line in api.files.content(batch.error_file_id).text.splitlines()]
     assert [e["id"] for e in errors] == ["batch_req_4", "batch_req_7"]
-    assert errors[0]["response"] is None and "line 4" in SDKBatchError.model_validate(errors[0]["error"]).message
+    assert errors[0]["response"] is None
+    assert "line 4" in (SDKBatchError.model_validate(errors[0]["error"]).message or "")
     assert errors[1]["custom_id"] == "bad-status"
     refused = errors[1]
     if refused["response"] is not None:
@@ -405,19 +411,27 @@ def test_without_keys_serve_refuses_other_hosts(redis_url: str, tmp_path: Path) 
         assert forged.status_code == 403
 
 
-def test_two_replicas_share_one_redis_and_no_disk(server: Served, redis_url: str, stub: StubServer,
-                                                  tmp_path: Path) -> None:
-    with serving("--redis-url", redis_url, "--provider", "openai", "--base-url", stub.base_url + "/v1",
+def test_two_replicas_share_one_redis_and_no_disk(server: Served, redis_url: str, tmp_path: Path) -> None:
+    """Upload on one replica, create on the other, read on the first: only Redis is shared.
+
+    The second replica is configured with an unreachable provider: a batch runs with the
+    provider of the replica that accepted it (see the driver test below for the rule itself).
+    """
+    with serving("--redis-url", redis_url, "--provider", "openai", "--base-url", "http://127.0.0.1:9/v1",
                  env=KEYS_ENV, log_dir=tmp_path) as other:
         one, two = client(server), client(other)
         path = write_jsonl(tmp_path / "shared.jsonl", [request_line(f"m{i}", f"shared {i}") for i in range(6)])
-        uploaded = one.files.create(file=path.open("rb"), purpose="batch")
-        batch = two.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                   completion_window="24h")
-        done = wait_for(one, batch.id)
-        assert done.status == "completed" and done.output_file_id
-        lines = two.files.content(done.output_file_id).text.splitlines()
-        assert [json.loads(line)["custom_id"] for line in lines] == [f"m{i}" for i in range(6)]
+        created = []
+        for _ in range(3):
+            uploaded = two.files.create(file=path.open("rb"), purpose="batch")
+            created.append(one.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                              completion_window="24h").id)
+        for batch_id in created:
+            done = wait_for(two, batch_id)
+            assert done.status == "completed" and done.output_file_id and done.request_counts
+            assert done.request_counts.completed == 6
+            lines = two.files.content(done.output_file_id).text.splitlines()
+            assert [json.loads(line)["custom_id"] for line in lines] == [f"m{i}" for i in range(6)]
 
 
 def test_serve_alone_runs_a_private_redis_and_workers(tmp_path: Path) -> None:
@@ -432,3 +446,20 @@ def test_serve_alone_runs_a_private_redis_and_workers(tmp_path: Path) -> None:
         assert done.status == "completed" and done.request_counts and done.request_counts.completed == 3
         body = json.loads(api.files.content(done.output_file_id or "").text.splitlines()[0])["response"]["body"]
         assert ChatCompletion.model_validate(body).choices[0].message.content == "Stand-in reply to: private 0"
+
+
+def test_a_batch_runs_with_the_options_of_the_replica_that_accepted_it(redis_url: str, settings: Any) -> None:
+    """Whichever replica's driver submits a batch, it uses the provider the batch was created with."""
+    client_ = redis.Redis.from_url(with_db(redis_url, 3))
+    store, files, records = BatchStore(client_), FileStore(client_), BatchRecords(client_)
+    writer = files.writer("owner-o", "in.jsonl", "batch")
+    writer.write(json.dumps(request_line("o1", "hello")).encode() + b"\n")
+    stored = writer.commit()
+    accepted = BatchOptions(provider="openai", base_url="http://127.0.0.1:8000/v1")
+    batch = records.create("owner-o", stored.id, "/v1/chat/completions", "24h", 60, None, accepted)
+    other = Driver(store, files, records, Publisher(client_, celery_app),
+                   DriverConfig(BatchOptions(provider="aivvm", base_url="http://127.0.0.1:9"), settings))
+    other.step(batch.id)
+    assert records.get("owner-o", batch.id).status.value == "in_progress"
+    assert store.info(batch.store_id).options == accepted
+    client_.delete("aivvm-batch", ACTIVE)

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -135,7 +136,7 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
 
 def test_page_shows_progress_counts_errors_and_downloads(server: Served, tmp_path: Path) -> None:
     api = OpenAI(base_url=server.api, api_key=ALICE, max_retries=0)
-    finished_lines = [request_line(f"f{i}", f"fast {i}") for i in range(6)]
+    finished_lines: list[Any] = [request_line(f"f{i}", f"fast {i}") for i in range(6)]
     finished_lines += [b"not json", request_line("flaky", "[[stub fault=status code=503 times=1]] flaky")]
     finished = api.batches.create(
         input_file_id=api.files.create(file=write_jsonl(tmp_path / "f.jsonl", finished_lines).open("rb"),
@@ -154,7 +155,8 @@ def test_page_shows_progress_counts_errors_and_downloads(server: Served, tmp_pat
         assert int(page.body.get("data-refreshes") or 0) >= 2, "the page polls while a batch runs"
         row = page.rows[running.id]
         assert row["status"] == "in_progress"
-        done, total = row["bar"]  # type: ignore[misc]
+        bar: Any = row["bar"]
+        done, total = bar
         assert total == 200 and 0 <= done < 200
         assert re.search(rf"{done} / 200 \(\d+%\)", " ".join(row["text"]))  # type: ignore[arg-type]
         assert row["links"] == [running.input_file_id]

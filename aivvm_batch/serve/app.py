@@ -143,7 +143,7 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
             raise BadRequest(f"the file {input_file_id} was not uploaded with purpose 'batch'",
                              param="input_file_id")
         batch = await blocking(ctx.records.create, owner, input_file_id, endpoint_, window,
-                               ctx.limits.window_seconds, metadata)
+                               ctx.limits.window_seconds, metadata, ctx.driver.config.options)
         ctx.driver.wake.set()
         return JSONResponse(batch.to_api(None))
 

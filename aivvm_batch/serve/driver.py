@@ -124,9 +124,10 @@ class Driver:
             except FileNotFound:
                 return self._fail(batch, [{"code": "file_not_found", "line": None, "param": "input_file_id",
                                            "message": f"the input file {batch.input_file_id} was deleted"}])
-            self.store.create(batch.store_id, f"{batch.input_file_id} ({batch.id})", self.config.options)
+            options = batch.options or self.config.options
+            self.store.create(batch.store_id, f"{batch.input_file_id} ({batch.id})", options)
             try:
-                submit_file(self.store, self.publisher, path, self.config.options, self.config.settings,
+                submit_file(self.store, self.publisher, path, options, self.config.settings,
                             batch_id=batch.store_id, resume=True)
             except BatchError as exc:
                 if isinstance(exc, StoreUnavailable):

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from jobs.keys import PREFIX
-from jobs.records import BatchInfo, Status
+from jobs.records import BatchInfo, BatchOptions, Status
 from jobs.store import translated
 
 from .errors import NotFound
@@ -97,6 +97,8 @@ class ApiBatch:
     # request counts and usage as they were when the batch ended
     final_counts: dict[str, int] | None = None
     final_usage: dict[str, int] | None = None
+    # provider and base URL of the server that accepted the batch (never a secret)
+    options: BatchOptions | None = None
 
     def to_api(self, info: BatchInfo | None) -> dict[str, Any]:
         """The OpenAI ``Batch`` object, with counts and usage from ``info`` while the batch runs."""
@@ -151,17 +153,21 @@ class BatchRecords:
 
     @translated
     def create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str,
-               window_seconds: int, metadata: dict[str, str] | None) -> ApiBatch:
+               window_seconds: int, metadata: dict[str, str] | None,
+               options: BatchOptions | None = None) -> ApiBatch:
+        """A new batch, run with ``options`` (the creating server's provider and base URL)."""
         batch_id, store_id = new_batch_ids()
         now = int(time.time())
         batch = ApiBatch(id=batch_id, owner=owner, store_id=store_id, input_file_id=input_file_id,
                          endpoint=endpoint, completion_window=completion_window, created_at=now,
-                         expires_at=now + window_seconds, status=ApiStatus.VALIDATING, metadata=metadata)
+                         expires_at=now + window_seconds, status=ApiStatus.VALIDATING, metadata=metadata,
+                         options=options)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(api_batch(batch_id), mapping={
             "owner": owner, "store_id": store_id, "input_file_id": input_file_id, "endpoint": endpoint,
             "completion_window": completion_window, "created_at": now, "expires_at": batch.expires_at,
-            "status": ApiStatus.VALIDATING.value, "metadata": json.dumps(metadata)})
+            "status": ApiStatus.VALIDATING.value, "metadata": json.dumps(metadata),
+            "options": json.dumps(options.__dict__ if options else None)})
         pipe.zadd(owner_batches(owner), {batch_id: time.time() * 1000})
         pipe.sadd(ACTIVE, batch_id)
         pipe.execute()
@@ -169,7 +175,7 @@ class BatchRecords:
 
     @translated
     def load(self, batch_id: str) -> ApiBatch | None:
-        raw = self.redis.hgetall(api_batch(batch_id))
+        raw: Any = self.redis.hgetall(api_batch(batch_id))
         return _from_hash(batch_id, raw) if raw else None
 
     def get(self, owner: str, batch_id: str) -> ApiBatch:
@@ -185,11 +191,12 @@ class BatchRecords:
         index = owner_batches(owner)
         start = 0
         if after:
-            rank = self.redis.zrevrank(index, after)
+            rank: Any = self.redis.zrevrank(index, after)
             if rank is None:
                 raise NotFound(f"No batch found with id '{after}'.", param="after")
             start = int(rank) + 1
-        ids = [i.decode() for i in self.redis.zrevrange(index, start, start + limit)]
+        replies: Any = self.redis.zrevrange(index, start, start + limit)
+        ids = [i.decode() for i in replies]
         found = [b for b in (self.load(i) for i in ids[:limit]) if b is not None]
         return found, len(ids) > limit
 
@@ -207,7 +214,8 @@ class BatchRecords:
 
     @translated
     def active(self) -> list[str]:
-        return sorted(m.decode() for m in self.redis.smembers(ACTIVE))
+        members: Any = self.redis.smembers(ACTIVE)
+        return sorted(m.decode() for m in members)
 
     @translated
     def deactivate(self, batch_id: str) -> None:
@@ -229,4 +237,10 @@ def _from_hash(batch_id: str, raw: dict[bytes, bytes]) -> ApiBatch:
         expiring=m.get("expiring") == "1",
         final_counts=json.loads(m["final_counts"]) if "final_counts" in m else None,
         final_usage=json.loads(m["final_usage"]) if "final_usage" in m else None,
+        options=_options(m.get("options")),
     )
+
+
+def _options(raw: str | None) -> BatchOptions | None:
+    data = json.loads(raw) if raw else None
+    return BatchOptions(**data) if isinstance(data, dict) else None
