@@ -41,11 +41,15 @@ class KeyChoice:
 
     @property
     def hint(self) -> str | None:
-        """What a 401/403 answer should say when the key was withheld."""
-        if self.withheld is None:
-            return None
-        return (f"the worker's {self.withheld} was not sent: this base URL is not one its owner "
-                f"allowed; to send it, add the URL to {ALLOWED_VARIABLE} in the worker's environment")
+        return withheld_hint(self.withheld)
+
+
+def withheld_hint(variable: str | None) -> str | None:
+    """What a 401/403 answer should say when the key in ``variable`` was withheld."""
+    if variable is None:
+        return None
+    return (f"the worker's {variable} was not sent: this base URL is not one its owner "
+            f"allowed; to send it, add the URL to {ALLOWED_VARIABLE} in the worker's environment")
 
 
 def api_key(provider: type[AbstractProvider], environ: Mapping[str, str] | None = None) -> str | None:

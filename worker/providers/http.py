@@ -30,7 +30,7 @@ from ..errors import (
     TLSError,
 )
 from .base import CompletionCall
-from .credentials import KeyChoice, redact
+from .credentials import redact, withheld_hint
 from .decoding import BodyDecoder, decode_utf8
 
 READ_SIZE = 65536
@@ -78,11 +78,12 @@ def post_stream(url: str, body: dict[str, Any], headers: dict[str, str], call: C
     with response:
         status = response.status_code
         if 300 <= status < 400:
-            raise RedirectError(status, redact(response.headers.get("location") or "", [call.api_key]) or None)
+            location = one_line(redact(response.headers.get("location") or "", [call.api_key]))[:300]
+            raise RedirectError(status, location or None)
         if status != 200:
             text = redact(_read_error_body(response, call) or response.reason or "", [call.api_key])
             error = parse_error(status, text, retry_after(response.headers.get("retry-after")))
-            hint = KeyChoice(None, call.key_withheld).hint
+            hint = withheld_hint(call.key_withheld)
             if status in (401, 403) and hint:
                 error.add_detail(hint)
             raise error
