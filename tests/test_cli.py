@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -181,3 +182,97 @@ def test_cancel_then_retry_the_cancelled_items(redis_url: str, stub: StubServer,
     assert retried.returncode == 0 and f"{statuses.count('cancelled')} items enqueued again" in retried.stderr
     assert cli("collect", batch_id, "-o", str(out), "--wait", env=env, timeout=180).returncode == 0
     assert {json.loads(x)["status"] for x in out.read_text().splitlines()} == {"ok"}
+
+
+AIVVM_BATCH = str(Path(sys.executable).parent / "aivvm-batch")
+
+
+def aivvm_batch(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed ``aivvm-batch`` command, as a user types it."""
+    return subprocess.run([AIVVM_BATCH, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+
+
+@pytest.fixture
+def lonely_redis(tmp_path: Path) -> Iterator[str]:
+    """A private Redis that no worker serves."""
+    from aivvm_batch.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "lonely-redis", persistent=False).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize("url", ["redis://h:notaport/0", "http://localhost:6379/0", "redis://h/notadb",
+                                 "redis://:s3cret@h:99999/0"])
+def test_every_command_refuses_a_malformed_redis_url_in_one_line(url: str, tmp_path: Path) -> None:
+    source = lines_file(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    commands = [["status", "b1"], ["cancel", "b1"], ["retry", "b1"], ["batches"], ["submit", str(source)],
+                ["collect", "b1", "-o", str(tmp_path / "out.jsonl")], ["worker"]]
+    for command in commands:
+        for proc in (aivvm_batch(*command, "--redis-url", url),
+                     aivvm_batch(*command, env={"AIVVM_BATCH_REDIS_URL": url})):
+            assert_clean_error(proc, "Redis URL", "is not valid")
+            assert "s3cret" not in proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.usefixtures("workers")
+def test_n_above_1_is_invalid_and_default_ids_do_not_collide_with_given_ones(
+        redis_url: str, stub: StubServer, tmp_path: Path) -> None:
+    env = {"AIVVM_BATCH_REDIS_URL": redis_url}
+    source = lines_file(tmp_path / "in.jsonl", [
+        {"custom_id": "3", "body": {"messages": [{"role": "user", "content": "given id 3"}]}},
+        {"id": "two", "prompt": "two choices", "n": 2},
+        {"prompt": "no id, line 3"},
+        {"id": "one", "prompt": "one choice", "n": 1},
+    ])
+    submitted = aivvm_batch("submit", str(source), "--base-url", stub.base_url, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    out = tmp_path / "out.jsonl"
+    collected = aivvm_batch("collect", submitted.stdout.strip(), "-o", str(out), "--wait", env=env)
+    assert collected.returncode == 1, collected.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["status"]) for r in results] == [
+        ("3", "ok"), ("two", "invalid"), ("line-3", "ok"), ("one", "ok")]
+    assert results[1]["error"]["message"].startswith("line 2, field 'n': must be 1, got 2")
+    assert results[2]["output"] == "Stand-in reply to: no id, line 3"
+
+
+@pytest.mark.timeout(90)
+def test_collect_wait_with_no_worker_says_so_once_and_times_out(lonely_redis: str, tmp_path: Path) -> None:
+    env = {"AIVVM_BATCH_REDIS_URL": lonely_redis, "AIVVM_BATCH_IDLE_WARNING": "1"}
+    source = lines_file(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    batch_id = aivvm_batch("submit", str(source), env=env).stdout.strip()
+    out = tmp_path / "out.jsonl"
+    waited = aivvm_batch("collect", batch_id, "-o", str(out), "--wait", "--timeout", "4", env=env, timeout=60)
+    assert waited.returncode == 124, waited.stderr
+    assert "Traceback" not in waited.stderr
+    warning = "no worker has taken an item for 1 s: start one with aivvm-batch worker"
+    assert waited.stderr.count(warning) == 1, waited.stderr
+    assert f"batch {batch_id} did not finish within 4 s (0/5 items done)" in waited.stderr
+    assert not out.exists()
+    followed = aivvm_batch("collect", batch_id, "-o", str(out), "--follow", "--timeout", "2", env=env,
+                           timeout=60)
+    assert followed.returncode == 124, followed.stderr
+    assert out.read_bytes() == b""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["--wait", "--follow"])
+def test_ctrl_c_while_collect_waits_exits_130_with_one_line(mode: str, lonely_redis: str,
+                                                            tmp_path: Path) -> None:
+    env = {**os.environ, "AIVVM_BATCH_REDIS_URL": lonely_redis}
+    source = lines_file(tmp_path / "in.jsonl", [{"prompt": "never done"}])
+    batch_id = aivvm_batch("submit", str(source), env=env).stdout.strip()
+    collector = subprocess.Popen([AIVVM_BATCH, "collect", batch_id, "-o", str(tmp_path / "out.jsonl"), mode],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert collector.stderr is not None
+    first_progress = collector.stderr.readline()  # the plain progress line: it is waiting now
+    assert f"batch {batch_id}: 0/1 done" in first_progress
+    collector.send_signal(signal.SIGINT)
+    _, err = collector.communicate(timeout=30)
+    assert collector.returncode == 130, err
+    assert "Aborted" not in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "interrupted" in err, err
