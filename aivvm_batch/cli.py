@@ -11,6 +11,7 @@ import click
 
 from jobs import keys
 from jobs.config import Settings
+from jobs.errors import StoreUnavailable
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.queue import configure
@@ -40,7 +41,10 @@ def main() -> None:
 @click.option("--pool", envvar=env("POOL"), show_envvar=True, type=click.Choice(["threads", "gevent"]),
               default="threads", show_default=True,
               help="Celery pool: threads, or gevent (pip install 'aivvm-batch[gevent]').")
-@click.option("--loglevel", envvar=env("LOGLEVEL"), show_envvar=True, default="INFO", show_default=True)
+@click.option("--loglevel", envvar=env("LOGLEVEL"), show_envvar=True, default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+              help="Worker log level: INFO logs each task; WARNING keeps retries (and why), "
+              "a full Redis and errors.")
 @click.option("--name", envvar=env("WORKER_NAME"), show_envvar=True, default=None,
               help="Celery node name (default: celery@hostname).")
 @handle_errors
@@ -54,6 +58,10 @@ def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str
     settings = Settings.from_env(redis_url=redis_url)
     if pool == "gevent" and importlib.util.find_spec("gevent") is None:
         fail("the gevent pool needs gevent: pip install 'aivvm-batch[gevent]'")
+    try:
+        open_store(settings.redis_url).check_server()
+    except StoreUnavailable:
+        pass  # Celery waits for the broker; the worker checks again when it starts
     os.environ[env("REDIS_URL")] = settings.redis_url
     argv = [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", f"--pool={pool}",
             f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"--queues={keys.QUEUE}",
@@ -73,11 +81,24 @@ def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str
 @handle_errors
 def status(batch_id: str, redis_url: str, as_json: bool) -> None:
     """Print a batch's counts by status and its progress."""
-    info = open_store(redis_url).info(batch_id)
+    store = open_store(redis_url)
+    info = store.info(batch_id)
+    memory = store.memory()
+    top = info.top_error
     if as_json:
-        click.echo(json.dumps(runner.info_dict(info)))
+        click.echo(json.dumps({
+            **runner.info_dict(info),
+            "top_error": {"error": top[0], "count": top[1]} if top else None,
+            "redis_memory": {"used_memory": memory.used, "maxmemory": memory.maxmemory,
+                             "maxmemory_policy": memory.policy, "full": memory.full},
+        }))
         return
     click.echo(runner.info_table(info))
+    if top:
+        click.echo(f"most frequent error ({top[1]} attempts): {top[0]}")
+    if memory.full:
+        click.echo(f"Redis is full: {memory.describe()}; workers hold their replies and wait "
+                   "until memory frees (free memory or raise maxmemory)")
 
 
 @main.command()
@@ -86,8 +107,16 @@ def status(batch_id: str, redis_url: str, as_json: bool) -> None:
 @handle_errors
 def cancel(batch_id: str, redis_url: str) -> None:
     """Cancel a batch: items not yet started end `cancelled`; in-flight ones finish."""
-    cancelled = open_store(redis_url).cancel(batch_id)
-    click.echo(f"{batch_id}: {cancelled} items cancelled", err=True)
+    store = open_store(redis_url)
+    cancelled = store.cancel(batch_id)
+    info = store.info(batch_id)
+    message = f"{batch_id}: {cancelled} items cancelled"
+    if info.total is None:
+        message += "; the lines still being submitted will end cancelled too"
+    elif not info.finished:
+        message += (f"; {info.total - info.done} in flight will finish "
+                    "(those that would be retried end cancelled instead)")
+    click.echo(message, err=True)
 
 
 @main.command()

@@ -25,12 +25,14 @@ class InputFileError(BatchError):
 
 
 class BatchNotFound(BatchError):
-    def __init__(self, batch_id: str) -> None:
-        super().__init__(
-            f"batch {batch_id!r} not found: it never existed on this Redis, "
-            "or its results expired (see AIVVM_BATCH_RESULT_TTL)"
-        )
+    """``hint`` says why the Redis may have lost the batch (see ``BatchStore._data_loss_hint``)."""
+
+    def __init__(self, batch_id: str, hint: str = "") -> None:
+        message = (f"batch {batch_id!r} not found: it never existed on this Redis, "
+                   "or its results expired (see AIVVM_BATCH_RESULT_TTL)")
+        super().__init__(f"{message}; {hint}" if hint else message)
         self.batch_id = batch_id
+        self.hint = hint
 
 
 class StoreUnavailable(BatchError):

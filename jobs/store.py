@@ -37,6 +37,8 @@ from .records import (
 
 DEFAULT_RESULT_TTL = 7 * 24 * 3600
 READ_CHUNK = 2000
+FULL_RATIO = 0.98
+SAFE_POLICY = "noeviction"
 
 _MAYBE_FINISH = """
 local function maybe_finish(ttl)
@@ -88,6 +90,12 @@ if redis.call('GET', KEYS[8]) == ARGV[2] then
   return {'claimed', request, meta[2]}
 end
 return {'busy'}
+"""
+
+# KEYS: claim ; ARGV: token ttl_ms -> 1 if the claim is still this token's (PEXPIRE works in a full Redis)
+_TOUCH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 
 # KEYS: meta ; ARGV: pause_ms
@@ -191,10 +199,15 @@ FULL_MESSAGE = ("Redis is full: it reached its maxmemory and refuses writes "
                 "(OOM command not allowed); free memory or raise maxmemory")
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A write refused at ``maxmemory``; from a script, Redis 6.2 wraps it in an ERR reply."""
-    return isinstance(exc, OutOfMemoryError) or (
-        isinstance(exc, ResponseError) and "OOM command not allowed" in str(exc))
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """A write refused at ``maxmemory``, also wrapped: in an ERR reply of a script (Redis 6.2),
+    an aborted transaction, or a kombu error (followed along ``__cause__`` / ``__context__``)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OutOfMemoryError) or "command not allowed when used memory" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class ClaimOutcome(str, Enum):
@@ -214,6 +227,23 @@ class Claim:
     request: ItemRequest | None = None
     options: BatchOptions | None = None
     paused_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServerMemory:
+    """INFO memory of the Redis: bytes used, the limit (0: none) and the eviction policy."""
+
+    used: int
+    maxmemory: int
+    policy: str
+
+    @property
+    def full(self) -> bool:
+        """At (or within 2% of) maxmemory: writes are refused, or soon will be."""
+        return self.maxmemory > 0 and self.used >= self.maxmemory * FULL_RATIO
+
+    def describe(self) -> str:
+        return f"{self.used / 2**20:.1f} MiB used of maxmemory {self.maxmemory / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -253,6 +283,7 @@ class BatchStore:
         self._claim = client.register_script(_CLAIM)
         self._pause = client.register_script(_PAUSE)
         self._release = client.register_script(_RELEASE)
+        self._touch = client.register_script(_TOUCH)
         self._cancel = client.register_script(_CANCEL)
         self._reset = client.register_script(_RESET)
         self._own_ids = client.register_script(_OWN_IDS)
@@ -277,6 +308,49 @@ class BatchStore:
         return True
 
     @translated
+    def memory(self) -> ServerMemory:
+        info = self.redis.info("memory")
+        return ServerMemory(int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)),
+                            str(info.get("maxmemory_policy", "")))
+
+    @translated
+    def check_server(self) -> None:
+        """Refuse a Redis that may evict keys: it would silently drop queued messages and batches.
+
+        The policy comes from CONFIG GET, else (a managed Redis that disables CONFIG) from INFO.
+        """
+        try:
+            policy = str(self.redis.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+        except ResponseError:
+            policy = ""
+        policy = policy or self.memory().policy
+        if policy and policy != SAFE_POLICY:
+            raise ConfigError(f"maxmemory-policy must be {SAFE_POLICY}, but this Redis has {policy}: "
+                              "it would silently drop queued items and batches when memory runs out "
+                              f"(CONFIG SET maxmemory-policy {SAFE_POLICY})")
+
+    def _data_loss_hint(self) -> str:
+        """Why a batch may be missing although it was submitted here (BatchNotFound's hint)."""
+        try:
+            if not self.redis.exists(keys.BATCH_INDEX):
+                return ("this Redis holds no batch at all: if the batch was submitted here, the Redis "
+                        "has lost its data (restarted without persistence, or flushed)")
+            info = self.redis.info("persistence")
+            if info.get("aof_enabled") or not self._no_snapshots():
+                return ""
+            uptime = int(self.redis.info("server").get("uptime_in_seconds", 0))
+        except (ResponseError, RedisConnectionError, RedisTimeoutError):
+            return ""
+        return (f"this Redis keeps no data across restarts (no AOF, no RDB snapshots) and started "
+                f"{uptime} s ago: the batch may have been lost in a restart")
+
+    def _no_snapshots(self) -> bool:
+        try:
+            return not self.redis.config_get("save").get("save")
+        except ResponseError:
+            return False
+
+    @translated
     def exists(self, batch_id: str) -> bool:
         return bool(self.redis.exists(keys.meta(batch_id)))
 
@@ -293,7 +367,7 @@ class BatchStore:
         pipe.hgetall(keys.errors(batch_id))
         meta, counts, usage, errors = pipe.execute()
         if not meta:
-            raise BatchNotFound(batch_id)
+            raise BatchNotFound(batch_id, self._data_loss_hint())
         return _batch_info(batch_id, meta, counts, usage, errors)
 
     @translated
@@ -319,15 +393,16 @@ class BatchStore:
     def list_batches(self, limit: int = 100) -> list[BatchInfo]:
         ids = [i.decode() for i in self.redis.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
         pipe = self.redis.pipeline(transaction=False)
+        parts = (keys.meta, keys.counts, keys.usage, keys.errors)
         for batch_id in ids:
-            pipe.hgetall(keys.meta(batch_id))
-            pipe.hgetall(keys.counts(batch_id))
+            for part in parts:
+                pipe.hgetall(part(batch_id))
         replies = pipe.execute()
         found, gone = [], []
         for i, batch_id in enumerate(ids):
-            meta, counts = replies[2 * i], replies[2 * i + 1]
+            meta, counts, usage, errors = replies[len(parts) * i:len(parts) * (i + 1)]
             if meta:
-                found.append(_batch_info(batch_id, meta, counts))
+                found.append(_batch_info(batch_id, meta, counts, usage, errors))
             else:
                 gone.append(batch_id)
         if gone:
@@ -444,6 +519,12 @@ class BatchStore:
         options = BatchOptions(**json.loads(reply[2])) if len(reply) > 2 and reply[2] else None
         paused = int(reply[3]) / 1000 if len(reply) > 3 else 0.0
         return Claim(outcome, request, options, paused)
+
+    @translated
+    def keep_claim(self, batch_id: str, seq: int, token: str, ttl_seconds: float) -> bool:
+        """Extend this execution's claim (also in a full Redis); False if it is no longer held."""
+        return bool(self._touch(keys=[keys.claim(batch_id, seq)],
+                                args=[token, max(1, int(ttl_seconds * 1000))]))
 
     @translated
     def pause(self, batch_id: str, seconds: float) -> None:

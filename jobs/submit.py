@@ -69,7 +69,9 @@ def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, optio
     A submission that fails (a full or lost Redis, an unreadable file, Ctrl-C) of a
     batch this call created removes the batch again, so that no worker works on a
     half-submitted batch; with ``resume`` the batch is kept, to be resumed.
+    A Redis that may evict keys is refused first (:meth:`BatchStore.check_server`).
     """
+    store.check_server()
     batch_id = batch_id or new_batch_id()
     with open_input(path) as stream:
         created = store.create(batch_id, str(path), options)

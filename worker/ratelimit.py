@@ -9,13 +9,19 @@ A 429 with Retry-After pauses the scope for every worker.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import redis
+from redis.exceptions import ResponseError
 
 from jobs import keys
+from jobs.store import is_out_of_memory
 
 from .errors import RateLimited
+
+FULL_RETRY_SECONDS = 1.0
+logger = logging.getLogger(__name__)
 
 _NOW = """
 local t = redis.call('TIME')
@@ -74,9 +80,14 @@ class RateLimiter:
         """
         ms_per_request = 60000.0 / rpm if rpm > 0 else 0.0
         ms_per_token = 60000.0 / tpm if tpm > 0 else 0.0
-        reply = int(self._acquire(keys=self._keys(scope),
-                                  args=[ms_per_request, ms_per_token, max(tokens, 0),
-                                        int(self.max_wait * 1000)]))
+        try:
+            reply = int(self._acquire(keys=self._keys(scope),
+                                      args=[ms_per_request, ms_per_token, max(tokens, 0),
+                                            int(self.max_wait * 1000)]))
+        except ResponseError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise RateLimited(FULL_RETRY_SECONDS) from exc  # no slot can be reserved in a full Redis
         if reply < 0:
             raise RateLimited(-reply / 1000)
         waited = reply / 1000
@@ -89,8 +100,16 @@ class RateLimiter:
         return waited
 
     def pause(self, scope: str, seconds: float) -> None:
-        """No call on ``scope`` starts for ``seconds`` (a server's Retry-After), on any worker."""
-        self._paused(scope, max(seconds, 0.001))
+        """No call on ``scope`` starts for ``seconds`` (a server's Retry-After), on any worker.
+
+        Skipped in a full Redis (the batch's own pause and the item's backoff still hold).
+        """
+        try:
+            self._paused(scope, max(seconds, 0.001))
+        except ResponseError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            logger.info("rate-limit pause of %s skipped: Redis is full", scope)
 
     def _paused(self, scope: str, seconds: float) -> float:
         return int(self._pause(keys=self._keys(scope)[2:], args=[int(seconds * 1000)])) / 1000

@@ -9,16 +9,19 @@ is when a lost message would otherwise stall it for good.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any
 
+import redis
 from celery import bootsteps
 
 from jobs import keys
+from jobs.errors import ConfigError, StoreFull, StoreUnavailable
 from jobs.queue import Publisher
 from jobs.reconcile import requeue_orphans
 from jobs.records import BatchState
-from jobs.store import BatchStore
+from jobs.store import BatchStore, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 SWEEP_LOCK = keys.SWEEP_LOCK
@@ -47,8 +50,43 @@ def sweep_once(store: BatchStore, publisher: Publisher, interval: float) -> dict
     return requeued
 
 
+def check_redis(url: str) -> None:
+    """Refuse, in one line and exit status 2, a Redis that may evict keys (at worker start).
+
+    An unreachable Redis is not refused: Celery waits for it, as it does for the broker.
+    """
+    store = BatchStore(redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10))
+    try:
+        store.check_server()
+    except ConfigError as exc:
+        logger.critical("%s", exc)
+        print(f"aivvm-batch worker: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except StoreUnavailable as exc:
+        logger.warning("could not check Redis's maxmemory-policy at start: %s", exc)
+    finally:
+        store.redis.close()
+
+
+def beat(store: BatchStore, publisher: Publisher, interval: float, node: str) -> None:
+    """One round of the sweeper thread: say this worker is alive, then sweep."""
+    try:
+        store.worker_heartbeat(node)
+        sweep_once(store, publisher, interval)
+    except StoreFull:
+        logger.warning("Redis is full (maxmemory): the sweep waits for memory to free")
+    except redis.exceptions.ResponseError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        logger.warning("Redis is full (maxmemory): the sweep waits for memory to free")
+
+
 class Sweeper(bootsteps.StartStopStep):
-    """Runs :func:`sweep_once` in a daemon thread of each worker process."""
+    """Runs :func:`sweep_once` in a daemon thread of each worker process.
+
+    At start it refuses an evicting Redis (:func:`check_redis`) and says the worker is
+    alive; then it says so again at every sweep (``BatchStore.worker_heartbeat``).
+    """
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -59,12 +97,18 @@ class Sweeper(bootsteps.StartStopStep):
         from .tasks import runtime
 
         store, settings, _ = runtime()
+        check_redis(settings.redis_url)
         publisher = Publisher(store.redis, parent.app)
+        node = str(getattr(parent, "hostname", None) or "celery")
 
         def loop() -> None:
+            try:
+                store.worker_heartbeat(node)
+            except StoreUnavailable as exc:
+                logger.warning("heartbeat failed: %s", exc)
             while not self._stop.wait(settings.sweep_interval):
                 try:
-                    sweep_once(store, publisher, settings.sweep_interval)
+                    beat(store, publisher, settings.sweep_interval, node)
                 except Exception:  # a failed sweep is retried at the next interval
                     logger.exception("sweep for lost messages failed")
 

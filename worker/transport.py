@@ -6,6 +6,8 @@ a connection that Celery has already discarded, and the AttributeError it meets
 is not a connection error, so it kills the worker (kombu 5.7). Here that requeue
 is skipped instead: the messages stay in Redis's unacked set and are restored by
 the sweep after the visibility timeout, like those of a worker that died.
+
+It also keeps consuming when Redis is full: see :meth:`QoS.append`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,51 @@ import logging
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
+from redis.exceptions import ResponseError
+
+from jobs.store import is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
 
 class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        """Record a delivered message as unacknowledged; in a full Redis, deliver it anyway.
+
+        kombu takes the message (BRPOP) before recording it (HSET, refused at maxmemory).
+        Raising here would lose the message and stop the consumer; delivered without the
+        record, the task runs (and waits for Redis itself). Were this worker to die before
+        acknowledging it, the workers' sweep enqueues the unfinished item again.
+        """
+        try:
+            super().append(message, delivery_tag)
+        except ResponseError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            logger.warning("Redis is full (maxmemory): a message is delivered without its "
+                           "unacknowledged record")
+            kombu_virtual.QoS.append(self, message, delivery_tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """Restore messages past the visibility timeout; in a full Redis, at a later sweep."""
+        try:
+            super().restore_visible(*args, **kwargs)
+        except ResponseError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            logger.warning("Redis is full (maxmemory): unacknowledged messages are restored later")
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        """Forget an acknowledged message without MULTI: a full Redis refuses every command
+        queued in a transaction, but ZREM and HDEL on their own free memory and are allowed."""
+        if pipe is not None:
+            return super()._remove_from_indices(delivery_tag, pipe)
+        with self.channel.conn_or_acquire() as client:
+            return client.pipeline(transaction=False) \
+                .zrem(self.unacked_index_key, delivery_tag) \
+                .hdel(self.unacked_key, delivery_tag)
+
     def restore_unacked(self, client: Any = None) -> None:
         try:
             super().restore_unacked(client)
@@ -29,6 +71,24 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+
+    def _size(self, queue: str) -> int:
+        """The queue's length, read without MULTI (a full Redis refuses any queued command)."""
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for pri in self.priority_steps:
+                pipe.llen(self._q_for_pri(queue, pri))
+            return sum(size for size in pipe.execute() if isinstance(size, int))
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        """Declare the queue's binding; a worker starting in a full Redis goes on without it
+        (consuming needs none; a publish that needs it declares it again)."""
+        try:
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+        except ResponseError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            logger.warning("Redis is full (maxmemory): the binding of queue %s is declared later", queue)
 
 
 class Transport(kombu_redis.Transport):
