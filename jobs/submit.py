@@ -7,7 +7,6 @@ two Redis round trips, none per line.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import uuid
@@ -17,15 +16,13 @@ from typing import BinaryIO
 
 from .config import Settings
 from .errors import BatchError, BatchNotFound, ConfigError, InvalidLine, StoreFull
-from .lines import RawLine, open_input, parse_line, read_lines
+from .lines import open_input, parse_line, read_lines
 from .queue import Publisher
 from .records import BatchOptions, ItemRequest, ItemResult, RequestDefaults, invalid_result
 from .store import BatchStore, ChunkEntry, ChunkOutcome, Reuse
 
 CHUNK_LINES = 2000
 logger = logging.getLogger(__name__)
-# parse_line gains a ``defaults`` parameter (jobs/lines.py); until then defaults are not applied
-_PARSE_TAKES_DEFAULTS = len(inspect.signature(parse_line).parameters) >= 3
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,7 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
             total += 1
             break
         try:
-            parsed = _parse(raw, settings.max_line_bytes, defaults)
+            parsed = parse_line(raw, settings.max_line_bytes, defaults)
         except InvalidLine as exc:
             parsed = invalid_result(raw.number, str(exc), exc.item_id)
         invalid += isinstance(parsed, ItemResult)
@@ -120,12 +117,6 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     store.finalize(batch_id, total)
     return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed)
-
-
-def _parse(raw: RawLine, max_line_bytes: int, defaults: RequestDefaults) -> ItemRequest:
-    if _PARSE_TAKES_DEFAULTS:
-        return parse_line(raw, max_line_bytes, defaults)  # type: ignore[call-arg,unused-ignore]
-    return parse_line(raw, max_line_bytes)
 
 
 def _reuse(store: BatchStore, earlier_id: str | None, options: BatchOptions) -> Reuse | None:

@@ -34,7 +34,7 @@ def test_both_input_forms_complete_in_input_order(batches: Batches, stub: StubSe
         {"prompt": "Hello four"},
     ] + [{"id": f"n{i}", "prompt": f"number {i}"} for i in range(40)]
     results = batches.run(lines, base_url=stub.base_url)
-    assert [r["id"] for r in results] == ["q1", "q2", "r1", "4"] + [f"n{i}" for i in range(40)]
+    assert [r["id"] for r in results] == ["q1", "q2", "r1", "line-4"] + [f"n{i}" for i in range(40)]
     assert [r["line"] for r in results] == list(range(1, 45))
     assert {r["status"] for r in results} == {"ok"}
     assert results[0]["output"] == reply("Hello one")

@@ -23,7 +23,7 @@ from jobs.queue import Publisher, configure
 from jobs.queue import app as celery_app
 from jobs.records import BatchOptions, ItemError, ItemRequest, ItemResult, RequestDefaults, Status
 from jobs.store import BatchStore
-from jobs.submit import _PARSE_TAKES_DEFAULTS, submit_file
+from jobs.submit import submit_file
 from tests.conftest import Batches
 from worker.item import Done, process
 from worker.sweeper import sweep_once
@@ -124,7 +124,6 @@ def test_a_missing_earlier_batch_reuses_nothing(lonely: Lonely) -> None:
     assert (report.kept, report.changed, report.enqueued) == (0, 0, 4)
 
 
-@pytest.mark.skipif(not _PARSE_TAKES_DEFAULTS, reason="jobs.lines.parse_line does not take defaults yet")
 def test_other_defaults_make_another_request(lonely: Lonely) -> None:
     earlier = lonely.submit(LINES, defaults=RequestDefaults(model="gpt-4")).batch_id
     lonely.finish(earlier, [Status.OK] * 4)
