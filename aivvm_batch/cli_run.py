@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from jobs.formats import ResultFormat
-from jobs.records import BatchOptions, Status
+from jobs.records import BatchOptions, RequestDefaults, Status
 
 from . import runner
 from .options import (
@@ -17,15 +16,15 @@ from .options import (
     exit_for,
     format_option,
     handle_errors,
+    interrupted,
     provider_option,
+    request_defaults_options,
     rpm_option,
     tpm_option,
 )
 from .progress import Progress, summary
 from .signals import Interrupts
 from .watch import default_workers
-
-EXIT_INTERRUPTED = 130
 
 
 @click.command()
@@ -53,10 +52,11 @@ EXIT_INTERRUPTED = 130
 @rpm_option
 @tpm_option
 @format_option
+@request_defaults_options
 @handle_errors
 def run(file: str, output: str, provider: str, base_url: str | None, concurrency: int,
         worker_count: int | None, fresh: bool, redis_url: str | None, state_dir: Path, stub: bool,
-        rpm: int | None, tpm: int | None, fmt: str) -> None:
+        rpm: int | None, tpm: int | None, fmt: str, defaults: RequestDefaults) -> None:
     """Submit FILE (- for standard input), work it and collect OUTPUT in one command.
 
     With no --redis-url it needs no server: it starts a private Redis with its
@@ -67,7 +67,7 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
     Ctrl-C twice: abandon them (they are sent again by the next run).
     """
     options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
-    plan = runner.RunPlan(file=file, output=output, options=options, concurrency=concurrency,
+    plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults, concurrency=concurrency,
                           worker_count=worker_count or default_workers(), redis_url=redis_url,
                           state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
     progress = Progress()
@@ -75,11 +75,9 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
         try:
             result = runner.run(plan, progress, interrupts)
         except runner.Interrupted as stop:
-            click.echo(_interrupted_message(stop), err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            interrupted(_interrupted_message(stop))
         except KeyboardInterrupt:
-            click.echo(_interrupted_message(runner.Interrupted(None)), err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            interrupted(_interrupted_message(runner.Interrupted(None)))
     click.echo(f"results: {'standard output' if output == '-' else output}", err=True)
     click.echo(f"summary: {summary(result.info)}", err=True)
     if result.stopped:
@@ -89,10 +87,10 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
 
 
 def _interrupted_message(stop: runner.Interrupted) -> str:
-    text = "\naivvm-batch: interrupted"
+    text = ""
     if stop.info is not None:
         ok = stop.info.counts.get(Status.OK.value, 0)
-        text += f" ({ok} of {stop.info.total if stop.info.total is not None else '?'} items ok)"
+        text += f"{ok} of {stop.info.total if stop.info.total is not None else '?'} items ok; "
     if stop.abandoned:
-        text += f"; {stop.abandoned} items in flight were abandoned and will be sent again"
-    return text + "; run the same command again to continue"
+        text += f"{stop.abandoned} items in flight were abandoned and will be sent again; "
+    return text + "run the same command again to continue"

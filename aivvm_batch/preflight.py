@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +23,7 @@ from jobs.output import check_output, is_stdio
 from worker.providers import PROVIDERS
 from worker.providers.checks import check_base_url
 
+from .options import check_redis_url
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -40,17 +43,23 @@ class Checked:
 
 def preflight(plan: RunPlan, progress: Progress) -> Checked:
     Settings.from_env()
+    if plan.redis_url is not None:
+        check_redis_url(plan.redis_url)
     check_output(plan.output, None if is_stdio(plan.file) else plan.file)
     if not plan.use_stub:
         _check_base_url(plan, progress)
     display = "standard input" if is_stdio(plan.file) else str(plan.file)
+    if is_stdio(plan.file) and sys.stdin.isatty():
+        progress.note("aivvm-batch: reading prompts from the terminal, one JSON object a line; "
+                      "end with Ctrl-D")
     spool_dir = plan.state_dir / "spool"
     path = spool(plan.file, spool_dir)
+    # the host too: on a shared Redis, another machine's file of the same name is another input
     if is_stdio(plan.file) or path != Path(plan.file):
         path = _by_content(path, spool_dir)
-        key = f"sha256:{path.stem}"
+        key = f"{socket.gethostname()}:sha256:{path.stem}"
     else:
-        key = str(Path(plan.file).resolve())
+        key = f"{socket.gethostname()}:{Path(plan.file).resolve()}"
     check_input(path, display)
     if not read_head(path, 4096).strip():
         progress.note(f"aivvm-batch: warning: {display} is empty: there is nothing to run")

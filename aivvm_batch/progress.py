@@ -36,14 +36,15 @@ class Progress:
         self._first_done: int | None = None
         self._last_line = 0.0
 
-    def update(self, info: BatchInfo, *, force: bool = False) -> None:
+    def update(self, info: BatchInfo, *, in_flight: int | None = None) -> None:
+        """``in_flight``: the run was interrupted and waits for that many items (the rest is cancelled)."""
         if self._first_done is None:
             self._first_done = info.done
         if self.live:
-            self._update_bar(info)
-        elif force or info.finished or time.monotonic() - self._last_line >= PLAIN_INTERVAL_SECONDS:
+            self._update_bar(info, in_flight)
+        elif info.finished or time.monotonic() - self._last_line >= PLAIN_INTERVAL_SECONDS:
             self._last_line = time.monotonic()
-            print(self._plain(info), file=self.stream, flush=True)
+            print(self._plain(info, in_flight), file=self.stream, flush=True)
 
     def note(self, message: str) -> None:
         """A line of its own (above the bar on a terminal)."""
@@ -52,19 +53,25 @@ class Progress:
         else:
             print(message, file=self.stream, flush=True)
 
-    def _update_bar(self, info: BatchInfo) -> None:
+    def _update_bar(self, info: BatchInfo, in_flight: int | None) -> None:
         if self._bar is None:
             self._bar = tqdm(total=info.total, initial=info.done, unit="item", file=self.stream,
                              dynamic_ncols=True, desc=info.id)
         if info.total is not None and self._bar.total != info.total:
             self._bar.total = info.total
-        self._bar.update(info.done - self._bar.n)
+        cancelled = info.counts.get(Status.CANCELLED.value, 0) if in_flight is not None else 0
+        self._bar.update(info.done - cancelled - self._bar.n)
+        if in_flight is not None:
+            self._bar.set_postfix_str(f"interrupted: waiting for {in_flight} in flight", refresh=True)
+            return
         failures = info.done - info.counts.get(Status.OK.value, 0)
         errors = error_brief(info, 40)
         self._bar.set_postfix_str(f"not ok: {failures}" + (f", errors: {errors}" if errors else ""),
                                   refresh=True)
 
-    def _plain(self, info: BatchInfo) -> str:
+    def _plain(self, info: BatchInfo, in_flight: int | None) -> str:
+        if in_flight is not None:
+            return f"batch {info.id}: interrupted, waiting for {in_flight} items in flight ({summary(info)})"
         elapsed = max(time.monotonic() - self._started, 1e-6)
         rate = (info.done - (self._first_done or 0)) / elapsed
         eta = ""

@@ -220,7 +220,7 @@ def _watch(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress:
             progress.note(f"aivvm-batch: stopping: {reason}; the {left} items not finished are cancelled "
                           "(those in flight finish first)")
             info = state.info = store.info(batch_id)
-        progress.update(info)
+        progress.update(info, in_flight=state.in_flight if state.interrupted else None)
         if info.finished:
             return info
         if workers.alive() == 0:

@@ -33,8 +33,10 @@ class Interrupts:
         return self.count > 0
 
     def install(self) -> Interrupts:
+        """Handle SIGINT and SIGTERM, except one ignored by whoever started us (``nohup``, ``&``)."""
         for sig in HANDLED:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def restore(self) -> None:
@@ -48,7 +50,7 @@ class Interrupts:
 
     def ignore(self) -> None:
         """While abandoning: further signals change nothing (the cleanup is already quick)."""
-        for sig in HANDLED:
+        for sig in self._previous:
             signal.signal(sig, signal.SIG_IGN)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -188,6 +188,23 @@ def test_editing_one_line_pays_for_that_line_only_and_fresh_starts_over(tmp_path
     assert calls(stub) == 21
 
 
+def test_a_changed_default_model_is_a_changed_request(tmp_path: Path, stub: StubServer) -> None:
+    state, out = tmp_path / "state", tmp_path / "out.jsonl"
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two", "model": "gpt-4"}\n')
+    base = [str(source), "-o", str(out), "--base-url", stub.base_url]
+    assert run(*base, "--model", "gpt-4-0613", state=state).returncode == 0
+    assert [r["model"] for r in results(out)] == ["gpt-4-0613", "gpt-4"]
+    same = run(*base, "--model", "gpt-4-0613", state=state)
+    assert "2 of 2 results kept" in same.stderr
+    assert calls(stub) == 2
+    other = run(*base, "--model", "gpt-3.5-turbo", state=state)
+    assert other.returncode == 0, other.stderr
+    assert "1 of 2 results kept, 1 line changed" in other.stderr
+    assert [r["model"] for r in results(out)] == ["gpt-3.5-turbo", "gpt-4"]
+    assert stub.stats()["by_prompt"] == {"one": 2, "two": 1}
+
+
 def test_the_batch_id_run_prints_works_with_status_collect_and_batches(tmp_path: Path, redis_url: str,
                                                                         stub: StubServer) -> None:
     out = tmp_path / "out.jsonl"
