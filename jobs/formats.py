@@ -11,6 +11,7 @@ line, cancelled) has ``response: null`` and ``error: {code, message}``.
 from __future__ import annotations
 
 import json
+import time
 from enum import Enum
 from typing import Any
 
@@ -30,7 +31,7 @@ def render(raw: bytes, fmt: ResultFormat, batch_created: float | None = None) ->
     """One output line (without newline) from a stored result.
 
     ``batch_created`` (Unix seconds) stands in for the ``created`` time of a
-    result recorded without one.
+    result recorded without one (else the time of rendering).
     """
     if fmt is ResultFormat.NATIVE:
         return raw
@@ -66,7 +67,10 @@ def openai_line(result: ItemResult, batch_created: float | None = None) -> dict[
 
 
 def _completion(result: ItemResult, batch_created: float | None) -> dict[str, Any]:
-    created = result.created if result.created is not None else int(batch_created or 0)
+    if result.created is not None:
+        created = result.created
+    else:
+        created = int(batch_created if batch_created is not None else time.time())
     finish = result.finish_reason if result.finish_reason in FINISH_REASONS else "stop"
     body: dict[str, Any] = {
         "id": f"chatcmpl-{result.line}",

@@ -168,3 +168,10 @@ def test_collect_in_the_openai_form_validates_with_the_sdk(redis_url: str, stub:
     assert bodies[2] is None and checks[2][0].error is not None
     assert checks[2][0].error.code == "unsupported_model"
     assert isinstance(bodies[3], ChatCompletion)
+
+
+def test_without_any_time_created_is_now() -> None:
+    before = int(time.time())
+    _, body = checked(openai_line(ok()))
+    assert isinstance(body, ChatCompletion)
+    assert before <= body.created <= time.time()
