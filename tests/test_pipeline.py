@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +24,17 @@ from tests.conftest import Batches
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("workers")]
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def reply(prompt: str) -> str:
     return f"Stand-in reply to: {prompt}"
+
+
+def cli(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aivvm_batch", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "AIVVM_BATCH_REDIS_URL": redis_url})
 
 
 def test_both_input_forms_complete_in_input_order(batches: Batches, stub: StubServer) -> None:
@@ -261,3 +275,88 @@ def test_samples_end_as_the_readme_says(name: str, batches: Batches, stub: StubS
                            batches.settings).batch_id
     batches.wait(batch_id)
     assert {r["line"]: r["status"] for r in batches.results(batch_id)} == SAMPLE_STATUSES[name]
+
+
+def test_a_reply_cut_every_time_has_its_own_smaller_budget_and_every_attempt_is_counted(
+        batches: Batches, stub: StubServer, settings) -> None:
+    stub.reset()
+    results = batches.run([
+        {"id": "always", "prompt": "[[stub fault=cut chunks=4]] always cut short"},
+        {"id": "once", "prompt": "[[stub fault=cut times=1 chunks=4]] cut short once"},
+    ], base_url=stub.base_url, timeout=90)
+    always, once = results
+    assert settings.max_cut_retries < settings.max_retries
+    calls = stub.stats()["by_prompt"]
+    assert calls["always cut short"] == always["attempts"] == settings.max_cut_retries + 1
+    assert always["status"] == "failed" and always["error"]["type"] == "incomplete_reply"
+    prompt_tokens = math.ceil(len("[[stub fault=cut chunks=4]] always cut short") / 4)
+    partial_tokens = math.ceil(len(always["output"]) / 4)
+    assert always["usage"]["prompt_tokens"] == prompt_tokens * calls["always cut short"]
+    assert always["usage"]["completion_tokens"] == partial_tokens * calls["always cut short"], always
+    assert once["status"] == "ok" and calls["cut short once"] == once["attempts"] == 2
+    full_tokens = math.ceil(len(reply("cut short once")) / 4)
+    assert full_tokens < once["usage"]["completion_tokens"] < 2 * full_tokens
+    assert once["usage"]["prompt_tokens"] == 2 * math.ceil(len("[[stub fault=cut times=1 chunks=4]] cut short once") / 4)
+
+
+def test_failed_attempts_are_counted_by_cause_and_logged_with_the_reason(
+        batches: Batches, stub: StubServer, store: BatchStore, workers: WorkerProcesses,
+        redis_url: str) -> None:
+    batch_id = batches.submit([
+        {"id": "twice", "prompt": "[[stub fault=status code=503 times=2]] counted"},
+        {"id": "empty", "prompt": "[[stub fault=empty times=1]] empty once"},
+        {"id": "fine", "prompt": "no error"},
+    ], base_url=stub.base_url)
+    info = batches.wait(batch_id)
+    assert info.errors == {"server_error: HTTP 503: Error": 2,
+                           "empty_reply: the server answered 200 with an empty body": 1}
+    assert info.top_error == ("server_error: HTTP 503: Error", 2)
+    logs = "".join(p.read_text(errors="replace") for p in workers.log_dir.glob("*.log"))
+    assert re.search(rf"batch {batch_id} item 1: retry in [0-9.]+ s: empty_reply: the server answered "
+                     "200 with an empty body", logs), logs[-3000:]
+    status = cli("status", batch_id, redis_url=redis_url)
+    assert "most frequent error (2 attempts): server_error: HTTP 503: Error" in status.stdout
+    as_json = json.loads(cli("status", batch_id, "--json", redis_url=redis_url).stdout)
+    assert as_json["top_error"] == {"error": "server_error: HTTP 503: Error", "count": 2}
+
+
+def test_workers_say_they_are_alive(store: BatchStore, workers: WorkerProcesses) -> None:
+    seen = store.last_worker_seen()
+    assert seen is not None and time.time() - seen < 60
+    names = [n.decode() for n in store.redis.hkeys(keys.WORKERS)]
+    assert any(n.startswith("run") and "@" in n for n in names), names
+
+
+def test_batches_json_reports_usage_as_status_does(batches: Batches, stub: StubServer,
+                                                   redis_url: str) -> None:
+    batch_id = batches.submit([{"prompt": f"usage {i}"} for i in range(3)], base_url=stub.base_url)
+    batches.wait(batch_id)
+    status = json.loads(cli("status", batch_id, "--json", redis_url=redis_url).stdout)
+    listed = [json.loads(line) for line in cli("batches", "--json", redis_url=redis_url).stdout.splitlines()]
+    mine = [b for b in listed if b["id"] == batch_id]
+    assert mine and mine[0]["usage"] == status["usage"]
+    assert status["usage"]["completion_tokens"] > 0
+
+
+def test_cancel_says_how_many_it_cancelled_and_how_many_are_still_in_flight(
+        batches: Batches, stub: StubServer, store: BatchStore, redis_url: str) -> None:
+    total = 80
+    batch_id = batches.submit([{"prompt": f"[[stub latency=2 chunks=2]] slow cancel {i}"} for i in range(total)],
+                              base_url=stub.base_url)
+    time.sleep(1.0)
+    done_before = store.info(batch_id).done
+    proc = cli("cancel", batch_id, redis_url=redis_url)
+    assert proc.returncode == 0, proc.stderr
+    found = re.fullmatch(rf"{batch_id}: (\d+) items cancelled; (\d+) in flight will finish "
+                         r"\(those that would be retried end cancelled instead\)\n", proc.stderr)
+    assert found, proc.stderr
+    cancelled, in_flight = int(found[1]), int(found[2])
+    assert cancelled > 0 and in_flight > 0
+    assert done_before + cancelled + in_flight == total
+    info = batches.wait(batch_id)
+    assert info.counts.get("cancelled", 0) >= cancelled
+    assert info.counts.get("ok", 0) + info.counts.get("cancelled", 0) == total
+
+
+def test_worker_loglevel_has_help() -> None:
+    assert "Worker log level" in cli("worker", "--help", redis_url="redis://127.0.0.1:9/0").stdout

@@ -26,7 +26,7 @@ from aivvm_batch.stub import SPLIT_TEXT, StubServer
 from aivvm_batch.workers import WorkerProcesses
 from jobs import keys
 from jobs.config import Settings
-from jobs.errors import StoreUnavailable
+from jobs.errors import BatchNotFound, StoreUnavailable
 from jobs.queue import Publisher, celery_settings, configure
 from jobs.queue import app as celery_app
 from jobs.records import BatchInfo, BatchOptions
@@ -515,3 +515,43 @@ def test_message_taken_by_a_worker_killed_before_recording_it_is_not_lost(cluste
     assert result["status"] == "ok"
     assert result["output"] == reply(taken_prompt)
     assert stub.stats()["by_prompt"][taken_prompt] == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_lost_in_a_restart_without_persistence_is_explained(tmp_path: Path) -> None:
+    """`collect` on a batch that a Redis without persistence lost says the Redis may have lost it."""
+    server = EmbeddedRedis(tmp_path / "redis", persistent=False).start()
+    saved = {key: celery_app.conf.get(key) for key in celery_settings(Settings())}
+    try:
+        settings = Settings.from_env({}, redis_url=server.url)
+        client = redis.Redis.from_url(server.url)
+        configure(celery_app, settings)
+        store, publisher = BatchStore(client), Publisher(client, celery_app)
+        source = tmp_path / "in.jsonl"
+        source.write_text(json.dumps({"prompt": "soon forgotten"}) + "\n")
+        lost = submit_file(store, publisher, source, BatchOptions(), settings).batch_id
+        port = server.port
+        server.stop()
+        server.start(port=port)
+        collected = subprocess.run(
+            [sys.executable, "-m", "aivvm_batch", "collect", lost, "-o", str(tmp_path / "out.jsonl")],
+            capture_output=True, text=True, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "AIVVM_BATCH_REDIS_URL": server.url})
+        assert collected.returncode == 2
+        assert collected.stderr.count("\n") == 1, collected.stderr
+        assert f"batch '{lost}' not found" in collected.stderr
+        assert "this Redis holds no batch at all" in collected.stderr
+        assert "lost its data" in collected.stderr
+        submit_file(store, publisher, source, BatchOptions(), settings)  # the index is no longer empty
+        with pytest.raises(BatchNotFound, match=r"keeps no data across restarts .*started \d+ s ago"):
+            store.info(lost)
+    finally:
+        server.stop()
+        celery_app.conf.update(saved)
+
+
+def test_an_unknown_batch_on_a_persistent_redis_has_no_data_loss_hint(cluster: Cluster) -> None:
+    cluster.store.create("bknown", "x", BatchOptions())
+    with pytest.raises(BatchNotFound) as raised:
+        cluster.store.info("bunknown")
+    assert raised.value.hint == ""
