@@ -349,7 +349,9 @@ FAST_FAILURES = 1000
 
 
 def test_a_server_that_is_down_is_said_at_once_and_the_run_stops(tmp_path: Path) -> None:
-    total = 40
+    # items waiting for a retry free their slot, so the first failures end together: enough
+    # items that some are left to save when the run sees them
+    total = 400
     source = prompts(tmp_path / "in.jsonl", [f"q{i}" for i in range(total)])
     out = tmp_path / "out.jsonl"
     down = run(str(source), "-o", str(out), "--base-url", "http://127.0.0.1:9", "--concurrency", "4",
@@ -416,6 +418,7 @@ def test_one_worker_per_core_and_the_concurrency_is_shared(tmp_path: Path, stub:
         wait_for(lambda: len(worker_concurrencies(session.proc.pid)) == count, what="the workers")
         shares = worker_concurrencies(session.proc.pid)
         assert sum(shares) == total and shares[-1] - shares[0] <= 1, shares
+        wait_for(lambda: calls(stub) >= 4 * (number + 1), what="the four items in flight")
         session.ctrl_c()
         session.read_until("Ctrl-C again")
         session.ctrl_c()
