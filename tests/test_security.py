@@ -213,7 +213,9 @@ def test_api_keys_never_reach_redis_messages_logs_or_results(private_redis: Embe
             {(openai_batch, s) for s in range(len(openai_lines))}
             | {(aivvm_batch, s) for s in range(len(aivvm_lines))})
 
-        worker_env = {**WORKER_ENV, "OPENAI_API_KEY": openai_key, "AIVVM_API_KEY": aivvm_key}
+        # the worker's owner lets its keys go to these two servers (and to no base URL a submitter names)
+        worker_env = {**WORKER_ENV, "OPENAI_API_KEY": openai_key, "AIVVM_API_KEY": aivvm_key,
+                      "AIVVM_BATCH_ALLOWED_BASE_URLS": f"{stub.base_url}/v1,{recorder.base_url}"}
         workers = WorkerProcesses(url, count=1, concurrency=4, log_dir=tmp_path / "worker-logs",
                                   env=worker_env, loglevel="DEBUG").start()
         try:
@@ -347,16 +349,17 @@ def test_wrong_or_missing_redis_password_is_a_clean_error(redis_with_password: t
     client = redis.Redis.from_url(with_password(server, password))
     assert client.dbsize() == 0
 
-    # A worker given the wrong password says so, with the password masked.
+    # A worker given the wrong password says so in one line, with the password masked, and stops.
     logs = tmp_path / "bad-worker-logs"
     workers = WorkerProcesses(with_password(server, wrong), count=1, concurrency=2, log_dir=logs,
                               env=WORKER_ENV, loglevel="INFO").start()
     try:
-        wait_for(lambda: b"Cannot connect" in b"".join(p.read_bytes() for p in logs.glob("*.log")),
-                 30, "the worker to report the refused connection")
+        wait_for(lambda: workers.alive() == 0, 30, "the worker to stop on the refused connection")
+        assert workers.processes[0].returncode == 2
     finally:
         workers.stop()
     log_text = b"".join(p.read_bytes() for p in logs.glob("*.log"))
+    assert b"refused the credentials" in log_text and b"Traceback" not in log_text
     assert wrong.encode() not in log_text and password.encode() not in log_text
     assert b"password" in log_text
 
