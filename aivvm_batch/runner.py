@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from jobs import keys
 from jobs.config import Settings
 from jobs.errors import ConfigError, StoreUnavailable
 from jobs.formats import ResultFormat, render
@@ -204,21 +205,21 @@ def _watch(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress:
         state.in_flight = (info.total or 0) - info.done
         if interrupts.requested and not state.interrupted:
             state.interrupted = True
+            state.in_flight = _claimed(store, batch_id)
+            progress.note(f"aivvm-batch: interrupted: no new item starts; waiting for {state.in_flight} items "
+                          "in flight to finish and be recorded; Ctrl-C again to abandon them")
             store.cancel(batch_id)
             info = state.info = store.info(batch_id)
             state.in_flight = (info.total or 0) - info.done
-            if state.in_flight:
-                progress.note(f"aivvm-batch: interrupted: waiting for {state.in_flight} items in flight "
-                              "to finish and be recorded; Ctrl-C again to abandon them")
         if not state.warned and (warning := attempts_warning(info)):
             state.warned = True
             progress.note(f"aivvm-batch: {warning}{_key_hint(warning, info.options)}")
         if state.stopped is None and not state.interrupted and (reason := systematic_failure(info)):
             left = (info.total or 0) - info.done
-            store.cancel(batch_id)
             state.stopped = reason = reason + _key_hint(reason, info.options)
             progress.note(f"aivvm-batch: stopping: {reason}; the {left} items not finished are cancelled "
                           "(those in flight finish first)")
+            store.cancel(batch_id)
             info = state.info = store.info(batch_id)
         progress.update(info, in_flight=state.in_flight if state.interrupted else None)
         if info.finished:
@@ -227,6 +228,11 @@ def _watch(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress:
             raise ConfigError(f"the worker processes exited; see their logs in {workers.log_dir} "
                               f"({summary(info)})")
         time.sleep(POLL_SECONDS)
+
+
+def _claimed(store: BatchStore, batch_id: str) -> int:
+    """Items an execution is working on now (their live claims)."""
+    return sum(1 for _ in store.redis.scan_iter(match=keys.claim_pattern(batch_id), count=1000))
 
 
 def _key_hint(error: str, options: BatchOptions) -> str:
