@@ -258,6 +258,32 @@ def test_store_full_is_translated_at_the_store_boundary(limited_factory: Any) ->
     assert memory.full and memory.policy == "noeviction" and memory.maxmemory == 20 * 1024 * 1024
 
 
+def test_a_claim_can_be_kept_and_released_in_a_full_redis(limited_factory: Any) -> None:
+    """What a worker holding a paid reply needs while Redis is full: PEXPIRE and DEL still work."""
+    full = limited_factory("20mb")
+    batch_id = full.submit([{"prompt": "one"}])
+    assert full.store.claim(batch_id, 0, "mine", 5).outcome.value == "claimed"
+    full.fill()
+    assert full.store.keep_claim(batch_id, 0, "mine", 600)
+    assert full.client.pttl(keys.claim(batch_id, 0)) > 500_000
+    assert not full.store.keep_claim(batch_id, 0, "someone else's", 600)
+    full.store.release(batch_id, 0, "mine")
+    assert not full.client.exists(keys.claim(batch_id, 0))
+
+
+def test_the_rate_limiter_in_a_full_redis_says_come_back_later(limited_factory: Any) -> None:
+    from worker.errors import RateLimited
+    from worker.ratelimit import FULL_RETRY_SECONDS, RateLimiter
+
+    full = limited_factory("20mb")
+    limiter = RateLimiter(full.client)
+    full.fill()
+    with pytest.raises(RateLimited) as refused:
+        limiter.acquire("scope", rpm=60)
+    assert refused.value.delay == FULL_RETRY_SECONDS
+    limiter.pause("scope", 5)  # skipped, not raised
+
+
 @pytest.mark.timeout(120)
 def test_an_evicting_redis_is_refused_by_submit_run_and_workers(limited_factory: Any, tmp_path: Path) -> None:
     lru = limited_factory("50mb", "allkeys-lru")
