@@ -78,7 +78,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'done'} end
 local meta = redis.call('HMGET', KEYS[1], 'state', 'options', 'paused_until')
 local request = redis.call('HGET', KEYS[2], ARGV[1])
-if meta[1] == 'cancelled' then return {'cancelled', request, meta[2]} end
+if meta[1] == 'cancelled' then
+  -- an execution still holding the item will record its own result: a duplicate must not cancel it
+  local holder = redis.call('GET', KEYS[8])
+  if holder and holder ~= ARGV[2] then return {'busy'} end
+  return {'cancelled', request, meta[2]}
+end
 if meta[3] then
   local t = redis.call('TIME')
   local wait = tonumber(meta[3]) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

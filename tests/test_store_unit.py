@@ -1,0 +1,171 @@
+"""The store's Lua scripts on fakeredis (with Lua): a fast tier, no server, no worker.
+
+Each test also runs on a private redis-server, so that fakeredis cannot drift from
+Redis unnoticed. The fakeredis half is skipped where fakeredis[lua] is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from aivvm_batch.embedded import EmbeddedRedis
+
+from jobs import keys
+from jobs.records import (
+    BatchOptions,
+    BatchState,
+    ChatMessage,
+    ItemRequest,
+    ItemResult,
+    Status,
+    Usage,
+    invalid_result,
+)
+from jobs.store import BatchStore, ChunkEntry, ClaimOutcome, Reuse
+
+
+
+@pytest.fixture(scope="module")
+def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    with EmbeddedRedis(tmp_path_factory.mktemp("unit-redis"), persistent=False) as server:
+        yield redis.Redis.from_url(server.url)
+
+
+@pytest.fixture(params=["fakeredis", pytest.param("redis-server", marks=pytest.mark.integration)])
+def store(request: pytest.FixtureRequest) -> BatchStore:
+    """The fast tier on fakeredis[lua]; the same tests on a real redis-server keep it honest."""
+    if request.param == "fakeredis":
+        fakeredis = pytest.importorskip("fakeredis")
+        pytest.importorskip("lupa")
+        return BatchStore(fakeredis.FakeRedis(), result_ttl=3600)
+    client = request.getfixturevalue("real_redis")
+    client.flushall()
+    return BatchStore(client, result_ttl=3600)
+
+
+def request(seq: int, item_id: str | None = None, prompt: str = "hi") -> ItemRequest:
+    return ItemRequest(item_id or f"q{seq}", seq + 1, (ChatMessage("user", prompt),))
+
+
+def ok(req: ItemRequest, output: str = "out", tokens: int = 0) -> ItemResult:
+    return ItemResult(req.id, req.line, Status.OK, output=output, attempts=1,
+                      usage=Usage(tokens, tokens, estimated=True) if tokens else None)
+
+
+def add(store: BatchStore, batch_id: str, entries: list[Any], *, resume: bool = False,
+        reuse: Reuse | None = None) -> tuple[list[int], int, int]:
+    enqueued: list[int] = []
+    outcome = store.add_chunk(batch_id, [ChunkEntry(i, e) for i, e in enumerate(entries)], resume=resume,
+                              reuse=reuse, enqueue=lambda pipe, seqs: enqueued.extend(seqs))
+    assert outcome.enqueued == enqueued
+    return enqueued, outcome.kept, outcome.changed
+
+
+def new_batch(store: BatchStore, batch_id: str, n: int) -> list[ItemRequest]:
+    assert store.create(batch_id, "test", BatchOptions(base_url="http://x"))
+    reqs = [request(i) for i in range(n)]
+    add(store, batch_id, list(reqs))
+    store.finalize(batch_id, n)
+    return reqs
+
+
+def test_a_result_is_recorded_once_counted_once_and_finishes_the_batch(store: BatchStore) -> None:
+    reqs = new_batch(store, "b1", 2)
+    assert store.record("b1", 0, ok(reqs[0], tokens=3))
+    assert not store.record("b1", 0, ok(reqs[0], "second", tokens=3))
+    info = store.info("b1")
+    assert (info.counts, info.usage["prompt_tokens"], info.finished) == ({"ok": 1}, 3, False)
+    store.record("b1", 1, ok(reqs[1]))
+    info = store.info("b1")
+    assert info.finished and info.state is BatchState.FINISHED
+    assert 0 < store.redis.ttl(keys.results("b1")) <= 3600
+    assert [int(s) for s in store.redis.lrange(keys.finished_log("b1"), 0, -1)] == [0, 1]
+
+
+def test_claim_outcomes(store: BatchStore) -> None:
+    reqs = new_batch(store, "b2", 3)
+    claim = store.claim("b2", 0, "t1", 10)
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.request == reqs[0]
+    assert store.claim("b2", 0, "t1", 10).outcome is ClaimOutcome.CLAIMED  # the same execution again
+    assert store.claim("b2", 0, "t2", 10).outcome is ClaimOutcome.BUSY
+    store.release("b2", 0, "t2")  # not its claim: nothing happens
+    assert store.claim("b2", 0, "t2", 10).outcome is ClaimOutcome.BUSY
+    assert store.keep_claim("b2", 0, "t1", 10) and not store.keep_claim("b2", 0, "t2", 10)
+    store.record("b2", 0, ok(reqs[0]))
+    assert store.claim("b2", 0, "t3", 10).outcome is ClaimOutcome.DONE
+    assert not store.redis.exists(keys.claim("b2", 0))  # recording dropped the claim
+    store.pause("b2", 30)
+    paused = store.claim("b2", 1, "t4", 10)
+    assert paused.outcome is ClaimOutcome.PAUSED and 29 < paused.paused_seconds <= 30
+    assert store.claim("bnone", 0, "t5", 10).outcome is ClaimOutcome.GONE
+
+
+def test_cancel_spares_claimed_items_and_reset_runs_them_again(store: BatchStore) -> None:
+    reqs = new_batch(store, "b3", 4)
+    store.record("b3", 0, ok(reqs[0]))
+    store.claim("b3", 1, "busy", 10)
+    assert store.cancel("b3") == 2
+    assert store.claim("b3", 1, "other", 10).outcome is ClaimOutcome.BUSY
+    assert store.claim("b3", 2, "late", 10).outcome is ClaimOutcome.DONE
+    store.record("b3", 1, ok(reqs[1]))
+    info = store.info("b3")
+    assert info.counts == {"ok": 2, "cancelled": 2} and info.state is BatchState.CANCELLED
+    assert store.reset("b3", Status.CANCELLED) == [2, 3]
+    info = store.info("b3")
+    assert info.counts == {"ok": 2} and info.state is BatchState.RUNNING and not info.finished
+    assert store.redis.ttl(keys.results("b3")) == -1
+
+
+def test_duplicate_ids_become_invalid_and_resume_skips_finished_items(store: BatchStore) -> None:
+    store.create("b4", "test", BatchOptions())
+    entries: list[Any] = [request(0, "same"), request(1, "same"), invalid_result(3, "line 3: bad"),
+                          request(3, "other")]
+    enqueued, _, _ = add(store, "b4", entries)
+    assert enqueued == [0, 3]
+    duplicate = json.loads(store.results_of("b4", [1])[0])
+    assert duplicate["status"] == "invalid" and "duplicate id 'same'" in duplicate["error"]["message"]
+    store.record("b4", 0, ok(request(0, "same")))
+    again, _, _ = add(store, "b4", entries, resume=True)
+    assert again == [3]
+
+
+def test_reuse_keeps_equal_ok_requests_only(store: BatchStore) -> None:
+    old = new_batch(store, "b5", 3)
+    store.record("b5", 0, ok(old[0], "kept output"))
+    store.record("b5", 1, ItemResult(old[1].id, old[1].line, Status.FAILED, output=""))
+    store.create("b6", "test", BatchOptions(base_url="http://x"))
+    edited = [request(0), request(1), request(2, prompt="edited"), request(3)]
+    enqueued, kept, changed = add(store, "b6", list(edited), reuse=Reuse("b5", same_options=True))
+    assert (enqueued, kept, changed) == ([1, 2, 3], 1, 2)
+    assert json.loads(store.results_of("b6", [0])[0])["output"] == "kept output"
+    store.create("b7", "test", BatchOptions(base_url="http://y"))
+    enqueued, kept, changed = add(store, "b7", list(edited), reuse=Reuse("b5", same_options=False))
+    assert (enqueued, kept, changed) == ([0, 1, 2, 3], 0, 3)
+
+
+def test_delete_removes_everything_and_nothing_comes_back(store: BatchStore) -> None:
+    reqs = new_batch(store, "b8", 2)
+    store.claim("b8", 0, "t", 10)
+    store.note_attempt_error("b8", "server_error: HTTP 503")
+    store.set_run_batch("source", "b8")
+    store.delete("b8")
+    assert not store.record("b8", 0, ok(reqs[0]))
+    store.pause("b8", 10)
+    assert store.redis.keys("*b8*") == []
+    assert store.run_batch("source") is None
+    assert store.list_batches() == []
+
+
+def test_list_batches_reads_usage_and_errors(store: BatchStore) -> None:
+    reqs = new_batch(store, "b9", 1)
+    store.note_attempt_error("b9", "timeout: no reply within 5s")
+    store.note_attempt_error("b9", "timeout: no reply within 5s")
+    store.record("b9", 0, ok(reqs[0], tokens=7))
+    [info] = store.list_batches()
+    assert info.usage["completion_tokens"] == 7
+    assert info.top_error == ("timeout: no reply within 5s", 2)
