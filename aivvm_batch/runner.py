@@ -35,6 +35,7 @@ from jobs.store import BatchStore
 from jobs.submit import SubmitReport, new_batch_id, submit_file
 
 from .embedded import EmbeddedRedis
+from .options import masked_url
 from .preflight import Checked, preflight, prune_spool
 from .progress import Progress, summary
 from .signals import Interrupts
@@ -133,7 +134,7 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts) -> RunResult:
                 write_atomically(plan.output, _rendered(store, report.batch_id, info, plan.fmt))
             except OSError as exc:
                 again = ("run the same command with another -o: the ok results are kept" if private else
-                         f"aivvm-batch collect {report.batch_id} --redis-url {redis_url} -o ...")
+                         f"aivvm-batch collect {report.batch_id} --redis-url {masked_url(redis_url)} -o ...")
                 raise ConfigError(f"cannot write {plan.output}: {exc.strerror or exc}; the results stay in "
                                   f"batch {report.batch_id} ({again})") from exc
             return RunResult(info, state.stopped)
