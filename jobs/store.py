@@ -309,7 +309,11 @@ class BatchStore:
         pipe = self.redis.pipeline()
         pipe.hset(keys.meta(batch_id), mapping=fields)
         pipe.zadd(keys.BATCH_INDEX, {batch_id: created})
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            self.redis.delete(keys.meta(batch_id))  # no half-made batch (DEL works in a full Redis)
+            raise
         return True
 
     @translated

@@ -320,3 +320,15 @@ def test_a_redis_without_config_get_falls_back_to_info(limited_factory: Any) -> 
         lru.client.config_get("maxmemory-policy")
     with pytest.raises(ConfigError, match="volatile-lru"):
         lru.store.check_server()
+
+
+def test_submit_into_a_redis_already_full_leaves_no_half_made_batch(limited_factory: Any) -> None:
+    full = limited_factory("20mb")
+    source = full.write([{"prompt": "x"}])
+    full.fill()
+    # just under the limit: the batch's first write is taken, and the next ones are refused
+    while int(full.client.info("memory")["used_memory"]) >= 20 * 2**20:
+        full.client.rpop(FILLER)
+    with pytest.raises(StoreFull):
+        submit_file(full.store, full.publisher, source, BatchOptions(), full.settings)
+    assert [k for k in full.client.scan_iter(match=f"{keys.PREFIX}:*")] == []
