@@ -197,7 +197,7 @@ def _attempt_claimed(store: BatchStore, settings: Settings, batch_id: str, seq: 
         best_effort(f"{where}: pause", lambda: store.pause(batch_id, retry_after))
         if limiter is not None:
             best_effort(f"{where}: pause", lambda: limiter.pause(outcome.scope, retry_after))
-    cut = isinstance(error, IncompleteReply) or (error is not None and error.kind == IncompleteReply.kind)
+    cut = error is not None and error.kind == IncompleteReply.kind  # also a fallback's combined error
     if outcome.transient and attempt_number <= settings.max_retries \
             and not (cut and cuts + 1 > settings.max_cut_retries):
         assert error is not None
