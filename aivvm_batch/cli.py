@@ -18,10 +18,11 @@ from jobs.queue import configure
 from jobs.records import Status
 
 from . import runner
-from .cli_batch import collect, submit
+from .cli_batch import collect, submit, validate
 from .cli_run import run
 from .options import concurrency_option, env, fail, handle_errors, open_store, redis_url_option
 from .progress import summary
+from .serve.cli import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -174,7 +175,7 @@ def stub(host: str, port: int, latency: float, chunks: int, api_key: str | None)
           ready=lambda url: click.echo(f"stand-in provider (not a model) on {url}", err=True))
 
 
-for command in (submit, collect, run):
+for command in (submit, collect, validate, run, serve):
     main.add_command(command)
 
 

@@ -8,9 +8,10 @@ from typing import NoReturn
 
 import click
 
-from jobs.collect import DEFAULT_IDLE_WARNING_SECONDS, Watch, WaitTimeout, follow_results, \
+from jobs.collect import DEFAULT_IDLE_WARNING_SECONDS, Watch, follow_results, \
     wait_until_finished, write_results
 from jobs.config import Settings
+from jobs.errors import WaitTimeout
 from jobs.formats import ResultFormat
 from jobs.inputs import check_input, is_stdin, spooled
 from jobs.lines import Validation, open_input, validate_lines

@@ -40,7 +40,7 @@ from .preflight import Checked, preflight, prune_spool
 from .progress import Progress, summary
 from .signals import Interrupts
 from .watch import attempts_warning, default_workers, split_concurrency, systematic_failure
-from .workers import WorkerProcesses
+from .workers import WorkerProcesses, trusting
 
 POLL_SECONDS = 0.5
 RECONNECT_SECONDS = 120.0
@@ -121,7 +121,8 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts) -> RunResult:
             if not info.finished:
                 workers = WorkerProcesses(redis_url, concurrencies=split_concurrency(plan.concurrency,
                                                                                        plan.worker_count),
-                                          log_dir=plan.state_dir / "logs").start()
+                                          log_dir=plan.state_dir / "logs",
+                                          env=trusting(options.base_url)).start()
                 stack.callback(workers.stop)
                 interrupts.arm()
                 try:

@@ -22,6 +22,15 @@ def _die_with_parent() -> None:
     die_with_parent(signal.SIGKILL)
 
 
+def trusting(base_url: str | None) -> dict[str, str]:
+    """Environment for workers started by the owner of the keys (``run``, a private ``serve``):
+    their own ``--base-url`` may receive the keys, as if it were in AIVVM_BATCH_ALLOWED_BASE_URLS."""
+    if not base_url:
+        return {}
+    given = os.environ.get("AIVVM_BATCH_ALLOWED_BASE_URLS", "")
+    return {"AIVVM_BATCH_ALLOWED_BASE_URLS": ",".join(u for u in (given, base_url) if u)}
+
+
 class WorkerProcesses:
     """Celery worker processes on ``redis_url`` (passed by environment, not argv).
 

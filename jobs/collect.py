@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import BatchError, ConfigError, StoreUnavailable
+from .errors import ConfigError, StoreUnavailable, WaitTimeout
 from .formats import ResultFormat, render
 from .output import write_atomically
 from .records import BatchInfo
@@ -16,10 +16,6 @@ from .store import BatchStore
 
 ProgressCallback = Callable[[BatchInfo], None]
 DEFAULT_IDLE_WARNING_SECONDS = 60.0
-
-
-class WaitTimeout(BatchError):
-    """The batch did not finish within the time the caller would wait (``--timeout``)."""
 
 
 @dataclass

@@ -6,6 +6,7 @@
     ├── BatchNotFound        unknown batch id, or its results expired
     ├── StoreUnavailable     Redis could not be reached (translated from redis-py)
     │   └── StoreFull        Redis is at maxmemory and refuses writes (OutOfMemoryError): wait
+    ├── WaitTimeout          a batch did not finish within the time a caller would wait
     └── InvalidLine          one input line is not a valid request (kept as an ``invalid`` result)
 """
 
@@ -22,6 +23,10 @@ class ConfigError(BatchError):
 
 class InputFileError(BatchError):
     pass
+
+
+class WaitTimeout(BatchError):
+    """The batch did not finish within the time the caller would wait (``--timeout``)."""
 
 
 class BatchNotFound(BatchError):

@@ -20,28 +20,11 @@ from typing import Any
 import redis
 
 from .errors import BatchError
-from .keys import PREFIX
+from .keys import file_data, file_meta, owner_files
 from .store import translated
 
 CHUNK_BYTES = 1024 * 1024
 PENDING_TTL = 3600
-
-
-# Keys (to move into jobs/keys.py).
-
-def file_meta(file_id: str) -> str:
-    """Hash: owner, filename, purpose, bytes, created_at, status."""
-    return f"{PREFIX}:file:{file_id}:meta"
-
-
-def file_data(file_id: str) -> str:
-    """List: the file's content in chunks of about CHUNK_BYTES, in order."""
-    return f"{PREFIX}:file:{file_id}:data"
-
-
-def owner_files(owner: str) -> str:
-    """Sorted set: file ids of one owner, scored by creation time (ms)."""
-    return f"{PREFIX}:owner:{owner}:files"
 
 
 class FileNotFound(BatchError):

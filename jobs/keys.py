@@ -76,3 +76,37 @@ def batch_keys(batch_id: str) -> list[str]:
 def rate_bucket(scope: str) -> str:
     """Global rate limiter state for one provider and base URL."""
     return f"{PREFIX}:rate:{scope}"
+
+
+def file_meta(file_id: str) -> str:
+    """Hash: owner, filename, purpose, bytes, created_at, status (``serve``'s uploaded files)."""
+    return f"{PREFIX}:file:{file_id}:meta"
+
+
+def file_data(file_id: str) -> str:
+    """List: an uploaded file's content in chunks of about 1 MiB, in order."""
+    return f"{PREFIX}:file:{file_id}:data"
+
+
+def owner_files(owner: str) -> str:
+    """Sorted set: file ids of one API key's owner, scored by creation time (ms)."""
+    return f"{PREFIX}:owner:{owner}:files"
+
+
+# Set: ids of the API batches that are not final yet (``serve``'s driver advances them)
+API_ACTIVE = f"{PREFIX}:api:active"
+
+
+def api_batch(batch_id: str) -> str:
+    """Hash: the OpenAI Batch fields of one API batch (owner, files, window, status, times)."""
+    return f"{PREFIX}:api:batch:{batch_id}"
+
+
+def api_lease(batch_id: str) -> str:
+    """String with a TTL: the ``serve`` replica currently advancing this batch."""
+    return f"{PREFIX}:api:batch:{batch_id}:lease"
+
+
+def owner_batches(owner: str) -> str:
+    """Sorted set: API batch ids of one owner, scored by creation time (ms)."""
+    return f"{PREFIX}:owner:{owner}:batches"

@@ -30,8 +30,9 @@ from aivvm_batch.serve.output import api_line
 from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
 from aivvm_batch.serve.driver import Driver, DriverConfig
-from aivvm_batch.serve.records import ACTIVE, BatchRecords
-from jobs.files import CHUNK_BYTES, FileStore, file_data, file_meta
+from aivvm_batch.serve.records import BatchRecords
+from jobs.files import CHUNK_BYTES, FileStore
+from jobs.keys import API_ACTIVE, file_data, file_meta
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.records import BatchOptions, ItemError, ItemResult, Status, Usage
@@ -462,4 +463,4 @@ def test_a_batch_runs_with_the_options_of_the_replica_that_accepted_it(redis_url
     other.step(batch.id)
     assert records.get("owner-o", batch.id).status.value == "in_progress"
     assert store.info(batch.store_id).options == accepted
-    client_.delete("aivvm-batch", ACTIVE)
+    client_.delete("aivvm-batch", API_ACTIVE)

@@ -149,6 +149,8 @@ def to_result(request: ItemRequest, outcome: Attempt, attempts: int) -> ItemResu
         finish_reason=(outcome.end.finish_reason if outcome.end else None)
         or ("stop" if error is None else None),
         provider=outcome.provider,
+        created=int(time.time()),
+        metadata=request.metadata,
     )
 
 

@@ -83,7 +83,7 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
             options = BatchOptions(provider=provider, base_url=stand_in.base_url
                                    + ("/v1" if provider.startswith("openai") else ""))
         if redis_url is None:
-            redis_url = _private(stack, state_dir, worker_count, concurrency)
+            redis_url = _private(stack, state_dir, worker_count, concurrency, options.base_url)
         ctx = _context(redis_url, options, keys, ServeLimits(max_upload_bytes=max_upload_bytes,
                                                              window_seconds=completion_window_seconds))
         _run(ctx, host, port)
@@ -100,15 +100,17 @@ def _context(redis_url: str, options: BatchOptions, keys: Any, limits: ServeLimi
     except redis.RedisError as exc:
         raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
     store = BatchStore(client, settings.result_ttl)
+    store.check_server()
     files = FileStore(client)
     records = BatchRecords(client)
     driver = Driver(store, files, records, Publisher(client, celery_app), DriverConfig(options, settings))
     return ServeContext(store=store, files=files, records=records, driver=driver, keys=keys, limits=limits)
 
 
-def _private(stack: ExitStack, state_dir: Path, worker_count: int, concurrency: int) -> str:
+def _private(stack: ExitStack, state_dir: Path, worker_count: int, concurrency: int,
+             base_url: str | None) -> str:
     from ..embedded import EmbeddedRedis
-    from ..workers import WorkerProcesses
+    from ..workers import WorkerProcesses, trusting
 
     state_dir.mkdir(parents=True, exist_ok=True)
     lock = stack.enter_context(open(state_dir / "serve.lock", "a+"))
@@ -120,7 +122,7 @@ def _private(stack: ExitStack, state_dir: Path, worker_count: int, concurrency: 
     embedded = stack.enter_context(EmbeddedRedis(state_dir / "serve-redis"))
     if worker_count:
         workers = WorkerProcesses(embedded.url, count=worker_count, concurrency=concurrency,
-                                  log_dir=state_dir / "serve-logs").start()
+                                  log_dir=state_dir / "serve-logs", env=trusting(base_url)).start()
         stack.callback(workers.stop)
     return embedded.url
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from jobs.config import Settings
 from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
 from jobs.files import FileNotFound, FileStore, FileWriter
+from jobs.keys import api_lease
 from jobs.queue import Publisher
 from jobs.records import BatchInfo, BatchOptions, ItemResult, Status
 from jobs.store import BatchStore
@@ -30,7 +31,7 @@ from jobs.submit import submit_file
 
 from .lease import Lease
 from .output import api_line
-from .records import ApiBatch, ApiStatus, BatchRecords, api_lease, final_snapshot
+from .records import ApiBatch, ApiStatus, BatchRecords, final_snapshot
 
 log = logging.getLogger("aivvm_batch.serve")
 MAX_REPORTED_ERRORS = 100

@@ -2,9 +2,8 @@
 
 ``jobs.formats.openai_line`` makes the line; here a cancelled item of a batch
 that expired or was cancelled gets OpenAI's ``batch_expired`` / ``batch_cancelled``
-error, and a completion body always carries a real ``created`` (the SDK's
-``ChatCompletion`` requires it; a result recorded without one gets the batch's
-creation time).
+error; a result recorded without a time of its own gets the batch's creation time
+as its ``created``.
 """
 
 from __future__ import annotations
@@ -21,14 +20,9 @@ CANCELLED = {"code": "batch_cancelled", "message": "This request was cancelled w
 
 def api_line(result: ItemResult, *, expired: bool, created: int) -> tuple[bool, bytes]:
     """(whether the line belongs to the output file, the line with its newline)."""
-    line = openai_line(result)
+    line = openai_line(result, batch_created=created)
     if result.status is Status.CANCELLED:
         line["response"] = None
         line["error"] = dict(EXPIRED if expired else CANCELLED)
-    response = line.get("response")
-    body = response.get("body") if isinstance(response, dict) else None
-    if isinstance(body, dict) and body.get("object") == "chat.completion":
-        if not body.get("created"):
-            body["created"] = created
     success = result.status is Status.OK
     return success, json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"

@@ -17,30 +17,11 @@ from typing import Any
 
 import redis
 
-from jobs.keys import PREFIX
+from jobs.keys import API_ACTIVE, api_batch, owner_batches
 from jobs.records import BatchInfo, BatchOptions, Status
 from jobs.store import translated
 
 from .errors import NotFound
-
-# Keys (to move into jobs/keys.py).
-ACTIVE = f"{PREFIX}:api:active"
-
-
-def api_batch(batch_id: str) -> str:
-    """Hash: the fields of :class:`ApiBatch`."""
-    return f"{PREFIX}:api:batch:{batch_id}"
-
-
-def api_lease(batch_id: str) -> str:
-    """String with a TTL: the replica currently advancing this batch."""
-    return f"{PREFIX}:api:batch:{batch_id}:lease"
-
-
-def owner_batches(owner: str) -> str:
-    """Sorted set: API batch ids of one owner, scored by creation time (ms)."""
-    return f"{PREFIX}:owner:{owner}:batches"
-
 
 class ApiStatus(str, Enum):
     VALIDATING = "validating"
@@ -169,7 +150,7 @@ class BatchRecords:
             "status": ApiStatus.VALIDATING.value, "metadata": json.dumps(metadata),
             "options": json.dumps(options.__dict__ if options else None)})
         pipe.zadd(owner_batches(owner), {batch_id: time.time() * 1000})
-        pipe.sadd(ACTIVE, batch_id)
+        pipe.sadd(API_ACTIVE, batch_id)
         pipe.execute()
         return batch
 
@@ -214,12 +195,12 @@ class BatchRecords:
 
     @translated
     def active(self) -> list[str]:
-        members: Any = self.redis.smembers(ACTIVE)
+        members: Any = self.redis.smembers(API_ACTIVE)
         return sorted(m.decode() for m in members)
 
     @translated
     def deactivate(self, batch_id: str) -> None:
-        self.redis.srem(ACTIVE, batch_id)
+        self.redis.srem(API_ACTIVE, batch_id)
 
 
 def _from_hash(batch_id: str, raw: dict[bytes, bytes]) -> ApiBatch:
