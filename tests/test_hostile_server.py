@@ -10,6 +10,7 @@ The hostile server picks its behaviour from the first word of the last user mess
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import redis
@@ -38,13 +39,15 @@ from jobs.queue import app as celery_app
 from jobs.records import ChatMessage, ItemRequest
 from jobs.store import BatchStore
 from tests.conftest import WORKER_ENV, Batches
-from worker.completion import Attempt, attempt, to_result
+from worker.completion import Attempt, attempt, attempt_async, to_result
+from worker.providers.aio import AsyncHTTP
 
 CAP = 1024 * 1024  # the reply cap these tests set
 BOMB_SIZE = 64 * 1024 * 1024  # decompressed size of the bombs
 ENDLESS_LIMIT = 64 * 1024 * 1024  # an "endless" body stops here, so the test ends even unfixed
 BLOCK = 64 * 1024
 HTML = b"<!doctype html><html><head><title>Sign in</title></head><body><form>login</form></body></html>"
+PATHS = ["sync", "aiohttp", "httpx"]  # requests, and AsyncHTTP on each transport
 ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY",
                  "AIVVM_BATCH_ALLOWED_BASE_URLS")
 
@@ -257,8 +260,27 @@ def item(content: str, model: str = "gpt-4") -> ItemRequest:
     return ItemRequest(id="q1", line=1, messages=(ChatMessage("user", content),), model=model)
 
 
-def run(content: str, base_url: str, provider: str = "aivvm", settings: Settings = SETTINGS) -> Attempt:
-    return attempt(item(content), (provider,), base_url, settings)
+class Runner(Protocol):
+    def __call__(self, content: str, base_url: str, provider: str = "aivvm",
+                 settings: Settings = SETTINGS) -> Attempt: ...
+
+
+async def attempt_on_loop(request: ItemRequest, provider: str, base_url: str, settings: Settings,
+                          transport: str) -> Attempt:
+    async with AsyncHTTP(4, transport=transport) as http:
+        return await attempt_async(request, (provider,), base_url, settings, http)
+
+
+@pytest.fixture(params=PATHS)
+def run(request: pytest.FixtureRequest) -> Runner:
+    """One attempt through the synchronous path (requests) or the asynchronous one (its own loop)."""
+    path = request.param
+
+    def runner(content: str, base_url: str, provider: str = "aivvm", settings: Settings = SETTINGS) -> Attempt:
+        if path == "sync":
+            return attempt(item(content), (provider,), base_url, settings)
+        return asyncio.run(attempt_on_loop(item(content), provider, base_url, settings, path))
+    return runner
 
 
 def measured(call: Callable[[], Attempt]) -> tuple[Attempt, int]:
@@ -285,7 +307,7 @@ def base(hostile: Hostile, provider: str) -> str:
 @pytest.mark.parametrize("provider", ["aivvm", "openai"])
 @pytest.mark.parametrize("behaviour", ["bomb", "deflate-bomb", "endless"])
 def test_a_reply_past_the_cap_fails_as_reply_too_large_and_memory_stays_flat(
-        hostile: Hostile, provider: str, behaviour: str) -> None:
+        run: Runner, hostile: Hostile, provider: str, behaviour: str) -> None:
     bomb(31), bomb(15)  # made before measuring
     outcome, peak = measured(lambda: run(behaviour, base(hostile, provider), provider))
     assert outcome.error is not None, f"{len(outcome.text)} characters recorded as ok"
@@ -298,7 +320,7 @@ def test_a_reply_past_the_cap_fails_as_reply_too_large_and_memory_stays_flat(
 
 
 @pytest.mark.timeout(60)
-def test_the_cap_is_the_setting(hostile: Hostile) -> None:
+def test_the_cap_is_the_setting(run: Runner, hostile: Hostile) -> None:
     small = Settings(connect_timeout=2.0, read_timeout=5.0, item_deadline=30.0, max_reply_bytes=1000)
     outcome = run("endless", hostile.base_url, settings=small)
     assert outcome.error is not None and outcome.error.kind == "reply_too_large"
@@ -307,7 +329,7 @@ def test_the_cap_is_the_setting(hostile: Hostile) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_the_decompression_ratio_is_bounded_below_the_cap(hostile: Hostile) -> None:
+def test_the_decompression_ratio_is_bounded_below_the_cap(run: Runner, hostile: Hostile) -> None:
     """A huge cap does not let a bomb through: past 100x expansion the reply is refused."""
     roomy = Settings(connect_timeout=2.0, read_timeout=5.0, item_deadline=30.0,
                      max_reply_bytes=2 * BOMB_SIZE, max_decompression_ratio=100.0)
@@ -319,7 +341,7 @@ def test_the_decompression_ratio_is_bounded_below_the_cap(hostile: Hostile) -> N
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("behaviour", ["error-bomb", "error-endless"])
-def test_an_error_body_is_bounded(hostile: Hostile, behaviour: str) -> None:
+def test_an_error_body_is_bounded(run: Runner, hostile: Hostile, behaviour: str) -> None:
     outcome, peak = measured(lambda: run(behaviour, hostile.base_url))
     assert outcome.error is not None
     assert outcome.error.kind == "server_error"
@@ -329,7 +351,7 @@ def test_an_error_body_is_bounded(hostile: Hostile, behaviour: str) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_an_encoding_never_asked_for_is_malformed(hostile: Hostile) -> None:
+def test_an_encoding_never_asked_for_is_malformed(run: Runner, hostile: Hostile) -> None:
     outcome = run("brotli", hostile.base_url)
     assert outcome.error is not None and outcome.error.kind == "malformed_reply"
     assert "br" in str(outcome.error)
@@ -341,7 +363,7 @@ def test_an_encoding_never_asked_for_is_malformed(hostile: Hostile) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_only_choice_zero_is_kept(hostile: Hostile) -> None:
+def test_only_choice_zero_is_kept(run: Runner, hostile: Hostile) -> None:
     outcome = run("choices", base(hostile, "openai"), "openai")
     assert outcome.error is None, outcome.error
     assert outcome.text == "Hello world"
@@ -355,7 +377,7 @@ def test_only_choice_zero_is_kept(hostile: Hostile) -> None:
 
 @pytest.mark.parametrize("provider", ["aivvm", "openai"])
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-def test_a_redirect_is_never_followed(hostile: Hostile, elsewhere: Hostile, monkeypatch: pytest.MonkeyPatch,
+def test_a_redirect_is_never_followed(run: Runner, hostile: Hostile, elsewhere: Hostile, monkeypatch: pytest.MonkeyPatch,
                                       provider: str, status: int) -> None:
     key = "sk-" + secrets.token_hex(8)
     monkeypatch.setenv("AIVVM_API_KEY" if provider == "aivvm" else "OPENAI_API_KEY", key)
@@ -373,7 +395,7 @@ def test_a_redirect_is_never_followed(hostile: Hostile, elsewhere: Hostile, monk
 
 
 @pytest.mark.parametrize("provider", ["aivvm", "openai"])
-def test_a_web_page_is_not_a_reply(hostile: Hostile, provider: str) -> None:
+def test_a_web_page_is_not_a_reply(run: Runner, hostile: Hostile, provider: str) -> None:
     outcome = run("html", base(hostile, provider), provider)
     assert outcome.error is not None
     assert outcome.error.kind == "malformed_reply"
@@ -405,7 +427,7 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
 
 
 @pytest.mark.parametrize("provider", ["aivvm", "openai"])
-def test_an_untrusted_certificate_is_a_permanent_tls_error(self_signed: Hostile, provider: str) -> None:
+def test_an_untrusted_certificate_is_a_permanent_tls_error(run: Runner, self_signed: Hostile, provider: str) -> None:
     outcome = run("hello", base(self_signed, provider), provider)
     assert outcome.error is not None
     assert outcome.error.kind == "tls_error"
@@ -420,7 +442,7 @@ def test_an_untrusted_certificate_is_a_permanent_tls_error(self_signed: Hostile,
 
 
 @pytest.mark.parametrize("provider", ["aivvm", "openai"])
-def test_a_key_is_withheld_from_a_base_url_not_allowed(hostile: Hostile, monkeypatch: pytest.MonkeyPatch,
+def test_a_key_is_withheld_from_a_base_url_not_allowed(run: Runner, hostile: Hostile, monkeypatch: pytest.MonkeyPatch,
                                                        provider: str) -> None:
     key = "sk-" + secrets.token_hex(8)
     monkeypatch.setenv("AIVVM_API_KEY" if provider == "aivvm" else "OPENAI_API_KEY", key)
@@ -438,7 +460,7 @@ def test_a_key_is_withheld_from_a_base_url_not_allowed(hostile: Hostile, monkeyp
 
 @pytest.mark.parametrize("provider", ["aivvm", "openai"])
 @pytest.mark.parametrize("how", ["setting", "base-url-variable"])
-def test_a_key_goes_to_an_allowed_base_url(hostile: Hostile, monkeypatch: pytest.MonkeyPatch,
+def test_a_key_goes_to_an_allowed_base_url(run: Runner, hostile: Hostile, monkeypatch: pytest.MonkeyPatch,
                                            provider: str, how: str) -> None:
     key = "sk-" + secrets.token_hex(8)
     monkeypatch.setenv("AIVVM_API_KEY" if provider == "aivvm" else "OPENAI_API_KEY", key)
@@ -461,7 +483,7 @@ def test_a_key_goes_to_an_allowed_base_url(hostile: Hostile, monkeypatch: pytest
 
 
 @pytest.mark.parametrize("provider", ["aivvm", "openai"])
-def test_a_withheld_key_is_named_in_a_401(hostile: Hostile, monkeypatch: pytest.MonkeyPatch,
+def test_a_withheld_key_is_named_in_a_401(run: Runner, hostile: Hostile, monkeypatch: pytest.MonkeyPatch,
                                           provider: str) -> None:
     variable = "AIVVM_API_KEY" if provider == "aivvm" else "OPENAI_API_KEY"
     monkeypatch.setenv(variable, "sk-" + secrets.token_hex(8))
@@ -473,7 +495,7 @@ def test_a_withheld_key_is_named_in_a_401(hostile: Hostile, monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("provider", ["aivvm", "openai"])
-def test_an_echoed_key_is_redacted(hostile: Hostile, monkeypatch: pytest.MonkeyPatch, provider: str) -> None:
+def test_an_echoed_key_is_redacted(run: Runner, hostile: Hostile, monkeypatch: pytest.MonkeyPatch, provider: str) -> None:
     key = "sk-" + secrets.token_hex(8)
     monkeypatch.setenv("AIVVM_API_KEY" if provider == "aivvm" else "OPENAI_API_KEY", key)
     allowed = Settings(connect_timeout=2.0, read_timeout=5.0, item_deadline=30.0,

@@ -9,18 +9,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from jobs.config import Settings
 from jobs.records import ItemError, ItemRequest, ItemResult, Status, Usage
 
 from .errors import ProviderError, ProviderHTTPError, RateLimited
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
+from .providers.aio import AsyncHTTP
+from .providers.call import Item
 from .providers.credentials import choose_key, redact, worker_keys
 
 logger = logging.getLogger(__name__)
 BeforeCall = Callable[[type[AbstractProvider], CompletionCall], None]
+AsyncBeforeCall = Callable[[type[AbstractProvider], CompletionCall], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -48,34 +51,70 @@ def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str
     ``base_url`` is the first provider's; the others take theirs from the environment.
     """
     started = time.monotonic()
-    errors: list[tuple[str, ProviderError]] = []
-    result: Attempt | None = None
+    fallback = _Fallback()
     for position, name in enumerate(provider_names):
         provider = PROVIDERS[name]
-        result = _attempt_one(provider, request, base_url if position == 0 else None,
-                              settings, started, before_call)
-        if result.error is None or result.text:
-            return result
-        errors.append((name, result.error))
-    assert result is not None
-    if len(errors) > 1:
-        return _combined(result, errors)
-    return result
+        streamed = _Streamed(provider, request, started)
+        try:
+            call = streamed.prepare(base_url if position == 0 else None, settings)
+            if before_call is not None:
+                before_call(provider, call)
+            for item in provider.stream(call):
+                streamed.add(item)
+        except RateLimited:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted in fail(); a bug must not lose the item
+            streamed.fail(exc)
+        if fallback.done(streamed.result()):
+            break
+    return fallback.outcome()
 
 
-def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_url: str | None,
-                 settings: Settings, started: float, before_call: BeforeCall | None) -> Attempt:
-    model = request.model or ""
-    chunks: list[str] = []
-    first_chunk_ms = None
-    end = None
-    scope = provider.name
+async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
+                        settings: Settings, http: AsyncHTTP, before_call: AsyncBeforeCall | None = None) -> Attempt:
+    """:func:`attempt` on the event loop: the same fallback, errors and results, through ``http``."""
+    started = time.monotonic()
+    fallback = _Fallback()
+    for position, name in enumerate(provider_names):
+        provider = PROVIDERS[name]
+        streamed = _Streamed(provider, request, started)
+        try:
+            call = streamed.prepare(base_url if position == 0 else None, settings)
+            if before_call is not None:
+                await before_call(provider, call)
+            async for item in provider.astream(call, http):
+                streamed.add(item)
+        except RateLimited:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted in fail(); a bug must not lose the item
+            streamed.fail(exc)
+        if fallback.done(streamed.result()):
+            break
+    return fallback.outcome()
+
+
+@dataclass
+class _Streamed:
+    """What one provider's stream produced so far: pure bookkeeping, shared by both paths."""
+
+    provider: type[AbstractProvider]
+    request: ItemRequest
+    started: float
+    model: str = ""
+    chunks: list[str] = field(default_factory=list)
+    first_chunk_ms: int | None = None
+    end: StreamEnd | None = None
+    scope: str = ""
     error: ProviderError | None = None
-    try:
-        model = provider.check_model(model)
+
+    def prepare(self, base_url: str | None, settings: Settings) -> CompletionCall:
+        provider, request = self.provider, self.request
+        self.model = request.model or ""
+        self.scope = provider.name
+        self.model = provider.check_model(self.model)
         key = choose_key(provider, provider.base_url(base_url), settings.allowed_base_urls)
         call = CompletionCall(
-            model=model,
+            model=self.model,
             messages=tuple(m.to_dict() for m in request.messages),
             system_message=request.system_message,
             temperature=request.temperature,
@@ -85,30 +124,55 @@ def _attempt_one(provider: type[AbstractProvider], request: ItemRequest, base_ur
             key_withheld=key.withheld,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
-            deadline=started + settings.item_deadline,
+            deadline=self.started + settings.item_deadline,
             max_reply_bytes=settings.max_reply_bytes,
             max_decompression_ratio=settings.max_decompression_ratio,
         )
-        scope = provider.scope(call.base_url)
-        if before_call is not None:
-            before_call(provider, call)
-        for chunk in provider.stream(call):
-            if isinstance(chunk, StreamEnd):
-                end = chunk
-                continue
-            if first_chunk_ms is None:
-                first_chunk_ms = _ms_since(started)
-            chunks.append(chunk)
-    except ProviderError as exc:
-        error = _without_keys(exc)
-    except RateLimited:
-        raise
-    except Exception as exc:  # a bug must end the item as failed, not lose it
-        logger.exception("internal error while streaming from %s", provider.name)
-        error = ProviderError(f"internal error: {type(exc).__name__}: {exc}")
-        error.kind = "internal_error"
-    return Attempt(provider.name, model or request.model or "", "".join(chunks), error,
-                   _ms_since(started), first_chunk_ms, end, scope)
+        self.scope = provider.scope(call.base_url)
+        return call
+
+    def add(self, item: Item) -> None:
+        if isinstance(item, StreamEnd):
+            self.end = item
+            return
+        if self.first_chunk_ms is None:
+            self.first_chunk_ms = _ms_since(self.started)
+        self.chunks.append(item)
+
+    def fail(self, exc: Exception) -> None:
+        if isinstance(exc, ProviderError):
+            self.error = _without_keys(exc)
+            return
+        logger.error("internal error while streaming from %s", self.provider.name, exc_info=exc)
+        self.error = ProviderError(f"internal error: {type(exc).__name__}: {exc}")
+        self.error.kind = "internal_error"
+
+    def result(self) -> Attempt:
+        return Attempt(self.provider.name, self.model or self.request.model or "", "".join(self.chunks),
+                       self.error, _ms_since(self.started), self.first_chunk_ms, self.end, self.scope)
+
+
+class _Fallback:
+    """gpt4free's RetryProvider: the next provider only while nothing has streamed."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, ProviderError]] = []
+        self.last: Attempt | None = None
+
+    def done(self, result: Attempt) -> bool:
+        """Whether ``result`` is the attempt's (else the next provider is tried)."""
+        self.last = result
+        if result.error is None or result.text:
+            self.errors = []
+            return True
+        self.errors.append((result.provider, result.error))
+        return False
+
+    def outcome(self) -> Attempt:
+        assert self.last is not None, "no provider named"
+        if len(self.errors) > 1:  # every provider failed before its first chunk
+            return _combined(self.last, self.errors)
+        return self.last
 
 
 def _without_keys(error: ProviderError) -> ProviderError:

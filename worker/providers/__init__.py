@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .aivvm import Aivvm
-from .base import AbstractProvider, CompletionCall, StreamEnd
+from .base import AbstractProvider
+from .call import CompletionCall, StreamEnd
 from .checks import check_base_url
 from .openai import OpenAI
 

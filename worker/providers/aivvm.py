@@ -10,13 +10,13 @@ reply and fails as ``malformed_reply``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
 from typing import Any
 
-from ..errors import EmptyReply, MalformedReply, ProviderHTTPError, UnsupportedModel
-from .base import AbstractProvider, CompletionCall, StreamEnd
-from .decoding import decode_utf8
-from .http import post_stream
+from ..errors import EmptyReply, MalformedReply, UnsupportedModel
+from .base import AbstractProvider
+from .call import CompletionCall, Item
+from .exchange import HTTPRequest
 
 DEFAULT_SYSTEM_MESSAGE = (
     "You are ChatGPT, a large language model trained by OpenAI. "
@@ -73,8 +73,7 @@ class Aivvm(AbstractProvider):
         }
 
     @classmethod
-    def stream(cls, call: CompletionCall) -> Iterator[str | StreamEnd]:
-        body = cls.request_body(call)
+    def http_request(cls, call: CompletionCall) -> HTTPRequest:
         base = cls.base_url(call.base_url)
         headers = {
             "accept": "text/event-stream",
@@ -83,19 +82,41 @@ class Aivvm(AbstractProvider):
             "referer": base + "/",
             "user-agent": "aivvm-batch",
         }
-        received = False
-        for text in decode_utf8(post_stream(f"{base}/api/chat", body, headers, call, _error, _check_type)):
-            received = True
-            yield text
-        if not received:
+        return HTTPRequest(f"{base}/api/chat", cls.request_body(call), headers)
+
+    @classmethod
+    def reply_parser(cls, call: CompletionCall) -> AivvmReply:
+        return AivvmReply()
+
+    @classmethod
+    def check_type(cls, media: str) -> None:
+        if media in WEB_PAGES:
+            raise MalformedReply(f"the server answered 200 with {media}, a web page, not an Aivvm reply "
+                                 "(plain text): is the base URL right?")
+
+
+class AivvmReply:
+    """The reply is the text: UTF-8, decoded so that no character is split across chunks.
+
+    Bytes that are not UTF-8 become U+FFFD, one per invalid sequence.
+    """
+
+    complete = False  # the body's end is the reply's end
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._received = False
+
+    def feed(self, data: bytes, out: list[Item]) -> None:
+        text = self._utf8.decode(data)
+        if text:
+            self._received = True
+            out.append(text)
+
+    def finish(self, out: list[Item]) -> None:
+        tail = self._utf8.decode(b"", final=True)
+        if tail:
+            self._received = True
+            out.append(tail)
+        if not self._received:
             raise EmptyReply("the server answered 200 with an empty body")
-
-
-def _check_type(media: str) -> None:
-    if media in WEB_PAGES:
-        raise MalformedReply(f"the server answered 200 with {media}, a web page, not an Aivvm reply "
-                             "(plain text): is the base URL right?")
-
-
-def _error(status: int, text: str, retry_after: float | None) -> ProviderHTTPError:
-    return ProviderHTTPError(status, text[:300], retry_after=retry_after)

@@ -1,65 +1,41 @@
-"""The provider interface, in the manner of gpt4free's ``AbstractProvider``."""
+"""The provider interface, in the manner of gpt4free's ``AbstractProvider``.
+
+A provider says what to send (:meth:`~AbstractProvider.http_request`) and how to read
+the decoded reply (:meth:`~AbstractProvider.reply_parser`); both are free of I/O.
+:meth:`~AbstractProvider.stream` (``requests``) and :meth:`~AbstractProvider.astream`
+(the worker's event loop) are thin shells that move bytes between a transport and the
+same :class:`~.reply.ReplyReader`.
+"""
 
 from __future__ import annotations
 
 import os
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import aclosing, closing
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from jobs.config import Settings
 
+from ..errors import ProviderHTTPError
+from .call import CompletionCall, Item, StreamEnd
 from .credentials import choose_key
+from .exchange import HTTPRequest
+from .http import post_stream
+from .reply import ReplyParser, ReplyReader
 
-_DEFAULTS = Settings()
+if TYPE_CHECKING:
+    from .aio import AsyncHTTP
+
 Messages = Sequence[Mapping[str, str]]
-
-
-@dataclass(frozen=True)
-class StreamEnd:
-    """The last thing a provider's stream yields, when the server said more than text."""
-
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class CompletionCall:
-    """Everything one request needs.
-
-    ``api_key`` is sent as it is: it comes from the worker's environment only, through
-    :func:`credentials.choose_key`, which withholds it from base URLs not allowed.
-    """
-
-    model: str
-    messages: tuple[Mapping[str, str], ...]
-    system_message: str | None = None
-    temperature: float | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
-    base_url: str | None = None
-    api_key: str | None = None
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    deadline: float | None = None  # time.monotonic() after which the call gives up
-    # past this many decoded reply bytes the call fails as reply_too_large
-    max_reply_bytes: int = _DEFAULTS.max_reply_bytes
-    # decoded bytes per compressed byte beyond which a compressed reply is a bomb
-    max_decompression_ratio: float = _DEFAULTS.max_decompression_ratio
-    # the key variable whose key was not sent to this base URL (see credentials.choose_key)
-    key_withheld: str | None = None
-
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
 
 
 class AbstractProvider(ABC):
     """A streaming chat provider.
 
-    Subclasses implement :meth:`stream`; :meth:`create_completion` is the seed's
-    signature over it, yielding text chunks only.
+    Subclasses implement :meth:`http_request` and :meth:`reply_parser`;
+    :meth:`create_completion` is the seed's signature over :meth:`stream`, yielding
+    text chunks only.
     """
 
     url: ClassVar[str]
@@ -72,10 +48,58 @@ class AbstractProvider(ABC):
     supports_gpt_35_turbo: ClassVar[bool] = False
     supports_gpt_4: ClassVar[bool] = False
 
+    # -- the protocol (pure) -------------------------------------------------------
+
     @classmethod
     @abstractmethod
-    def stream(cls, call: CompletionCall) -> Iterator[str | StreamEnd]:
+    def http_request(cls, call: CompletionCall) -> HTTPRequest:
+        """The URL, JSON body and headers of ``call``."""
+
+    @classmethod
+    @abstractmethod
+    def reply_parser(cls, call: CompletionCall) -> ReplyParser:
+        """A fresh parser of the decoded bytes of one 200 answer."""
+
+    @classmethod
+    def check_type(cls, media: str) -> None:
+        """Raise ``MalformedReply`` if a 200 of this media type is no reply of the protocol."""
+
+    @classmethod
+    def parse_error(cls, status: int, text: str, retry_after: float | None) -> ProviderHTTPError:
+        """The error of a non-2xx answer from the start of its body."""
+        return ProviderHTTPError(status, text[:300], retry_after=retry_after)
+
+    # -- the I/O shells --------------------------------------------------------------
+
+    @classmethod
+    def stream(cls, call: CompletionCall) -> Iterator[Item]:
         """Yield the reply's text chunks, then a :class:`StreamEnd` if the server said more."""
+        request = cls.http_request(call)
+        reader = ReplyReader(call, cls.reply_parser(call), cls.check_type)
+        with closing(post_stream(request.url, request.body, request.headers, call, cls.parse_error,
+                                 reader.start)) as raw:
+            for data in raw:
+                yield from reader.feed(data)
+                if reader.stopped:
+                    break
+        yield from reader.finish()
+
+    @classmethod
+    async def astream(cls, call: CompletionCall, http: AsyncHTTP) -> AsyncIterator[Item]:
+        """:meth:`stream` on the event loop, through ``http``'s connection pool."""
+        request = cls.http_request(call)
+        reader = ReplyReader(call, cls.reply_parser(call), cls.check_type)
+        async with aclosing(http.post_stream(request.url, request.body, request.headers, call,
+                                             cls.parse_error, on_reply=reader.start)) as raw:
+            async for data in raw:
+                for item in reader.feed(data):
+                    yield item
+                if reader.stopped:
+                    break
+        for item in reader.finish():
+            yield item
+
+    # -- configuration ---------------------------------------------------------------
 
     @classmethod
     def base_url(cls, given: str | None) -> str:
@@ -114,3 +138,6 @@ class AbstractProvider(ABC):
         if stream:
             return chunks
         return iter(["".join(chunks)])
+
+
+__all__ = ["AbstractProvider", "CompletionCall", "Messages", "StreamEnd"]

@@ -10,15 +10,16 @@ that is not an event stream (a web page, JSON) fails as ``malformed_reply``.
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Iterator
 from typing import Any
 
-from ..errors import EmptyReply, IncompleteReply, MalformedReply, ProviderHTTPError, ReplyTooLarge
-from .base import AbstractProvider, CompletionCall, StreamEnd
+from ..errors import EmptyReply, IncompleteReply, MalformedReply, ProviderHTTPError
+from .base import AbstractProvider
+from .call import CompletionCall, Item, StreamEnd
 from .credentials import redact
-from .decoding import decode_utf8
-from .http import post_stream
+from .exchange import HTTPRequest
+from .sse import SSEParser, sse_data
 
 DEFAULT_MODEL = "gpt-3.5-turbo"
 # media types of a 200 answer read as an event stream (some servers send text/plain or none)
@@ -52,85 +53,94 @@ class OpenAI(AbstractProvider):
         return body
 
     @classmethod
-    def stream(cls, call: CompletionCall) -> Iterator[str | StreamEnd]:
+    def http_request(cls, call: CompletionCall) -> HTTPRequest:
         headers = {"accept": "text/event-stream", "content-type": "application/json"}
         if call.api_key:
             headers["authorization"] = f"Bearer {call.api_key}"
         url = f"{cls.base_url(call.base_url)}/chat/completions"
-        raw = post_stream(url, cls.request_body(call), headers, call, _error, _check_type)
-        finish_reason = None
-        usage: dict[str, Any] = {}
-        received = done = False
-        for data in sse_data(decode_utf8(raw), call.max_reply_bytes):
-            if data == "[DONE]":
-                done = True
-                break
-            event = _json(data, call.api_key)
-            if "error" in event:
-                error = event["error"] if isinstance(event["error"], dict) else {"message": event["error"]}
-                raise ProviderHTTPError(500, redact(str(error.get("message", "")), [call.api_key])[:300],
-                                        kind=str(error.get("type") or "server_error"))
-            usage = event.get("usage") or usage
-            for choice in event.get("choices") or []:
-                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                    continue  # only the first choice is the item's reply
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    received = True
-                    yield text
-                finish_reason = choice.get("finish_reason") or finish_reason
-        if not done and finish_reason is None:
-            raise IncompleteReply("the event stream ended without [DONE] or a finish_reason")
-        if not received and finish_reason != "length":
-            raise EmptyReply("the server streamed no text")
-        yield StreamEnd(finish_reason, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        return HTTPRequest(url, cls.request_body(call), headers)
+
+    @classmethod
+    def reply_parser(cls, call: CompletionCall) -> OpenAIReply:
+        return OpenAIReply(call.max_reply_bytes, call.api_key)
+
+    @classmethod
+    def check_type(cls, media: str) -> None:
+        if media not in EVENT_STREAM_TYPES:
+            raise MalformedReply(f"the server answered 200 with {media}, not an event stream "
+                                 "(text/event-stream): is the base URL right?")
+
+    @classmethod
+    def parse_error(cls, status: int, text: str, retry_after: float | None) -> ProviderHTTPError:
+        kind = None
+        message = text
+        try:
+            error = json.loads(text).get("error")
+        except (json.JSONDecodeError, AttributeError):
+            error = None
+        if isinstance(error, dict):
+            message = str(error.get("message") or text)
+            kind = error.get("type") or error.get("code")
+        return ProviderHTTPError(status, message[:300], kind=str(kind) if kind else None,
+                                 retry_after=retry_after)
 
 
-def sse_data(texts: Iterator[str], max_chars: int | None = None) -> Iterator[str]:
-    """The ``data`` payloads of a server-sent event stream, one per event.
+class OpenAIReply:
+    """Chat completion chunks as server-sent events: the text of choice 0, then the end.
 
-    A line, or an event, longer than ``max_chars`` raises :class:`ReplyTooLarge`: a line
-    that never ends must not grow without bound.
+    ``[DONE]`` completes the reply; a stream that ends without it or a finish_reason is
+    cut (``incomplete_reply``); an event that is an error raises it.
     """
-    pending: list[str] = []  # pieces of the line not ended yet
-    pending_chars = 0
-    data: list[str] = []
-    data_chars = 0
-    for text in texts:
-        start = 0
-        while (end := text.find("\n", start)) >= 0:
-            line = "".join(pending) + text[start:end]
-            pending, pending_chars, start = [], 0, end + 1
-            line = line.rstrip("\r")
-            if not line:
-                if data:
-                    yield "\n".join(data)
-                    data, data_chars = [], 0
-            elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-                data_chars += len(data[-1])
-                _check_size(data_chars, max_chars)
-        if start < len(text):
-            pending.append(text[start:])
-            pending_chars += len(text) - start
-            _check_size(pending_chars + data_chars, max_chars)
-    line = "".join(pending)
-    if line.startswith("data:"):
-        data.append(line[5:].removeprefix(" ").rstrip("\r"))
-    if data:
-        yield "\n".join(data)
 
+    def __init__(self, max_chars: int | None, api_key: str | None) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._events = SSEParser(max_chars)
+        self._api_key = api_key
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] = {}
+        self._received = False
+        self.complete = False
 
-def _check_size(chars: int, max_chars: int | None) -> None:
-    if max_chars is not None and chars > max_chars:
-        raise ReplyTooLarge(f"an event of the stream is longer than {max_chars} characters "
-                            "(AIVVM_BATCH_MAX_REPLY_BYTES)")
+    def feed(self, data: bytes, out: list[Item]) -> None:
+        text = self._utf8.decode(data)
+        if text:
+            for event in self._events.feed(text):
+                self._event(event, out)
+                if self.complete:
+                    return
 
+    def finish(self, out: list[Item]) -> None:
+        if not self.complete:
+            tail = self._utf8.decode(b"", final=True)
+            for event in [*self._events.feed(tail), *self._events.finish()]:
+                self._event(event, out)
+                if self.complete:
+                    break
+        if not self.complete and self._finish_reason is None:
+            raise IncompleteReply("the event stream ended without [DONE] or a finish_reason")
+        if not self._received and self._finish_reason != "length":
+            raise EmptyReply("the server streamed no text")
+        out.append(StreamEnd(self._finish_reason, self._usage.get("prompt_tokens"),
+                             self._usage.get("completion_tokens")))
 
-def _check_type(media: str) -> None:
-    if media not in EVENT_STREAM_TYPES:
-        raise MalformedReply(f"the server answered 200 with {media}, not an event stream "
-                             "(text/event-stream): is the base URL right?")
+    def _event(self, data: str, out: list[Item]) -> None:
+        if data == "[DONE]":
+            self.complete = True
+            return
+        event = _json(data, self._api_key)
+        if "error" in event:
+            error = event["error"] if isinstance(event["error"], dict) else {"message": event["error"]}
+            raise ProviderHTTPError(500, redact(str(error.get("message", "")), [self._api_key])[:300],
+                                    kind=str(error.get("type") or "server_error"))
+        self._usage = event.get("usage") or self._usage
+        for choice in event.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue  # only the first choice is the item's reply
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                self._received = True
+                out.append(text)
+            self._finish_reason = choice.get("finish_reason") or self._finish_reason
 
 
 def _json(data: str, api_key: str | None) -> dict[str, Any]:
@@ -143,15 +153,4 @@ def _json(data: str, api_key: str | None) -> dict[str, Any]:
     return event
 
 
-def _error(status: int, text: str, retry_after: float | None) -> ProviderHTTPError:
-    kind = None
-    message = text
-    try:
-        error = json.loads(text).get("error")
-    except (json.JSONDecodeError, AttributeError):
-        error = None
-    if isinstance(error, dict):
-        message = str(error.get("message") or text)
-        kind = error.get("type") or error.get("code")
-    return ProviderHTTPError(status, message[:300], kind=str(kind) if kind else None,
-                             retry_after=retry_after)
+__all__ = ["OpenAI", "OpenAIReply", "sse_data"]

@@ -1,0 +1,114 @@
+"""The asynchronous transport: one :class:`AsyncHTTP` per event loop, one connection pool.
+
+It only moves bytes, like the synchronous :mod:`.http`: what an answer means is decided
+in :mod:`.exchange` and :mod:`.reply`. The pool never holds more than ``max_connections``
+connections (a request waits for a free one, at most until its item deadline); redirects
+are never followed; nothing is decompressed here (the raw body goes to the bounded
+:class:`~.decoding.BodyDecoder`); the environment's proxies are honoured
+(``HTTP(S)_PROXY``, ``NO_PROXY``), as requests does on the synchronous path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from types import TracebackType
+from typing import Any, Protocol
+
+from .call import CompletionCall
+from .exchange import (
+    ErrorBody,
+    ErrorParser,
+    Head,
+    OnReply,
+    check_streaming_deadline,
+    encode_body,
+    http_error,
+    past_deadline,
+    read_timeout,
+    redirect_error,
+    request_headers,
+)
+
+
+class Response(Protocol):
+    """An answer whose head has arrived; its body read piece by piece."""
+
+    head: Head
+
+    async def read(self) -> bytes:
+        """The next raw bytes as they arrive; ``b""`` at the end. Raises the worker's errors."""
+
+    async def close(self) -> None:
+        """Give the connection back (kept alive if the body was read to its end)."""
+
+
+class Transport(Protocol):
+    async def open(self, url: str, data: bytes, headers: dict[str, str], call: CompletionCall,
+                   read_timeout: float) -> Response:
+        """Send the request and wait for the head. Raises the worker's errors."""
+
+    async def aclose(self) -> None: ...
+
+
+class AsyncHTTP:
+    """Streaming POSTs on the running event loop, through one pool of ``max_connections``."""
+
+    def __init__(self, max_connections: int, *, transport: str = "aiohttp") -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.max_connections = max_connections
+        self._transport: Transport
+        if transport == "aiohttp":
+            from .aio_aiohttp import AiohttpTransport
+            self._transport = AiohttpTransport(max_connections)
+        elif transport == "httpx":
+            from .aio_httpx import HttpxTransport
+            self._transport = HttpxTransport(max_connections)
+        else:
+            raise ValueError(f"unknown transport {transport!r}")
+
+    async def post_stream(self, url: str, body: dict[str, Any], headers: dict[str, str], call: CompletionCall,
+                          parse_error: ErrorParser, on_reply: OnReply | None = None) -> AsyncGenerator[bytes, None]:
+        """POST ``body`` and yield the raw (still encoded) bytes of a 200 as they arrive.
+
+        A 3xx raises ``RedirectError``, another non-200 the provider's HTTP error (from
+        the start of its body); ``on_reply`` is told the 200's head before its first byte.
+        """
+        timeout = read_timeout(call)
+        response = await self._transport.open(url, encode_body(body), request_headers(headers), call, timeout)
+        try:
+            head = response.head
+            if 300 <= head.status < 400:
+                raise redirect_error(head, call)
+            if head.status != 200:
+                raise http_error(head, await _error_body(response, call), call, parse_error)
+            if on_reply is not None:
+                on_reply(head)
+            while data := await response.read():
+                yield data
+                check_streaming_deadline(call)
+        finally:
+            await response.close()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> AsyncHTTP:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.aclose()
+
+
+async def _error_body(response: Response, call: CompletionCall) -> str:
+    body = ErrorBody(response.head, call)
+    try:
+        while not body.done and not past_deadline(call):
+            body.feed(await response.read())
+    except Exception:  # noqa: BLE001 - an unreadable error body is no reason to lose the status
+        body.done = True
+    return body.text()
+
+
+__all__ = ["AsyncHTTP"]
