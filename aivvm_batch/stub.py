@@ -21,22 +21,23 @@ injects a fault or changes the reply (see :func:`parse_directive` and
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import email.utils
 import hashlib
 import hmac
 import itertools
 import json
 import math
 import re
+import resource
 import signal
 import socket
-import socketserver
 import struct
-import sys
 import threading
 import time
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from types import FrameType
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -55,6 +56,13 @@ __all__ = [
     "aivvm_chunks",
     "openai_stream_parts",
     "parse_chat_request",
+    "pad_reply",
+    "RequestHead",
+    "parse_request_head",
+    "body_length",
+    "parse_chunk_size",
+    "response_head",
+    "raise_open_file_limit",
 ]
 
 AIVVM_PATH = "/api/chat"
@@ -65,7 +73,7 @@ HEALTH_PATH = "/health"
 
 FAULTS = frozenset({"status", "429", "cut", "stall", "badbytes", "split", "empty", "reset"})
 DIRECTIVE_KEYS = frozenset(
-    {"fault", "code", "retry_after", "stall", "times", "latency", "chunks", "words"}
+    {"fault", "code", "retry_after", "stall", "times", "latency", "chunks", "words", "bytes"}
 )
 SPLIT_TEXT = "Stand-in reply: héllo wörld — 日本語 ✓ 🎉"
 VOCABULARY = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
@@ -74,6 +82,9 @@ DONE_EVENT = b"data: [DONE]\n\n"
 TIMES_WINDOW = 100_000
 MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_STALL = 30.0
+MAX_HEAD_BYTES = 64 * 1024
+DEFAULT_BACKLOG = 4096
+SERVER_NAME = "aivvm-stub/1"
 
 _DIRECTIVE_RE = re.compile(r"[ \t]*\[\[stub(?P<body>(?:\s+[^\s\[\]]+)*)\s*\]\][ \t]*")
 _OPENAI_ERROR_TYPES = {
@@ -82,6 +93,10 @@ _OPENAI_ERROR_TYPES = {
     404: "not_found_error",
     429: "rate_limit_exceeded",
 }
+
+_FILLER = " " + " ".join(VOCABULARY)
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 _Seq = TypeVar("_Seq", str, bytes)
 
@@ -156,6 +171,7 @@ class FaultPlan:
     latency: float = 0.0
     chunks: int = 4
     words: int | None = None
+    reply_bytes: int | None = None
 
     @property
     def error_status(self) -> int | None:
@@ -192,11 +208,13 @@ def _float_option(options: dict[str, str], key: str, default: float) -> float:
     return value
 
 
-def build_plan(options: dict[str, str], *, latency: float = 0.0, chunks: int = 4) -> FaultPlan:
+def build_plan(
+    options: dict[str, str], *, latency: float = 0.0, chunks: int = 4, reply_bytes: int | None = None
+) -> FaultPlan:
     """Validate directive ``options`` into a :class:`FaultPlan`.
 
-    ``latency``/``chunks`` are the server-wide defaults the directive may
-    override.  Raises ``ValueError`` for unknown keys, unknown faults or bad
+    ``latency``/``chunks``/``reply_bytes`` are the server-wide defaults the
+    directive may override (``bytes=N``).  Raises ``ValueError`` for unknown keys, unknown faults or bad
     numbers (the server answers those with 400).
     """
     unknown = sorted(set(options) - DIRECTIVE_KEYS)
@@ -214,6 +232,7 @@ def build_plan(options: dict[str, str], *, latency: float = 0.0, chunks: int = 4
         latency=_float_option(options, "latency", latency),
         chunks=_int_option(options, "chunks", chunks, 1),
         words=_int_option(options, "words", 0, 0) if "words" in options else None,
+        reply_bytes=_int_option(options, "bytes", 0, 0) if "bytes" in options else reply_bytes,
     )
 
 
@@ -229,6 +248,23 @@ def reply_text(prompt: str, *, words: int | None = None, split: bool = False) ->
     """
     base = word_text(words) if words is not None else f"Stand-in reply to: {prompt}"
     return f"{SPLIT_TEXT} {base}" if split else base
+
+
+def pad_reply(text: str, size: int | None) -> str:
+    """``text`` followed by filler words up to exactly ``size`` UTF-8 bytes.
+
+    A long reply for benchmarks: the canned text stays at the front, and a
+    ``text`` already ``size`` bytes or longer is returned unchanged.
+    """
+    if size is None:
+        return text
+    need = size - len(text.encode("utf-8"))
+    if need <= 0:
+        return text
+    filler = (_FILLER * (need // len(_FILLER) + 1))[:need]
+    if filler.endswith(" "):
+        filler = filler[:-1] + "."
+    return text + filler
 
 
 def even_cuts(length: int, parts: int) -> list[int]:
@@ -392,7 +428,9 @@ class ChatRequest:
     include_usage: bool
 
 
-def parse_chat_request(raw: bytes, *, latency: float = 0.0, chunks: int = 4) -> ChatRequest:
+def parse_chat_request(
+    raw: bytes, *, latency: float = 0.0, chunks: int = 4, reply_bytes: int | None = None
+) -> ChatRequest:
     """Parse a chat request body of either protocol; ``ValueError`` if invalid."""
     body = json.loads(raw)
     if not isinstance(body, dict):
@@ -406,7 +444,7 @@ def parse_chat_request(raw: bytes, *, latency: float = 0.0, chunks: int = 4) -> 
     return ChatRequest(
         messages=messages,
         prompt=last_user_prompt(messages),
-        plan=build_plan(find_directive(messages), latency=latency, chunks=chunks),
+        plan=build_plan(find_directive(messages), latency=latency, chunks=chunks, reply_bytes=reply_bytes),
         key=messages_key(messages),
         model=model if isinstance(model, str) else "stub",
         stream=bool(body.get("stream")),
@@ -415,31 +453,121 @@ def parse_chat_request(raw: bytes, *, latency: float = 0.0, chunks: int = 4) -> 
 
 
 # --------------------------------------------------------------------------
+# HTTP/1.1 framing: pure functions on bytes
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """Request line and headers (names lower-cased; repeated headers joined with ``, ``)."""
+
+    method: str
+    path: str
+    version: str
+    headers: dict[str, str]
+
+    @property
+    def keep_alive(self) -> bool:
+        """HTTP/1.1 keeps the connection unless ``close``; HTTP/1.0 only with ``keep-alive``."""
+        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+
+def parse_request_head(data: bytes) -> RequestHead:
+    """Parse ``request-line CRLF *(header CRLF) CRLF``; ``ValueError`` if malformed.
+
+    Empty lines before the request line are skipped (RFC 9112, 2.2); folded
+    header lines are refused.
+    """
+    lines = data.decode("latin-1").split("\r\n")
+    while lines and lines[0] == "":
+        lines.pop(0)
+    if not lines:
+        raise ValueError("empty request")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
+        raise ValueError(f"bad request line {lines[0]!r}")
+    method, target, version = parts
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise ValueError(f"unsupported version {version!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[0] in " \t":
+            raise ValueError(f"bad header line {line!r}")
+        key = name.lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return RequestHead(method=method, path=target.split("?", 1)[0], version=version, headers=headers)
+
+
+def body_length(head: RequestHead) -> int | None:
+    """Bytes of body after ``head``: ``None`` for a chunked body; ``ValueError`` if invalid."""
+    if "chunked" in head.headers.get("transfer-encoding", "").lower():
+        return None
+    raw = head.headers.get("content-length", "0") or "0"
+    if not raw.isdigit():
+        raise ValueError(f"bad Content-Length {raw!r}")
+    length = int(raw)
+    if length > MAX_BODY_BYTES:
+        raise ValueError("body too large")
+    return length
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """Size of one chunk of a chunked body from its size line; ``ValueError`` if invalid."""
+    digits = line.split(b";", 1)[0].strip()
+    if not digits or not all(c in b"0123456789abcdefABCDEF" for c in digits):
+        raise ValueError(f"bad chunk size line {line!r}")
+    return int(digits, 16)
+
+
+def response_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+    """``HTTP/1.1 <status> <reason>`` and the header lines, ending with the empty line."""
+    reason = _REASONS.get(status, "Unknown")
+    lines = [f"HTTP/1.1 {status} {reason}", *(f"{name}: {value}" for name, value in headers), "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+# --------------------------------------------------------------------------
 # Shared server state
 # --------------------------------------------------------------------------
 
 
 class _StubState:
-    """Knobs, counters and fault bookkeeping shared by all handler threads."""
+    """Knobs, counters and fault bookkeeping; read by other threads through :meth:`snapshot`."""
 
-    def __init__(self, *, latency: float, chunks: int, api_key: str | None) -> None:
+    def __init__(self, *, latency: float, chunks: int, api_key: str | None, reply_bytes: int | None) -> None:
         self.latency = latency
         self.chunks = chunks
         self.api_key = api_key
-        self.stop_event = threading.Event()
+        self.reply_bytes = reply_bytes
         self._lock = threading.Lock()
         self._requests = 0
+        self._in_flight = 0
+        self._peak = 0
         self._by_prompt: dict[str, int] = {}
         self._times: collections.deque[float] = collections.deque(maxlen=TIMES_WINDOW)
         self._fault_uses: dict[str, int] = {}
         self._ids = itertools.count(1)
-        self._connections: set[socket.socket] = set()
 
-    def record_arrival(self) -> None:
+    def begin_call(self) -> None:
+        """A chat request arrived: count it and its concurrency."""
         now = time.time()
         with self._lock:
             self._requests += 1
             self._times.append(now)
+            self._in_flight += 1
+            self._peak = max(self._peak, self._in_flight)
+
+    def end_call(self) -> None:
+        """Its response is written (or the connection is gone)."""
+        with self._lock:
+            self._in_flight -= 1
 
     def record_prompt(self, prompt: str) -> None:
         with self._lock:
@@ -464,169 +592,183 @@ class _StubState:
                 "requests": self._requests,
                 "by_prompt": dict(self._by_prompt),
                 "times": list(self._times),
+                "in_flight": self._in_flight,
+                "peak_in_flight": self._peak,
             }
 
     def reset(self) -> None:
+        """Forget counts and fault uses; the peak restarts from what is in flight now."""
         with self._lock:
             self._requests = 0
             self._by_prompt.clear()
             self._times.clear()
             self._fault_uses.clear()
-
-    def track(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(conn)
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(conn)
-
-    def close_connections(self) -> None:
-        """Shut down every open client connection (used by ``stop``)."""
-        with self._lock:
-            conns = list(self._connections)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self._peak = self._in_flight
 
 
 # --------------------------------------------------------------------------
-# HTTP plumbing
+# Serving core: one asyncio loop, one task per connection
 # --------------------------------------------------------------------------
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 1024
-    allow_reuse_address = True
+class _Core:
+    """The listening socket's server, run inside the loop of :class:`StubServer`'s thread."""
 
-    def __init__(self, address: tuple[str, int], state: _StubState) -> None:
+    def __init__(self, state: _StubState, sock: socket.socket, backlog: int) -> None:
         self.state = state
-        super().__init__(address, _Handler)
+        self.sock = sock
+        self.backlog = backlog
+        self.stopping = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
+        self._date_second = -1
+        self._date = ""
 
-    def server_bind(self) -> None:
-        # Skip HTTPServer.server_bind's socket.getfqdn(), which may hit DNS.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(
+            self.connection, sock=self.sock, backlog=self.backlog, limit=MAX_HEAD_BYTES
+        )
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return  # client went away; nothing worth reporting
-        super().handle_error(request, client_address)
+    async def shutdown(self) -> None:
+        """Stop accepting, end stalls, drop every open connection."""
+        self.stopping.set()
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=3)
 
+    def http_date(self) -> str:
+        now = time.time()
+        if int(now) != self._date_second:
+            self._date_second = int(now)
+            self._date = email.utils.formatdate(now, usegmt=True)
+        return self._date
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "aivvm-stub/1"
-    sys_version = ""
-    disable_nagle_algorithm = True
-    server: _HTTPServer
-
-    # -- lifecycle -------------------------------------------------------
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.state.track(self.connection)
-
-    def finish(self) -> None:
+    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+        self.writers.add(writer)
+        sock = writer.get_extra_info("socket")
         try:
-            super().finish()
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while not self.stopping.is_set():
+                try:
+                    raw_head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return  # the client closed between requests
+                except asyncio.LimitOverrunError:
+                    await _Exchange(self, writer, None).send_text(431, "Request header fields too large")
+                    return
+                try:
+                    head = parse_request_head(raw_head)
+                except ValueError as exc:
+                    await _Exchange(self, writer, None).send_text(400, f"Bad request: {exc}")
+                    return
+                exchange = _Exchange(self, writer, head)
+                await exchange.handle(reader)
+                if exchange.close:
+                    return
         except OSError:
-            pass
+            return  # the client went away
         finally:
-            self.server.state.untrack(self.connection)
+            self.writers.discard(writer)
+            if task is not None:
+                self.tasks.discard(task)
+            writer.close()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        return  # silent: the stub must sustain thousands of requests/s
+
+class _Exchange:
+    """One request and its response on a connection."""
+
+    def __init__(self, core: _Core, writer: asyncio.StreamWriter, head: RequestHead | None) -> None:
+        self.core = core
+        self.state = core.state
+        self.writer = writer
+        self.head = head
+        self.close = head is None or not head.keep_alive
 
     # -- routing ---------------------------------------------------------
 
-    def do_GET(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0]
-        try:
-            if path == HEALTH_PATH:
-                self._send_body(200, "text/plain; charset=utf-8", b"ok")
-            elif path == STATS_PATH:
-                stats = json.dumps(self.server.state.snapshot()).encode("utf-8")
-                self._send_body(200, "application/json", stats)
-            elif path == AIVVM_PATH or path in OPENAI_PATHS:
-                self._send_body(405, "text/plain; charset=utf-8", b"Method not allowed", (("Allow", "POST"),))
-            else:
-                self._send_body(404, "text/plain; charset=utf-8", b"Not found")
-        except OSError:
-            self.close_connection = True
-
-    def do_POST(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0]
-        try:
-            raw = self._read_body()
+    async def handle(self, reader: asyncio.StreamReader) -> None:
+        assert self.head is not None
+        method, path = self.head.method, self.head.path
+        if method == "GET":
+            await self._get(path)
+        elif method == "POST":
+            raw = await self._read_body(reader)
             if raw is None:
-                self.close_connection = True
-                self._send_body(400, "text/plain; charset=utf-8", b"Bad request: unreadable body")
+                self.close = True
+                await self.send_text(400, "Bad request: unreadable body")
             elif path == AIVVM_PATH or path in OPENAI_PATHS:
-                self._chat(raw, openai=path != AIVVM_PATH)
+                self.state.begin_call()
+                try:
+                    await self._chat(raw, openai=path != AIVVM_PATH)
+                finally:
+                    self.state.end_call()
             elif path == RESET_PATH:
-                self.server.state.reset()
-                self._send_body(204, None, b"")
+                self.state.reset()
+                await self.send_body(204, None, b"")
             else:
-                self._send_body(404, "text/plain; charset=utf-8", b"Not found")
-        except OSError:
-            self.close_connection = True
+                await self.send_text(404, "Not found")
+        else:
+            self.close = True  # its body, if any, was not read
+            await self.send_text(501, f"Unsupported method ({method!r})")
 
-    # -- request body ----------------------------------------------------
+    async def _get(self, path: str) -> None:
+        if path == HEALTH_PATH:
+            await self.send_text(200, "ok")
+        elif path == STATS_PATH:
+            await self.send_body(200, "application/json", json.dumps(self.state.snapshot()).encode("utf-8"))
+        elif path == AIVVM_PATH or path in OPENAI_PATHS:
+            await self.send_text(405, "Method not allowed", (("Allow", "POST"),))
+        else:
+            await self.send_text(404, "Not found")
 
-    def _read_body(self) -> bytes | None:
+    async def _read_body(self, reader: asyncio.StreamReader) -> bytes | None:
         """Exactly the request body (Content-Length or chunked); None if unreadable."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked_body()
+        assert self.head is not None
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
+            length = body_length(self.head)
+            if length is not None:
+                return await reader.readexactly(length)
+            parts: list[bytes] = []
+            total = 0
+            while True:
+                size = parse_chunk_size(await reader.readuntil(b"\n"))
+                total += size
+                if total > MAX_BODY_BYTES:
+                    return None
+                if size == 0:
+                    break
+                data = await reader.readexactly(size + 2)
+                parts.append(data[:size])
+            while await reader.readuntil(b"\n") not in (b"\r\n", b"\n"):
+                pass  # trailers
+            return b"".join(parts)
+        except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             return None
-        if length < 0 or length > MAX_BODY_BYTES:
-            return None
-        data = self.rfile.read(length)
-        return data if len(data) == length else None
-
-    def _read_chunked_body(self) -> bytes | None:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                return None
-            total += size
-            if size < 0 or total > MAX_BODY_BYTES:
-                return None
-            if size == 0:
-                break
-            data = self.rfile.read(size + 2)
-            if len(data) != size + 2:
-                return None
-            parts.append(data[:size])
-        while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-            pass  # trailers
-        return b"".join(parts)
 
     # -- chat ------------------------------------------------------------
 
-    def _chat(self, raw: bytes, *, openai: bool) -> None:
-        state = self.server.state
-        state.record_arrival()
+    async def _chat(self, raw: bytes, *, openai: bool) -> None:
+        state = self.state
         if openai and not self._authorized():
-            self._send_error_reply(401, "Incorrect API key provided.", openai=True)
+            await self._send_error_reply(401, "Incorrect API key provided.", openai=True)
             return
         try:
-            request = parse_chat_request(raw, latency=state.latency, chunks=state.chunks)
+            request = parse_chat_request(
+                raw, latency=state.latency, chunks=state.chunks, reply_bytes=state.reply_bytes
+            )
         except ValueError as exc:
-            self._send_error_reply(400, f"Bad request: {exc}", openai=openai)
+            await self._send_error_reply(400, f"Bad request: {exc}", openai=openai)
             return
         state.record_prompt(request.prompt)
         plan = request.plan
@@ -636,32 +778,36 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset()
         elif plan.error_status is not None:
             message = f"Stand-in fault injected (status {plan.error_status})" if openai else "Error"
-            self._send_error_reply(plan.error_status, message, openai=openai, retry_after=plan.retry_after)
+            await self._send_error_reply(plan.error_status, message, openai=openai, retry_after=plan.retry_after)
         elif openai:
-            self._reply_openai(request, plan)
+            await self._reply_openai(request, plan)
         else:
-            self._reply_aivvm(request, plan)
+            await self._reply_aivvm(request, plan)
 
     def _authorized(self) -> bool:
-        key = self.server.state.api_key
+        key = self.state.api_key
         if key is None:
             return True
-        given = self.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        assert self.head is not None
+        given = self.head.headers.get("authorization", "").encode("latin-1")
         return hmac.compare_digest(given, f"Bearer {key}".encode("utf-8"))
 
-    def _reply_aivvm(self, request: ChatRequest, plan: FaultPlan) -> None:
+    def _text(self, request: ChatRequest, plan: FaultPlan) -> str:
         text = reply_text(request.prompt, words=plan.words, split=plan.fault == "split")
-        chunks = [] if plan.fault == "empty" else aivvm_chunks(text, plan.chunks, plan.fault)
-        self._stream("text/plain; charset=utf-8", [], chunks, [], plan)
+        return pad_reply(text, plan.reply_bytes)
 
-    def _reply_openai(self, request: ChatRequest, plan: FaultPlan) -> None:
-        state = self.server.state
-        text = reply_text(request.prompt, words=plan.words, split=plan.fault == "split")
-        completion_id, created = state.next_id(), int(time.time())
+    async def _reply_aivvm(self, request: ChatRequest, plan: FaultPlan) -> None:
+        text = self._text(request, plan)
+        chunks = [] if plan.fault == "empty" else aivvm_chunks(text, plan.chunks, plan.fault)
+        await self._stream("text/plain; charset=utf-8", [], chunks, [], plan)
+
+    async def _reply_openai(self, request: ChatRequest, plan: FaultPlan) -> None:
+        text = self._text(request, plan)
+        completion_id, created = self.state.next_id(), int(time.time())
         usage = usage_for(request.messages, text)
         if request.stream:
             if plan.fault == "empty":
-                self._stream("text/event-stream", [], [], [DONE_EVENT], plan)
+                await self._stream("text/event-stream", [], [], [DONE_EVENT], plan)
                 return
             head, body, tail = openai_stream_parts(
                 text,
@@ -671,28 +817,37 @@ class _Handler(BaseHTTPRequestHandler):
                 model=request.model,
                 usage=usage if request.include_usage else None,
             )
-            self._stream("text/event-stream", head, body, tail, plan)
+            await self._stream("text/event-stream", head, body, tail, plan)
         elif plan.fault == "empty":
-            self._pause(plan.latency)
-            self._send_body(200, "application/json", b"")
+            await self._pause(plan.latency)
+            await self.send_body(200, "application/json", b"")
         else:
             payload = openai_completion(
                 text, completion_id=completion_id, created=created, model=request.model, usage=usage
             )
-            self._send_fixed(json.dumps(payload, ensure_ascii=False).encode("utf-8"), plan)
+            await self._send_fixed(json.dumps(payload, ensure_ascii=False).encode("utf-8"), plan)
 
     # -- responses -------------------------------------------------------
 
-    def _send_error_reply(self, status: int, message: str, *, openai: bool, retry_after: int = 1) -> None:
+    def _head(self, status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+        closing = (("Connection", "close"),) if self.close else ()
+        return response_head(
+            status, (("Server", SERVER_NAME), ("Date", self.core.http_date()), *headers, *closing)
+        )
+
+    async def _send_error_reply(self, status: int, message: str, *, openai: bool, retry_after: int = 1) -> None:
         """Aivvm: ``message`` as text/plain; OpenAI: the JSON error form."""
         headers = [("Retry-After", str(retry_after))] if status == 429 else []
         if not openai:
-            self._send_body(status, "text/plain; charset=utf-8", message.encode("utf-8"), headers)
+            await self.send_text(status, message, headers)
         else:
             body = json.dumps(openai_error(status, message)).encode("utf-8")
-            self._send_body(status, "application/json", body, headers)
+            await self.send_body(status, "application/json", body, headers)
 
-    def _send_body(
+    async def send_text(self, status: int, text: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        await self.send_body(status, "text/plain; charset=utf-8", text.encode("utf-8"), headers)
+
+    async def send_body(
         self,
         status: int,
         content_type: str | None,
@@ -700,37 +855,29 @@ class _Handler(BaseHTTPRequestHandler):
         headers: Iterable[tuple[str, str]] = (),
     ) -> None:
         """A complete response with Content-Length (the connection stays usable)."""
-        self.send_response(status)
-        if content_type is not None:
-            self.send_header("Content-Type", content_type)
-        for name, value in headers:
-            self.send_header(name, value)
+        fields = [("Content-Type", content_type)] if content_type is not None else []
+        fields += list(headers)
         if status != 204:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if body:
-            self._write(body)
+            fields.append(("Content-Length", str(len(body))))
+        await self._write(self._head(status, fields) + body)
 
-    def _send_fixed(self, body: bytes, plan: FaultPlan) -> None:
+    async def _send_fixed(self, body: bytes, plan: FaultPlan) -> None:
         """Non-streamed body after ``latency``; ``cut``/``stall`` act half-way."""
-        self._pause(plan.latency)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        await self._pause(plan.latency)
+        head = self._head(200, (("Content-Type", "application/json"), ("Content-Length", str(len(body)))))
         if plan.fault not in ("cut", "stall"):
-            self._write(body)
+            await self._write(head + body)
             return
         half = len(body) // 2
-        if not self._write(body[:half]):
+        if not await self._write(head + body[:half]):
             return
         if plan.fault == "cut":
             self._cut()
             return
-        self._stall(plan.stall)
-        self._write(body[half:])
+        await self._stall(plan.stall)
+        await self._write(body[half:])
 
-    def _stream(
+    async def _stream(
         self,
         content_type: str,
         head: list[bytes],
@@ -740,72 +887,75 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         """Chunked response: ``head`` at once, ``body`` paced over ``latency``, then ``tail``.
 
-        Each piece is its own HTTP chunk, written (and so flushed) separately.
+        Each piece is its own HTTP chunk, written separately.
         """
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        if head and not self._write(b"".join(chunk_frame(p) for p in head)):
+        fields = (("Content-Type", content_type), ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked"))
+        if not await self._write(self._head(200, fields) + b"".join(chunk_frame(p) for p in head)):
             return
         cut_after = max(1, len(body) // 2) if body else 0
         if plan.fault == "cut" and not body:
             self._cut()
             return
         delay = plan.latency / len(body) if body else plan.latency
-        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         for index, piece in enumerate(body, 1):
             # pace to a schedule, so sleep overshoots do not add up over the chunks
-            self._pause(started + index * delay - time.monotonic())
-            if not self._write(chunk_frame(piece)):
+            await self._pause(started + index * delay - loop.time())
+            if not await self._write(chunk_frame(piece)):
                 return
             if plan.fault == "cut" and index == cut_after:
                 self._cut()
                 return
             if plan.fault == "stall" and index == 1:
-                self._stall(plan.stall)
+                await self._stall(plan.stall)
         if not body:
             if plan.fault == "stall":
-                self._stall(plan.stall)
-            self._pause(delay)
-        self._write(b"".join(chunk_frame(p) for p in tail) + b"0\r\n\r\n")
+                await self._stall(plan.stall)
+            await self._pause(delay)
+        await self._write(b"".join(chunk_frame(p) for p in tail) + b"0\r\n\r\n")
 
     # -- low level -------------------------------------------------------
 
-    def _write(self, data: bytes) -> bool:
-        """Write and flush ``data``; False (and close) if the client has gone."""
-        try:
-            self.wfile.write(data)
-            return True
-        except OSError:  # BrokenPipeError, ConnectionResetError, ...
-            self.close_connection = True
+    async def _write(self, data: bytes) -> bool:
+        """Write ``data``; False (and close) if the client has gone."""
+        if self.writer.transport.is_closing():
+            self.close = True
             return False
+        self.writer.write(data)
+        try:
+            await self.writer.drain()
+        except OSError:  # ConnectionResetError, BrokenPipeError, ...
+            self.close = True
+            return False
+        return True
 
-    def _pause(self, seconds: float) -> None:
+    async def _pause(self, seconds: float) -> None:
         if seconds > 0:
-            time.sleep(seconds)
+            await asyncio.sleep(seconds)
 
-    def _stall(self, seconds: float) -> None:
-        self.server.state.stop_event.wait(seconds)  # ends early on stop()
+    async def _stall(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the server stops."""
+        try:
+            await asyncio.wait_for(self.core.stopping.wait(), seconds)
+        except TimeoutError:
+            pass
 
     def _cut(self) -> None:
-        """Close abruptly, without the terminating zero-length chunk."""
-        self.close_connection = True
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.connection.close()
+        """Close after what was written, without the terminating zero-length chunk."""
+        self.close = True
+        self.writer.transport.close()
 
     def _reset(self) -> None:
         """Drop the connection without any response (RST where possible)."""
-        self.close_connection = True
+        self.close = True
+        sock = self.writer.get_extra_info("socket")
         try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
-        self.connection.close()
+        self.writer.transport.abort()
 
 
 # --------------------------------------------------------------------------
@@ -813,11 +963,28 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------
 
 
+def _listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening TCP socket (``port=0`` picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class StubServer:
     """Stand-in chat provider for tries and tests; deterministic, not a model.
 
     Binds on construction (``port=0`` picks a free port); :meth:`start`
-    serves in a daemon thread.  Usable as a context manager.
+    serves in a daemon thread running one asyncio loop: a connection costs a
+    task, not a thread, so thousands of streams can be open at once.  Usable
+    as a context manager.  ``reply_bytes`` pads every reply to that many
+    bytes; ``backlog`` is the listen queue (capped by the kernel's somaxconn).
     """
 
     def __init__(
@@ -828,24 +995,34 @@ class StubServer:
         latency: float = 0.0,
         chunks: int = 4,
         api_key: str | None = None,
+        reply_bytes: int | None = None,
+        backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         if not math.isfinite(latency) or latency < 0:
             raise ValueError("latency must be a finite number >= 0")
         if chunks < 1:
             raise ValueError("chunks must be >= 1")
-        self._state = _StubState(latency=latency, chunks=chunks, api_key=api_key)
-        self._httpd = _HTTPServer((host, port), self._state)
+        if reply_bytes is not None and reply_bytes < 0:
+            raise ValueError("reply_bytes must be >= 0")
+        if backlog < 1:
+            raise ValueError("backlog must be >= 1")
+        self._state = _StubState(latency=latency, chunks=chunks, api_key=api_key, reply_bytes=reply_bytes)
+        self._sock = _listening_socket(host, port, backlog)
+        self._address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._backlog = backlog
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._core: _Core | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._lock = threading.Lock()
 
     @property
     def host(self) -> str:
-        return str(self._httpd.server_address[0])
+        return str(self._address[0])
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return int(self._address[1])
 
     @property
     def base_url(self) -> str:
@@ -859,14 +1036,27 @@ class StubServer:
             if self._stopped:
                 raise RuntimeError("StubServer was stopped; create a new one")
             if self._thread is None:
+                ready = threading.Event()
                 self._thread = threading.Thread(
-                    target=self._httpd.serve_forever,
-                    kwargs={"poll_interval": 0.1},
-                    name=f"aivvm-stub-{self.port}",
-                    daemon=True,
+                    target=self._serve, args=(ready,), name=f"aivvm-stub-{self.port}", daemon=True
                 )
                 self._thread.start()
+                ready.wait(10)
         return self
+
+    def _serve(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            self._core = _Core(self._state, self._sock, self._backlog)
+            loop.run_until_complete(self._core.start())
+            self._loop = loop
+            ready.set()
+            loop.run_forever()
+        finally:
+            ready.set()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
 
     def stop(self) -> None:
         """Stop serving, end stalls, drop open connections; idempotent."""
@@ -874,13 +1064,16 @@ class StubServer:
             if self._stopped:
                 return
             self._stopped = True
-            thread = self._thread
-        self._state.stop_event.set()
-        if thread is not None:
-            self._httpd.shutdown()
+            thread, loop, core = self._thread, self._loop, self._core
+        if thread is not None and loop is not None and core is not None:
+            future = asyncio.run_coroutine_threadsafe(core.shutdown(), loop)
+            try:
+                future.result(timeout=5)
+            except (TimeoutError, RuntimeError):
+                pass
+            loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=5)
-        self._state.close_connections()
-        self._httpd.server_close()
+        self._sock.close()
 
     def stats(self) -> dict[str, Any]:
         """Same as ``GET /__stub/stats``."""
@@ -913,6 +1106,23 @@ def _install_sigterm(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the new limit.
+
+    Each connection is a file descriptor: a stand-in holding thousands of streams needs more
+    than the common soft limit of 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            return soft
+    return soft
+
+
 def serve(
     host: str,
     port: int,
@@ -920,16 +1130,21 @@ def serve(
     latency: float,
     chunks: int,
     api_key: str | None,
+    reply_bytes: int | None = None,
+    backlog: int = DEFAULT_BACKLOG,
     ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the stand-in provider until KeyboardInterrupt or SIGTERM (blocking).
 
     ``ready(base_url)`` is called once the server is listening.
     """
+    raise_open_file_limit()
     stop = threading.Event()
     restore = _install_sigterm(stop)
     try:
-        with StubServer(host, port, latency=latency, chunks=chunks, api_key=api_key) as server:
+        with StubServer(
+            host, port, latency=latency, chunks=chunks, api_key=api_key, reply_bytes=reply_bytes, backlog=backlog
+        ) as server:
             if ready is not None:
                 ready(server.base_url)
             while not stop.wait(0.5):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 from typing import Any, Iterator
 
@@ -387,7 +391,7 @@ def test_stats_and_reset(fresh: StubServer) -> None:
 
     resp = requests.post(f"{fresh.base_url}/__stub/reset", timeout=5)
     assert resp.status_code == 204
-    assert fresh.stats() == {"requests": 0, "by_prompt": {}, "times": []}
+    assert fresh.stats() == {"requests": 0, "by_prompt": {}, "times": [], "in_flight": 0, "peak_in_flight": 0}
     # fault bookkeeping reset too: the times=1 fault fires again
     assert post_aivvm(fresh, "[[stub fault=status times=1]] gamma").status_code == 500
 
@@ -413,3 +417,223 @@ def test_stop_is_idempotent_and_ends_stalls() -> None:
     sock.close()
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"{srv.base_url}/health", timeout=1)
+
+
+# -- HTTP/1.1 framing, pure (literal bytes) ------------------------------------
+
+
+def test_parse_request_head() -> None:
+    head = stub_module.parse_request_head(
+        b"\r\nPOST /api/chat?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n"
+        b"X-Twice: one\r\nx-twice: two\r\n\r\n"
+    )
+    assert (head.method, head.path, head.version) == ("POST", "/api/chat", "HTTP/1.1")
+    assert head.headers == {"host": "a", "content-length": "12", "x-twice": "one, two"}
+    assert head.keep_alive
+    assert stub_module.body_length(head) == 12
+
+
+@pytest.mark.parametrize("raw", [
+    b"\r\n\r\n",
+    b"GET /\r\n\r\n",
+    b"GET / HTTP/2.0\r\n\r\n",
+    b"GET  / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+    b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n",
+    b"GET / HTTP/1.1\r\nName : v\r\n\r\n",
+])
+def test_parse_request_head_refuses(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        stub_module.parse_request_head(raw)
+
+
+def test_keep_alive_rules() -> None:
+    def head(version: str, connection: str | None) -> stub_module.RequestHead:
+        extra = f"Connection: {connection}\r\n" if connection else ""
+        return stub_module.parse_request_head(f"GET / {version}\r\n{extra}\r\n".encode())
+
+    assert head("HTTP/1.1", None).keep_alive
+    assert not head("HTTP/1.1", "Close").keep_alive
+    assert not head("HTTP/1.1", "upgrade, close").keep_alive
+    assert not head("HTTP/1.0", None).keep_alive
+    assert head("HTTP/1.0", "keep-alive").keep_alive
+
+
+def test_body_length_and_chunk_size() -> None:
+    def length(headers: bytes) -> int | None:
+        return stub_module.body_length(stub_module.parse_request_head(b"POST / HTTP/1.1\r\n" + headers + b"\r\n"))
+
+    assert length(b"") == 0
+    assert length(b"Transfer-Encoding: chunked\r\n") is None
+    for bad in (b"Content-Length: -1\r\n", b"Content-Length: 1e3\r\n", b"Content-Length: 999999999999\r\n"):
+        with pytest.raises(ValueError):
+            length(bad)
+    assert stub_module.parse_chunk_size(b"1A;ext=1\r\n") == 26
+    assert stub_module.parse_chunk_size(b"0\r\n") == 0
+    for bad in (b"-1\r\n", b"\r\n", b"0x10\r\n", b"zz\r\n"):
+        with pytest.raises(ValueError):
+            stub_module.parse_chunk_size(bad)
+
+
+def test_response_head() -> None:
+    assert stub_module.response_head(429, [("Retry-After", "2")]) == (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\n\r\n"
+    )
+    assert stub_module.response_head(599, []) == b"HTTP/1.1 599 Unknown\r\n\r\n"
+
+
+def test_pad_reply() -> None:
+    assert stub_module.pad_reply("short", None) == "short"
+    assert stub_module.pad_reply("already long", 5) == "already long"
+    for size in (6, 7, 100, 4096):
+        padded = stub_module.pad_reply("héllo", size)
+        assert padded.startswith("héllo") and len(padded.encode("utf-8")) == size
+        assert not padded.endswith(" ")
+
+
+# -- raw sockets: framing on the wire ----------------------------------------------
+
+
+def exchange(srv: StubServer, request: bytes) -> bytes:
+    """Send ``request`` on a new connection; everything until the server closes it."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    return received
+
+
+def test_chunked_request_body(server: StubServer) -> None:
+    body = json.dumps(aivvm_body("sent in chunks")).encode()
+    framed = b"".join(b"%X\r\n%b\r\n" % (len(p), p) for p in (body[:10], body[10:])) + b"0\r\nX-Trailer: 1\r\n\r\n"
+    reply = exchange(server, b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                             b"Connection: close\r\n\r\n" + framed)
+    head, _, chunked = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in head
+    assert b"".join(chunked.split(b"\r\n")[1::2]) == b"Stand-in reply to: sent in chunks"
+
+
+def test_bad_requests_on_the_wire(server: StubServer) -> None:
+    assert exchange(server, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert exchange(server, b"PUT /api/chat HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}").startswith(
+        b"HTTP/1.1 501 Not Implemented\r\n")
+    reply = exchange(server, b"POST /api/chat HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n") and reply.endswith(b"Bad request: unreadable body")
+    assert exchange(server, b"GET /health HTTP/1.0\r\n\r\n").endswith(b"\r\n\r\nok")
+
+
+# -- long replies and the in-flight peak -----------------------------------------------
+
+
+def test_reply_bytes_knob_and_directive() -> None:
+    with StubServer(reply_bytes=5000, chunks=50) as srv:
+        resp, chunks = raw_chunks(srv, "long one")
+        assert len(chunks) == 50 and len(resp.raw.data or b"".join(chunks)) >= 0
+        text = b"".join(chunks).decode("utf-8")
+        assert len(text) == 5000 and text.startswith("Stand-in reply to: long one ")
+        assert len(post_aivvm(srv, "[[stub bytes=64]] shorter").content) == 64
+        stream = openai_post(srv, "long [[stub chunks=8]]", stream=True)
+        pieces = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in sse_events(stream)[:-1]]
+        assert len("".join(pieces).encode()) == 5000 and len([p for p in pieces if p]) == 8
+    with pytest.raises(ValueError):
+        stub_module.build_plan({"bytes": "-3"})
+
+
+async def _open_request(port: int, content: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps(aivvm_body(content)).encode()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    await writer.drain()
+    return reader, writer
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(chunk count, body) of a chunked 200 response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    pieces: list[bytes] = []
+    while size := stub_module.parse_chunk_size(await reader.readuntil(b"\r\n")):
+        pieces.append((await reader.readexactly(size + 2))[:size])
+    await reader.readexactly(2)
+    return len(pieces), b"".join(pieces)
+
+
+CONNECTIONS = 2000
+
+
+def test_two_thousand_concurrent_paced_streams() -> None:
+    """2,000 streams at once, each 10 chunks over 1 s, on one server thread: all complete, exactly."""
+    stub_module.raise_open_file_limit()
+
+    async def one(port: int, i: int) -> tuple[int, bytes]:
+        reader, writer = await _open_request(port, f"many {i}")
+        try:
+            return await _read_reply(reader)
+        finally:
+            writer.close()
+
+    async def all_of_them(port: int) -> list[tuple[int, bytes]]:
+        return await asyncio.wait_for(asyncio.gather(*(one(port, i) for i in range(CONNECTIONS))), 120)
+
+    with StubServer(latency=1.0, chunks=10) as srv:
+        replies = asyncio.run(all_of_them(srv.port))
+        stats = srv.stats()
+    assert [r[1] for r in replies] == [f"Stand-in reply to: many {i}".encode() for i in range(CONNECTIONS)]
+    assert {r[0] for r in replies} == {10}
+    assert stats["requests"] == CONNECTIONS and stats["in_flight"] == 0
+    assert 1 <= stats["peak_in_flight"] <= CONNECTIONS
+
+
+def test_peak_in_flight_counts_two_thousand_held_streams() -> None:
+    """Held streams (stall) are in flight together; reset restarts the peak from them; stop ends them."""
+    stub_module.raise_open_file_limit()
+    srv = StubServer().start()
+
+    async def hold() -> float:
+        opened = await asyncio.gather(*(_open_request(srv.port, f"[[stub fault=stall stall=60]] held {i}")
+                                        for i in range(CONNECTIONS)))
+        deadline = time.monotonic() + 60
+        while srv.stats()["in_flight"] < CONNECTIONS and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stats = srv.stats()
+        assert (stats["in_flight"], stats["peak_in_flight"]) == (CONNECTIONS, CONNECTIONS)
+        srv.reset()
+        assert (srv.stats()["requests"], srv.stats()["peak_in_flight"]) == (0, CONNECTIONS)
+        started = time.monotonic()
+        await asyncio.to_thread(srv.stop)
+        stopped = time.monotonic() - started
+        for reader, writer in opened:
+            await asyncio.wait_for(reader.read(), 10)  # the server dropped it: end of stream
+            writer.close()
+        return stopped
+
+    try:
+        assert asyncio.run(hold()) < 10
+    finally:
+        srv.stop()
+    assert srv.stats()["in_flight"] == 0
+
+
+def test_small_peak_is_exact(fresh: StubServer) -> None:
+    for i in range(3):
+        post_aivvm(fresh, f"one at a time {i}")
+    assert (fresh.stats()["peak_in_flight"], fresh.stats()["in_flight"]) == (1, 0)
+
+
+def test_stub_subprocess_serves_and_stops_on_sigterm() -> None:
+    port = stub_module._listening_socket("127.0.0.1", 0, 1)
+    number = port.getsockname()[1]
+    port.close()
+    proc = subprocess.Popen([sys.executable, "-m", "aivvm_batch", "stub", "--port", str(number),
+                             "--latency", "0.2", "--chunks", "3"], stderr=subprocess.PIPE)
+    try:
+        line = proc.stderr.readline() if proc.stderr else b""
+        assert f"http://127.0.0.1:{number}".encode() in line
+        srv_url = f"http://127.0.0.1:{number}"
+        resp = requests.post(f"{srv_url}/api/chat", json=aivvm_body("from a process"), stream=True, timeout=5)
+        assert len(list(resp.raw.read_chunked(decode_content=False))) == 3
+        assert requests.get(f"{srv_url}/__stub/stats", timeout=5).json()["peak_in_flight"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
