@@ -12,9 +12,8 @@ import click
 from jobs import keys
 from jobs.config import Settings
 from jobs.errors import StoreUnavailable
-from jobs.queue import Publisher
+from jobs.queue import Publisher, celery_threads, configure
 from jobs.queue import app as celery_app
-from jobs.queue import configure
 from jobs.records import Status
 
 from . import runner
@@ -50,11 +49,13 @@ def main() -> None:
               help="Celery node name (default: celery@hostname).")
 @handle_errors
 def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str | None) -> None:
-    """Run a Celery worker that completes queued items.
+    """Run a Celery worker that completes queued items, CONCURRENCY requests in flight.
 
     It becomes `celery -A worker.tasks worker` with these options (Celery's own entry
     point, which patches the process for gevent before anything else is imported);
-    the Redis URL is passed in the environment, never on the command line.
+    the Redis URL is passed in the environment, never on the command line. The requests
+    run on the worker's event loop; Celery gets as many threads as it needs to hand
+    over enough chunks of items.
     """
     settings = Settings.from_env(redis_url=redis_url)
     if pool == "gevent" and importlib.util.find_spec("gevent") is None:
@@ -64,8 +65,9 @@ def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str
     except StoreUnavailable:
         pass  # Celery waits for the broker; the worker checks again when it starts
     os.environ[env("REDIS_URL")] = settings.redis_url
+    os.environ[env("CONCURRENCY")] = str(concurrency)
     argv = [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", f"--pool={pool}",
-            f"--concurrency={concurrency}", f"--loglevel={loglevel}", f"--queues={keys.QUEUE}",
+            f"--concurrency={celery_threads(concurrency)}", f"--loglevel={loglevel}", f"--queues={keys.QUEUE}",
             "--without-gossip", "--without-mingle"]
     if name:
         argv.append(f"--hostname={name}")

@@ -29,7 +29,8 @@ class Settings:
     rpm: int = 0
     tpm: int = 0
     task_events: bool = False
-    prefetch_multiplier: int = 4
+    # messages a worker holds per Celery thread (each carries a chunk of items)
+    prefetch_multiplier: int = 1
     sweep_interval: float = 10.0
     # a reply (decoded) past this many bytes fails the item as reply_too_large
     max_reply_bytes: int = 4 * 1024 * 1024
@@ -40,6 +41,16 @@ class Settings:
     # comma-separated base URLs a worker's API keys may be sent to, besides each provider's
     # own default and its configured AIVVM_BASE_URL / OPENAI_BASE_URL
     allowed_base_urls: str = ""
+    # requests in flight per worker process (0: the size of the Celery pool it runs in)
+    concurrency: int = 0
+    # a worker's hold on its claims and its messages: renewed every third of it while the
+    # worker lives, so that a dead worker's items come back within about this long
+    lease: float = 30.0
+    # waits up to this long (a backoff, a busy item, a paused batch) happen inside the worker,
+    # which keeps the message; a longer wait is handed on as a message with a countdown
+    inline_wait: float = 10.0
+    # Redis connections per worker process (0: sized to the concurrency)
+    redis_pool: int = 0
 
     def __post_init__(self) -> None:
         if self.backoff_cap >= self.visibility_timeout / 2:
@@ -47,6 +58,11 @@ class Settings:
                 f"{ENV_PREFIX}BACKOFF_CAP ({self.backoff_cap:g}s) must stay well under "
                 f"{ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout}s): a retry "
                 "waiting longer than the timeout would be delivered twice"
+            )
+        if not 3.0 <= self.lease < self.visibility_timeout:
+            raise ConfigError(
+                f"{ENV_PREFIX}LEASE ({self.lease:g}s) must be at least 3s and shorter than "
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout}s)"
             )
         if self.item_deadline >= self.visibility_timeout:
             raise ConfigError(

@@ -16,6 +16,11 @@ RUN_BATCHES = f"{PREFIX}:runs"
 # The workers' sweep for lost messages: a lock (string) and batch id -> finished count seen (hash)
 SWEEP_LOCK = f"{PREFIX}:sweep:lock"
 SWEEP_SEEN = f"{PREFIX}:sweep:seen"
+# kombu's Redis transport (not ours, named here so that every key read or written is in one place):
+# hash delivery tag -> [message, exchange, routing key] of each delivered, unacknowledged message,
+# and a sorted set of those tags scored by the time the message was delivered (or last renewed)
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
 
 
 def meta(batch_id: str) -> str:
@@ -67,15 +72,29 @@ def errors(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:errors"
 
 
+# The keys that make up a batch, in the order the scripts of jobs.scripts receive them
+BATCH_PARTS = ("meta", "req", "res", "counts", "ids", "log", "usage")
+
+
 def batch_keys(batch_id: str) -> list[str]:
-    """The keys that make up a batch and expire together after it finishes (KEYS[1..7] of the scripts)."""
-    return [meta(batch_id), requests(batch_id), results(batch_id), counts(batch_id), ids(batch_id),
-            finished_log(batch_id), usage(batch_id)]
+    """The keys that make up a batch and expire together after it finishes (named as BATCH_PARTS)."""
+    return [f"{PREFIX}:{{{batch_id}}}:{part}" for part in BATCH_PARTS]
+
+
+def task_id(batch_id: str, first_seq: int, count: int) -> str:
+    """The Celery task id of a message carrying ``count`` items of a batch from ``first_seq``."""
+    return f"{batch_id}:{first_seq}+{count}"
 
 
 def rate_bucket(scope: str) -> str:
     """Global rate limiter state for one provider and base URL."""
     return f"{PREFIX}:rate:{scope}"
+
+
+def rate_keys(scope: str) -> list[str]:
+    """The rate limiter's keys of one scope: next free request slot, next free token slot, pause."""
+    bucket = rate_bucket(scope)
+    return [bucket + ":req", bucket + ":tok", bucket + ":pause"]
 
 
 def file_meta(file_id: str) -> str:

@@ -1,36 +1,55 @@
-"""Finding items whose task message was lost, so they can be enqueued again.
+"""Bringing back work whose worker died, and items whose task message was lost.
 
-kombu's Redis transport takes a message with BRPOP and only then, in a second round
-trip, records it as unacknowledged. A worker killed between the two (or a Redis
-restarted under it) loses that message for good, and nothing would ever complete the
-item. Such an item is an *orphan*: it has no result, no live claim, and no message
-for it is queued or held unacknowledged anywhere. Enqueueing an orphan again is safe
-even in a race, since a duplicate message finds the item claimed or done.
+Two ways an item can be stranded, and the sweep's answer to each:
+
+* Its message is held, unacknowledged, by a worker that died. kombu would restore it only
+  after the visibility timeout (an hour by default). Each live worker renews its held
+  messages instead (:func:`renew_messages`: the score of kombu's ``unacked_index`` is set
+  to now every few seconds), so a message whose score is older than a few renewals belongs
+  to a dead worker and is put back on the queue at once (:func:`restore_stale_messages`).
+* Its message was lost: kombu's Redis transport takes a message with BRPOP and only then,
+  in a second round trip, records it as unacknowledged; a worker killed between the two (or
+  a Redis restarted under it) loses that message for good. Such an item is an *orphan*: it
+  has no result, no live claim, and no message for it is queued or held unacknowledged
+  anywhere (:func:`orphans`).
+
+Both are safe in a race: a duplicate message finds its items claimed or done.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable
 
-from . import keys
-from .queue import Publisher
+import redis
+
+from . import keys, scripts
+from .queue import Publisher, message_items
 from .records import BatchInfo
 from .store import BatchStore
 
 QUEUE_SCAN_LIMIT = 100_000
+RESTORE_LIMIT = 1000
 
 
-def pending_task_ids(store: BatchStore) -> set[str] | None:
-    """Task ids with a message queued or unacknowledged; None if the queue is too long to read now."""
+def pending_items(store: BatchStore) -> set[tuple[str, int]] | None:
+    """``(batch_id, seq)`` of every item with a message queued or unacknowledged; None if the
+    queue is too long to read now."""
     if store.redis.llen(keys.QUEUE) > QUEUE_SCAN_LIMIT:
         return None
-    ids = set()
-    for raw in store.redis.lrange(keys.QUEUE, 0, -1):
-        ids.add(json.loads(raw)["headers"]["id"])
-    for raw in store.redis.hvals("unacked"):
-        message = json.loads(raw)[0]
-        ids.add(message["headers"]["id"])
-    return ids
+    raws = list(store.redis.lrange(keys.QUEUE, 0, -1))
+    for raw in store.redis.hvals(keys.UNACKED):
+        try:
+            raws.append(json.dumps(json.loads(raw)[0]))
+        except (ValueError, IndexError, TypeError):
+            continue
+    items: set[tuple[str, int]] = set()
+    for raw in raws:
+        found = message_items(raw)
+        if found is not None:
+            items.update((found[0], seq) for seq in found[1])
+    return items
 
 
 def orphans(store: BatchStore, info: BatchInfo) -> list[int]:
@@ -40,15 +59,46 @@ def orphans(store: BatchStore, info: BatchInfo) -> list[int]:
     unfinished = list(store.unfinished(batch_id, info.total))
     if not unfinished:
         return []
-    pending = pending_task_ids(store)
+    pending = pending_items(store)
     if pending is None:
         return []
     claimed = store.claimed(batch_id, unfinished)
-    return [seq for seq in unfinished
-            if seq not in claimed and f"{batch_id}:{seq}" not in pending]
+    return [seq for seq in unfinished if seq not in claimed and (batch_id, seq) not in pending]
 
 
 def requeue_orphans(store: BatchStore, publisher: Publisher, info: BatchInfo) -> list[int]:
     seqs = orphans(store, info)
     publisher.publish(info.id, seqs)
     return seqs
+
+
+def renew_messages(client: redis.Redis, delivery_tags: Iterable[str]) -> None:
+    """Say that this live worker still holds these messages (``ZADD XX``: an acknowledged one
+    is not brought back)."""
+    now = time.time()
+    mapping = {tag: now for tag in delivery_tags}
+    if mapping:
+        client.zadd(keys.UNACKED_INDEX, mapping, xx=True)
+
+
+def restore_stale_messages(client: redis.Redis, older_than: float) -> int:
+    """Put back on the queue every unacknowledged message not renewed for ``older_than`` seconds:
+    its worker is dead. Returns how many were put back."""
+    stale = client.zrangebyscore(keys.UNACKED_INDEX, 0, time.time() - older_than, start=0, num=RESTORE_LIMIT)
+    if not stale:
+        return 0
+    restore = client.register_script(scripts.RESTORE_MESSAGE)
+    restored = 0
+    for tag, raw in zip(stale, client.hmget(keys.UNACKED, stale)):
+        if raw is None:
+            client.zrem(keys.UNACKED_INDEX, tag)
+            continue
+        try:
+            message = json.loads(raw)[0]
+            message["headers"]["redelivered"] = True
+            message["properties"]["delivery_info"]["redelivered"] = True
+        except (ValueError, IndexError, KeyError, TypeError):
+            continue
+        restored += int(restore(keys=[keys.UNACKED, keys.UNACKED_INDEX, keys.QUEUE],
+                                args=[tag, json.dumps(message)]))
+    return restored

@@ -17,12 +17,14 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import redis
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as RedisRetry
 
-from . import keys
+from . import keys, scripts
 from .errors import BatchNotFound, ConfigError, StoreFull, StoreUnavailable
 from .records import (
     BatchInfo,
@@ -40,143 +42,35 @@ READ_CHUNK = 2000
 FULL_RATIO = 0.98
 SAFE_POLICY = "noeviction"
 
-_MAYBE_FINISH = """
-local function maybe_finish(ttl)
-  local total = redis.call('HGET', KEYS[1], 'total')
-  if not total or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then return end
-  local done = 0
-  for _, v in ipairs(redis.call('HVALS', KEYS[4])) do done = done + tonumber(v) end
-  if done >= tonumber(total) then
-    local t = redis.call('TIME')
-    redis.call('HSET', KEYS[1], 'finished_at', t[1] .. '.' .. string.format('%06d', t[2]))
-    for i = 1, 7 do redis.call('EXPIRE', KEYS[i], ttl) end
-  end
-end
-"""
-
-# KEYS: meta req res counts ids log usage claim
-# ARGV: seq result status ttl prompt_tokens completion_tokens estimated(0|1)
-_RECORD = _MAYBE_FINISH + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
-redis.call('RPUSH', KEYS[6], ARGV[1])
-if tonumber(ARGV[5]) + tonumber(ARGV[6]) > 0 then
-  redis.call('HINCRBY', KEYS[7], 'prompt_tokens', ARGV[5])
-  redis.call('HINCRBY', KEYS[7], 'completion_tokens', ARGV[6])
-  redis.call('HINCRBY', KEYS[7], 'estimated', ARGV[7])
-end
-redis.call('DEL', KEYS[8])
-maybe_finish(tonumber(ARGV[4]))
-return 1
-"""
-
-# KEYS: meta req res counts ids log usage claim ; ARGV: seq token ttl_ms
-# -> {outcome, request, options, paused_ms}
-_CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'done'} end
-local meta = redis.call('HMGET', KEYS[1], 'state', 'options', 'paused_until')
-local request = redis.call('HGET', KEYS[2], ARGV[1])
-if meta[1] == 'cancelled' then
-  -- an execution still holding the item will record its own result: a duplicate must not cancel it
-  local holder = redis.call('GET', KEYS[8])
-  if holder and holder ~= ARGV[2] then return {'busy'} end
-  return {'cancelled', request, meta[2]}
-end
-if meta[3] then
-  local t = redis.call('TIME')
-  local wait = tonumber(meta[3]) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  if wait > 0 then return {'paused', request, meta[2], wait} end
-end
-if redis.call('SET', KEYS[8], ARGV[2], 'NX', 'PX', ARGV[3]) then return {'claimed', request, meta[2]} end
-if redis.call('GET', KEYS[8]) == ARGV[2] then
-  redis.call('PEXPIRE', KEYS[8], ARGV[3])
-  return {'claimed', request, meta[2]}
-end
-return {'busy'}
-"""
-
-# KEYS: claim ; ARGV: token ttl_ms -> 1 if the claim is still this token's (PEXPIRE works in a full Redis)
-_TOUCH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-# KEYS: meta ; ARGV: pause_ms
-_PAUSE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local t = redis.call('TIME')
-local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-local current = tonumber(redis.call('HGET', KEYS[1], 'paused_until') or '0')
-if until_ms > current then redis.call('HSET', KEYS[1], 'paused_until', until_ms) end
-return until_ms
-"""
-
-# KEYS: claim ; ARGV: token
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-# KEYS: meta req res counts ids log usage claim_1..claim_n ; ARGV: ttl seq_1 result_1 ... seq_n result_n
-_CANCEL = _MAYBE_FINISH + """
-local n = 0
-for i = 8, #KEYS do
-  local seq = ARGV[2 * (i - 7)]
-  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('HSETNX', KEYS[3], seq, ARGV[2 * (i - 7) + 1]) == 1 then
-    redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
-    redis.call('RPUSH', KEYS[6], seq)
-    n = n + 1
-  end
-end
-maybe_finish(tonumber(ARGV[1]))
-return n
-"""
-
-# KEYS: meta req res counts ids log usage ; ARGV: status seq_1 ... seq_n
-_RESET = """
-local reset = {}
-for i = 2, #ARGV do
-  local raw = redis.call('HGET', KEYS[3], ARGV[i])
-  if raw and cjson.decode(raw)['status'] == ARGV[1] then
-    redis.call('HDEL', KEYS[3], ARGV[i])
-    redis.call('HINCRBY', KEYS[4], ARGV[1], -1)
-    table.insert(reset, ARGV[i])
-  end
-end
-if #reset > 0 then
-  redis.call('HDEL', KEYS[1], 'finished_at')
-  redis.call('HSET', KEYS[1], 'state', 'running')
-  for i = 1, 7 do redis.call('PERSIST', KEYS[i]) end
-end
-return reset
-"""
-
-# KEYS: ids ; ARGV: id_1 seq_1 ... id_n seq_n  -> for each id, the seq that owns it
-_OWN_IDS = """
-local owners = {}
-for i = 1, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
-    owners[#owners + 1] = ARGV[i + 1]
-  else
-    owners[#owners + 1] = redis.call('HGET', KEYS[1], ARGV[i])
-  end
-end
-return owners
-"""
-
-# KEYS: meta req res counts ids log usage ; ARGV: total ttl
-_FINALIZE = _MAYBE_FINISH + """
-redis.call('HSET', KEYS[1], 'total', ARGV[1])
-if redis.call('HGET', KEYS[1], 'state') == 'submitting' then
-  redis.call('HSET', KEYS[1], 'state', 'running')
-end
-maybe_finish(tonumber(ARGV[2]))
-return 1
-"""
-
 F = TypeVar("F", bound=Callable[..., Any])
+# a worker's client rides out a Redis restart (about two minutes); every store call is idempotent
+WORKER_RETRIES = 30
+POOL_WAIT_SECONDS = 5.0
+
+
+def connect(url: str, *, max_connections: int | None = None, retries: int = 0,
+            connect_timeout: float | None = None) -> redis.Redis:
+    """The one way to build a Redis client here.
+
+    ``max_connections``: a pool of at most that many connections, where a caller past the
+    limit waits (up to 5 s, then a connection error: a wait, not a crash) instead of redis-py's
+    default of failing at once past 100. ``retries``: each command is retried that many times,
+    with backoff, on connection errors and timeouts (the workers' clients: ride out a restart).
+    """
+    options: dict[str, Any] = {"health_check_interval": 30, "socket_keepalive": True}
+    if connect_timeout is not None:
+        options["socket_connect_timeout"] = connect_timeout
+    if retries:
+        options["retry"] = RedisRetry(ExponentialBackoff(cap=5.0, base=0.2), retries)
+        options["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
+    if max_connections is None:
+        return redis.Redis.from_url(url, **options)
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections,
+                                                 timeout=POOL_WAIT_SECONDS, **options)
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
+
 
 
 def translated(func: F) -> F:
@@ -284,15 +178,15 @@ class BatchStore:
     def __init__(self, client: redis.Redis, result_ttl: int = DEFAULT_RESULT_TTL) -> None:
         self.redis = client
         self.result_ttl = result_ttl
-        self._record = client.register_script(_RECORD)
-        self._claim = client.register_script(_CLAIM)
-        self._pause = client.register_script(_PAUSE)
-        self._release = client.register_script(_RELEASE)
-        self._touch = client.register_script(_TOUCH)
-        self._cancel = client.register_script(_CANCEL)
-        self._reset = client.register_script(_RESET)
-        self._own_ids = client.register_script(_OWN_IDS)
-        self._finalize = client.register_script(_FINALIZE)
+        self._record = client.register_script(scripts.RECORD)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._pause = client.register_script(scripts.PAUSE)
+        self._release = client.register_script(scripts.RELEASE)
+        self._touch = client.register_script(scripts.TOUCH)
+        self._cancel = client.register_script(scripts.CANCEL)
+        self._reset = client.register_script(scripts.RESET)
+        self._own_ids = client.register_script(scripts.OWN_IDS)
+        self._finalize = client.register_script(scripts.FINALIZE)
 
     @translated
     def create(self, batch_id: str, source: str, options: BatchOptions) -> bool:
@@ -382,9 +276,16 @@ class BatchStore:
     @translated
     def note_attempt_error(self, batch_id: str, text: str) -> None:
         """Count a failed attempt's error (``"<type>: <message>"``) for ``status`` and progress."""
+        self.note_attempt_errors([(batch_id, text)])
+
+    @translated
+    def note_attempt_errors(self, errors: Sequence[tuple[str, str]]) -> None:
+        """Count many failed attempts' errors ``(batch_id, text)`` in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(keys.errors(batch_id), text[:200], 1)
-        pipe.expire(keys.errors(batch_id), self.result_ttl)
+        for batch_id, text in errors:
+            pipe.hincrby(keys.errors(batch_id), text[:200], 1)
+        for batch_id in {batch_id for batch_id, _ in errors}:
+            pipe.expire(keys.errors(batch_id), self.result_ttl)
         pipe.execute()
 
     @translated
@@ -475,8 +376,8 @@ class BatchStore:
         pipe = self.redis.pipeline(transaction=False)
         if stored:
             pipe.hset(keys.requests(batch_id), mapping=stored)
-        for seq, result in results.items():
-            self._record_in(pipe, batch_id, seq, result)
+        if results:
+            self._record_in(pipe, batch_id, list(results.items()))
         enqueue(pipe, to_enqueue)
         pipe.execute()
         return ChunkOutcome(to_enqueue, kept, changed)
@@ -519,21 +420,48 @@ class BatchStore:
     @translated
     def claim(self, batch_id: str, seq: int, token: str, ttl_seconds: float) -> Claim:
         """Take an item for ``ttl_seconds`` unless it is done, taken, cancelled or paused."""
+        return self.claim_many(batch_id, [(seq, token)], ttl_seconds)[0]
+
+    @translated
+    def claim_many(self, batch_id: str, held: Sequence[tuple[int, str]], ttl_seconds: float) -> list[Claim]:
+        """Take each item ``(seq, token)`` (distinct seqs) for its token and load its request:
+        a chunk of items in one script."""
+        args: list[Any] = [max(1, int(ttl_seconds * 1000))]
+        for seq, token in held:
+            args += [seq, token]
         reply = self._claim(
-            keys=[*keys.batch_keys(batch_id), keys.claim(batch_id, seq)],
-            args=[seq, token, max(1, int(ttl_seconds * 1000))],
+            keys=[keys.meta(batch_id), keys.requests(batch_id), keys.results(batch_id),
+                  *(keys.claim(batch_id, seq) for seq, _ in held)],
+            args=args,
         )
-        outcome = ClaimOutcome(reply[0].decode())
-        request = ItemRequest.from_json(reply[1]) if len(reply) > 1 and reply[1] else None
-        options = BatchOptions(**json.loads(reply[2])) if len(reply) > 2 and reply[2] else None
-        paused = int(reply[3]) / 1000 if len(reply) > 3 else 0.0
-        return Claim(outcome, request, options, paused)
+        if reply[0] == b"gone":
+            return [Claim(ClaimOutcome.GONE) for _ in held]
+        options = BatchOptions(**json.loads(reply[1])) if reply[1] else None
+        paused = int(reply[2]) / 1000
+        claims = []
+        for i in range(len(held)):
+            outcome = ClaimOutcome(reply[3 + 2 * i].decode())
+            raw = reply[4 + 2 * i]
+            request = ItemRequest.from_json(raw) if raw else None
+            claims.append(Claim(outcome, request, options if request is not None else None,
+                                paused if outcome is ClaimOutcome.PAUSED else 0.0))
+        return claims
 
     @translated
     def keep_claim(self, batch_id: str, seq: int, token: str, ttl_seconds: float) -> bool:
         """Extend this execution's claim (also in a full Redis); False if it is no longer held."""
-        return bool(self._touch(keys=[keys.claim(batch_id, seq)],
-                                args=[token, max(1, int(ttl_seconds * 1000))]))
+        return self.keep_claims([(batch_id, seq, token)], ttl_seconds)[0]
+
+    @translated
+    def keep_claims(self, held: Sequence[tuple[str, int, str]], ttl_seconds: float) -> list[bool]:
+        """Extend many claims ``(batch_id, seq, token)`` at once, one script per batch (a lease renewal)."""
+        kept: dict[tuple[str, int, str], bool] = {}
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        for batch_id, group in _by_batch(held).items():
+            reply = self._touch(keys=[keys.claim(batch_id, seq) for _, seq, _ in group],
+                                args=[ttl_ms, *(token for _, _, token in group)])
+            kept.update(zip(group, (bool(r) for r in reply)))
+        return [kept[entry] for entry in held]
 
     @translated
     def pause(self, batch_id: str, seconds: float) -> None:
@@ -542,22 +470,37 @@ class BatchStore:
 
     @translated
     def release(self, batch_id: str, seq: int, token: str) -> None:
-        self._release(keys=[keys.claim(batch_id, seq)], args=[token])
+        self.release_many([(batch_id, seq, token)])
+
+    @translated
+    def release_many(self, held: Sequence[tuple[str, int, str]]) -> int:
+        """Drop claims ``(batch_id, seq, token)`` still held by their token; how many were dropped."""
+        released = 0
+        for batch_id, group in _by_batch(held).items():
+            released += int(self._release(keys=[keys.claim(batch_id, seq) for _, seq, _ in group],
+                                          args=[token for _, _, token in group]))
+        return released
 
     @translated
     def record(self, batch_id: str, seq: int, result: ItemResult) -> bool:
         """Record the final result of an item; False if one was already recorded."""
-        return bool(self._record_in(None, batch_id, seq, result))
+        return self.record_many(batch_id, [(seq, result)])[0]
 
-    def _record_in(self, pipe: Any, batch_id: str, seq: int, result: ItemResult) -> Any:
-        usage = result.usage
-        return self._record(
-            keys=[*keys.batch_keys(batch_id), keys.claim(batch_id, seq)],
-            args=[seq, result.to_json(), result.status.value, self.result_ttl,
-                  usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-                  int(bool(usage and usage.estimated))],
-            client=pipe,
-        )
+    @translated
+    def record_many(self, batch_id: str, results: Sequence[tuple[int, ItemResult]]) -> list[bool]:
+        """Record the final results of many items in one script; per item, False if one was there."""
+        if not results:
+            return []
+        return [bool(r) for r in self._record_in(None, batch_id, results)]
+
+    def _record_in(self, pipe: Any, batch_id: str, results: Sequence[tuple[int, ItemResult]]) -> Any:
+        args: list[Any] = [self.result_ttl]
+        for seq, result in results:
+            usage = result.usage
+            args += [seq, result.to_json(), result.status.value, usage.prompt_tokens if usage else 0,
+                     usage.completion_tokens if usage else 0, int(bool(usage and usage.estimated))]
+        return self._record(keys=[*keys.batch_keys(batch_id), *(keys.claim(batch_id, seq) for seq, _ in results)],
+                            args=args, client=pipe)
 
     @translated
     def finished_since(self, batch_id: str, offset: int, limit: int = READ_CHUNK) -> list[int]:
@@ -629,6 +572,13 @@ class BatchStore:
         """Drop every claim of a batch (only safe when no worker of it can be alive)."""
         for key in self.redis.scan_iter(match=keys.claim_pattern(batch_id), count=1000):
             self.redis.delete(key)
+
+
+def _by_batch(held: Sequence[tuple[str, int, str]]) -> dict[str, list[tuple[str, int, str]]]:
+    groups: dict[str, list[tuple[str, int, str]]] = {}
+    for entry in held:
+        groups.setdefault(entry[0], []).append(entry)
+    return groups
 
 
 def _carried_over(request: ItemRequest, request_json: str, old_request: bytes | None,

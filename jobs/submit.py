@@ -1,7 +1,8 @@
 """Submitting a file: stream its lines into the store and onto the queue, a chunk at a time.
 
-Memory is bounded by the chunk size, whatever the file's length; each chunk costs
-two Redis round trips, none per line.
+Memory is bounded by the block size, whatever the file's length; each block costs
+two Redis round trips, none per line, and its items travel in chunked messages
+(:func:`jobs.queue.chunk_size`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import BinaryIO
 from .config import Settings
 from .errors import BatchError, BatchNotFound, ConfigError, InvalidLine, StoreFull
 from .lines import open_input, parse_line, read_lines
-from .queue import Publisher
+from .queue import Publisher, chunk_size
 from .records import BatchOptions, ItemRequest, ItemResult, RequestDefaults, invalid_result
 from .store import BatchStore, ChunkEntry, ChunkOutcome, Reuse
 
@@ -110,10 +111,10 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
         chunk.append(ChunkEntry(total, parsed))
         total += 1
         if len(chunk) >= CHUNK_LINES:
-            outcome = _flush(store, publisher, batch_id, chunk, resume, reuse)
+            outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, total)
             enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
             chunk = []
-    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse)
+    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, total)
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     store.finalize(batch_id, total)
     return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed)
@@ -138,8 +139,11 @@ def _abandon(store: BatchStore, batch_id: str) -> None:
 
 
 def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[ChunkEntry],
-           resume: bool, reuse: Reuse | None) -> ChunkOutcome:
+           resume: bool, reuse: Reuse | None, seen: int) -> ChunkOutcome:
+    """Store a block of lines; its items go out in messages sized to the lines seen so far
+    (the whole batch when it fits in one block; else a lower bound of it)."""
     if not chunk:
         return ChunkOutcome([])
+    size = chunk_size(seen)
     return store.add_chunk(batch_id, chunk, resume=resume, reuse=reuse,
-                           enqueue=lambda pipe, seqs: publisher.publish(batch_id, seqs, pipe))
+                           enqueue=lambda pipe, seqs: publisher.publish(batch_id, seqs, pipe, chunk=size))

@@ -7,6 +7,7 @@ import uuid
 import pytest
 import redis
 
+from jobs import keys
 from worker.errors import RateLimited
 from worker.ratelimit import RateLimiter
 
@@ -21,7 +22,7 @@ def test_calls_are_given_successive_slots(redis_client: redis.Redis) -> None:
     limiter = RateLimiter(redis_client, max_wait=10.0)
     name = scope()
     script = limiter._acquire
-    waits = [int(script(keys=limiter._keys(name), args=[200.0, 0.0, 0, 10000])) for _ in range(5)]
+    waits = [int(script(keys=keys.rate_keys(name), args=[200.0, 0.0, 0, 10000])) for _ in range(5)]
     # each reservation is one interval (200 ms) after the previous one
     assert waits[0] == 0
     for before, after in zip(waits, waits[1:]):

@@ -12,7 +12,7 @@ import redis
 from aivvm_batch.embedded import EmbeddedRedis
 from jobs import keys
 from jobs.config import Settings
-from jobs.queue import Publisher, configure
+from jobs.queue import Publisher, configure, message_items
 from jobs.queue import app as celery_app
 from jobs.records import BatchOptions
 from jobs.store import BatchStore
@@ -42,7 +42,7 @@ def sweep(store: BatchStore, publisher: Publisher) -> dict[str, list[int]]:
 
 
 def queued_seqs(store: BatchStore) -> list[int]:
-    return sorted(int(json.loads(m)["headers"]["id"].split(":")[1]) for m in store.redis.lrange(keys.QUEUE, 0, -1))
+    return sorted(seq for m in store.redis.lrange(keys.QUEUE, 0, -1) for seq in (message_items(m) or ("", []))[1])
 
 
 def test_nothing_is_requeued_while_messages_wait(lonely: tuple[BatchStore, Publisher, str]) -> None:
@@ -56,8 +56,8 @@ def test_lost_messages_are_requeued_after_a_sweep_without_progress(lonely: tuple
     store, publisher, batch_id = lonely
     store.redis.delete(keys.QUEUE)  # the messages vanish, as in kombu's BRPOP-then-HSET window
     store.redis.set(keys.claim(batch_id, 1), "live-execution")  # item 1 is being worked on
-    unacked = {"headers": {"id": f"{batch_id}:2"}}
-    store.redis.hset("unacked", "tag", json.dumps([unacked, keys.QUEUE, keys.QUEUE]))  # item 2 is held
+    unacked = json.loads(publisher.message(batch_id, [2]))
+    store.redis.hset(keys.UNACKED, "tag", json.dumps([unacked, keys.QUEUE, keys.QUEUE]))  # item 2 is held
     assert sweep(store, publisher) == {}  # first look: remember the progress
     assert sweep(store, publisher) == {batch_id: [0, 3]}
     assert queued_seqs(store) == [0, 3]

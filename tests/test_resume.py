@@ -25,7 +25,10 @@ from jobs.records import BatchOptions, ItemError, ItemRequest, ItemResult, Reque
 from jobs.store import BatchStore
 from jobs.submit import submit_file
 from tests.conftest import Batches
-from worker.item import Done, process
+from jobs.queue import message_items
+from worker.chunk import run_chunk
+from worker.item import Done, ItemState
+from worker.runtime import Runtime
 from worker.sweeper import sweep_once
 
 pytestmark = pytest.mark.integration
@@ -55,8 +58,8 @@ class Lonely:
         return submit_file(self.store, self.publisher, self.write(lines), options, self.settings, **kw)
 
     def queued(self) -> list[int]:
-        return sorted(int(json.loads(m)["headers"]["id"].split(":")[1])
-                      for m in self.client.lrange(keys.QUEUE, 0, -1))
+        return sorted(seq for m in self.client.lrange(keys.QUEUE, 0, -1)
+                      for seq in (message_items(m) or ("", []))[1])
 
     def finish(self, batch_id: str, statuses: list[Status]) -> None:
         """Record a result per item as a worker would, ``ok`` with the output ``done <id>``."""
@@ -152,7 +155,11 @@ def test_a_deleted_batch_is_gone_for_its_messages_the_sweep_and_late_results(lon
     store.note_attempt_error(batch_id, "server_error: HTTP 500")
     store.delete(batch_id)
     assert lonely.queued() == [0, 1, 2, 3]  # still queued: each finds the batch gone
-    assert process(store, settings, batch_id, 0, 1) == Done("gone")
+    runtime = Runtime.start(settings, celery_app, concurrency=2)
+    try:
+        assert runtime.run(run_chunk(runtime, batch_id, [0, 2], ItemState())) == [Done("gone")] * 2
+    finally:
+        runtime.close()
     # the item in flight when it was deleted records nothing, and recreates no key
     late = ItemResult(token_claim.request.id, token_claim.request.line, Status.OK, output="late")
     assert store.record(batch_id, 1, late) is False

@@ -1,38 +1,37 @@
-"""Working on one queued item: claim it, attempt it, and record its result or retry.
+"""What happens to one item after an attempt, and waiting out a full or lost Redis.
 
-This is what a Celery task runs; it knows nothing of Celery. It returns what
-should happen next, and the task translates that into Celery's terms.
+Pure decisions, no I/O: :func:`decide` turns an attempt's outcome into a final result to
+record or a run again (with the reason to log, the error to count and the batch pause a
+429 asks for). :mod:`worker.chunk` carries them out on the event loop.
 
 A full Redis (maxmemory, noeviction) or one that is away is waited out in place
 (:func:`wait_for_store`): the claim is retried before any provider call, and a paid
-reply is kept in memory, with its claim kept alive, until it can be recorded.
+reply is kept in memory, its claim kept alive by the runtime's lease, until it can be
+recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
-import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from celery.utils.time import get_exponential_backoff_interval
 
 from jobs.config import Settings
 from jobs.errors import StoreFull, StoreUnavailable
-from jobs.records import BatchOptions, ItemRequest, ItemResult, Usage, cancelled_result
-from jobs.store import BatchStore, Claim, ClaimOutcome
+from jobs.records import ItemError, ItemRequest, ItemResult, Status, Usage
 
-from .completion import Attempt, BeforeCall, attempt, request_tokens, to_result, usage
-from .errors import IncompleteReply, ProviderHTTPError, RateLimited
-from .providers import AbstractProvider, CompletionCall
-from .ratelimit import RateLimiter
+from .completion import Attempt, to_result, usage
+from .errors import IncompleteReply, ProviderHTTPError
 
-CLAIM_SLACK_SECONDS = 5.0
 BUSY_RECHECK_SECONDS = 5.0
+# an item whose run failed in an unexpected way is put back this long after
+PUT_BACK_SECONDS = 2.0
 STORE_WAIT_FIRST = 0.2
 STORE_WAIT_CAP = 5.0
 STORE_LOG_EVERY = 30.0
@@ -70,15 +69,43 @@ class Spent:
 
 
 @dataclass(frozen=True)
-class RunAgain:
-    """Run the item again after ``countdown`` seconds, not before ``not_before`` (epoch)."""
+class ItemState:
+    """Where an item stands between runs: what a retry message carries for it."""
 
-    countdown: float
-    attempt: int
-    not_before: float
+    attempt: int = 1
+    # epoch seconds before which no request for it may start (a backoff, a Retry-After)
+    not_before: float = 0.0
     spent: Spent = Spent()
     # attempts so far whose reply was cut mid-stream (their own, smaller retry budget)
     cuts: int = 0
+
+    def to_kwargs(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "not_before": self.not_before, "spent": self.spent.to_list(),
+                "cuts": self.cuts}
+
+    @classmethod
+    def from_kwargs(cls, attempt: int = 1, not_before: float = 0.0, spent: list[int] | None = None,
+                    cuts: int = 0) -> ItemState:
+        return cls(int(attempt), float(not_before), Spent.from_list(spent), int(cuts))
+
+
+@dataclass(frozen=True)
+class RunAgain:
+    """Run the item again in ``state`` (not before ``state.not_before``)."""
+
+    state: ItemState
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after an attempt: record ``result``, or run ``again``; count ``error``;
+    pause the batch and the scope for ``pause`` seconds (a 429's Retry-After)."""
+
+    result: ItemResult | None = None
+    again: RunAgain | None = None
+    error: str | None = None
+    pause: float | None = None
 
 
 def backoff(attempt_number: int, settings: Settings, retry_after: float | None) -> float:
@@ -90,49 +117,58 @@ def backoff(attempt_number: int, settings: Settings, retry_after: float | None) 
     return max(random.uniform(ceiling / 2, ceiling), retry_after or 0.0)
 
 
-def rate_gate(limiter: RateLimiter, request: ItemRequest, options: BatchOptions,
-              settings: Settings) -> BeforeCall:
-    """Wait for the shared rate limit before each provider call of this item."""
-    rpm = options.rpm or settings.rpm
-    tpm = options.tpm or settings.tpm
-    tokens = request_tokens(request)
+def decide(request: ItemRequest, outcome: Attempt, state: ItemState, settings: Settings,
+           now: float) -> Decision:
+    """Retry a transient failure within its budget (cuts have their own), else record the result."""
+    error = outcome.error
+    text = error_text(error.kind, str(error)) if error is not None else None
+    pause = None
+    if isinstance(error, ProviderHTTPError) and error.status == 429 and error.retry_after:
+        pause = error.retry_after
+    cut = error is not None and error.kind == IncompleteReply.kind  # also a fallback's combined error
+    if outcome.transient and state.attempt <= settings.max_retries \
+            and not (cut and state.cuts + 1 > settings.max_cut_retries):
+        assert error is not None
+        delay = backoff(state.attempt, settings, error.retry_after)
+        again = ItemState(state.attempt + 1, now + delay, _spent_after(state.spent, request, outcome),
+                          state.cuts + cut)
+        return Decision(again=RunAgain(again, f"retry in {delay:.1f} s: {text}"), error=text, pause=pause)
+    result = _with_spent(to_result(request, outcome, state.attempt), state.spent)
+    return Decision(result=result, error=text, pause=pause)
 
-    def before_call(provider: type[AbstractProvider], call: CompletionCall) -> None:
-        limiter.acquire(provider.scope(call.base_url), rpm=rpm, tpm=tpm, tokens=tokens)
 
-    return before_call
+def given_up(request: ItemRequest, state: ItemState) -> ItemResult:
+    """The result of an item whose runs kept failing in an unexpected way (a bug, not the provider)."""
+    return ItemResult(id=request.id, line=request.line, status=Status.FAILED, model=request.model,
+                      output="", attempts=state.attempt - 1, metadata=request.metadata,
+                      error=ItemError("internal_error", f"the item's run failed {state.attempt - 1} times "
+                                                        "in the worker (see its log)"))
 
 
-def wait_for_store(what: str, call: Callable[[], T], *, keepalive: Callable[[], object] | None = None,
-                   sleep: Callable[[float], None] = time.sleep) -> T:
-    """``call()`` until Redis takes it: a full Redis or one that is away is waited out.
+async def wait_for_store(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()`` until Redis takes it: a full Redis or one that is away is waited out.
 
-    Backoff doubles from 0.2 s to 5 s; a warning says why every 30 s. ``keepalive``
-    runs between tries (to keep the item's claim while its reply waits).
+    Backoff doubles from 0.2 s to 5 s; a warning says why every 30 s. The item's claim
+    stays alive meanwhile (the runtime renews every claim it holds).
     """
     delay, waited, logged = STORE_WAIT_FIRST, 0.0, -STORE_LOG_EVERY
     while True:
         try:
-            return call()
+            return await call()
         except StoreUnavailable as exc:
             if waited - logged >= STORE_LOG_EVERY:
                 reason = "Redis is full (maxmemory)" if isinstance(exc, StoreFull) else str(exc)
                 logger.warning("%s: %s; waiting for it (%.0f s so far)", what, reason, waited)
                 logged = waited
-        sleep(delay)
+        await asyncio.sleep(delay)
         waited += delay
         delay = min(delay * 2, STORE_WAIT_CAP)
-        if keepalive is not None:
-            try:
-                keepalive()
-            except StoreUnavailable:
-                pass
 
 
-def best_effort(what: str, call: Callable[[], object]) -> None:
-    """A write that may be skipped in a full or lost Redis (counters, pauses)."""
+async def best_effort(what: str, call: Callable[[], Awaitable[object]]) -> None:
+    """A write that may be skipped in a full or lost Redis (counters, pauses, releases)."""
     try:
-        call()
+        await call()
     except StoreUnavailable as exc:
         logger.info("%s skipped: %s", what, exc)
 
@@ -142,78 +178,6 @@ def error_text(kind: str, message: str) -> str:
     message = re.sub(r"\b\d+ (bytes? read|more expected)", r"N \1", message)
     message = re.sub(r": b?(['\"]).*$", "", message)
     return f"{kind}: {message}"[:ERROR_TEXT_LIMIT]
-
-
-def process(store: BatchStore, settings: Settings, batch_id: str, seq: int, attempt_number: int,
-            not_before: float = 0.0, limiter: RateLimiter | None = None, spent: Spent = Spent(),
-            cuts: int = 0) -> Done | RunAgain:
-    wait = not_before - time.time()
-    if wait > 0:
-        return RunAgain(min(wait, settings.backoff_cap), attempt_number, not_before, spent, cuts)
-    token = uuid.uuid4().hex
-    ttl = settings.item_deadline + CLAIM_SLACK_SECONDS
-    where = f"batch {batch_id} item {seq}"
-    claim = wait_for_store(f"{where}: claim", lambda: store.claim(batch_id, seq, token, ttl))
-    if claim.outcome is ClaimOutcome.BUSY:
-        return RunAgain(BUSY_RECHECK_SECONDS, attempt_number, 0.0, spent, cuts)
-    if claim.outcome is ClaimOutcome.PAUSED:
-        return RunAgain(min(claim.paused_seconds, settings.backoff_cap), attempt_number,
-                        time.time() + claim.paused_seconds, spent, cuts)
-    request, options = claim.request, claim.options
-    if claim.outcome is not ClaimOutcome.CLAIMED or request is None or options is None:
-        if claim.outcome is ClaimOutcome.CANCELLED and request is not None:
-            cancelled = cancelled_result(request, attempt_number - 1)
-            wait_for_store(f"{where}: record", lambda: store.record(batch_id, seq, cancelled))
-        return Done(claim.outcome.value)
-    try:
-        return _attempt_claimed(store, settings, batch_id, seq, token, claim, attempt_number,
-                                limiter, spent, cuts)
-    except BaseException:
-        # whatever went wrong, the claim must not keep others from the item for its whole TTL
-        best_effort(f"{where}: release", lambda: store.release(batch_id, seq, token))
-        raise
-
-
-def _attempt_claimed(store: BatchStore, settings: Settings, batch_id: str, seq: int, token: str,
-                     claim: Claim, attempt_number: int, limiter: RateLimiter | None, spent: Spent,
-                     cuts: int) -> Done | RunAgain:
-    request, options = claim.request, claim.options
-    assert request is not None and options is not None
-    where = f"batch {batch_id} item {seq}"
-    limited = bool(options.rpm or options.tpm or settings.rpm or settings.tpm)
-    before_call = rate_gate(limiter, request, options, settings) if limiter and limited else None
-    try:
-        outcome = attempt(request, options.providers(), options.base_url, settings, before_call)
-    except RateLimited as refused:
-        best_effort(f"{where}: release", lambda: store.release(batch_id, seq, token))
-        return RunAgain(min(refused.delay, settings.backoff_cap), attempt_number,
-                        time.time() + refused.delay, spent, cuts)
-    error = outcome.error
-    if error is not None:
-        text = error_text(error.kind, str(error))
-        best_effort(f"{where}: error count", lambda: store.note_attempt_error(batch_id, text))
-    if isinstance(error, ProviderHTTPError) and error.status == 429 and error.retry_after:
-        retry_after = error.retry_after
-        best_effort(f"{where}: pause", lambda: store.pause(batch_id, retry_after))
-        if limiter is not None:
-            best_effort(f"{where}: pause", lambda: limiter.pause(outcome.scope, retry_after))
-    cut = error is not None and error.kind == IncompleteReply.kind  # also a fallback's combined error
-    if outcome.transient and attempt_number <= settings.max_retries \
-            and not (cut and cuts + 1 > settings.max_cut_retries):
-        assert error is not None
-        best_effort(f"{where}: release", lambda: store.release(batch_id, seq, token))
-        delay = backoff(attempt_number, settings, error.retry_after)
-        logger.warning("%s: retry in %.1f s: %s", where, delay, error_text(error.kind, str(error)))
-        return RunAgain(min(delay, settings.backoff_cap), attempt_number + 1, time.time() + delay,
-                        _spent_after(spent, request, outcome), cuts + cut)
-    result = _with_spent(to_result(request, outcome, attempt_number), spent)
-
-    def keepalive() -> None:
-        store.keep_claim(batch_id, seq, token, settings.item_deadline + CLAIM_SLACK_SECONDS)
-
-    wait_for_store(f"{where}: record the reply", lambda: store.record(batch_id, seq, result),
-                   keepalive=keepalive)
-    return Done(result.status.value)
 
 
 def _spent_after(spent: Spent, request: ItemRequest, outcome: Attempt) -> Spent:

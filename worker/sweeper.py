@@ -1,9 +1,10 @@
-"""A sweep, run by the workers, that enqueues again the items whose message was lost.
+"""A sweep, run by the workers, that brings back the work of dead workers and lost messages.
 
-Every ``sweep_interval`` seconds one worker (a Redis lock) looks at the running
-batches. A batch is examined for orphans (see :mod:`jobs.reconcile`) when the queue is
-empty and its count of finished items has not moved since the previous sweep: that
-is when a lost message would otherwise stall it for good.
+Every ``sweep_interval`` seconds one worker (a Redis lock) first puts back on the queue the
+messages no live worker has renewed for a lease (their worker died), then looks at the
+running batches. A batch is examined for orphans (see :mod:`jobs.reconcile`) when the queue
+is empty and its count of finished items has not moved since the previous sweep: that is
+when a lost message would otherwise stall it for good.
 """
 
 from __future__ import annotations
@@ -19,19 +20,31 @@ from celery import bootsteps
 from jobs import keys
 from jobs.errors import ConfigError, StoreFull, StoreUnavailable
 from jobs.queue import Publisher
-from jobs.reconcile import requeue_orphans
+from jobs.config import Settings
+from jobs.queue import app as celery_app
+from jobs.reconcile import requeue_orphans, restore_stale_messages
 from jobs.records import BatchState
-from jobs.store import BatchStore, is_out_of_memory
+from jobs.store import BatchStore, connect, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 SWEEP_LOCK = keys.SWEEP_LOCK
 SWEEP_SEEN = keys.SWEEP_SEEN
 
 
-def sweep_once(store: BatchStore, publisher: Publisher, interval: float) -> dict[str, list[int]]:
-    """One sweep; returns the seqs enqueued again, by batch."""
+def sweep_once(store: BatchStore, publisher: Publisher, interval: float,
+               lease: float | None = None) -> dict[str, list[int]]:
+    """One sweep; returns the seqs enqueued again, by batch.
+
+    With ``lease``, messages held unacknowledged and not renewed for that long are put back
+    on the queue first (their worker is dead).
+    """
     if not store.redis.set(SWEEP_LOCK, "1", nx=True, px=max(1, int(interval * 900))):
         return {}
+    if lease is not None:
+        restored = restore_stale_messages(store.redis, lease)
+        if restored:
+            logger.warning("put back on the queue %d messages of a worker that stopped renewing them "
+                           "(it died)", restored)
     if store.redis.llen(keys.QUEUE):
         store.redis.delete(SWEEP_SEEN)
         return {}
@@ -55,7 +68,7 @@ def check_redis(url: str) -> None:
 
     An unreachable Redis is not refused: Celery waits for it, as it does for the broker.
     """
-    store = BatchStore(redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10))
+    store = BatchStore(connect(url, connect_timeout=5))
     try:
         store.check_server()
     except ConfigError as exc:
@@ -68,11 +81,11 @@ def check_redis(url: str) -> None:
         store.redis.close()
 
 
-def beat(store: BatchStore, publisher: Publisher, interval: float, node: str) -> None:
+def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str) -> None:
     """One round of the sweeper thread: say this worker is alive, then sweep."""
     try:
         store.worker_heartbeat(node)
-        sweep_once(store, publisher, interval)
+        sweep_once(store, publisher, settings.sweep_interval, settings.lease)
     except StoreFull:
         logger.warning("Redis is full (maxmemory): the sweep waits for memory to free")
     except redis.exceptions.ResponseError as exc:
@@ -94,10 +107,9 @@ class Sweeper(bootsteps.StartStopStep):
         self._thread: threading.Thread | None = None
 
     def start(self, parent: Any) -> None:
-        from .tasks import runtime
-
-        store, settings, _ = runtime()
+        settings = Settings.from_env(redis_url=celery_app.conf.broker_url)
         check_redis(settings.redis_url)
+        store = BatchStore(connect(settings.redis_url, max_connections=2, retries=3), settings.result_ttl)
         publisher = Publisher(store.redis, parent.app)
         node = str(getattr(parent, "hostname", None) or "celery")
 
@@ -108,7 +120,7 @@ class Sweeper(bootsteps.StartStopStep):
                 logger.warning("heartbeat failed: %s", exc)
             while not self._stop.wait(settings.sweep_interval):
                 try:
-                    beat(store, publisher, settings.sweep_interval, node)
+                    beat(store, publisher, settings, node)
                 except Exception:  # a failed sweep is retried at the next interval
                     logger.exception("sweep for lost messages failed")
 

@@ -1,0 +1,253 @@
+"""The Lua scripts: every state change that must happen once, or for many items in one round trip.
+
+Each script names its keys at its top (``local meta, req = KEYS[1], KEYS[2]``); the keys a
+batch is made of come first, in the order of :data:`jobs.keys.BATCH_PARTS`, through the
+generated prelude :data:`BATCH`. Item-sized arguments (claims, results) follow them, so
+one call serves a whole chunk of items.
+"""
+
+from __future__ import annotations
+
+from . import keys
+
+# Redis's clock in milliseconds (every worker agrees on it, whatever their own clocks say).
+NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# The batch's keys by name, and the index of the first key after them.
+BATCH = (
+    f"local {', '.join(keys.BATCH_PARTS)} = "
+    + ", ".join(f"KEYS[{i}]" for i in range(1, len(keys.BATCH_PARTS) + 1))
+    + f"\nlocal batch_keys = {{{', '.join(keys.BATCH_PARTS)}}}\n"
+    + f"local first_item_key = {len(keys.BATCH_PARTS) + 1}\n"
+)
+
+# The batch finishes when its counts reach its total: it is stamped, and its keys expire together.
+MAYBE_FINISH = """
+local function maybe_finish(ttl)
+  local total = redis.call('HGET', meta, 'total')
+  if not total or redis.call('HEXISTS', meta, 'finished_at') == 1 then return end
+  local done = 0
+  for _, v in ipairs(redis.call('HVALS', counts)) do done = done + tonumber(v) end
+  if done >= tonumber(total) then
+    local t = redis.call('TIME')
+    redis.call('HSET', meta, 'finished_at', t[1] .. '.' .. string.format('%06d', t[2]))
+    for _, key in ipairs(batch_keys) do redis.call('EXPIRE', key, ttl) end
+  end
+end
+"""
+
+RECORD_FIELDS = 6
+
+# KEYS: batch..., claim_1..claim_n
+# ARGV: ttl, then per item: seq result status prompt_tokens completion_tokens estimated(0|1)
+# -> per item 1 if recorded, 0 if it already had a result (first wins) or the batch is gone
+RECORD = BATCH + MAYBE_FINISH + f"""
+local ttl = tonumber(ARGV[1])
+local recorded = {{}}
+local alive = redis.call('EXISTS', meta) == 1
+for i = 1, #KEYS - first_item_key + 1 do
+  local a = 2 + (i - 1) * {RECORD_FIELDS}
+  local seq, result, status = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local prompt_tokens, completion_tokens = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  recorded[i] = 0
+  if alive and redis.call('HSETNX', res, seq, result) == 1 then
+    redis.call('HINCRBY', counts, status, 1)
+    redis.call('RPUSH', log, seq)
+    if prompt_tokens + completion_tokens > 0 then
+      redis.call('HINCRBY', usage, 'prompt_tokens', prompt_tokens)
+      redis.call('HINCRBY', usage, 'completion_tokens', completion_tokens)
+      redis.call('HINCRBY', usage, 'estimated', ARGV[a + 5])
+    end
+    recorded[i] = 1
+  end
+  if alive then redis.call('DEL', KEYS[first_item_key + i - 1]) end
+end
+if alive then maybe_finish(ttl) end
+return recorded
+"""
+
+# KEYS: meta req res claim_1..claim_n ; ARGV: ttl_ms seq_1 token_1 ... seq_n token_n
+# -> {'gone'} or {'batch', options, paused_ms, outcome_1, request_1, ..., outcome_n, request_n}
+# An item is claimed for its token unless it is done, cancelled, paused or held by another token.
+CLAIM = NOW_MS + """
+local meta, req, res = KEYS[1], KEYS[2], KEYS[3]
+local first_claim = 4
+local ttl_ms = ARGV[1]
+if redis.call('EXISTS', meta) == 0 then return {'gone'} end
+local m = redis.call('HMGET', meta, 'state', 'options', 'paused_until')
+local paused = 0
+if m[3] then paused = math.max(0, tonumber(m[3]) - now_ms()) end
+local reply = {'batch', m[2] or false, paused}
+for i = 1, #KEYS - first_claim + 1 do
+  local claim, seq, token = KEYS[first_claim + i - 1], ARGV[2 * i], ARGV[2 * i + 1]
+  local outcome, request = 'busy', false
+  if redis.call('HEXISTS', res, seq) == 1 then
+    outcome = 'done'
+  elseif m[1] == 'cancelled' then
+    -- an execution still holding the item will record its own result: a duplicate must not cancel it
+    local holder = redis.call('GET', claim)
+    if not holder or holder == token then outcome, request = 'cancelled', redis.call('HGET', req, seq) end
+  elseif paused > 0 then
+    outcome = 'paused'
+  elseif redis.call('SET', claim, token, 'NX', 'PX', ttl_ms) then
+    outcome, request = 'claimed', redis.call('HGET', req, seq)
+  elseif redis.call('GET', claim) == token then
+    redis.call('PEXPIRE', claim, ttl_ms)
+    outcome, request = 'claimed', redis.call('HGET', req, seq)
+  end
+  reply[#reply + 1] = outcome
+  reply[#reply + 1] = request
+end
+return reply
+"""
+
+# KEYS: claim_1..claim_n ; ARGV: ttl_ms token_1..token_n
+# -> per claim 1 if it is still that token's and was extended (PEXPIRE works in a full Redis)
+TOUCH = """
+local ttl_ms = ARGV[1]
+local kept = {}
+for i, claim in ipairs(KEYS) do
+  kept[i] = 0
+  if redis.call('GET', claim) == ARGV[1 + i] then kept[i] = redis.call('PEXPIRE', claim, ttl_ms) end
+end
+return kept
+"""
+
+# KEYS: claim_1..claim_n ; ARGV: token_1..token_n -> how many were released (only a holder's own)
+RELEASE = """
+local released = 0
+for i, claim in ipairs(KEYS) do
+  if redis.call('GET', claim) == ARGV[i] then released = released + redis.call('DEL', claim) end
+end
+return released
+"""
+
+# KEYS: meta ; ARGV: pause_ms -> the epoch ms the batch is paused until (0: the batch is gone)
+PAUSE = NOW_MS + """
+local meta = KEYS[1]
+if redis.call('EXISTS', meta) == 0 then return 0 end
+local until_ms = now_ms() + tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', meta, 'paused_until') or '0')
+if until_ms > current then redis.call('HSET', meta, 'paused_until', until_ms) end
+return until_ms
+"""
+
+# KEYS: batch..., claim_1..claim_n ; ARGV: ttl seq_1 result_1 ... seq_n result_n -> how many cancelled
+CANCEL = BATCH + MAYBE_FINISH + """
+local n = 0
+for i = first_item_key, #KEYS do
+  local a = 2 * (i - first_item_key + 1)
+  local seq, result = ARGV[a], ARGV[a + 1]
+  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('HSETNX', res, seq, result) == 1 then
+    redis.call('HINCRBY', counts, 'cancelled', 1)
+    redis.call('RPUSH', log, seq)
+    n = n + 1
+  end
+end
+maybe_finish(tonumber(ARGV[1]))
+return n
+"""
+
+# KEYS: batch... ; ARGV: status seq_1 ... seq_n -> the seqs whose result had that status (now forgotten)
+RESET = BATCH + """
+local status = ARGV[1]
+local reset = {}
+for i = 2, #ARGV do
+  local raw = redis.call('HGET', res, ARGV[i])
+  if raw and cjson.decode(raw)['status'] == status then
+    redis.call('HDEL', res, ARGV[i])
+    redis.call('HINCRBY', counts, status, -1)
+    table.insert(reset, ARGV[i])
+  end
+end
+if #reset > 0 then
+  redis.call('HDEL', meta, 'finished_at')
+  redis.call('HSET', meta, 'state', 'running')
+  for _, key in ipairs(batch_keys) do redis.call('PERSIST', key) end
+end
+return reset
+"""
+
+# KEYS: ids ; ARGV: id_1 seq_1 ... id_n seq_n -> for each id, the seq that owns it
+OWN_IDS = """
+local ids = KEYS[1]
+local owners = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', ids, ARGV[i], ARGV[i + 1]) == 1 then
+    owners[#owners + 1] = ARGV[i + 1]
+  else
+    owners[#owners + 1] = redis.call('HGET', ids, ARGV[i])
+  end
+end
+return owners
+"""
+
+# KEYS: batch... ; ARGV: total ttl
+FINALIZE = BATCH + MAYBE_FINISH + """
+redis.call('HSET', meta, 'total', ARGV[1])
+if redis.call('HGET', meta, 'state') == 'submitting' then
+  redis.call('HSET', meta, 'state', 'running')
+end
+maybe_finish(tonumber(ARGV[2]))
+return 1
+"""
+
+# KEYS: request_slot token_slot pause (keys.rate_keys) ; ARGV: ms_per_request ms_per_token tokens max_wait_ms
+# -> ms to wait for the reserved slot, or minus the wait when it is too far to reserve
+# (generic cell rate algorithm: each slot key holds the theoretical arrival time of the next call)
+RATE_ACQUIRE = NOW_MS + """
+local request_slot, token_slot, pause = KEYS[1], KEYS[2], KEYS[3]
+local now = now_ms()
+local start = now
+for _, key in ipairs({request_slot, token_slot, pause}) do
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat > start then start = tat end
+end
+local wait = start - now
+if wait > tonumber(ARGV[4]) then return -wait end
+local costs = {{request_slot, tonumber(ARGV[1])}, {token_slot, tonumber(ARGV[2]) * tonumber(ARGV[3])}}
+for _, slot in ipairs(costs) do
+  local key, cost = slot[1], slot[2]
+  if cost > 0 then
+    local tat = tonumber(redis.call('GET', key) or '0')
+    if tat < start then tat = start end
+    tat = tat + cost
+    redis.call('SET', key, tat, 'PX', math.max(1000, math.ceil(tat - now + 60000)))
+  end
+end
+return wait
+"""
+
+# KEYS: pause (the third of keys.rate_keys) ; ARGV: pause_ms (0: only read) -> ms the pause still holds
+RATE_PAUSE = NOW_MS + """
+local pause = KEYS[1]
+local now = now_ms()
+local until_ms = tonumber(redis.call('GET', pause) or '0')
+local wanted = now + tonumber(ARGV[1])
+if tonumber(ARGV[1]) > 0 and wanted > until_ms then
+  until_ms = wanted
+  redis.call('SET', pause, until_ms, 'PX', tonumber(ARGV[1]) + 1000)
+end
+return math.max(0, until_ms - now)
+"""
+
+# KEYS: unacked unacked_index queue ; ARGV: delivery_tag message
+# -> 1 if the unacknowledged message was put back on the queue (it is consumed next), 0 if it was
+# acknowledged meanwhile. The push comes first: a full Redis refuses it and nothing is lost.
+RESTORE_MESSAGE = """
+local unacked, unacked_index, queue = KEYS[1], KEYS[2], KEYS[3]
+local tag, message = ARGV[1], ARGV[2]
+if redis.call('HEXISTS', unacked, tag) == 0 then
+  redis.call('ZREM', unacked_index, tag)
+  return 0
+end
+redis.call('RPUSH', queue, message)
+redis.call('HDEL', unacked, tag)
+redis.call('ZREM', unacked_index, tag)
+return 1
+"""

@@ -1,0 +1,212 @@
+"""Working on a chunk of items on the event loop: each item claimed, attempted, recorded or handed on.
+
+A chunk is what one Celery message carries. Its items run as coroutines, each taking one
+of the process's slots (requests in flight) only for its claim and its provider call.
+:func:`run_chunk` returns when every item is recorded, or handed on to a retry message
+(published first), or was found done, cancelled or gone: only then may the message be
+acknowledged. An item whose run fails in any unexpected way (a bug, a Redis error that is
+not a wait) releases its claim and is handed on a few seconds later; it is never left
+claimed with nothing to finish it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+from jobs.errors import StoreUnavailable
+from jobs.records import BatchOptions, ItemRequest, cancelled_result
+from jobs.store import Claim, ClaimOutcome
+
+from .completion import request_tokens
+from .errors import RateLimited
+from .item import (
+    BUSY_RECHECK_SECONDS,
+    PUT_BACK_SECONDS,
+    Done,
+    ItemState,
+    RunAgain,
+    best_effort,
+    decide,
+    given_up,
+    wait_for_store,
+)
+from .providers import AbstractProvider, CompletionCall
+from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The item's next run went out as a message of its own, held until ``countdown`` has passed."""
+
+    countdown: float
+    state: ItemState
+
+
+async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemState) -> list[Done | Handoff]:
+    """Every item of the chunk to its end for this message (a seq given twice runs once)."""
+    unique = list(dict.fromkeys(seqs))
+    outcomes = await asyncio.gather(*(run_item(rt, batch_id, seq, state) for seq in unique),
+                                    return_exceptions=True)
+    ends: list[Done | Handoff] = []
+    for seq, outcome in zip(unique, outcomes):
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, Exception):
+                raise outcome
+            # run_item hands items on itself; this is its own failure: hand on without it
+            logger.error("batch %s item %s: %s; the item is put back", batch_id, seq, outcome)
+            outcome = await hand_on(rt, batch_id, seq, RunAgain(_later(state, PUT_BACK_SECONDS)))
+        ends.append(outcome)
+    return ends
+
+
+async def run_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Done | Handoff:
+    where = f"batch {batch_id} item {seq}"
+    while True:
+        wait = state.not_before - time.time()
+        if wait > rt.settings.inline_wait:
+            return await hand_on(rt, batch_id, seq, RunAgain(state))
+        if wait > 0:
+            await asyncio.sleep(wait)
+        try:
+            step = await attempt_item(rt, batch_id, seq, state)
+        except Exception:
+            logger.exception("%s: its run failed; it is put back in %.0f s", where, PUT_BACK_SECONDS)
+            step = RunAgain(_later(replace(state, attempt=state.attempt + 1), PUT_BACK_SECONDS))
+            return await hand_on(rt, batch_id, seq, step)
+        if isinstance(step, Done):
+            return step
+        if step.reason:
+            logger.warning("%s: %s", where, step.reason)
+        state = step.state
+
+
+async def hand_on(rt: Runtime, batch_id: str, seq: int, again: RunAgain) -> Handoff:
+    """Publish the item's next run (a full or lost Redis is waited out: the message is kept)."""
+    countdown = min(max(0.0, again.state.not_before - time.time()), rt.settings.backoff_cap)
+    await wait_for_store(f"batch {batch_id} item {seq}: publish its retry",
+                         lambda: rt.io.publish_retry((batch_id, seq, again.state.to_kwargs(), countdown)))
+    return Handoff(countdown, again.state)
+
+
+class _Slot:
+    """One of the process's slots (requests in flight), given back as soon as the call has ended."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self.slots = slots
+        self.held = False
+
+    async def __aenter__(self) -> _Slot:
+        await self.slots.acquire()
+        self.held = True
+        return self
+
+    def free(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.free()
+
+
+async def attempt_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Done | RunAgain:
+    """Claim the item, call its provider, and record the result (or say when to run it again)."""
+    where = f"batch {batch_id} item {seq}"
+    token = uuid.uuid4().hex
+    async with _Slot(rt.slots) as slot:
+        claim = await wait_for_store(f"{where}: claim", lambda: rt.io.claim((batch_id, seq, token)))
+        if claim.outcome is not ClaimOutcome.CLAIMED or claim.request is None or claim.options is None:
+            slot.free()
+            return await _not_claimed(rt, batch_id, seq, claim, state)
+        rt.leases.hold(batch_id, seq, token)
+        try:
+            return await _claimed(rt, batch_id, seq, token, claim.request, claim.options, state, slot)
+        except BaseException:
+            # whatever went wrong, the claim must not keep others from the item
+            slot.free()
+            await _release(rt, batch_id, seq, token)
+            raise
+
+
+async def _not_claimed(rt: Runtime, batch_id: str, seq: int, claim: Claim, state: ItemState) -> Done | RunAgain:
+    if claim.outcome is ClaimOutcome.BUSY:
+        return RunAgain(_later(state, BUSY_RECHECK_SECONDS))
+    if claim.outcome is ClaimOutcome.PAUSED:
+        return RunAgain(_later(state, claim.paused_seconds))
+    if claim.outcome is ClaimOutcome.CANCELLED and claim.request is not None:
+        cancelled = cancelled_result(claim.request, state.attempt - 1)
+        await wait_for_store(f"batch {batch_id} item {seq}: record",
+                             lambda: rt.io.record((batch_id, seq, cancelled)))
+    return Done(claim.outcome.value)
+
+
+async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: ItemRequest,
+                   options: BatchOptions, state: ItemState, slot: _Slot) -> Done | RunAgain:
+    """Holding the claim and a slot: the call; the slot is given back before the result is written."""
+    where = f"batch {batch_id} item {seq}"
+    settings = rt.settings
+    if state.attempt > settings.max_retries + 1:
+        slot.free()
+        result = given_up(request, state)
+    else:
+        try:
+            outcome = await rt.calls.attempt(request, options, _rate_gate(rt, request, options))
+        except RateLimited as refused:
+            slot.free()
+            await _release(rt, batch_id, seq, token)
+            return RunAgain(_later(state, refused.delay))
+        slot.free()
+        decision = decide(request, outcome, state, settings, time.time())
+        if decision.error is not None:
+            text = decision.error
+            await best_effort(f"{where}: error count", lambda: rt.io.note_error((batch_id, text)))
+        if decision.pause:
+            await _pause(rt, batch_id, outcome.scope, decision.pause)
+        if decision.again is not None:
+            await _release(rt, batch_id, seq, token)
+            return decision.again
+        assert decision.result is not None
+        result = decision.result
+    final = result
+    await wait_for_store(f"{where}: record the reply", lambda: rt.io.record((batch_id, seq, final)))
+    rt.leases.drop(batch_id, seq, token)
+    return Done(final.status.value)
+
+
+async def _release(rt: Runtime, batch_id: str, seq: int, token: str) -> None:
+    rt.leases.drop(batch_id, seq, token)
+    await best_effort(f"batch {batch_id} item {seq}: release", lambda: rt.io.release((batch_id, seq, token)))
+
+
+async def _pause(rt: Runtime, batch_id: str, scope: str, seconds: float) -> None:
+    """A 429 with Retry-After: no item of the batch, and no call on the scope, starts meanwhile."""
+    where = f"batch {batch_id}: pause"
+    await best_effort(where, lambda: rt.io.run(rt.store.pause, batch_id, seconds))
+    try:
+        await rt.io.run(rt.limiter.pause, scope, seconds)
+    except (StoreUnavailable, OSError, ValueError) as exc:
+        logger.info("%s of %s skipped: %s", where, scope, exc)
+
+
+def _rate_gate(rt: Runtime, request: ItemRequest, options: BatchOptions):  # type: ignore[no-untyped-def]
+    """Wait for the shared rate limit before each provider call of this item, if the batch has one."""
+    rpm = options.rpm or rt.settings.rpm
+    tpm = options.tpm or rt.settings.tpm
+    if not (rpm or tpm):
+        return None
+    tokens = request_tokens(request)
+
+    async def before_call(provider: type[AbstractProvider], call: CompletionCall) -> None:
+        await rt.limiter.acquire_async(provider.scope(call.base_url), rt.io.run, rpm=rpm, tpm=tpm, tokens=tokens)
+
+    return before_call
+
+
+def _later(state: ItemState, seconds: float) -> ItemState:
+    return replace(state, not_before=time.time() + seconds)
