@@ -38,8 +38,11 @@ class RawFigures:
         return self.items / self.seconds
 
 
+PROMPT = ["raw {i}"]  # the template, set from --prompt (a stand-in directive may go in it)
+
+
 def chat_body(i: int) -> dict[str, object]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": f"raw {i}"}], "key": "",
+    return {"model": MODEL, "messages": [{"role": "user", "content": PROMPT[0].format(i=i)}], "key": "",
             "prompt": "You are a helpful assistant.", "temperature": 0.7}
 
 
@@ -126,7 +129,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, required=True)
     parser.add_argument("--in-flight", type=int, required=True)
     parser.add_argument("--client", choices=sorted(CLIENTS), default="aiohttp")
+    parser.add_argument("--prompt", default=PROMPT[0], help="prompt template; {i} is the item's number")
     args = parser.parse_args()
+    PROMPT[0] = args.prompt
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(json.dumps(asdict(measure(args.base, args.items, args.in_flight, args.client))))

@@ -1,27 +1,38 @@
-"""`make bench`: the project's figures beside a baseline measured in the same run, and the ideal.
+"""`make bench`: issue 10's figures, each beside the raw asyncio client measured in the same run.
 
-Everything runs on this machine: a private redis-server, the stand-in provider in its
-own process, real Celery worker processes. Figures come from this run only.
+Everything runs on this machine: the stand-in provider in its own process (`aivvm-batch stub`),
+the raw client in its own process (bench/baseline.py: one aiohttp session, a semaphore), and
+`aivvm-batch run` as a user runs it (a subprocess with its defaults unless the row says
+otherwise: its own private Redis, its own workers, start-up included). Steady-state figures
+(10%-90% of the requests, from their arrival times at the stand-in) stand beside the end-to-end
+ones, never instead. Rows that need a Redis (memory, submit, collect, chunks, rate) use a private
+redis-server the benchmark starts.
 
-    python bench/run.py [--quick] [--only latency,overhead,submit,collect,rate]
+    python bench/run.py [--quick] [--only latency1,latency10,atonce,defaults,memory,submit,collect,
+                                           chunks,inflight,rate,serve,clients]
+
+`--quick` runs small sizes (a smoke run of about two minutes); `inflight` sums up the peaks of
+the run rows that ran. A row that fails is reported as failed and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 import requests
@@ -30,13 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aivvm_batch.embedded import EmbeddedRedis, free_port  # noqa: E402
-from aivvm_batch.workers import WorkerProcesses  # noqa: E402
-from jobs.config import Settings  # noqa: E402
-from jobs.queue import TASK_NAME, Publisher, configure  # noqa: E402
-from jobs.queue import app as celery_app  # noqa: E402
-from jobs.records import BatchOptions  # noqa: E402
-from jobs.store import BatchStore  # noqa: E402
-from jobs.submit import submit_file  # noqa: E402
+
+ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "memory", "submit", "collect", "chunks",
+            "inflight", "rate", "serve", "clients")
 
 
 @dataclass
@@ -50,226 +57,373 @@ class Row:
 
 
 ROWS: list[Row] = []
+PEAKS: list[tuple[str, int, int]] = []  # (row, peak seen by the stand-in, in flight asked)
 
 
 def report(row: Row) -> None:
     ROWS.append(row)
-    mark = {True: "yes", False: "NO", None: "-"}[row.met]
-    print(f"  {row.name}: {row.figure} | baseline {row.baseline} | ideal {row.ideal} | "
-          f"target {row.target} | met: {mark}", flush=True)
+    print(f"  {row.name}: {row.figure} | raw {row.baseline} | ideal {row.ideal} | "
+          f"target {row.target} | met: {mark(row.met)}", flush=True)
+
+
+def mark(met: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "–"}[met]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any AIVVM_BATCH_* setting (a user's defaults), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIVVM_BATCH_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+# -- the stand-in and the raw client ----------------------------------------------------------
 
 
 @contextmanager
-def stub_process(latency: float, chunks: int) -> Iterator[str]:
+def stub_process(latency: float, chunks: int, log: Path) -> Iterator[str]:
+    """`aivvm-batch stub` in its own process; yields its base URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "aivvm_batch", "stub", "--port", str(port),
-                             "--latency", str(latency), "--chunks", str(chunks)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "aivvm_batch", "stub", "--port", str(port),
+                                 "--latency", str(latency), "--chunks", str(chunks)],
+                                stdout=out, stderr=out, cwd=ROOT, env=clean_env())
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(base + "/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.1)
     try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(base + "/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the stand-in did not start; see {log}")
+            time.sleep(0.1)
         yield base
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-def stub_stats(base: str) -> dict:
-    return requests.get(base + "/__stub/stats", timeout=10).json()
+def stub_stats(base: str) -> dict[str, Any]:
+    return requests.get(base + "/__stub/stats", timeout=30).json()
 
 
 def stub_reset(base: str) -> None:
-    requests.post(base + "/__stub/reset", timeout=10)
+    requests.post(base + "/__stub/reset", timeout=30).raise_for_status()
 
 
-class Bench:
-    def __init__(self, redis_url: str, tmp: Path) -> None:
-        self.redis_url = redis_url
-        self.tmp = tmp
-        self.settings = Settings.from_env({}, redis_url=redis_url)
-        self.client = redis.Redis.from_url(redis_url)
-        self.store = BatchStore(self.client)
-        configure(celery_app, self.settings)
-        self.publisher = Publisher(self.client, celery_app)
+def steady(times: list[float]) -> float:
+    """Requests/s between the 10% and the 90% arrival at the stand-in (start-up and tail left out)."""
+    times = sorted(times)
+    if len(times) < 10:
+        return float("nan")
+    lo, hi = int(len(times) * 0.1), int(len(times) * 0.9)
+    return (hi - lo) / max(times[hi] - times[lo], 1e-9)
 
-    def write(self, name: str, n: int, prompt: Callable[[int], str]) -> Path:
-        path = self.tmp / name
-        with open(path, "w") as f:
-            for i in range(n):
-                f.write(json.dumps({"id": f"q{i}", "prompt": prompt(i)}) + "\n")
-        return path
 
-    def run_batch(self, path: Path, options: BatchOptions) -> tuple[str, float, list[tuple[float, int]]]:
-        """Submit and wait; return the batch id, seconds from submit to the last result, progress samples."""
+@dataclass(frozen=True)
+class Measured:
+    items_per_s: float
+    steady_per_s: float
+    seconds: float
+    ok: int
+    peak: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def raw_client(base: str, items: int, in_flight: int, client: str = "aiohttp",
+               prompt: str = "raw {i}") -> Measured:
+    """bench/baseline.py in its own process, the stand-in's arrivals for the steady state."""
+    stub_reset(base)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "baseline.py"), "--base", base,
+                           "--items", str(items), "--in-flight", str(in_flight), "--client", client,
+                           "--prompt", prompt],
+                          capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"raw client failed: {proc.stderr.strip().splitlines()[-1:]}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    stats = stub_stats(base)
+    return Measured(items / figures["seconds"], steady(stats["times"]), figures["seconds"], figures["ok"],
+                    stats["peak_in_flight"], figures)
+
+
+def write_prompts(path: Path, n: int, prompt: Callable[[int], str]) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"q{i}", "prompt": prompt(i)}) + "\n")
+    return path
+
+
+def aivvm_run(base: str, path: Path, tmp: Path, *, concurrency: int | None, timeout: float) -> Measured:
+    """`aivvm-batch run FILE -o OUT --base-url BASE [--concurrency N]`, start-up included."""
+    stub_reset(base)
+    out = tmp / f"{path.stem}.results.jsonl"
+    log = tmp / f"{path.stem}.run.log"
+    args = [sys.executable, "-m", "aivvm_batch", "run", str(path), "-o", str(out), "--base-url", base,
+            "--state-dir", str(tmp / f"{path.stem}.state")]
+    if concurrency is not None:
+        args += ["--concurrency", str(concurrency)]
+    started = time.monotonic()
+    with open(log, "wb") as err:
+        proc = subprocess.run(args, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"run exited {proc.returncode}: {tail}")
+    with open(out, "rb") as f:
+        results = [json.loads(line) for line in f]
+    ok = sum(1 for r in results if r.get("status") == "ok")
+    stats = stub_stats(base)
+    return Measured(len(results) / seconds, steady(stats["times"]), seconds, ok, stats["peak_in_flight"])
+
+
+def run_default_concurrency() -> int:
+    """`run`'s own default for --concurrency, read from its command."""
+    from aivvm_batch.cli_run import run
+
+    for param in run.params:
+        if param.name == "concurrency":
+            return int(param.default)  # type: ignore[arg-type]
+    raise RuntimeError("run has no --concurrency")
+
+
+# -- rows: `run` end to end beside the raw client --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    key: str
+    title: str
+    latency: float
+    chunks: int
+    items: int
+    in_flight: int | None  # None: run's default
+    target: float  # ratio to the raw client
+
+
+def shapes(quick: bool) -> dict[str, Shape]:
+    if quick:
+        return {
+            "latency1": Shape("latency1", "1 s replies (10 chunks)", 1.0, 10, 1024, 256, 0.90),
+            "latency10": Shape("latency10", "3 s replies (50 chunks; 10 s in the full run)", 3.0, 50, 1024, 512, 0.85),
+            "atonce": Shape("atonce", "replies at once", 0.0, 4, 2000, 256, 0.50),
+            "defaults": Shape("defaults", "replies at once, `run` defaults", 0.0, 4, 1000, None, 0.50),
+        }
+    return {
+        "latency1": Shape("latency1", "1 s replies (10 chunks)", 1.0, 10, 16_384, 1024, 0.90),
+        "latency10": Shape("latency10", "10 s replies (50 chunks)", 10.0, 50, 8192, 4096, 0.85),
+        "atonce": Shape("atonce", "replies at once", 0.0, 4, 10_000, 256, 0.50),
+        "defaults": Shape("defaults", "replies at once, `run` defaults", 0.0, 4, 3000, None, 0.50),
+    }
+
+
+def bench_run_row(shape: Shape, tmp: Path) -> None:
+    in_flight = shape.in_flight or run_default_concurrency()
+    asked = f"--concurrency {shape.in_flight}" if shape.in_flight else f"defaults ({in_flight} in flight)"
+    print(f"{shape.title}: {shape.items:,} items, {asked}", flush=True)
+    with stub_process(shape.latency, shape.chunks, tmp / "stub.log") as base:
+        raw = raw_client(base, shape.items, in_flight)
+        path = write_prompts(tmp / f"{shape.key}.jsonl", shape.items, lambda i: f"{shape.key} {i}")
+        ideal_s = math.ceil(shape.items / in_flight) * shape.latency
+        timeout = max(900.0, ideal_s * 20)
+        ours = aivvm_run(base, path, tmp, concurrency=shape.in_flight, timeout=timeout)
+    PEAKS.append((shape.key, ours.peak, in_flight))
+    ratio = ours.items_per_s / raw.items_per_s
+    ideal = f"{shape.items / ideal_s:,.0f} items/s" if ideal_s else "–"
+    of_ideal = f", {ours.items_per_s * ideal_s / shape.items:.2f} of ideal" if ideal_s else ""
+    raw_of_ideal = f", {raw.items_per_s * ideal_s / shape.items:.2f} of ideal" if ideal_s else ""
+    name = f"{shape.title}, {shape.items:,} items, {in_flight:,} in flight: `run` end to end"
+    report(Row(name, f"{ours.items_per_s:,.0f} items/s ({ratio:.2f}× raw{of_ideal}; {ours.ok:,} ok, "
+                     f"{ours.seconds:.1f} s)",
+               f"{raw.items_per_s:,.0f} items/s{raw_of_ideal}", ideal, f"≥ {shape.target:.2f}× raw",
+               ratio >= shape.target and ours.ok == shape.items))
+    report(Row(f"{shape.title}: steady state (10%–90% of arrivals)",
+               f"{ours.steady_per_s:,.0f} items/s ({ours.steady_per_s / raw.steady_per_s:.2f}× raw)",
+               f"{raw.steady_per_s:,.0f} items/s", ideal, "reported", None))
+
+
+# -- rows on the benchmark's own Redis ----------------------------------------------------------
+
+
+class PeakRss:
+    """Wall time and peak RSS of one child, read with wait4 (Popen.wait would reap it first)."""
+
+    @staticmethod
+    def run(args: list[str], env: dict[str, str], timeout: float = 3600) -> tuple[str, float, float]:
         started = time.monotonic()
-        batch_id = submit_file(self.store, self.publisher, path, options, self.settings).batch_id
-        samples = []
-        while True:
-            info = self.store.info(batch_id)
-            samples.append((time.monotonic() - started, info.done))
-            if info.finished:
-                return batch_id, time.monotonic() - started, samples
-            time.sleep(0.05)
-
-    def workers(self, count: int, concurrency: int, env: dict[str, str] | None = None) -> WorkerProcesses:
-        workers = WorkerProcesses(self.redis_url, count=count, concurrency=concurrency,
-                                  log_dir=self.tmp / "logs", env=env or {},
-                                  pool=os.environ.get("BENCH_POOL", "threads")).start()
-        return workers
-
-
-def steady_rate(samples: list[tuple[float, int]], total: int) -> float:
-    """Items/s between 10% and 90% of completions (excludes start-up and the tail)."""
-    lo = next(s for s in samples if s[1] >= total * 0.1)
-    hi = next(s for s in samples if s[1] >= total * 0.9)
-    return (hi[1] - lo[1]) / max(hi[0] - lo[0], 1e-9)
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=err)
+            deadline = started + timeout
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"{args[3]} did not finish in {timeout:.0f} s")
+                time.sleep(0.02)
+            seconds = time.monotonic() - started
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{args[3]} exited {proc.returncode}: "
+                                   f"{err.read().decode(errors='replace').strip()[-300:]}")
+            return out.read().decode(), seconds, usage.ru_maxrss / 1024
 
 
-def bench_latency(bench: Bench, quick: bool) -> None:
-    print("1. latency-bound efficiency (stand-in: 1 s per reply, 10 chunks; 2 workers x 128 slots)")
-    slots, latency = 256, 1.0
-    n = slots * (6 if quick else 15)
-    with stub_process(latency, 10) as base:
-        workers = bench.workers(2, slots // 2)
-        try:
-            warm = bench.write("warm.jsonl", slots, lambda i: f"warm {i}")
-            bench.run_batch(warm, BatchOptions(base_url=base))
-            path = bench.write("latency.jsonl", n, lambda i: f"latency {i}")
-            batch_id, seconds, samples = bench.run_batch(path, BatchOptions(base_url=base))
-            latencies = [json.loads(raw)["latency_ms"] for _, raw in bench.store.iter_results(batch_id, n)]
-        finally:
-            workers.stop()
-    mean_ms = sum(latencies) / len(latencies)
-    print(f"  mean reply time seen by the workers: {mean_ms:.0f} ms (the stand-in's nominal: {latency * 1000:.0f} ms);"
-          f" slots / mean reply time = {slots / (mean_ms / 1000):.1f} items/s")
-    ideal = slots / latency
-    end_to_end = n / seconds
-    steady = steady_rate(samples, n)
-    report(Row("latency-bound throughput, end to end", f"{end_to_end:.1f} items/s ({end_to_end / ideal:.1%})",
-               "-", f"{ideal:.0f} items/s", ">= 97%", end_to_end / ideal >= 0.97))
-    report(Row("latency-bound throughput, steady state (10%-90%)", f"{steady:.1f} items/s ({steady / ideal:.1%})",
-               "-", f"{ideal:.0f} items/s", ">= 97%", steady / ideal >= 0.97))
+def cli_args(*args: str) -> list[str]:
+    return [sys.executable, "-m", "aivvm_batch", *args]
 
 
-def raw_baseline(base: str, n: int, threads: int) -> float:
-    local = threading.local()
+class OnRedis:
+    """The benchmark's private redis-server and the `aivvm-batch` commands pointed at it."""
 
-    def call(i: int) -> int:
-        session = getattr(local, "s", None) or setattr(local, "s", requests.Session()) or local.s
-        body = {"model": {"id": "gpt-3.5-turbo", "name": "GPT-3.5"},
-                "messages": [{"role": "user", "content": f"raw {i}"}], "key": "", "prompt": "x",
-                "temperature": 0.7}
-        with session.post(base + "/api/chat", json=body, stream=True, timeout=30) as r:
-            return len(r.content)
+    def __init__(self, url: str, tmp: Path) -> None:
+        self.url = url
+        self.tmp = tmp
+        self.client = redis.Redis.from_url(url)
+        self.env = clean_env(AIVVM_BATCH_REDIS_URL=url)
 
+    def used_memory(self) -> int:
+        return int(self.client.info("memory")["used_memory"])
+
+    def submit(self, path: Path, base: str) -> tuple[str, float, float]:
+        """(batch id, seconds, peak RSS MB) of `aivvm-batch submit FILE --base-url BASE`."""
+        stdout, seconds, rss = PeakRss.run(cli_args("submit", str(path), "--base-url", base), self.env)
+        return stdout.strip().splitlines()[-1].strip(), seconds, rss
+
+
+def naive_send_task(url: str, n: int) -> float:
+    """Lines/s of the obvious submit: one Celery send_task per line, on a queue of its own."""
+    from celery import Celery
+
+    app = Celery("bench-naive", broker=url)
     started = time.monotonic()
-    with ThreadPoolExecutor(threads) as pool:
-        sizes = list(pool.map(call, range(n)))
-    assert all(sizes)
-    return n / (time.monotonic() - started)
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            app.send_task("bench.naive", args=("bnaive", i), queue="bench-naive", producer=producer)
+    rate = n / (time.monotonic() - started)
+    redis.Redis.from_url(url).delete("bench-naive")
+    return rate
 
 
-def bench_overhead(bench: Bench, quick: bool) -> None:
-    print("2. pipeline overhead (stand-in answers at once)")
-    n = 2000 if quick else 6000
-    with stub_process(0.0, 4) as base:
-        baseline = raw_baseline(base, n, 64)
-        workers = bench.workers(2, 64)
-        try:
-            bench.run_batch(bench.write("warm2.jsonl", 200, lambda i: f"warm {i}"), BatchOptions(base_url=base))
-            _, seconds, _ = bench.run_batch(bench.write("overhead.jsonl", n, lambda i: f"overhead {i}"),
-                                            BatchOptions(base_url=base))
-        finally:
-            workers.stop()
-    ours = n / seconds
-    report(Row("end-to-end items/s, submit to last result", f"{ours:.0f} items/s ({ours / baseline:.0%} of raw)",
-               f"{baseline:.0f} items/s (64 threads + requests)", "-", ">= 50% of raw", ours / baseline >= 0.5))
+def bench_memory(on: OnRedis, quick: bool) -> None:
+    n = 20_000 if quick else 100_000
+    print(f"Redis memory per queued item: {n:,} submitted, no worker", flush=True)
+    path = write_prompts(on.tmp / "memory.jsonl", n, lambda i: f"Write a haiku about queue number {i}")
+    on.client.flushall()
+    before = on.used_memory()
+    on.submit(path, "http://127.0.0.1:9")
+    per_item = (on.used_memory() - before) / n
+    on.client.flushall()
+    report(Row(f"Redis memory per queued item ({n:,} submitted, no worker)", f"{per_item:,.0f} B", "–", "–",
+               "≤ 400 B", per_item <= 400))
 
 
-MEASURE = """
-import json, resource, sys, time
-sys.argv = ["aivvm-batch"] + sys.argv[1:]
-from aivvm_batch.cli import main
-started = time.monotonic()
-try:
-    main(standalone_mode=False)
-finally:
-    print(json.dumps({"seconds": time.monotonic() - started,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), file=sys.stderr)
-"""
-
-
-def measured_cli(*args: str, env: dict[str, str]) -> tuple[str, dict]:
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **env})
-    figures = json.loads(proc.stderr.strip().splitlines()[-1])
-    return proc.stdout, figures
-
-
-def bench_submit_collect(bench: Bench, quick: bool, do_submit: bool, do_collect: bool) -> None:
-    n = 200_000 if quick else 1_000_000
-    print(f"3./4. submit and collect, {n:,} lines (no workers: the queue just fills)")
-    path = bench.write("big.jsonl", n, lambda i: f"Write a haiku about queue number {i}")
-    env = {"AIVVM_BATCH_REDIS_URL": bench.redis_url}
-    memory_before = bench.client.info("memory")["used_memory"]
-    stdout, figures = measured_cli("submit", str(path), "--base-url", "http://127.0.0.1:9", env=env)
-    batch_id = stdout.strip()
-    rate = n / figures["seconds"]
-    naive_n = 10_000 if quick else 20_000
-    started = time.monotonic()
-    with celery_app.producer_or_acquire() as producer:
-        for i in range(naive_n):
-            celery_app.send_task(TASK_NAME, args=("bnaive", i), producer=producer)
-    naive = naive_n / (time.monotonic() - started)
+def bench_submit_collect(on: OnRedis, quick: bool, do_submit: bool, do_collect: bool) -> None:
+    n = 100_000 if quick else 1_000_000
+    print(f"submit and collect, {n:,} lines (no workers)", flush=True)
+    path = write_prompts(on.tmp / "big.jsonl", n, lambda i: f"Write a haiku about queue number {i}")
+    on.client.flushall()
+    batch_id, seconds, rss = on.submit(path, "http://127.0.0.1:9")
     if do_submit:
-        report(Row(f"submit {n:,} lines", f"{rate:,.0f} lines/s, peak RSS {figures['rss_mb']:.0f} MB",
-                   f"{naive:,.0f} lines/s (send_task per line, {naive_n:,} lines)", "-",
-                   ">= 20,000 lines/s, < 100 MB", rate >= 20_000 and figures["rss_mb"] < 100))
-    bench.client.delete("aivvm-batch")
-    if not do_collect:
-        return
+        naive_n = 5_000 if quick else 20_000
+        naive = naive_send_task(on.url, naive_n)
+        rate = n / seconds
+        report(Row(f"`submit` of {n:,} lines (the command, start-up included)",
+                   f"{rate:,.0f} lines/s, peak RSS {rss:.0f} MB",
+                   f"{naive:,.0f} lines/s (Celery send_task per line, {naive_n:,} lines)", "–",
+                   "≥ 60,000 lines/s, < 60 MB", rate >= 60_000 and rss < 60))
+    if do_collect:
+        fill_results(on, batch_id, n)
+        out = on.tmp / "big.results.jsonl"
+        _, seconds, rss = PeakRss.run(cli_args("collect", batch_id, "-o", str(out)), on.env)
+        with open(out, "rb") as f:
+            lines = sum(1 for _ in f)
+        if lines != n:
+            raise RuntimeError(f"collect wrote {lines:,} lines, not {n:,}")
+        rate = n / seconds
+        report(Row(f"`collect` of {n:,} results in input order", f"{rate:,.0f} results/s, peak RSS {rss:.0f} MB",
+                   "–", "–", "reported", None))
+    on.client.flushall()
+
+
+def fill_results(on: OnRedis, batch_id: str, n: int) -> None:
+    """Record ``n`` finished results directly (running them would measure the workers, not collect)."""
+    from jobs import keys
+    from jobs.store import BatchStore
+
     result = {"id": "", "line": 0, "status": "ok", "model": "gpt-3.5-turbo",
               "output": "Stand-in reply to: Write a haiku about queue number 0", "error": None,
               "attempts": 1, "latency_ms": 812, "first_chunk_ms": 95,
               "usage": {"prompt_tokens": 10, "completion_tokens": 14, "total_tokens": 24, "estimated": True},
               "finish_reason": "stop", "provider": "aivvm"}
-    before_results = bench.client.info("memory")["used_memory"]
     for start in range(0, n, 5000):
-        pipe = bench.client.pipeline(transaction=False)
-        mapping = {}
+        pipe = on.client.pipeline(transaction=False)
+        mapping: dict[Any, Any] = {}
         for seq in range(start, min(start + 5000, n)):
             result.update(id=f"q{seq}", line=seq + 1)
             mapping[seq] = json.dumps(result)
-        pipe.hset(f"aivb:{{{batch_id}}}:res", mapping=mapping)
-        pipe.hincrby(f"aivb:{{{batch_id}}}:counts", "ok", len(mapping))
+        pipe.hset(keys.results(batch_id), mapping=mapping)
+        pipe.hincrby(keys.counts(batch_id), "ok", len(mapping))
         pipe.execute()
-    bench.store.finalize(batch_id, n)
-    per_item = (bench.client.info("memory")["used_memory"] - memory_before) / n
-    results_only = (bench.client.info("memory")["used_memory"] - before_results) / n
-    out = bench.tmp / "big.results.jsonl"
-    _, figures = measured_cli("collect", batch_id, "-o", str(out), env=env)
-    with open(out, "rb") as f:
-        lines = sum(1 for _ in f)
-    assert lines == n, lines
-    rate = n / figures["seconds"]
-    naive_n = 50_000 if quick else 100_000
-    started = time.monotonic()
-    key = f"aivb:{{{batch_id}}}:res"
-    with open(bench.tmp / "naive.jsonl", "wb") as f:
-        for seq in range(naive_n):
-            f.write(bench.client.hget(key, seq) + b"\n")
-    naive = naive_n / (time.monotonic() - started)
-    report(Row(f"collect {n:,} results in input order", f"{rate:,.0f} results/s, peak RSS {figures['rss_mb']:.0f} MB",
-               f"{naive:,.0f} results/s (HGET per item, {naive_n:,} items)", "-",
-               ">= 50,000 results/s, < 100 MB", rate >= 50_000 and figures["rss_mb"] < 100))
-    report(Row("Redis memory per finished item", f"{per_item:,.0f} bytes (results alone: {results_only:,.0f})",
-               "-", "-", "reported", None))
+    BatchStore(on.client).finalize(batch_id, n)
+
+
+def bench_chunks(on: OnRedis, tmp: Path, quick: bool) -> None:
+    """Reply chunks per second one worker process decodes, replies at once, 100 chunks each."""
+    n, in_flight, per_reply = (400, 128, 100) if quick else (2000, 256, 100)
+    directive = f"[[stub bytes=4000 chunks={per_reply}]]"
+    print(f"chunk throughput: one worker process, --concurrency {in_flight}, {n:,} replies of "
+          f"{per_reply} chunks (4,000 bytes)", flush=True)
+    with stub_process(0.0, 4, tmp / "stub.log") as base:
+        raw = raw_client(base, n, in_flight, prompt=directive + " raw {i}")
+        log = open(tmp / "chunks-worker.log", "wb")
+        worker = subprocess.Popen(cli_args("worker", "--concurrency", str(in_flight), "--loglevel", "WARNING"),
+                                  cwd=ROOT, env=on.env, stdout=log, stderr=log, start_new_session=True)
+        try:
+            warm = write_prompts(tmp / "chunks-warm.jsonl", 50, lambda i: f"warm {i}")
+            batch_id, _, _ = on.submit(warm, base)
+            PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "warm.out"), "--wait"), on.env, 300)
+            stub_reset(base)
+            path = write_prompts(tmp / "chunks.jsonl", n, lambda i: f"{directive} chunks {i}")
+            started = time.monotonic()
+            batch_id, _, _ = on.submit(path, base)
+            PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "chunks.out"), "--wait"), on.env, 1800)
+            seconds = time.monotonic() - started
+            peak = stub_stats(base)["peak_in_flight"]
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            log.close()
+    PEAKS.append(("chunks (worker --concurrency)", peak, in_flight))
+    ours = n * per_reply / seconds
+    raw_rate = n * per_reply / raw.seconds
+    report(Row(f"chunk throughput, one worker process ({n:,} replies × {per_reply} chunks, at once)",
+               f"{ours:,.0f} chunks/s ({n / seconds:,.0f} items/s, submit to collect)",
+               f"{raw_rate:,.0f} chunks/s", "–", "reported", None))
+
+
+def bench_inflight() -> None:
+    if not PEAKS:
+        report(Row("never more in flight than asked", "no run row ran", "–", "–", "peak ≤ N", None))
+        return
+    detail = "; ".join(f"{key}: {peak:,} / {asked:,}" for key, peak, asked in PEAKS)
+    report(Row("never more in flight than asked (stand-in's peak / N)", detail, "–", "–", "peak ≤ N",
+               all(peak <= asked for _, peak, asked in PEAKS)))
 
 
 def windows(times: list[float], width: float) -> int:
@@ -281,69 +435,163 @@ def windows(times: list[float], width: float) -> int:
     return best
 
 
-def bench_rate(bench: Bench, quick: bool) -> None:
+def bench_rate(on: OnRedis, tmp: Path, quick: bool) -> None:
     rpm, seconds = 600, (20 if quick else 60)
-    print(f"5. global rate limit: 4 workers, --rpm {rpm}, {seconds} s")
+    print(f"global rate limit: 4 worker processes, --rpm {rpm}, {seconds} s", flush=True)
     per_second = rpm / 60
     n = int(per_second * (seconds + 8))
-    with stub_process(0.05, 2) as base:
-        workers = bench.workers(4, 32)
+    with stub_process(0.05, 2, tmp / "stub.log") as base:
+        logs = [open(tmp / f"rate-worker-{i}.log", "wb") for i in range(4)]
+        workers = [subprocess.Popen(cli_args("worker", "--concurrency", "32", "--loglevel", "WARNING"),
+                                    cwd=ROOT, env=on.env, stdout=log, stderr=log, start_new_session=True)
+                   for log in logs]
         try:
-            bench.run_batch(bench.write("warm5.jsonl", 40, lambda i: f"warm {i}"), BatchOptions(base_url=base))
+            warm = write_prompts(tmp / "rate-warm.jsonl", 40, lambda i: f"warm {i}")
+            batch_id, _, _ = on.submit(warm, base)
+            PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "rate-warm.out"), "--wait"), on.env, 300)
             time.sleep(1)
             stub_reset(base)
             started = time.monotonic()
-            batch_id = submit_file(bench.store, bench.publisher, bench.write("rate.jsonl", n, lambda i: f"rate {i}"),
-                                   BatchOptions(base_url=base, rpm=rpm), bench.settings).batch_id
+            path = write_prompts(tmp / "rate.jsonl", n, lambda i: f"rate {i}")
+            stdout, _, _ = PeakRss.run(cli_args("submit", str(path), "--base-url", base, "--rpm", str(rpm)), on.env)
+            batch_id = stdout.strip().splitlines()[-1]
             while time.monotonic() - started < seconds + 3:
                 time.sleep(0.5)
             times = sorted(stub_stats(base)["times"])
-            bench.store.cancel(batch_id)
+            PeakRss.run(cli_args("cancel", batch_id), on.env)
             first = times[0]
             in_window = [t for t in times if t - first < seconds]
             rate = len(in_window) / seconds * 60
             worst10 = windows(in_window, 10.0)
-            report(Row(f"rate seen at the stand-in over {seconds} s", f"{rate:.0f}/min ({rate / rpm - 1:+.1%})",
-                       "-", f"{rpm}/min", "within 5%", abs(rate / rpm - 1) <= 0.05))
+            report(Row(f"rate seen at the stand-in over {seconds} s, `--rpm {rpm}`",
+                       f"{rate:.0f}/min ({rate / rpm - 1:+.1%})", "–", f"{rpm}/min", "within 5%",
+                       abs(rate / rpm - 1) <= 0.05))
             report(Row("worst 10-second window", f"{worst10} requests ({worst10 / (per_second * 10) - 1:+.1%})",
-                       "-", f"{per_second * 10:.0f}", "<= +5%", worst10 <= per_second * 10 * 1.05))
+                       "–", f"{per_second * 10:.0f}", "≤ +5%", worst10 <= per_second * 10 * 1.05))
             stub_reset(base)
             lines = [f"pause {i}" for i in range(120)]
             lines[20] = "[[stub fault=429 retry_after=3 times=1]] pause 20"
-            path = bench.write("pause.jsonl", len(lines), lambda i: lines[i])
-            bench.run_batch(path, BatchOptions(base_url=base, rpm=1200))
+            path = write_prompts(tmp / "pause.jsonl", len(lines), lambda i: lines[i])
+            stdout, _, _ = PeakRss.run(cli_args("submit", str(path), "--base-url", base, "--rpm", "1200"), on.env)
+            batch_id = stdout.strip().splitlines()[-1]
+            PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "pause.out"), "--wait"), on.env, 600)
             times = sorted(stub_stats(base)["times"])
             gap = max(b - a for a, b in zip(times, times[1:]))
-            report(Row("429 Retry-After: 3 s, longest silence across all 4 workers", f"{gap:.2f} s", "-", ">= 3 s",
-                       ">= 3 s (every worker waits)", gap >= 3.0))
+            report(Row("429 with Retry-After: 3 s on one item: longest silence at the stand-in, 4 workers",
+                       f"{gap:.2f} s", "–", "≥ 3 s", "every worker waits", gap >= 3.0))
         finally:
-            workers.stop()
+            for proc in workers:
+                proc.terminate()
+            for proc in workers:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            for log in logs:
+                log.close()
+
+
+def bench_serve_row(tmp: Path, quick: bool) -> None:
+    from bench.serve_bench import bench_serve
+
+    lines = 1000 if quick else 10_000
+    print(f"issue 11: `serve` through the OpenAI SDK beside `run`, the same {lines:,}-line file", flush=True)
+    with stub_process(0.0, 4, tmp / "stub.log") as base:
+        figures = bench_serve(base, tmp / "serve", lines)
+    serve_rate, run_rate = figures.lines / figures.serve_seconds, figures.lines / figures.run_seconds
+    report(Row(f"`serve` through the OpenAI SDK, {lines:,} lines (upload to output file)",
+               f"{serve_rate:,.0f} items/s ({figures.serve_seconds:.1f} s, {figures.serve_ok:,} lines)",
+               "–", "–", "reported", None))
+    report(Row(f"`run` on the same {lines:,} lines (whole command)",
+               f"{run_rate:,.0f} items/s ({figures.run_seconds:.1f} s, {figures.run_ok:,} ok)",
+               "–", "–", "reported", None))
+
+
+def bench_clients(tmp: Path, quick: bool) -> None:
+    """aiohttp against httpx, the raw client alone: which asynchronous client to keep."""
+    shapes_ = [(0.0, 4, 2000 if quick else 10_000, 256), (1.0, 10, 1024 if quick else 4096, 1024)]
+    for latency, chunks, items, in_flight in shapes_:
+        label = "replies at once" if not latency else f"{latency:g} s replies"
+        print(f"raw clients: {label}, {items:,} items, {in_flight:,} in flight", flush=True)
+        with stub_process(latency, chunks, tmp / "stub.log") as base:
+            aiohttp_ = raw_client(base, items, in_flight, "aiohttp")
+            httpx_ = raw_client(base, items, in_flight, "httpx")
+        report(Row(f"raw httpx AsyncClient vs raw aiohttp, {label}, {items:,} items, {in_flight:,} in flight",
+                   f"httpx {httpx_.items_per_s:,.0f} items/s ({httpx_.items_per_s / aiohttp_.items_per_s:.2f}×)",
+                   f"aiohttp {aiohttp_.items_per_s:,.0f} items/s", "–", "reported", None))
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def guarded(name: str, body: Callable[[], None]) -> None:
+    """Run one row; a failure is a row that says so, and the others still run."""
+    try:
+        body()
+    except Exception as exc:  # noqa: BLE001 - the benchmark reports and goes on
+        traceback.print_exc()
+        report(Row(name, f"failed: {type(exc).__name__}: {str(exc)[:200]}", "–", "–", "–", False))
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("celery", "kombu", "redis", "aiohttp", "httpx", "httpx2", "requests"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(found)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    parser.add_argument("--only", default="latency,overhead,submit,collect,rate")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--only", default=",".join(ALL_ROWS), help="comma-separated rows to run")
     args = parser.parse_args()
-    chosen = set(args.only.split(","))
-    print(f"machine: {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        with EmbeddedRedis(Path(tmp) / "redis", persistent=False) as server:
-            bench = Bench(server.url, Path(tmp))
-            print(f"redis-server {bench.client.info('server')['redis_version']} (private, port {server.port})")
-            if "latency" in chosen:
-                bench_latency(bench, args.quick)
-            if "overhead" in chosen:
-                bench_overhead(bench, args.quick)
-            if "rate" in chosen:
-                bench_rate(bench, args.quick)
-            if chosen & {"submit", "collect"}:
-                bench_submit_collect(bench, args.quick, "submit" in chosen, "collect" in chosen)
-    print("\n| figure | measured | baseline (same run) | ideal | target | met |")
+    chosen = [r.strip() for r in args.only.split(",") if r.strip()]
+    unknown = sorted(set(chosen) - set(ALL_ROWS))
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ALL_ROWS)}")
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print(f"machine: {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}; "
+          f"{versions()}; {'quick' if args.quick else 'full'} sizes", flush=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="aivvm-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        run_shapes = shapes(args.quick)
+        for key in ("latency1", "latency10", "atonce", "defaults"):
+            if key in chosen:
+                guarded(run_shapes[key].title, functools.partial(bench_run_row, run_shapes[key], tmp))
+        if {"memory", "submit", "collect", "chunks", "rate"} & set(chosen):
+            with EmbeddedRedis(tmp / "redis", persistent=False) as server:
+                on = OnRedis(server.url, tmp)
+                print(f"redis-server {on.client.info('server')['redis_version']} (private, port {server.port})")
+                if "memory" in chosen:
+                    guarded("Redis memory per queued item", lambda: bench_memory(on, args.quick))
+                if {"submit", "collect"} & set(chosen):
+                    guarded("submit / collect", lambda: bench_submit_collect(
+                        on, args.quick, "submit" in chosen, "collect" in chosen))
+                if "chunks" in chosen:
+                    guarded("chunk throughput", lambda: bench_chunks(on, tmp, args.quick))
+                if "rate" in chosen:
+                    guarded("rate limit", lambda: bench_rate(on, tmp, args.quick))
+        if "inflight" in chosen:
+            bench_inflight()
+        if "serve" in chosen:
+            guarded("serve beside run", lambda: bench_serve_row(tmp, args.quick))
+        if "clients" in chosen:
+            guarded("raw clients", lambda: bench_clients(tmp, args.quick))
+    print(f"\n{len(ROWS)} rows in {time.monotonic() - started:.0f} s\n")
+    print("| figure | measured | raw asyncio client (same run) | ideal | target | met |")
     print("|---|---|---|---|---|---|")
     for row in ROWS:
-        print(f"| {row.name} | {row.figure} | {row.baseline} | {row.ideal} | {row.target} | "
-              f"{ {True: 'yes', False: 'NO', None: '-'}[row.met]} |")
+        print(f"| {row.name} | {row.figure} | {row.baseline} | {row.ideal} | {row.target} | {mark(row.met)} |")
 
 
 if __name__ == "__main__":
