@@ -59,10 +59,10 @@ class Settings:
                 f"{ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout}s): a retry "
                 "waiting longer than the timeout would be delivered twice"
             )
-        if not 3.0 <= self.lease < self.visibility_timeout:
+        if not 3.0 <= self.lease < 3 * self.visibility_timeout:
             raise ConfigError(
-                f"{ENV_PREFIX}LEASE ({self.lease:g}s) must be at least 3s and shorter than "
-                f"{ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout}s)"
+                f"{ENV_PREFIX}LEASE ({self.lease:g}s) must be at least 3s, and renewed (every third "
+                f"of it) within {ENV_PREFIX}VISIBILITY_TIMEOUT ({self.visibility_timeout}s)"
             )
         if self.item_deadline >= self.visibility_timeout:
             raise ConfigError(

@@ -47,6 +47,8 @@ FULL_ENV = {
     "AIVVM_BATCH_MAX_RETRIES": "3",
     "AIVVM_BATCH_SWEEP_INTERVAL": "2",
     "AIVVM_BATCH_PREFETCH_MULTIPLIER": "1",
+    # every retry is handed on as a message, so that retries are published into the full Redis
+    "AIVVM_BATCH_INLINE_WAIT": "0",
 }
 FILLER = "test:filler"
 

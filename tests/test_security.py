@@ -205,11 +205,12 @@ def test_api_keys_never_reach_redis_messages_logs_or_results(private_redis: Embe
         assert second.returncode == 0, second.stderr
         openai_batch, aivvm_batch = first.stdout.strip(), second.stdout.strip()
         queued = client.lrange(keys.QUEUE, 0, -1)
+        # small batches: one item per message (jobs.queue.chunk_size)
         assert len(queued) == len(openai_lines) + len(aivvm_lines)
         for raw in queued:
             snapshots += task_message_texts(raw)
         decoded_bodies = [json.loads(task_message_texts(raw)[1]) for raw in queued]
-        assert {tuple(b[0]) for b in decoded_bodies} == (
+        assert {(b[0][0], seq) for b in decoded_bodies for seq in b[0][1]} == (
             {(openai_batch, s) for s in range(len(openai_lines))}
             | {(aivvm_batch, s) for s in range(len(aivvm_lines))})
 
