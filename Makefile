@@ -28,9 +28,9 @@ test: $(TEST_STAMP)
 test-chaos: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m chaos
 
-## Throughput, submit/collect speed and memory, rate limiting: prints figures.
+## Throughput beside a raw asyncio client (same run), Redis memory, submit/collect, rate limits. BENCH_ARGS=--quick: a smoke run.
 bench: $(TEST_STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .aivvm-batch results
