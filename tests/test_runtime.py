@@ -1,0 +1,238 @@
+"""The worker runtime: chunked messages, slots, leases, and no item stranded by an error.
+
+The first tests are pure (no Redis). The others run one process's runtime in the test (its
+event loop and pools, no Celery) against a private redis-server and the stand-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from aivvm_batch.embedded import EmbeddedRedis
+from aivvm_batch.stub import StubServer
+from jobs import keys
+from jobs.config import Settings
+from jobs.queue import Publisher, celery_threads, chunk_size, chunks, configure, message_items
+from jobs.queue import app as celery_app
+from jobs.records import BatchOptions, ChatMessage, ItemRequest, Status
+from jobs.store import BatchStore
+from jobs.submit import submit_file
+from worker.chunk import Handoff, run_chunk
+from worker.completion import Attempt
+from worker.errors import IncompleteReply, ProviderHTTPError, ProviderTimeout
+from worker.item import Done, ItemState, decide
+from worker.runtime import Runtime
+
+FAST = {"AIVVM_BATCH_BACKOFF_BASE": "0.2", "AIVVM_BATCH_BACKOFF_CAP": "2", "AIVVM_BATCH_MAX_RETRIES": "3",
+        "AIVVM_BATCH_READ_TIMEOUT": "5", "AIVVM_BATCH_LEASE": "3"}
+
+
+# -- pure --------------------------------------------------------------------------------------
+
+
+def test_chunks_spread_a_small_batch_and_stay_small_for_a_big_one() -> None:
+    assert [chunk_size(n) for n in (1, 63, 64, 127, 128, 3000, 4096, 10_000, 5_000_000)] == \
+        [1, 1, 1, 1, 2, 46, 64, 64, 64]
+    assert len(list(chunks(list(range(3000)), chunk_size(3000)))) == 66  # at least 64 messages
+    assert [celery_threads(n) for n in (1, 32, 64, 256, 1024, 4096)] == [1, 32, 64, 64, 128, 512]
+
+
+def test_a_chunk_message_is_celerys_own_and_carries_its_items() -> None:
+    publisher = Publisher(redis.Redis(), celery_app)  # builds messages without a server
+    raw = publisher.message("b1", [4, 5, 9], {"attempt": 2}, countdown=3)
+    message = json.loads(raw)
+    assert message["headers"]["task"] == "worker.tasks.complete_item"
+    assert message["headers"]["id"] == keys.task_id("b1", 4, 3)
+    assert message["headers"]["eta"] > message["headers"]["eta"][:10]  # an ISO time
+    assert json.loads(publisher.message("b1", [1]))["headers"]["eta"] is None
+    assert message_items(raw) == ("b1", [4, 5, 9])
+    assert message_items(b"not json") is None
+
+
+def request(prompt: str = "hi") -> ItemRequest:
+    return ItemRequest("q1", 1, (ChatMessage("user", prompt),))
+
+
+def failed(error: Exception, text: str = "") -> Attempt:
+    return Attempt("aivvm", "gpt-3.5-turbo", text, error, 10, None, None, "aivvm")  # type: ignore[arg-type]
+
+
+def test_item_decisions_retry_give_up_and_pause() -> None:
+    settings = Settings.from_env(FAST)
+    now = 1000.0
+    retry = decide(request(), failed(ProviderTimeout("read timed out")), ItemState(), settings, now)
+    assert retry.result is None and retry.again is not None and retry.error == "timeout: read timed out"
+    assert retry.again.state.attempt == 2 and now + 0.1 <= retry.again.state.not_before <= now + 0.2
+    assert retry.again.reason.startswith("retry in ")
+    limited = ProviderHTTPError(429, "slow down", retry_after=30.0)
+    paused = decide(request(), failed(limited), ItemState(attempt=2), settings, now)
+    assert paused.pause == 30.0 and paused.again is not None and paused.again.state.not_before >= now + 30
+    last = decide(request(), failed(ProviderTimeout("again")), ItemState(attempt=4), settings, now)
+    assert last.again is None and last.result is not None and last.result.status is Status.FAILED
+    assert last.result.attempts == 4
+    cut = decide(request(), failed(IncompleteReply("cut"), "partial"), ItemState(attempt=2, cuts=2), settings, now)
+    assert cut.again is None and cut.result is not None and cut.result.output == "partial"
+    assert cut.result.usage is not None and cut.result.usage.completion_tokens == 2
+
+
+# -- one runtime, a private Redis, the stand-in ------------------------------------------------
+
+
+class Bench:
+    def __init__(self, tmp_path: Path, server: EmbeddedRedis, stub: StubServer) -> None:
+        self.tmp_path = tmp_path
+        self.client = redis.Redis.from_url(server.url)
+        self.url = server.url
+        self.stub = stub
+        self.store = BatchStore(self.client)
+        self.files = 0
+
+    def settings(self, **env: str) -> Settings:
+        return Settings.from_env({**FAST, **env}, redis_url=self.url)
+
+    def submit(self, prompts: list[str]) -> str:
+        self.files += 1
+        path = self.tmp_path / f"in-{self.files}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"i{n}", "prompt": p}) + "\n" for n, p in enumerate(prompts)))
+        settings = self.settings()
+        configure(celery_app, settings)
+        report = submit_file(self.store, Publisher(self.client, celery_app), path,
+                             BatchOptions(base_url=self.stub.base_url), settings)
+        return report.batch_id
+
+    def queued(self) -> list[tuple[str, list[int], dict[str, Any]]]:
+        found = []
+        for raw in self.client.lrange(keys.QUEUE, 0, -1):
+            items = message_items(raw)
+            assert items is not None
+            kwargs = json.loads(base64.b64decode(json.loads(raw)["body"]))[1]
+            found.append((items[0], items[1], kwargs))
+        return found
+
+    def drain(self, runtime: Runtime) -> list[Done | Handoff]:
+        """Run every queued message's chunk on the runtime at once, as a worker's threads would."""
+        messages = self.queued()
+        self.client.delete(keys.QUEUE)
+
+        async def all_chunks() -> list[Done | Handoff]:
+            ends = await asyncio.gather(*(run_chunk(runtime, b, seqs, ItemState.from_kwargs(**kw))
+                                          for b, seqs, kw in messages))
+            return [end for chunk in ends for end in chunk]
+
+        return runtime.run(all_chunks())
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    with EmbeddedRedis(tmp_path / "redis", persistent=False) as server, StubServer(latency=0.3, chunks=3) as stub:
+        yield Bench(tmp_path, server, stub)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_never_more_requests_in_flight_than_the_concurrency(bench: Bench) -> None:
+    batch_id = bench.submit([f"slot {i}" for i in range(120)])
+    assert len(bench.queued()) == 120 // chunk_size(120)  # chunks of 1..2 items
+    runtime = Runtime.start(bench.settings(), celery_app, concurrency=7)
+    try:
+        ends = bench.drain(runtime)
+    finally:
+        runtime.close()
+    assert ends == [Done("ok")] * 120
+    assert bench.store.info(batch_id).counts == {"ok": 120}
+    stats = bench.stub.stats()
+    assert stats["peak_in_flight"] == 7 and set(stats["by_prompt"].values()) == {1}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_an_error_at_any_step_releases_the_claim_and_puts_the_item_back(bench: Bench) -> None:
+    batch_id = bench.submit([f"broken {i}" for i in range(3)])
+    runtime = Runtime.start(bench.settings(), celery_app, concurrency=4)
+    real_record = runtime.io.record
+    failures = {"left": 1}
+
+    async def record_failing_once(arg: Any) -> bool:
+        if arg[1] == 1 and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("a bug in recording")
+        return await real_record(arg)
+
+    runtime.io.record = record_failing_once  # type: ignore[method-assign]
+    try:
+        started = time.monotonic()
+        ends = bench.drain(runtime)
+        assert time.monotonic() - started < 10
+        assert ends[0] == ends[2] == Done("ok") and isinstance(ends[1], Handoff)
+        assert not bench.client.exists(keys.claim(batch_id, 1))  # released at once, not after a lease
+        [(again_batch, again_seqs, again)] = bench.queued()
+        assert (again_batch, again_seqs, again["attempt"]) == (batch_id, [1], 2)
+        assert ends[1].countdown <= 2.0  # back within seconds
+        assert bench.drain(runtime) == [Done("ok")]  # the put-back message finishes it
+    finally:
+        runtime.close()
+    assert bench.store.info(batch_id).counts == {"ok": 3}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_a_tiny_redis_pool_is_waited_for_never_an_item_lost(bench: Bench) -> None:
+    batch_id = bench.submit([f"pool {i}" for i in range(200)])
+    runtime = Runtime.start(bench.settings(AIVVM_BATCH_REDIS_POOL="1"), celery_app, concurrency=64)
+    try:
+        ends = bench.drain(runtime)
+    finally:
+        runtime.close()
+    assert ends == [Done("ok")] * 200
+    assert bench.store.info(batch_id).counts == {"ok": 200}
+    assert set(bench.stub.stats()["by_prompt"].values()) == {1}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_claim_is_a_lease_renewed_while_the_worker_lives(bench: Bench) -> None:
+    batch_id = bench.submit(["[[stub latency=5 chunks=5]] longer than the lease"])
+    runtime = Runtime.start(bench.settings(), celery_app, concurrency=2)  # lease 3 s, renewed every 1 s
+    try:
+        future = asyncio.run_coroutine_threadsafe(
+            run_chunk(runtime, batch_id, [0], ItemState()), runtime.loop)
+        deadline = time.monotonic() + 3
+        while not bench.client.exists(keys.claim(batch_id, 0)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ttls = []
+        for _ in range(8):  # 4 s: longer than the lease; the claim never lapses
+            ttls.append(bench.client.pttl(keys.claim(batch_id, 0)))
+            time.sleep(0.5)
+        assert future.result(timeout=20) == [Done("ok")]
+    finally:
+        runtime.close()
+    alive = [t for t in ttls if t > 0]
+    assert len(alive) >= 7 and max(alive) <= 3000, ttls  # a short lease, kept alive
+    assert bench.stub.stats()["requests"] == 1
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_dead_workers_claims_lapse_within_a_lease(bench: Bench) -> None:
+    batch_id = bench.submit(["[[stub latency=20 chunks=2]] never finished here"])
+    runtime = Runtime.start(bench.settings(), celery_app, concurrency=2)
+    future = asyncio.run_coroutine_threadsafe(run_chunk(runtime, batch_id, [0], ItemState()), runtime.loop)
+    deadline = time.monotonic() + 5
+    while not bench.client.exists(keys.claim(batch_id, 0)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runtime.loop.call_soon_threadsafe(runtime.loop.stop)  # the loop dies: nothing renews any more
+    time.sleep(3.5)
+    assert not bench.client.exists(keys.claim(batch_id, 0))
+    future.cancel()
+    runtime.close()
