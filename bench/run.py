@@ -510,7 +510,7 @@ def bench_serve_row(tmp: Path, quick: bool) -> None:
 
 def bench_clients(tmp: Path, quick: bool) -> None:
     """aiohttp against httpx, the raw client alone: which asynchronous client to keep."""
-    shapes_ = [(0.0, 4, 1000 if quick else 10_000, 256), (1.0, 10, 256 if quick else 4096, 256 if quick else 1024)]
+    shapes_ = [(0.0, 4, 1000 if quick else 10_000, 256), (1.0, 10, 256 if quick else 2048, 256 if quick else 1024)]
     for latency, chunks, items, in_flight in shapes_:
         label = "replies at once" if not latency else f"{latency:g} s replies"
         print(f"raw clients: {label}, {items:,} items, {in_flight:,} in flight", flush=True)
