@@ -7,18 +7,25 @@ forms, which key a call carries, redaction, and how errors become results.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
+import ssl
+import time
 import tracemalloc
 import zlib
 
 import pytest
+import requests
 
 from jobs.records import ChatMessage, ItemRequest
 from worker.completion import Attempt, to_result
 from worker.errors import (
+    EmptyReply,
     IncompleteReply,
     MalformedReply,
+    ProviderError,
     ProviderHTTPError,
+    ProviderTimeout,
     ProviderTransportError,
     RedirectError,
     ReplyTooLarge,
@@ -28,7 +35,19 @@ from worker.providers import PROVIDERS, Aivvm, OpenAI, check_base_url
 from worker.providers.checks import normal_form
 from worker.providers.credentials import choose_key, is_allowed, redact
 from worker.providers.decoding import RATIO_FLOOR, STEP, BodyDecoder
+from worker.providers.aivvm import AivvmReply
+from worker.providers.call import CompletionCall, Item, StreamEnd
+from worker.providers.exchange import (
+    ERROR_BODY_LIMIT,
+    ErrorBody,
+    Head,
+    connection_error,
+    http_error,
+    read_timeout,
+    redirect_error,
+)
 from worker.providers.openai import sse_data
+from worker.providers.reply import TRAILING_LIMIT, ReplyReader
 
 MiB = 1024 * 1024
 
@@ -261,6 +280,15 @@ def test_each_provider_names_its_variables() -> None:
         ("AIVVM_BASE_URL", "AIVVM_API_KEY"), ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
 
 
+def test_the_registry_names_each_provider_by_its_class_and_its_path_is_the_requests() -> None:
+    assert all(name == cls.name for name, cls in PROVIDERS.items())
+    for cls in PROVIDERS.values():
+        request = cls.http_request(CompletionCall("gpt-4", ({"role": "user", "content": "x"},),
+                                                  base_url="http://h:1/base/"))
+        assert request.url == "http://h:1/base" + cls.path
+        assert check_base_url(cls.name, "http://h:1" + cls.path) is not None  # the path is warned about
+
+
 def test_the_default_url_and_the_base_url_variable_are_allowed() -> None:
     env = {"AIVVM_API_KEY": "k1", "AIVVM_BASE_URL": "http://mine:3000/"}
     assert choose_key(Aivvm, Aivvm.url, "", env).key == "k1"
@@ -339,3 +367,202 @@ def test_a_result_without_http_has_no_status() -> None:
     assert result.error is not None and result.error.http_status is None
     assert result.output == "abc"
     assert "http_status" not in result.to_dict()["error"]
+
+
+# --------------------------------------------------------------------------
+# The reply readers (shared by the synchronous and asynchronous paths)
+# --------------------------------------------------------------------------
+
+
+def aivvm_reader(max_bytes: int = MiB) -> ReplyReader:
+    return ReplyReader(CompletionCall("gpt-4", (), max_reply_bytes=max_bytes), AivvmReply(), Aivvm.check_type)
+
+
+def openai_reader(max_bytes: int = MiB, api_key: str | None = None) -> ReplyReader:
+    call = CompletionCall("gpt-4", (), max_reply_bytes=max_bytes, api_key=api_key)
+    return ReplyReader(call, OpenAI.reply_parser(call), OpenAI.check_type)
+
+
+def read_all(reader: ReplyReader, chunks: list[bytes]) -> tuple[list[Item], Exception | None]:
+    """Drive a reader as the transports do: what it yielded, and what it raised."""
+    items: list[Item] = []
+    try:
+        for chunk in chunks:
+            for item in reader.feed(chunk):
+                items.append(item)
+            if reader.stopped:
+                break
+        items.extend(reader.finish())
+    except ProviderError as exc:
+        return items, exc
+    return items, None
+
+
+def event(text: str | None, finish: str | None = None, index: int = 0) -> bytes:
+    delta = {} if text is None else {"content": text}
+    return b"data: %b\n\n" % json.dumps({"choices": [{"index": index, "delta": delta,
+                                                      "finish_reason": finish}]}).encode()
+
+
+def test_aivvm_reader_keeps_characters_whole() -> None:
+    reader = aivvm_reader()
+    reader.start(Head(200, content_type="text/plain; charset=utf-8"))
+    items, error = read_all(reader, [b"caf\xc3", b"\xa9 \xf0\x9f", b"\x8e\x89"])
+    assert error is None
+    assert items == ["caf", "é ", "🎉"]
+
+
+def test_aivvm_reader_decodes_gzip_fed_byte_by_byte() -> None:
+    reader = aivvm_reader()
+    reader.start(Head(200, content_encoding="gzip"))
+    items, error = read_all(reader, split_every(gzip.compress(TEXT), 1))
+    assert error is None
+    assert "".join(map(str, items)).encode() == TEXT
+
+
+def test_aivvm_reader_empty_body_is_an_empty_reply() -> None:
+    reader = aivvm_reader()
+    reader.start(Head(200))
+    items, error = read_all(reader, [])
+    assert items == [] and isinstance(error, EmptyReply)
+
+
+def test_aivvm_reader_past_the_cap_hands_out_the_cap_then_fails() -> None:
+    reader = aivvm_reader(max_bytes=10)
+    reader.start(Head(200))
+    items, error = read_all(reader, [b"0123456", b"789abc", b"more"])
+    assert "".join(map(str, items)) == "0123456789"
+    assert isinstance(error, ReplyTooLarge)
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "application/xhtml+xml"])
+def test_aivvm_reader_refuses_a_web_page(content_type: str) -> None:
+    with pytest.raises(MalformedReply):
+        aivvm_reader().start(Head(200, content_type=content_type))
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/html"])
+def test_openai_reader_refuses_what_is_no_event_stream(content_type: str) -> None:
+    with pytest.raises(MalformedReply):
+        openai_reader().start(Head(200, content_type=content_type))
+
+
+def test_openai_reader_events_cut_anywhere() -> None:
+    data = event("Hel") + event("lo ✓") + event(None, "stop") + b"data: [DONE]\n\n"
+    for size in (1, 2, 3, 7, len(data)):
+        reader = openai_reader()
+        reader.start(Head(200, content_type="text/event-stream"))
+        items, error = read_all(reader, split_every(data, size))
+        assert error is None, (size, error)
+        assert items[-1] == StreamEnd("stop")
+        assert all(isinstance(i, str) for i in items[:-1])
+        assert "".join(i for i in items if isinstance(i, str)) == "Hello ✓"
+
+
+def test_openai_reader_text_before_an_error_event_is_handed_out_first() -> None:
+    reader = openai_reader(api_key="sk-secret")
+    reader.start(Head(200))
+    error_event = b'data: {"error": {"message": "boom sk-secret", "type": "overloaded"}}\n\n'
+    items, error = read_all(reader, [event("partial") + error_event])
+    assert items == ["partial"]
+    assert isinstance(error, ProviderHTTPError) and error.kind == "overloaded"
+    assert "sk-secret" not in str(error)
+
+
+def test_openai_reader_ignores_what_follows_done_and_stops_a_server_that_keeps_sending() -> None:
+    reader = openai_reader(max_bytes=1000)
+    reader.start(Head(200))
+    tail = [b"x" * 4096] * (TRAILING_LIMIT // 4096 + 2)
+    items, error = read_all(reader, [event("ok", "stop") + b"data: [DONE]\n\n", *tail, b"never read"])
+    assert error is None  # past the cap, but after the reply was complete
+    assert items == ["ok", StreamEnd("stop")]
+    assert reader.stopped
+
+
+def test_openai_reader_without_done_or_finish_is_incomplete() -> None:
+    reader = openai_reader()
+    reader.start(Head(200))
+    items, error = read_all(reader, [event("par")])
+    assert items == ["par"] and isinstance(error, IncompleteReply)
+
+
+def test_openai_reader_last_event_without_blank_line() -> None:
+    reader = openai_reader()
+    reader.start(Head(200))
+    items, error = read_all(reader, [event("a"), event(None, "length")[:-2]])
+    assert error is None and items == ["a", StreamEnd("length")]
+
+
+# --------------------------------------------------------------------------
+# The head of an answer, error bodies, failures to connect
+# --------------------------------------------------------------------------
+
+
+def test_head_from_any_case_insensitive_mapping() -> None:
+    headers = requests.structures.CaseInsensitiveDict({"Content-Type": "Text/HTML; charset=x",
+                                                       "Content-Encoding": "gzip", "Retry-After": "3"})
+    head = Head.of(429, None, headers)
+    assert head.media_type == "text/html" and head.content_encoding == "gzip" and head.retry_after == "3"
+    assert head.reason == ""
+
+
+def test_an_error_body_is_read_to_a_bound_and_made_one_line() -> None:
+    body = ErrorBody(Head(500, content_encoding="gzip"), CompletionCall("m", ()))
+    data = gzip.compress(b"line one\r\nline\ttwo\x00 " + b"e" * ERROR_BODY_LIMIT * 4)
+    for chunk in split_every(data, 100):
+        if body.done:
+            break
+        body.feed(chunk)
+    assert body.done
+    assert body.text().startswith("line one line two e")
+    assert len(body.text()) <= ERROR_BODY_LIMIT
+
+
+def test_an_error_body_in_an_unknown_encoding_is_skipped() -> None:
+    body = ErrorBody(Head(500, content_encoding="br"), CompletionCall("m", ()))
+    assert body.done and body.text() == ""
+
+
+def test_an_http_error_names_a_withheld_key_and_hides_the_sent_one() -> None:
+    call = CompletionCall("m", (), api_key="sk-sent", key_withheld="OPENAI_API_KEY")
+    error = http_error(Head(401, "Unauthorized"), "bad key sk-sent", call, OpenAI.parse_error)
+    assert "sk-sent" not in str(error)
+    assert "OPENAI_API_KEY was not sent" in str(error)
+    assert http_error(Head(502, "Bad Gateway"), "", call, Aivvm.parse_error).args == ("HTTP 502: Bad Gateway",)
+
+
+def test_a_redirect_names_its_location_on_one_line_without_the_key() -> None:
+    call = CompletionCall("m", (), api_key="sk-sent")
+    error = redirect_error(Head(302, location="https://elsewhere/login?k=sk-sent\r\nX: y"), call)
+    assert error.kind == "redirect" and error.status == 302
+    assert "sk-sent" not in str(error) and "\n" not in str(error)
+
+
+def test_a_passed_deadline_sends_nothing() -> None:
+    with pytest.raises(ProviderTimeout):
+        read_timeout(CompletionCall("m", (), deadline=time.monotonic() - 1))
+    assert read_timeout(CompletionCall("m", (), read_timeout=60.0, deadline=time.monotonic() + 5)) <= 5
+
+
+class WrappedCertificateError(ssl.SSLCertVerificationError):
+    """As aiohttp wraps the ssl module's error: a subclass, the original inside."""
+
+
+@pytest.mark.parametrize("cause", [
+    ssl.SSLCertVerificationError(1, "certificate verify failed"),
+    ssl.SSLError(1, "wrong version number"),
+])
+def test_a_tls_failure_anywhere_under_the_error_is_permanent(cause: ssl.SSLError) -> None:
+    outer = ConnectionError("connect failed")
+    outer.__cause__ = cause
+    error = connection_error("https://h", outer)
+    assert isinstance(error, TLSError) and error.transient is False
+    wrapped = WrappedCertificateError("key", cause)
+    assert isinstance(connection_error("https://h", wrapped, tls=True), TLSError)
+
+
+def test_a_tls_eof_is_a_transient_connection_error() -> None:
+    outer = ConnectionError("reset")
+    outer.__context__ = ssl.SSLEOFError(8, "EOF occurred")
+    error = connection_error("https://h", outer)
+    assert isinstance(error, ProviderTransportError) and error.transient is True

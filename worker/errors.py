@@ -16,7 +16,8 @@
                                   encoding never asked for, an event that is not JSON): permanent
     RateLimited                   the shared rate limiter says wait (not a provider failure)
 
-Foreign exceptions (requests, urllib3, ssl, zlib) are translated to these at the provider boundary.
+Foreign exceptions (requests, urllib3, aiohttp, ssl, zlib) are translated to these at the provider
+boundary: the transports (providers/http.py, providers/aio*.py) and the decoders.
 """
 
 from __future__ import annotations

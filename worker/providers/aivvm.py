@@ -41,6 +41,7 @@ models: dict[str, dict[str, str]] = {
 class Aivvm(AbstractProvider):
     url = "https://chat.aivvm.com"
     name = "aivvm"
+    path = "/api/chat"
     base_url_variable = "AIVVM_BASE_URL"
     api_key_variable = "AIVVM_API_KEY"
     working = True
@@ -82,7 +83,7 @@ class Aivvm(AbstractProvider):
             "referer": base + "/",
             "user-agent": "aivvm-batch",
         }
-        return HTTPRequest(f"{base}/api/chat", cls.request_body(call), headers)
+        return HTTPRequest(base + cls.path, cls.request_body(call), headers)
 
     @classmethod
     def reply_parser(cls, call: CompletionCall) -> AivvmReply:

@@ -40,6 +40,7 @@ class AbstractProvider(ABC):
 
     url: ClassVar[str]
     name: ClassVar[str]
+    path: ClassVar[str]  # what the protocol appends to the base URL
     # the worker's environment variables beside each other: where to call, and the key for it
     base_url_variable: ClassVar[str]
     api_key_variable: ClassVar[str]

@@ -1,6 +1,6 @@
 """Base URLs: the check a user's URL gets before anything runs, and the form URLs are compared in.
 
-Pure: no I/O, no environment.
+Pure: no I/O, no environment. Each protocol's path comes from its provider class.
 """
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-# the path each protocol appends to its base URL
-PROTOCOL_PATHS = {"aivvm": "/api/chat", "openai": "/chat/completions"}
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -20,8 +18,15 @@ def check_base_url(provider_name: str, url: str) -> str | None:
     Returns a warning when it looks wrong but may work: it ends in the path the
     protocol appends itself (Aivvm ``/api/chat``, OpenAI ``/chat/completions``).
     """
-    if provider_name not in PROTOCOL_PATHS:
+    from . import PROVIDERS  # the registry; imported here because the providers import this module
+
+    if provider_name not in PROVIDERS:
         raise ValueError(f"unknown provider {provider_name!r}")
+    return check_url(url, PROVIDERS[provider_name].path)
+
+
+def check_url(url: str, suffix: str) -> str | None:
+    """:func:`check_base_url` for a protocol that appends ``suffix`` to its base URL."""
     scheme = _SCHEME.match(url)
     if scheme is None:
         raise ValueError(f"no scheme: write http://{url} or https://{url}")
@@ -36,7 +41,6 @@ def check_base_url(provider_name: str, url: str) -> str | None:
         raise ValueError("no host: write it as http://host:port")
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         raise ValueError("a base URL has no query (?...) or fragment (#...)")
-    suffix = PROTOCOL_PATHS[provider_name]
     path = parts.path.rstrip("/")
     if path.endswith(suffix):
         shorter = url[: url.rstrip("/").rfind(suffix)]

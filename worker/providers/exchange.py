@@ -214,10 +214,11 @@ def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
 
 
 def _tls_reason(cause: ssl.SSLError | None, exc: BaseException) -> str:
+    detail = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or cause) if cause else None
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"the server's certificate is not trusted: {getattr(cause, 'verify_message', None) or cause.reason}"
+        return f"the server's certificate is not trusted: {detail}"
     if cause is not None:
-        return f"the TLS handshake failed: {cause.reason or cause}"
+        return f"the TLS handshake failed: {getattr(cause, 'reason', None) or cause}"
     return reason(exc)
 
 

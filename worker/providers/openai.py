@@ -29,6 +29,7 @@ EVENT_STREAM_TYPES = frozenset({"text/event-stream", "text/plain", ""})
 class OpenAI(AbstractProvider):
     url = "https://api.openai.com/v1"
     name = "openai"
+    path = "/chat/completions"
     base_url_variable = "OPENAI_BASE_URL"
     api_key_variable = "OPENAI_API_KEY"
     supports_gpt_35_turbo = True
@@ -57,7 +58,7 @@ class OpenAI(AbstractProvider):
         headers = {"accept": "text/event-stream", "content-type": "application/json"}
         if call.api_key:
             headers["authorization"] = f"Bearer {call.api_key}"
-        url = f"{cls.base_url(call.base_url)}/chat/completions"
+        url = cls.base_url(call.base_url) + cls.path
         return HTTPRequest(url, cls.request_body(call), headers)
 
     @classmethod
