@@ -7,7 +7,8 @@ is not a connection error, so it kills the worker (kombu 5.7). Here that requeue
 is skipped instead: the messages stay in Redis's unacked set and are restored by
 the sweep after the visibility timeout, like those of a worker that died.
 
-It also keeps consuming when Redis is full: see :meth:`QoS.append`.
+It also keeps consuming when Redis is full (see :meth:`QoS.append`), and an acknowledgement
+made while the connection is being replaced does not kill the worker (:meth:`QoS.ack`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,25 @@ class QoS(kombu_redis.QoS):
             return client.pipeline(transaction=False) \
                 .zrem(self.unacked_index_key, delivery_tag) \
                 .hdel(self.unacked_key, delivery_tag)
+
+    def ack(self, delivery_tag: Any) -> None:
+        """Acknowledge; on a channel already closed by a lost connection, leave the message in
+        the unacked set: nobody renews it any more, so the sweep puts it back after a lease and
+        its items are found done (many threads acknowledge at once while Redis restarts)."""
+        try:
+            super().ack(delivery_tag)
+        except AttributeError:
+            if self.channel.connection is not None:
+                raise
+            logger.warning("broker connection gone: a message is acknowledged by the sweep instead")
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue)
+        except AttributeError:
+            if self.channel.connection is not None:
+                raise
+            logger.warning("broker connection gone: a rejected message is put back by the sweep instead")
 
     def restore_unacked(self, client: Any = None) -> None:
         try:
