@@ -84,7 +84,8 @@ def renew_messages(client: redis.Redis, delivery_tags: Iterable[str]) -> None:
 def restore_stale_messages(client: redis.Redis, older_than: float) -> int:
     """Put back on the queue every unacknowledged message not renewed for ``older_than`` seconds:
     its worker is dead. Returns how many were put back."""
-    stale = client.zrangebyscore(keys.UNACKED_INDEX, 0, time.time() - older_than, start=0, num=RESTORE_LIMIT)
+    stale: list[bytes] = list(client.zrangebyscore(keys.UNACKED_INDEX, 0, time.time() - older_than,
+                                                   start=0, num=RESTORE_LIMIT))  # type: ignore[arg-type]
     if not stale:
         return 0
     restore = client.register_script(scripts.RESTORE_MESSAGE)

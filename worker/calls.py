@@ -9,7 +9,7 @@ the concurrency, and its rate-limit wait is still made on the loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +20,7 @@ from . import completion
 from .completion import Attempt
 from .providers import AbstractProvider, CompletionCall
 
-AsyncBeforeCall = Callable[[type[AbstractProvider], CompletionCall], Awaitable[None]]
+AsyncBeforeCall = Callable[[type[AbstractProvider], CompletionCall], Coroutine[Any, Any, None]]
 
 
 def _async_http() -> Any:
