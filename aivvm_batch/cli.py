@@ -163,18 +163,24 @@ def batches(redis_url: str, as_json: bool) -> None:
               default=4, show_default=True, help="Chunks each reply is streamed in.")
 @click.option("--api-key", envvar=env("STUB_API_KEY"), show_envvar=True, default=None,
               help="Require this bearer key on the OpenAI endpoint.")
-def stub(host: str, port: int, latency: float, chunks: int, api_key: str | None) -> None:
+@click.option("--reply-bytes", envvar=env("STUB_REPLY_BYTES"), show_envvar=True, type=click.IntRange(min=0),
+              default=None, help="Pad every reply to this many bytes (long replies).")
+@click.option("--backlog", envvar=env("STUB_BACKLOG"), show_envvar=True, type=click.IntRange(min=1),
+              default=4096, show_default=True, help="Listen queue, for thousands of connections at once.")
+def stub(host: str, port: int, latency: float, chunks: int, api_key: str | None,
+         reply_bytes: int | None, backlog: int) -> None:
     """Serve a local STAND-IN provider (not a model) for trying the tool and testing.
 
     It answers the Aivvm protocol at /api/chat and the OpenAI protocol at
     /v1/chat/completions with deterministic text ("Stand-in reply to: ...").
     A directive such as [[stub fault=status code=503 times=2]] in a message
-    injects faults: status, 429, cut, stall, badbytes, split, empty, reset.
+    injects faults: status, 429, cut, stall, badbytes, split, empty, reset, bytes=N.
     """
-    from .stub import serve
+    from .stub import serve as serve_stand_in
 
-    serve(host, port, latency=latency, chunks=chunks, api_key=api_key,
-          ready=lambda url: click.echo(f"stand-in provider (not a model) on {url}", err=True))
+    serve_stand_in(host, port, latency=latency, chunks=chunks, api_key=api_key,
+                   reply_bytes=reply_bytes, backlog=backlog,
+                   ready=lambda url: click.echo(f"stand-in provider (not a model) on {url}", err=True))
 
 
 for command in (submit, collect, validate, run, serve):

@@ -10,14 +10,13 @@ from typing import IO, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import click
-import redis
 from redis.connection import parse_url
 
 from jobs.config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
 from jobs.errors import BatchError, ConfigError
 from jobs.formats import ResultFormat
 from jobs.records import BatchInfo, RequestDefaults, Status
-from jobs.store import BatchStore
+from jobs.store import BatchStore, connect
 
 F = TypeVar("F", bound=Callable[..., Any])
 PROVIDER_NAMES = ("aivvm", "openai")
@@ -130,7 +129,7 @@ format_option = click.option(
     show_default=True, help="native result lines, or OpenAI's Batch output form.")
 concurrency_option = click.option(
     "--concurrency", envvar=env("CONCURRENCY"), show_envvar=True, type=click.IntRange(min=1),
-    default=128, show_default=True, help="Concurrent items per worker process.")
+    default=128, show_default=True, help="Requests in flight per worker process.")
 
 
 _DEFAULT_OPTIONS = (
@@ -171,7 +170,7 @@ def request_defaults_options(func: F) -> F:
 def open_store(redis_url: str) -> BatchStore:
     check_redis_url(redis_url)
     settings = Settings.from_env(redis_url=redis_url)
-    return BatchStore(redis.Redis.from_url(redis_url, socket_connect_timeout=5), settings.result_ttl)
+    return BatchStore(connect(redis_url, connect_timeout=5), settings.result_ttl)
 
 
 def interrupt(signum: int, frame: object) -> NoReturn:

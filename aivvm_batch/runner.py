@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
 
 from jobs import keys
 from jobs.config import Settings
@@ -31,7 +30,7 @@ from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.queue import configure
 from jobs.records import BatchInfo, BatchOptions, BatchState, RequestDefaults, Status
-from jobs.store import BatchStore
+from jobs.store import BatchStore, connect
 from jobs.submit import SubmitReport, new_batch_id, submit_file
 
 from .embedded import EmbeddedRedis
@@ -107,7 +106,7 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts) -> RunResult:
                 assert plan.redis_url is not None
                 redis_url = plan.redis_url
             settings = Settings.from_env(redis_url=redis_url)
-            store = BatchStore(redis.Redis.from_url(redis_url, socket_connect_timeout=5), settings.result_ttl)
+            store = BatchStore(connect(redis_url, connect_timeout=5), settings.result_ttl)
             configure(celery_app, settings)
             publisher = Publisher(store.redis, celery_app)
             if private:

@@ -19,7 +19,7 @@ from jobs.files import FileStore
 from jobs.queue import Publisher, configure
 from jobs.queue import app as celery_app
 from jobs.records import BatchOptions
-from jobs.store import BatchStore
+from jobs.store import BatchStore, connect
 
 from ..options import base_url_option, concurrency_option, env, handle_errors, provider_option
 from .auth import is_loopback, load_keys
@@ -92,7 +92,7 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
 def _context(redis_url: str, options: BatchOptions, keys: Any, limits: ServeLimits) -> ServeContext:
     settings = Settings.from_env(redis_url=redis_url)
     configure(celery_app, settings)
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, health_check_interval=30)
+    client = connect(redis_url, connect_timeout=5)
     try:
         client.ping()
     except redis.AuthenticationError as exc:
