@@ -8,6 +8,9 @@ reply to its end, and checks its text, with at most N requests in flight:
   aivvm          worker.completion.attempt_async through worker.providers.aio.AsyncHTTP: the
                  product's whole protocol path (bounded decoding, UTF-8, errors, key choice)
 
+AsyncHTTP ran on both aiohttp and httpx while they were compared; httpx was dropped
+(raw-httpx stays here, so the reason can be measured again: pip install httpx).
+
 against two servers, each in its own process: the stand-in (``python -m aivvm_batch stub``)
 and a minimal asyncio server defined here (``serve``), which costs little and counts the
 connections it has open at once, so the pool limit is checked: the server must never see
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import resource
@@ -32,7 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,15 +189,14 @@ async def run_raw_httpx(base: str, items: int, in_flight: int) -> int:
         return await gather(fetch, items)
 
 
-async def run_aivvm(base: str, items: int, in_flight: int, transport: str | None = None) -> int:
+async def run_aivvm(base: str, items: int, in_flight: int) -> int:
     from jobs.config import Settings
     from jobs.records import ChatMessage, ItemRequest
     from worker.completion import attempt_async
     from worker.providers.aio import AsyncHTTP
     settings = Settings(connect_timeout=30.0, read_timeout=60.0, item_deadline=600.0)
     semaphore = asyncio.Semaphore(in_flight)
-    extra = {} if transport is None else {"transport": transport}
-    async with AsyncHTTP(in_flight, **extra) as http:  # type: ignore[arg-type]
+    async with AsyncHTTP(in_flight) as http:
         async def fetch(index: int) -> bool:
             request = ItemRequest(id=f"q{index}", line=index, model="gpt-3.5-turbo", system_message="Be brief.",
                                   messages=(ChatMessage("user", f"item {index}"),))
@@ -208,26 +211,15 @@ async def gather(fetch: Fetch, items: int) -> int:
     return sum(r is True for r in results)
 
 
-CLIENTS: dict[str, Callable[[str, int, int], Awaitable[int]]] = {
+Client = Callable[[str, int, int], Coroutine[object, object, int]]
+CLIENTS: dict[str, Client] = {
     "raw-aiohttp": run_raw_aiohttp,
     "raw-httpx": run_raw_httpx,
     "aivvm": run_aivvm,
 }
 
 
-def transports() -> list[str]:
-    """The transports AsyncHTTP offers in this checkout (both while they are compared)."""
-    found = []
-    for name in ("aiohttp", "httpx"):
-        if (ROOT / "worker" / "providers" / f"aio_{name}.py").exists():
-            found.append(name)
-    return found
-
-
-def client_runner(name: str) -> Callable[[str, int, int], Awaitable[int]]:
-    if name.startswith("aivvm-"):
-        transport = name.removeprefix("aivvm-")
-        return lambda base, items, in_flight: run_aivvm(base, items, in_flight, transport)
+def client_runner(name: str) -> Client:
     return CLIENTS[name]
 
 
@@ -352,7 +344,7 @@ def main() -> None:
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     clients = [c for c in args.clients.split(",") if c] or [
-        "raw-aiohttp", "raw-httpx", *(f"aivvm-{t}" for t in transports())]
+        name for name in CLIENTS if name != "raw-httpx" or importlib.util.find_spec("httpx") is not None]
     rounds = 1 if args.quick else args.rounds
     scale = 5 if args.quick else 1
     kinds = ["fast", "stub"] if args.server == "both" else [args.server]

@@ -56,6 +56,7 @@ class Counting:
         self.delay = delay
         self.open = self.peak = self.connections = 0
         self.paths: list[str] = []
+        self.cookies: list[str | None] = []
         self.lock = threading.Lock()
         owner = self
 
@@ -84,8 +85,10 @@ class Counting:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with owner.lock:
                     owner.paths.append(self.path)
+                    owner.cookies.append(self.headers.get("Cookie"))
                 content = json.loads(raw)["messages"][-1]["content"]
                 self.send_response(200)
+                self.send_header("Set-Cookie", "session=s3cret; Path=/")
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
@@ -395,3 +398,17 @@ def test_environment_proxies_are_honoured_like_requests(counting: Counting, monk
     else:
         assert asynchronous[1] is None and "".join(map(str, asynchronous[0])) == "re: via"
         assert counting.paths == [f"{target}/api/chat"] * 2  # absolute targets: sent through the proxy
+
+
+def test_no_cookie_set_by_a_server_rides_along_with_later_calls(counting: Counting) -> None:
+    """Batches of different submitters share a worker: a server's cookie must not travel between them."""
+    for _ in range(2):
+        assert collect_sync(Aivvm.stream(call(counting.base_url, "c")))[1] is None
+
+    async def go() -> None:
+        async with AsyncHTTP(1) as http:
+            for _ in range(2):
+                assert (await collect_async(Aivvm.astream(call(counting.base_url, "c"), http)))[1] is None
+
+    asyncio.run(go())
+    assert counting.cookies == [None] * 4

@@ -47,7 +47,7 @@ BOMB_SIZE = 64 * 1024 * 1024  # decompressed size of the bombs
 ENDLESS_LIMIT = 64 * 1024 * 1024  # an "endless" body stops here, so the test ends even unfixed
 BLOCK = 64 * 1024
 HTML = b"<!doctype html><html><head><title>Sign in</title></head><body><form>login</form></body></html>"
-PATHS = ["sync", "aiohttp", "httpx"]  # requests, and AsyncHTTP on each transport
+PATHS = ["sync", "async"]  # requests, and AsyncHTTP on an event loop
 ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY",
                  "AIVVM_BATCH_ALLOWED_BASE_URLS")
 
@@ -265,9 +265,8 @@ class Runner(Protocol):
                  settings: Settings = SETTINGS) -> Attempt: ...
 
 
-async def attempt_on_loop(request: ItemRequest, provider: str, base_url: str, settings: Settings,
-                          transport: str) -> Attempt:
-    async with AsyncHTTP(4, transport=transport) as http:
+async def attempt_on_loop(request: ItemRequest, provider: str, base_url: str, settings: Settings) -> Attempt:
+    async with AsyncHTTP(4) as http:
         return await attempt_async(request, (provider,), base_url, settings, http)
 
 
@@ -279,7 +278,7 @@ def run(request: pytest.FixtureRequest) -> Runner:
     def runner(content: str, base_url: str, provider: str = "aivvm", settings: Settings = SETTINGS) -> Attempt:
         if path == "sync":
             return attempt(item(content), (provider,), base_url, settings)
-        return asyncio.run(attempt_on_loop(item(content), provider, base_url, settings, path))
+        return asyncio.run(attempt_on_loop(item(content), provider, base_url, settings))
     return runner
 
 

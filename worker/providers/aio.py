@@ -1,5 +1,9 @@
 """The asynchronous transport: one :class:`AsyncHTTP` per event loop, one connection pool.
 
+On aiohttp, chosen by measurement over httpx (``bench/http_clients.py``): httpx's pool
+scans every connection for each request, so its cost per request grows with the pool
+(20-60 times aiohttp's CPU per item at 256 to 1,024 connections).
+
 It only moves bytes, like the synchronous :mod:`.http`: what an answer means is decided
 in :mod:`.exchange` and :mod:`.reply`. The pool never holds more than ``max_connections``
 connections (a request waits for a free one, at most until its item deadline); redirects
@@ -14,6 +18,7 @@ from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Any, Protocol
 
+from .aio_aiohttp import AiohttpTransport
 from .call import CompletionCall
 from .exchange import (
     ErrorBody,
@@ -53,19 +58,11 @@ class Transport(Protocol):
 class AsyncHTTP:
     """Streaming POSTs on the running event loop, through one pool of ``max_connections``."""
 
-    def __init__(self, max_connections: int, *, transport: str = "aiohttp") -> None:
+    def __init__(self, max_connections: int) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.max_connections = max_connections
-        self._transport: Transport
-        if transport == "aiohttp":
-            from .aio_aiohttp import AiohttpTransport
-            self._transport = AiohttpTransport(max_connections)
-        elif transport == "httpx":
-            from .aio_httpx import HttpxTransport
-            self._transport = HttpxTransport(max_connections)
-        else:
-            raise ValueError(f"unknown transport {transport!r}")
+        self._transport: Transport = AiohttpTransport(max_connections)
 
     async def post_stream(self, url: str, body: dict[str, Any], headers: dict[str, str], call: CompletionCall,
                           parse_error: ErrorParser, on_reply: OnReply | None = None) -> AsyncGenerator[bytes, None]:

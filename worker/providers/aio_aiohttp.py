@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from urllib.parse import urlsplit
 
 import aiohttp
+import requests.utils
 
 from ..errors import IncompleteReply, ProviderError, ProviderTimeout
 from .call import CompletionCall
@@ -24,7 +24,9 @@ class AiohttpTransport:
     def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+            # no cookies (as on the synchronous path): none rides along with other batches' items
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
                                                   timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
@@ -55,27 +57,20 @@ class AiohttpTransport:
 
 
 class EnvironmentProxies:
-    """``HTTP(S)_PROXY`` and ``NO_PROXY`` as requests reads them, read once per transport.
+    """``HTTP(S)_PROXY`` and ``NO_PROXY`` decided as requests decides them, once per scheme and host.
 
     aiohttp's own ``trust_env`` looks them (and ``.netrc``) up again on every request,
-    in a thread: it measured as a third of a request's cost. Decisions are cached per
-    scheme and host.
+    in a thread: it measured as a third of a request's cost.
     """
 
     def __init__(self) -> None:
-        self._proxies = urllib.request.getproxies_environment()
         self._decided: dict[tuple[str, str], str | None] = {}
 
     def for_url(self, url: str) -> str | None:
-        if not self._proxies:
-            return None
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
         if key not in self._decided:
-            proxy = self._proxies.get(parts.scheme) or self._proxies.get("all")
-            if proxy and urllib.request.proxy_bypass_environment(parts.netloc, self._proxies):
-                proxy = None
-            self._decided[key] = proxy
+            self._decided[key] = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
         return self._decided[key]
 
 

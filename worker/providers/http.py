@@ -9,6 +9,7 @@ followed, urllib3 never decompresses anything (the raw body goes to the bounded
 
 from __future__ import annotations
 
+import http.cookiejar
 import threading
 from collections.abc import Generator
 from typing import Any
@@ -43,10 +44,12 @@ _local = threading.local()
 
 
 def session() -> requests.Session:
-    """One keep-alive session per thread (requests sessions are not thread-safe)."""
+    """One keep-alive session per thread (requests sessions are not thread-safe), keeping no cookies."""
     s = getattr(_local, "session", None)
     if s is None:
         s = _local.session = requests.Session()
+        # no cookies: a server's cookie must not ride along with other batches' items
+        s.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
         s.mount("http://", adapter)
         s.mount("https://", adapter)
