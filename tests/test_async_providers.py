@@ -22,8 +22,20 @@ from aivvm_batch.stub import StubServer
 from jobs.config import Settings
 from jobs.records import ChatMessage, ItemRequest
 from worker.completion import attempt, attempt_async
-from worker.errors import ProviderError, ProviderTimeout, ProviderTransportError, RateLimited
-from worker.providers import PROVIDERS, AbstractProvider, Aivvm, CompletionCall, OpenAI, StreamEnd
+from worker.errors import (
+    ProviderError,
+    ProviderTimeout,
+    ProviderTransportError,
+    RateLimited,
+)
+from worker.providers import (
+    PROVIDERS,
+    AbstractProvider,
+    Aivvm,
+    CompletionCall,
+    OpenAI,
+    StreamEnd,
+)
 from worker.providers.aio import AsyncHTTP
 from worker.providers.call import Item
 
@@ -212,14 +224,14 @@ def test_both_paths_answer_alike(stub: StubServer, provider: str, content: str) 
 
 def test_a_stall_is_a_timeout(stub: StubServer) -> None:
     started = time.monotonic()
-    items, error = astream(Aivvm, call(stub.base_url, "[[stub fault=stall stall=5]] hi", read_timeout=0.5))
+    _, error = astream(Aivvm, call(stub.base_url, "[[stub fault=stall stall=5]] hi", read_timeout=0.5))
     assert isinstance(error, ProviderTimeout) and error.transient is True
     assert time.monotonic() - started < 3.0
 
 
 def test_the_item_deadline_ends_a_slow_reply(stub: StubServer) -> None:
     started = time.monotonic()
-    items, error = astream(Aivvm, call(stub.base_url, "[[stub latency=3 chunks=30]] slow",
+    _, error = astream(Aivvm, call(stub.base_url, "[[stub latency=3 chunks=30]] slow",
                                        deadline=time.monotonic() + 0.3))
     assert isinstance(error, ProviderTimeout)
     assert time.monotonic() - started < 1.5

@@ -18,7 +18,8 @@ def check_base_url(provider_name: str, url: str) -> str | None:
     Returns a warning when it looks wrong but may work: it ends in the path the
     protocol appends itself (Aivvm ``/api/chat``, OpenAI ``/chat/completions``).
     """
-    from . import PROVIDERS  # the registry; imported here because the providers import this module
+    # the registry, imported here because the providers import this module
+    from . import PROVIDERS
 
     if provider_name not in PROVIDERS:
         raise ValueError(f"unknown provider {provider_name!r}")
