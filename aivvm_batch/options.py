@@ -17,9 +17,10 @@ from jobs.errors import BatchError, ConfigError
 from jobs.formats import ResultFormat
 from jobs.records import BatchInfo, RequestDefaults, Status
 from jobs.store import BatchStore, connect
+from worker.providers import PROVIDERS
 
 F = TypeVar("F", bound=Callable[..., Any])
-PROVIDER_NAMES = ("aivvm", "openai")
+PROVIDER_NAMES = tuple(PROVIDERS)
 
 
 def env(name: str) -> str:
