@@ -21,8 +21,9 @@ $(TEST_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/aivvm-batch run samples/simple.jsonl -o results/simple.results.jsonl --stub
 
-## The whole test suite (starts its own Redis unless REDIS_URL is set).
+## Type-check (mypy --strict, configured in pyproject.toml), then the whole test suite (starts its own Redis unless REDIS_URL is set).
 test: $(TEST_STAMP)
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 test-chaos: $(TEST_STAMP)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO
+from typing import IO, NoReturn
 
 from tqdm import tqdm
 
@@ -31,7 +31,7 @@ class Progress:
     def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
-        self._bar: tqdm | None = None
+        self._bar: tqdm[NoReturn] | None = None  # a bar over no iterable (typeshed's tqdm)
         self._started = time.monotonic()
         self._first_done: int | None = None
         self._last_line = 0.0

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as RedisRetry
+from redis.typing import EncodableT, FieldT
 
 from . import keys, scripts
 from .errors import BatchNotFound, ConfigError, StoreFull, StoreUnavailable
@@ -192,7 +193,7 @@ class BatchStore:
     def create(self, batch_id: str, source: str, options: BatchOptions) -> bool:
         """Record a new batch; False if one with this id is already there."""
         created = time.time()
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "source": source,
             "created": repr(created),
             "state": BatchState.SUBMITTING.value,
@@ -301,7 +302,9 @@ class BatchStore:
 
     @translated
     def list_batches(self, limit: int = 100) -> list[BatchInfo]:
-        ids = [i.decode() for i in self.redis.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
+        # members without scores, as bytes: the store's clients never decode responses
+        members = cast("list[bytes]", self.redis.zrevrange(keys.BATCH_INDEX, 0, limit - 1))
+        ids = [i.decode() for i in members]
         pipe = self.redis.pipeline(transaction=False)
         parts = (keys.meta, keys.counts, keys.usage, keys.errors)
         for batch_id in ids:
@@ -352,7 +355,7 @@ class BatchStore:
         earlier = list(zip(old_requests, old_results))
 
         results: dict[int, ItemResult] = {e.seq: e.parsed for e in entries if isinstance(e.parsed, ItemResult)}
-        stored: dict[int, str] = {}
+        stored: dict[FieldT, EncodableT] = {}
         to_enqueue: list[int] = []
         kept = changed = 0
         for (seq, request), owner, done, (old_request, old_result) in zip(valid, owners, finished, earlier):
@@ -363,10 +366,10 @@ class BatchStore:
                     request.id,
                 )
                 continue
-            stored[seq] = request.to_json()
+            request_json = stored[seq] = request.to_json()
             if done is not None:
                 continue
-            carried = _carried_over(request, stored[seq], old_request, old_result, reuse)
+            carried = _carried_over(request, request_json, old_request, old_result, reuse)
             if carried is not None:
                 results[seq] = carried
                 kept += 1
@@ -515,7 +518,8 @@ class BatchStore:
 
     @translated
     def results_of(self, batch_id: str, seqs: Sequence[int]) -> list[bytes | None]:
-        return list(self.redis.hmget(keys.results(batch_id), seqs))
+        # bytes or None: the store's clients never decode responses
+        return list(cast("list[bytes | None]", self.redis.hmget(keys.results(batch_id), seqs)))
 
     def unfinished(self, batch_id: str, total: int) -> Iterator[int]:
         for seq, raw in self.iter_results(batch_id, total):

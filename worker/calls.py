@@ -53,7 +53,7 @@ class ProviderCalls:
         if self._http_class is not None:
             if self._http is None:
                 self._http = self._http_class(max_connections=self.concurrency)
-            result: Attempt = await completion.attempt_async(  # type: ignore[attr-defined]
+            result: Attempt = await completion.attempt_async(
                 request, options.providers(), options.base_url, self.settings, self._http, before_call)
             return result
         if self._threads is None:

@@ -110,9 +110,10 @@ class Decision:
 
 def backoff(attempt_number: int, settings: Settings, retry_after: float | None) -> float:
     """Exponential backoff with jitter, never shorter than the server's Retry-After."""
+    # Celery annotates factor and maximum as int; without jitter it computes with any number
     ceiling = get_exponential_backoff_interval(
-        factor=settings.backoff_base, retries=attempt_number - 1,
-        maximum=settings.backoff_cap, full_jitter=False,
+        factor=settings.backoff_base, retries=attempt_number - 1,  # type: ignore[arg-type]
+        maximum=settings.backoff_cap, full_jitter=False,  # type: ignore[arg-type]
     )
     return max(random.uniform(ceiling / 2, ceiling), retry_after or 0.0)
 

@@ -134,7 +134,7 @@ class Runtime:
             self.loop.call_soon_threadsafe(self.loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.io.executor.shutdown(wait=False)  # type: ignore[attr-defined]
+        self.io.executor.shutdown(wait=False)
         self.client.close()
 
 

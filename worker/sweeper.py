@@ -102,7 +102,7 @@ class Sweeper(bootsteps.StartStopStep):
     """
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
+        super().__init__(parent, **kwargs)  # type: ignore[no-untyped-call]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

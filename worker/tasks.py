@@ -63,7 +63,7 @@ app.steps["worker"].add(RuntimeStep)
 app.steps["worker"].add(Sweeper)
 
 
-@app.task(bind=True, name=TASK_NAME, max_retries=None, ignore_result=True,
+@app.task(bind=True, name=TASK_NAME, max_retries=None, ignore_result=True,  # type: ignore[untyped-decorator]
           acks_late=True, reject_on_worker_lost=True)
 def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int = 1,
                   not_before: float = 0.0, spent: list[int] | None = None, cuts: int = 0) -> str:

@@ -35,7 +35,7 @@ class QoS(kombu_redis.QoS):
         acknowledging it, the workers' sweep enqueues the unfinished item again.
         """
         try:
-            super().append(message, delivery_tag)
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
         except ResponseError as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -46,7 +46,7 @@ class QoS(kombu_redis.QoS):
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         """Restore messages past the visibility timeout; in a full Redis, at a later sweep."""
         try:
-            super().restore_visible(*args, **kwargs)
+            super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
         except ResponseError as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -56,7 +56,7 @@ class QoS(kombu_redis.QoS):
         """Forget an acknowledged message without MULTI: a full Redis refuses every command
         queued in a transaction, but ZREM and HDEL on their own free memory and are allowed."""
         if pipe is not None:
-            return super()._remove_from_indices(delivery_tag, pipe)
+            return super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
         with self.channel.conn_or_acquire() as client:
             return client.pipeline(transaction=False) \
                 .zrem(self.unacked_index_key, delivery_tag) \
@@ -67,7 +67,7 @@ class QoS(kombu_redis.QoS):
         the unacked set: nobody renews it any more, so the sweep puts it back after a lease and
         its items are found done (many threads acknowledge at once while Redis restarts)."""
         try:
-            super().ack(delivery_tag)
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
         except AttributeError:
             if self.channel.connection is not None:
                 raise
@@ -75,7 +75,7 @@ class QoS(kombu_redis.QoS):
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         try:
-            super().reject(delivery_tag, requeue)
+            super().reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
         except AttributeError:
             if self.channel.connection is not None:
                 raise
@@ -83,7 +83,7 @@ class QoS(kombu_redis.QoS):
 
     def restore_unacked(self, client: Any = None) -> None:
         try:
-            super().restore_unacked(client)
+            super().restore_unacked(client)  # type: ignore[no-untyped-call]
         except AttributeError:
             logger.warning("broker connection already gone: unacknowledged messages will be "
                            "restored after the visibility timeout")
@@ -97,14 +97,14 @@ class Channel(kombu_redis.Channel):
         with self.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
             for pri in self.priority_steps:
-                pipe.llen(self._q_for_pri(queue, pri))
+                pipe.llen(self._q_for_pri(queue, pri))  # type: ignore[no-untyped-call]
             return sum(size for size in pipe.execute() if isinstance(size, int))
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         """Declare the queue's binding; a worker starting in a full Redis goes on without it
         (consuming needs none; a publish that needs it declares it again)."""
         try:
-            super()._queue_bind(exchange, routing_key, pattern, queue)
+            super()._queue_bind(exchange, routing_key, pattern, queue)  # type: ignore[no-untyped-call]
         except ResponseError as exc:
             if not is_out_of_memory(exc):
                 raise
