@@ -11,7 +11,6 @@ import hashlib
 import os
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from jobs.config import Settings
 from jobs.errors import ConfigError
 from jobs.inputs import check_input, read_head, spool
 from jobs.lines import open_input
-from jobs.output import Kind, check_output, is_stdio, resolve
+from jobs.output import check_output, is_stdio
 from worker.providers import PROVIDERS
 from worker.providers.checks import check_base_url
 
@@ -47,7 +46,6 @@ def preflight(plan: RunPlan, progress: Progress) -> Checked:
     if plan.redis_url is not None:
         check_redis_url(plan.redis_url)
     check_output(plan.output, None if is_stdio(plan.file) else plan.file)
-    _probe_output(plan.output)
     if not plan.use_stub:
         _check_base_url(plan, progress)
     display = "standard input" if is_stdio(plan.file) else str(plan.file)
@@ -66,19 +64,6 @@ def preflight(plan: RunPlan, progress: Progress) -> Checked:
     if not read_head(path, 4096).strip():
         progress.note(f"aivvm-batch: warning: {display} is empty: there is nothing to run")
     return Checked(path, key, display)
-
-
-def _probe_output(output: str) -> None:
-    """Create and remove a file beside the output: permissions alone do not tell (root, /proc)."""
-    target = resolve(output)
-    if target.kind is not Kind.FILE or not target.path.parent.is_dir():
-        return
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.path.name}.", suffix=".probe", dir=target.path.parent)
-    except OSError as exc:
-        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def _by_content(copy: Path, directory: Path) -> Path:

@@ -90,8 +90,9 @@ def check_output(path: str | Path, input_path: str | Path | None = None) -> None
     """Raise :class:`ConfigError` unless results can be written to ``path``.
 
     Refused: the input file itself (also through a link or a hard link), a
-    directory, a descriptor not open for writing, and a place we may not write.
-    Nothing is created or truncated.
+    directory, a descriptor not open for writing, and a place we may not write
+    (probed by creating and removing a file beside it: permissions alone do not
+    tell, as root or under /proc). Nothing is truncated.
     """
     target = resolve(path)
     if target.kind is Kind.DESCRIPTOR:
@@ -110,6 +111,14 @@ def check_output(path: str | Path, input_path: str | Path | None = None) -> None
         raise ConfigError(f"cannot write {path}: {directory} is not a directory")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write {path}: no permission to create files in {directory}")
+    if target.path.parent.is_dir():
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{target.path.name}.", suffix=".probe",
+                                         dir=target.path.parent)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+        os.close(fd)
+        os.unlink(probe)
 
 
 def _check_descriptor(path: str | Path, fd: int) -> None:
