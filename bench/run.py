@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aivvm_batch.embedded import EmbeddedRedis, free_port  # noqa: E402
+from bench.serve_bench import wait_until_healthy  # noqa: E402
 
 ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "memory", "submit", "collect", "chunks",
             "inflight", "rate", "serve", "clients")
@@ -91,16 +92,7 @@ def stub_process(latency: float, chunks: int, log: Path) -> Iterator[str]:
                                 stdout=out, stderr=out, cwd=ROOT, env=clean_env())
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(base + "/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the stand-in did not start; see {log}")
-            time.sleep(0.1)
+        wait_until_healthy(base, proc, 30, f"the stand-in (see {log})")
         yield base
     finally:
         proc.terminate()

@@ -41,6 +41,20 @@ class ServeFigures:
     run_ok: int
 
 
+def wait_until_healthy(base: str, proc: subprocess.Popen[bytes], seconds: float, what: str) -> None:
+    """Poll ``base``/health until it answers; raise if ``proc`` exits or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if requests.get(base + "/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.1)
+
+
 def write_requests(path: Path, n: int) -> Path:
     with open(path, "w") as f:
         for i in range(n):
@@ -62,16 +76,7 @@ def time_serve(path: Path, stub_base: str, tmp: Path, workers: int, concurrency:
                             cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(base + "/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not start; see {tmp / 'serve.log'}")
-            time.sleep(0.1)
+        wait_until_healthy(base, proc, 60, f"serve (see {tmp / 'serve.log'})")
         time.sleep(2)  # let its workers finish starting, as a long-running server's have
         client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=600)
         started = time.monotonic()
