@@ -22,8 +22,9 @@ from typing import Any
 
 
 from jobs import keys
+from jobs.collect import views
 from jobs.config import Settings
-from jobs.errors import ConfigError, StoreUnavailable
+from jobs.errors import ConfigError
 from jobs.formats import ResultFormat, render
 from jobs.output import write_atomically
 from jobs.queue import Publisher
@@ -191,17 +192,7 @@ def resume_message(earlier: BatchInfo, report: SubmitReport, options: BatchOptio
 def _watch(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress: Progress,
            interrupts: Interrupts, state: _Watch) -> BatchInfo:
     """Show progress until the batch finishes; stop taking items on Ctrl-C or a systematic failure."""
-    unreachable_since: float | None = None
-    while True:
-        try:
-            info = store.info(batch_id)
-        except StoreUnavailable:
-            unreachable_since = unreachable_since or time.monotonic()
-            if time.monotonic() - unreachable_since > RECONNECT_SECONDS:
-                raise
-            time.sleep(POLL_SECONDS)
-            continue
-        unreachable_since = None
+    for info in views(store, batch_id, POLL_SECONDS, RECONNECT_SECONDS):
         state.info = info
         state.in_flight = (info.total or 0) - info.done
         if interrupts.requested and not state.interrupted:
@@ -228,7 +219,7 @@ def _watch(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress:
         if workers.alive() == 0:
             raise ConfigError(f"the worker processes exited; see their logs in {workers.log_dir} "
                               f"({summary(info)})")
-        time.sleep(POLL_SECONDS)
+    raise AssertionError("unreachable")
 
 
 def _claimed(store: BatchStore, batch_id: str) -> int:

@@ -72,25 +72,44 @@ def wait_until_finished(store: BatchStore, batch_id: str, on_progress: ProgressC
     ``reconnect_seconds``; then :class:`StoreUnavailable` is raised. ``watch``
     may end the wait (:class:`WaitTimeout`) and warns when no worker is working.
     """
+    def unreachable() -> None:
+        if watch is not None:
+            watch.check_deadline(batch_id, "Redis is unreachable")
+
+    for info in views(store, batch_id, poll_seconds, reconnect_seconds,
+                      observe=watch.observe if watch is not None else None, on_unreachable=unreachable):
+        if on_progress is not None:
+            on_progress(info)
+        if info.finished:
+            return info
+    raise AssertionError("unreachable")
+
+
+def views(store: BatchStore, batch_id: str, poll_seconds: float, reconnect_seconds: float, *,
+          observe: ProgressCallback | None = None,
+          on_unreachable: Callable[[], None] | None = None) -> Iterator[BatchInfo]:
+    """Each new view of the batch, every ``poll_seconds``, for as long as the caller iterates.
+
+    A Redis that goes away (a restart) is waited for, up to ``reconnect_seconds``; then
+    :class:`StoreUnavailable` is raised. ``observe`` sees each view first (a Redis error in it
+    counts as Redis being away); ``on_unreachable`` runs at each failed read.
+    """
     unreachable_since: float | None = None
     while True:
         try:
             info = store.info(batch_id)
-            if watch is not None:
-                watch.observe(info)
+            if observe is not None:
+                observe(info)
         except StoreUnavailable:
-            if watch is not None:
-                watch.check_deadline(batch_id, "Redis is unreachable")
+            if on_unreachable is not None:
+                on_unreachable()
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > reconnect_seconds:
                 raise
             time.sleep(poll_seconds)
             continue
         unreachable_since = None
-        if on_progress is not None:
-            on_progress(info)
-        if info.finished:
-            return info
+        yield info
         time.sleep(poll_seconds)
 
 
