@@ -42,7 +42,7 @@ from .signals import Interrupts
 from .watch import attempts_warning, default_workers, split_concurrency, systematic_failure
 from .workers import WorkerProcesses, trusting
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.1  # the end of a batch is seen at once; a view costs one pipelined read
 RECONNECT_SECONDS = 120.0
 
 
@@ -113,22 +113,24 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts) -> RunResult:
             if private:
                 _forget_unfinished_work(store, publisher)
                 options = _pin_base_url(options)
+            # the workers boot while the file is submitted: they take its first chunks at once
+            workers = WorkerProcesses(redis_url, concurrencies=split_concurrency(plan.concurrency,
+                                                                                   plan.worker_count),
+                                      log_dir=plan.state_dir / "logs", env=trusting(options.base_url)).start()
+            stack.callback(workers.stop)
             report = _submit(store, publisher, checked, plan, options, settings, progress,
                              redis_url if private else None)
             if private:
                 prune_spool(plan.state_dir, {b.source for b in store.list_batches(limit=1000)})
             info = store.info(report.batch_id)
             if not info.finished:
-                workers = WorkerProcesses(redis_url, concurrencies=split_concurrency(plan.concurrency,
-                                                                                       plan.worker_count),
-                                          log_dir=plan.state_dir / "logs",
-                                          env=trusting(options.base_url)).start()
-                stack.callback(workers.stop)
                 interrupts.arm()
                 try:
                     info = _watch(store, report.batch_id, workers, progress, interrupts, state)
                 finally:
                     progress.close()
+            if info.finished:
+                workers.terminate()  # nothing left to take: they stop while the results are written
             if state.interrupted:
                 raise Interrupted(info)
             try:

@@ -15,11 +15,36 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from jobs import keys
+from jobs.queue import celery_threads
+
 from .embedded import die_with_parent
 
 
 def _die_with_parent() -> None:
     die_with_parent(signal.SIGKILL)
+
+
+def celery_worker_argv(concurrency: int, *, pool: str = "threads", loglevel: str = "INFO",
+                       name: str | None = None) -> list[str]:
+    """``celery -A worker.tasks worker`` for ``concurrency`` requests in flight (set, with the
+    Redis URL, in the environment: AIVVM_BATCH_CONCURRENCY, AIVVM_BATCH_REDIS_URL)."""
+    argv = [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", f"--pool={pool}",
+            f"--concurrency={celery_threads(concurrency)}", f"--loglevel={loglevel}", f"--queues={keys.QUEUE}",
+            "--without-gossip", "--without-mingle"]
+    if name:
+        argv.append(f"--hostname={name}")
+    return argv
+
+
+def worker_argv(concurrency: int, *, pool: str = "threads", loglevel: str = "INFO",
+                name: str | None = None) -> list[str]:
+    """The same worker, started quicker: ``python -m worker`` for the threads pool (gevent
+    needs Celery's own entry point, which patches the process before anything is imported)."""
+    if pool != "threads":
+        return celery_worker_argv(concurrency, pool=pool, loglevel=loglevel, name=name)
+    return [sys.executable, "-m", "worker", "--concurrency", str(concurrency), f"--loglevel={loglevel}",
+            *([f"--hostname={name}"] if name else [])]
 
 
 def trusting(base_url: str | None) -> dict[str, str]:
@@ -64,11 +89,10 @@ class WorkerProcesses:
         env = {**os.environ, **self.env, "AIVVM_BATCH_REDIS_URL": self.redis_url}
         for i, (concurrency, name) in enumerate(zip(self.concurrencies, self.names)):
             log = open(self.log_dir / f"worker-{i}.log", "ab")
-            args = [sys.executable, "-m", "aivvm_batch", "worker",
-                    "--concurrency", str(concurrency), "--loglevel", self.loglevel, "--pool", self.pool,
-                    "--name", name]
+            args = worker_argv(concurrency, pool=self.pool, loglevel=self.loglevel, name=name)
             self.processes.append(subprocess.Popen(
-                args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                args, env={**env, "AIVVM_BATCH_CONCURRENCY": str(concurrency)}, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log,
                 start_new_session=True, preexec_fn=_die_with_parent,
             ))
             log.close()

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from jobs.errors import StoreUnavailable
@@ -48,11 +49,20 @@ class Handoff:
     state: ItemState
 
 
-async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemState) -> list[Done | Handoff]:
-    """Every item of the chunk to its end for this message (a seq given twice runs once)."""
+async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemState,
+                    on_end: Callable[[], None] | None = None) -> list[Done | Handoff]:
+    """Every item of the chunk to its end for this message (a seq given twice runs once);
+    ``on_end`` is called as each item ends (its slot is free for the next message's items)."""
     unique = list(dict.fromkeys(seqs))
-    outcomes = await asyncio.gather(*(run_item(rt, batch_id, seq, state) for seq in unique),
-                                    return_exceptions=True)
+
+    async def one(seq: int) -> Done | Handoff:
+        try:
+            return await run_item(rt, batch_id, seq, state)
+        finally:
+            if on_end is not None:
+                on_end()
+
+    outcomes = await asyncio.gather(*(one(seq) for seq in unique), return_exceptions=True)
     ends: list[Done | Handoff] = []
     for seq, outcome in zip(unique, outcomes):
         if isinstance(outcome, BaseException):

@@ -19,11 +19,14 @@ from jobs.config import Settings
 from jobs.queue import TASK_NAME, app
 
 from .chunk import Handoff, run_chunk
+from .credit import CREDIT
 from .item import ItemState
 from .runtime import Runtime, current
 from .sweeper import Sweeper
 
 DEFAULT_CONCURRENCY = 64
+# the consumer looks again this often whether a message fits (slots free as items end)
+CREDIT_RECHECK_SECONDS = 0.05
 _pool_size: list[int] = []
 
 
@@ -46,17 +49,28 @@ def runtime() -> Runtime:
     def build() -> Runtime:
         settings = Settings.from_env(redis_url=app.conf.broker_url)
         concurrency = settings.concurrency or (_pool_size[0] if _pool_size else DEFAULT_CONCURRENCY)
+        CREDIT.slots = concurrency
         return Runtime.start(settings, app, concurrency, held_delivery_tags)
 
     return current(build)
 
 
 class RuntimeStep(bootsteps.StartStopStep):
-    """Builds the runtime when the worker starts (its loop, pools and lease renewal)."""
+    """Builds the runtime when the worker starts (its loop, pools and lease renewal), and has
+    the consumer's event loop wake often enough to take a message soon after slots free."""
+
+    requires = ("celery.worker.components:Hub",)  # type: ignore[assignment]
 
     def start(self, parent: Any) -> None:
         _pool_size[:] = [int(getattr(parent, "concurrency", 0) or DEFAULT_CONCURRENCY)]
         runtime()
+        hub = getattr(parent, "hub", None)
+        if hub is not None:
+            hub.call_repeatedly(CREDIT_RECHECK_SECONDS, _recheck)
+
+
+def _recheck() -> None:
+    """A tick of the consumer's loop: kombu asks each channel again whether it may consume."""
 
 
 app.steps["worker"].add(RuntimeStep)
@@ -70,8 +84,9 @@ def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int
     rt = runtime()
     items = [seqs] if isinstance(seqs, int) else [int(s) for s in seqs]
     state = ItemState.from_kwargs(attempt, not_before, spent, cuts)
+    task_id = self.request.id
     try:
-        ends = rt.run(run_chunk(rt, batch_id, items, state))
+        ends = rt.run(run_chunk(rt, batch_id, items, state, on_end=lambda: CREDIT.ended(task_id)))
     except Exception as exc:
         # run_chunk hands every item on itself; if even that failed, the message goes back
         raise Reject(exc, requeue=True) from exc

@@ -7,7 +7,8 @@ is not a connection error, so it kills the worker (kombu 5.7). Here that requeue
 is skipped instead: the messages stay in Redis's unacked set and are restored by
 the sweep after the visibility timeout, like those of a worker that died.
 
-It also keeps consuming when Redis is full (see :meth:`QoS.append`), and an acknowledgement
+A worker takes a message only while its items fit in the slots of its runtime
+(:mod:`worker.credit`), and it also keeps consuming when Redis is full (see :meth:`QoS.append`), and an acknowledgement
 made while the connection is being replaced does not kill the worker (:meth:`QoS.ack`).
 """
 
@@ -22,18 +23,29 @@ from redis.exceptions import ResponseError
 
 from jobs.store import is_out_of_memory
 
+from .credit import CREDIT, items_in
+
 logger = logging.getLogger(__name__)
 
 
 class QoS(kombu_redis.QoS):
+    def can_consume(self) -> bool:
+        """Celery's prefetch allows another message, and its items would find free slots."""
+        if not super().can_consume():  # type: ignore[no-untyped-call]
+            return False
+        held = list(self._delivered)  # a copy: task threads acknowledge meanwhile
+        return CREDIT.can_take(tag for tag in held if tag not in self._dirty)
+
     def append(self, message: Any, delivery_tag: Any) -> None:
-        """Record a delivered message as unacknowledged; in a full Redis, deliver it anyway.
+        """Record a delivered message as unacknowledged (and its items as held); in a full Redis,
+        deliver it anyway.
 
         kombu takes the message (BRPOP) before recording it (HSET, refused at maxmemory).
         Raising here would lose the message and stop the consumer; delivered without the
         record, the task runs (and waits for Redis itself). Were this worker to die before
         acknowledging it, the workers' sweep enqueues the unfinished item again.
         """
+        CREDIT.took(delivery_tag, (getattr(message, "headers", None) or {}).get("id"), items_in(message.body))
         try:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
         except ResponseError as exc:
@@ -66,6 +78,7 @@ class QoS(kombu_redis.QoS):
         """Acknowledge; on a channel already closed by a lost connection, leave the message in
         the unacked set: nobody renews it any more, so the sweep puts it back after a lease and
         its items are found done (many threads acknowledge at once while Redis restarts)."""
+        CREDIT.settled(delivery_tag)
         try:
             super().ack(delivery_tag)  # type: ignore[no-untyped-call]
         except AttributeError:
@@ -74,6 +87,7 @@ class QoS(kombu_redis.QoS):
             logger.warning("broker connection gone: a message is acknowledged by the sweep instead")
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        CREDIT.settled(delivery_tag)
         try:
             super().reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
         except AttributeError:

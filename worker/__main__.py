@@ -1,0 +1,34 @@
+"""``python -m worker``: the Celery worker of ``celery -A worker.tasks worker --pool threads``,
+started without Celery's command line (its click and REPL imports cost a third of a second of
+start-up): ``run`` starts its workers this way. ``--concurrency`` is the requests in flight
+in this process, as for ``aivvm-batch worker``; the Redis URL comes from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from jobs import keys
+from jobs.config import ENV_PREFIX
+from jobs.queue import celery_threads
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--concurrency", type=int, required=True, help="requests in flight in this process")
+    parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--hostname", default=None)
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    os.environ[f"{ENV_PREFIX}CONCURRENCY"] = str(args.concurrency)  # read by the runtime it builds
+    import worker.tasks  # noqa: F401 - registers the task and the runtime's bootsteps
+    from jobs.queue import app
+
+    app.Worker(pool_cls="threads", concurrency=celery_threads(args.concurrency), loglevel=args.loglevel.upper(),
+               queues=[keys.QUEUE], hostname=args.hostname, without_gossip=True, without_mingle=True).start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""How many items a worker process may take: a message is fetched only while its items can start.
+
+Celery's prefetch counts messages, and a message carries a chunk of items: with prefetch
+alone, the first worker to start reserves most of a batch and runs it in several rounds
+while the others idle. Here the process counts the items it holds (those of the messages
+it has taken and not yet acknowledged, less the items already ended) and takes another
+message only while that message's items, guessed from the last one taken, fit in its slots.
+
+The transport's QoS records each delivery (:meth:`Credit.took`) and acknowledgement
+(:meth:`Credit.settled`) and asks, for the messages its channel holds, whether another fits
+(:meth:`Credit.can_take`): a channel replaced after a lost connection starts from nothing.
+The event loop reports each item's end (:meth:`Credit.ended`). Calls come from Celery's
+consumer, its task threads and the loop, hence the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+
+
+def items_in(body: bytes | str | None) -> int:
+    """Items a task message's body ``[[batch_id, seqs], kwargs, embed]`` carries (1 if unknown)."""
+    try:
+        seqs = json.loads(body or b"")[0][1]
+    except (ValueError, TypeError, IndexError, KeyError):
+        return 1
+    return len(seqs) if isinstance(seqs, list) and seqs else 1
+
+
+class Credit:
+    """Items held by this process against its ``slots`` (0: no limit but Celery's prefetch)."""
+
+    def __init__(self, slots: int = 0) -> None:
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._by_tag: dict[str, int] = {}  # items held, by delivery tag
+        self._tag_of_task: dict[str, str] = {}
+        self._task_of_tag: dict[str, str] = {}
+        self._last = 1
+
+    def held(self, tags: Iterable[str]) -> int:
+        """Items not yet ended of the messages ``tags``."""
+        with self._lock:
+            return sum(self._by_tag.get(tag, 0) for tag in tags)
+
+    def can_take(self, tags: Iterable[str]) -> bool:
+        """Another message may be fetched beside the messages ``tags``: none is held, or the
+        next chunk (as large as the last one taken) fits in the slots beside their items."""
+        if self.slots <= 0:
+            return True
+        held = self.held(tags)
+        return held == 0 or held + self._last <= self.slots
+
+    def took(self, tag: str, task_id: str | None, items: int) -> None:
+        with self._lock:
+            self._by_tag[tag] = items
+            if task_id:
+                self._tag_of_task[task_id] = tag
+                self._task_of_tag[tag] = task_id
+            self._last = max(1, items)
+
+    def ended(self, task_id: str | None) -> None:
+        """One item of the message of task ``task_id`` has ended (recorded or handed on)."""
+        with self._lock:
+            tag = self._tag_of_task.get(task_id or "")
+            if tag is not None and self._by_tag.get(tag, 0) > 0:
+                self._by_tag[tag] -= 1
+
+    def settled(self, tag: str) -> None:
+        """The message ``tag`` is acknowledged or rejected: none of its items is held any more."""
+        with self._lock:
+            self._by_tag.pop(tag, None)
+            task_id = self._task_of_tag.pop(tag, None)
+            if task_id is not None and self._tag_of_task.get(task_id) == tag:
+                del self._tag_of_task[task_id]
+
+
+# the process's credit: its slots are set when the worker's runtime is built
+CREDIT = Credit()
