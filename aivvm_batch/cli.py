@@ -2,29 +2,71 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
 import sys
+from collections.abc import Iterator, MutableMapping
 
 import click
 
 from jobs import keys
 from jobs.config import Settings
 from jobs.errors import StoreUnavailable
-from jobs.queue import Publisher, celery_threads, configure
-from jobs.queue import app as celery_app
 from jobs.records import Status
 
-from . import runner
-from .cli_batch import collect, submit, validate
-from .cli_run import run
 from .options import concurrency_option, env, fail, handle_errors, open_store, redis_url_option
-from .progress import summary
-from .serve.cli import serve
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Commands(MutableMapping[str, click.Command]):
+    """The group's commands, those of other modules imported when first looked up.
+
+    Each command imports what it needs and no more: ``submit`` never imports the worker, ``run``
+    or ``serve`` (nor aiohttp, starlette, requests, tqdm), which would cost it start-up time and
+    memory. ``--help`` and iterating over the items import them all.
+    """
+
+    def __init__(self, elsewhere: dict[str, str]) -> None:
+        self._loaded: dict[str, click.Command] = {}
+        self._elsewhere = dict(elsewhere)  # name -> "module:attribute"
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._loaded and name in self._elsewhere:
+            module, _, attribute = self._elsewhere[name].partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{module}:{attribute} is not a click command")
+            self._loaded[name] = command
+            del self._elsewhere[name]
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, command: click.Command) -> None:
+        self._elsewhere.pop(name, None)
+        self._loaded[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        if self._elsewhere.pop(name, None) is None:
+            del self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._loaded, *self._elsewhere])
+
+    def __len__(self) -> int:
+        return len(self._loaded) + len(self._elsewhere)
+
+
+COMMANDS_ELSEWHERE = {
+    "submit": "aivvm_batch.cli_batch:submit",
+    "collect": "aivvm_batch.cli_batch:collect",
+    "validate": "aivvm_batch.cli_batch:validate",
+    "run": "aivvm_batch.cli_run:run",
+    "serve": "aivvm_batch.serve.cli:serve",
+}
+
+
+@click.group(commands=Commands(COMMANDS_ELSEWHERE),
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="aivvm-batch")
 def main() -> None:
     """Batch chat completions over a Celery queue on Redis.
@@ -57,6 +99,8 @@ def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str
     run on the worker's event loop; Celery gets as many threads as it needs to hand
     over enough chunks of items.
     """
+    from .workers import celery_worker_argv
+
     settings = Settings.from_env(redis_url=redis_url)
     if pool == "gevent" and importlib.util.find_spec("gevent") is None:
         fail("the gevent pool needs gevent: pip install 'aivvm-batch[gevent]'")
@@ -66,11 +110,7 @@ def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str
         pass  # Celery waits for the broker; the worker checks again when it starts
     os.environ[env("REDIS_URL")] = settings.redis_url
     os.environ[env("CONCURRENCY")] = str(concurrency)
-    argv = [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", f"--pool={pool}",
-            f"--concurrency={celery_threads(concurrency)}", f"--loglevel={loglevel}", f"--queues={keys.QUEUE}",
-            "--without-gossip", "--without-mingle"]
-    if name:
-        argv.append(f"--hostname={name}")
+    argv = celery_worker_argv(concurrency, pool=pool, loglevel=loglevel, name=name)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
@@ -84,6 +124,8 @@ def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str
 @handle_errors
 def status(batch_id: str, redis_url: str, as_json: bool) -> None:
     """Print a batch's counts by status and its progress."""
+    from . import runner
+
     store = open_store(redis_url)
     info = store.info(batch_id)
     memory = store.memory()
@@ -131,6 +173,9 @@ def cancel(batch_id: str, redis_url: str) -> None:
 @handle_errors
 def retry(batch_id: str, status_: str, redis_url: str) -> None:
     """Enqueue again the items of a batch that ended with STATUS."""
+    from jobs.queue import Publisher, configure
+    from jobs.queue import app as celery_app
+
     settings = Settings.from_env(redis_url=redis_url)
     store = open_store(redis_url)
     configure(celery_app, settings)
@@ -146,6 +191,9 @@ def retry(batch_id: str, status_: str, redis_url: str) -> None:
 @handle_errors
 def batches(redis_url: str, as_json: bool) -> None:
     """List the batches on this Redis, newest first."""
+    from . import runner
+    from .progress import summary
+
     for info in open_store(redis_url).list_batches():
         if as_json:
             click.echo(json.dumps(runner.info_dict(info)))
@@ -181,10 +229,6 @@ def stub(host: str, port: int, latency: float, chunks: int, api_key: str | None,
     serve_stand_in(host, port, latency=latency, chunks=chunks, api_key=api_key,
                    reply_bytes=reply_bytes, backlog=backlog,
                    ready=lambda url: click.echo(f"stand-in provider (not a model) on {url}", err=True))
-
-
-for command in (submit, collect, validate, run, serve):
-    main.add_command(command)
 
 
 if __name__ == "__main__":

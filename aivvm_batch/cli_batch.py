@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import click
 
-from jobs.collect import DEFAULT_IDLE_WARNING_SECONDS, Watch, follow_results, \
-    wait_until_finished, write_results
+from jobs.collect import DEFAULT_IDLE_WARNING_SECONDS
 from jobs.config import Settings
 from jobs.errors import WaitTimeout
-from jobs.formats import ResultFormat
 from jobs.inputs import check_input, is_stdin, spooled
 from jobs.lines import Validation, open_input, validate_lines
-from jobs.output import check_output, is_stdio, open_output
-from jobs.queue import Publisher
-from jobs.queue import app as celery_app
-from jobs.queue import configure
 from jobs.records import BatchOptions, RequestDefaults
-from jobs.submit import submit_file
-
 from .options import (
     base_url_option,
     env,
@@ -36,7 +29,8 @@ from .options import (
     rpm_option,
     tpm_option,
 )
-from .progress import Progress, summary
+
+# The rest is imported by the command that uses it (Celery by submit, tqdm by collect).
 
 # `collect --timeout` passed before the batch finished (as timeout(1) exits)
 EXIT_TIMEOUT = 124
@@ -69,6 +63,13 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm:
         check_input(path, shown=_input_name(file))
         if dry_run:
             _report_and_exit(path, file, settings, defaults)
+        from jobs.queue import Publisher, configure
+        from jobs.queue import app as celery_app
+        from jobs.submit import submit_file
+
+        # What is alive now (the modules) lives as long as the process: the collector need not
+        # look at it again while a large file goes by (a tenth of a submit's time otherwise).
+        gc.freeze()
         store = open_store(redis_url)
         configure(celery_app, settings)
         publisher = Publisher(store.redis, celery_app)
@@ -145,6 +146,12 @@ def collect(batch_id: str, output: Path, wait: bool, follow: bool, timeout: floa
     Nothing is written or truncated until the batch is found and OUTPUT is known
     to be writable. Progress and the summary go to stderr.
     """
+    from jobs.collect import Watch, follow_results, wait_until_finished, write_results
+    from jobs.formats import ResultFormat
+    from jobs.output import check_output, is_stdio, open_output
+
+    from .progress import Progress, summary
+
     name = "standard output" if is_stdio(output) else str(output)
     try:
         store = open_store(redis_url)

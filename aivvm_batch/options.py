@@ -6,21 +6,23 @@ import functools
 import re
 import sys
 from collections.abc import Callable
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import click
-from redis.connection import parse_url
 
 from jobs.config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
 from jobs.errors import BatchError, ConfigError
 from jobs.formats import ResultFormat
 from jobs.records import BatchInfo, RequestDefaults, Status
-from jobs.store import BatchStore, connect
-from worker.providers import PROVIDERS
 
+if TYPE_CHECKING:
+    from jobs.store import BatchStore
+
+# Redis (jobs.store) and the providers (worker.providers) are imported where they are used:
+# a command that needs neither (validate, stub, --help of one command) starts without them.
 F = TypeVar("F", bound=Callable[..., Any])
-PROVIDER_NAMES = tuple(PROVIDERS)
+DEFAULT_PROVIDER = "aivvm"
 
 
 def env(name: str) -> str:
@@ -65,6 +67,8 @@ _REDIS_SCHEMES = "redis://[:password@]host[:port][/db], rediss://... or unix:///
 
 def check_redis_url(url: str) -> str:
     """``url`` if redis-py can use it, else :class:`ConfigError` naming it (password hidden)."""
+    from redis.connection import parse_url
+
     try:
         parse_url(url)
         path = urlsplit(url).path
@@ -98,14 +102,22 @@ def _redis_url_callback(ctx: click.Context, param: click.Parameter, value: str |
 
 
 def parse_providers(value: str) -> str:
+    from worker.providers import PROVIDERS
+
     names = [p.strip() for p in value.split(",") if p.strip()]
-    unknown = [n for n in names if n not in PROVIDER_NAMES]
+    unknown = [n for n in names if n not in PROVIDERS]
     if not names or unknown:
         raise click.BadParameter(
-            f"unknown provider {', '.join(unknown) or value!r}; choose from {', '.join(PROVIDER_NAMES)}"
+            f"unknown provider {', '.join(unknown) or value!r}; choose from {', '.join(PROVIDERS)}"
             " (several, comma-separated, are tried in order)"
         )
     return ",".join(names)
+
+
+def _providers_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    # the default is a provider (tests/test_submit_cli.py): it needs no look-up in the
+    # registry, whose import (the workers' HTTP code) would cost every submit
+    return value if value == DEFAULT_PROVIDER else parse_providers(value)
 
 
 redis_url_option = click.option(
@@ -113,8 +125,8 @@ redis_url_option = click.option(
     show_default=True, callback=_redis_url_callback,
     help="Redis holding the queue and the batches (redis://, rediss://, redis://:password@host).")
 provider_option = click.option(
-    "--provider", envvar=env("PROVIDER"), show_envvar=True, default="aivvm", show_default=True,
-    callback=lambda ctx, param, value: parse_providers(value),
+    "--provider", envvar=env("PROVIDER"), show_envvar=True, default=DEFAULT_PROVIDER, show_default=True,
+    callback=_providers_callback,
     help="aivvm or openai; a comma-separated list falls back in order while nothing has streamed.")
 base_url_option = click.option(
     "--base-url", envvar=env("BASE_URL"), show_envvar=True, default=None,
@@ -169,6 +181,8 @@ def request_defaults_options(func: F) -> F:
 
 
 def open_store(redis_url: str) -> BatchStore:
+    from jobs.store import BatchStore, connect
+
     check_redis_url(redis_url)
     settings = Settings.from_env(redis_url=redis_url)
     return BatchStore(connect(redis_url, connect_timeout=5), settings.result_ttl)

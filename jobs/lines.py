@@ -9,15 +9,16 @@ expected to take, so it cannot collide with an id such as ``"3"`` given elsewher
 from __future__ import annotations
 
 import json
+import json.scanner
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import InputFileError, InvalidLine
-from .records import ChatMessage, ItemRequest, RequestDefaults
+from .records import ChatMessage, ItemRequest, RequestDefaults, new_chat_message, new_item_request
 
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 ROLES = frozenset({"system", "developer", "user", "assistant"})
@@ -49,20 +50,29 @@ def read_lines(stream: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -
     Memory stays bounded by ``max_line_bytes``: a longer line is yielded once,
     truncated and flagged ``oversized``, and the rest of it is skipped.
     """
+    for number, data, oversized in numbered_lines(stream, max_line_bytes):
+        yield RawLine(number, data, oversized)
+
+
+def numbered_lines(stream: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+                   ) -> Iterator[tuple[int, bytes, bool]]:
+    """:func:`read_lines` as ``(number, data, oversized)`` tuples (what submit reads, line by line)."""
     number = 0
+    readline = stream.readline
+    limit = max_line_bytes + 2  # room for a CRLF line end
     while True:
-        chunk = stream.readline(max_line_bytes + 2)  # room for a CRLF line end
+        chunk = readline(limit)
         if not chunk:
             return
         number += 1
-        oversized = len(chunk.rstrip(b"\r\n")) > max_line_bytes
+        oversized = len(chunk) > max_line_bytes and len(chunk.rstrip(b"\r\n")) > max_line_bytes
         if oversized and not chunk.endswith(b"\n"):
             _skip_rest_of_line(stream)
         if number == 1 and chunk.startswith(UTF8_BOM):
             chunk = chunk[len(UTF8_BOM):]
-        if not oversized and not chunk.strip():
+        if not oversized and (not chunk or chunk.isspace()):  # blank (bytes.strip's whitespace)
             continue
-        yield RawLine(number, chunk, oversized)
+        yield number, chunk, oversized
 
 
 def _skip_rest_of_line(stream: BinaryIO) -> None:
@@ -90,6 +100,111 @@ def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 
     ``defaults`` fill what the line lacks (its own values win).
     """
+    if not raw.oversized:
+        request = _parse_usual(raw.number, raw.data, defaults)
+        if request is not None:
+            return request
+    return _parse_any(raw, max_line_bytes, defaults)
+
+
+def parse_data(number: int, data: bytes, oversized: bool = False,
+               max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+               defaults: RequestDefaults = RequestDefaults()) -> ItemRequest:
+    """:func:`parse_line` of ``RawLine(number, data, oversized)`` (what :func:`numbered_lines` yields)."""
+    if not oversized:
+        request = _parse_usual(number, data, defaults)
+        if request is not None:
+            return request
+    return _parse_any(RawLine(number, data, oversized), max_line_bytes, defaults)
+
+
+def _parse_usual(n: int, line: bytes, defaults: RequestDefaults) -> ItemRequest | None:
+    """The request of a usual line, else None: then :func:`_parse_any` decides, and names the fault.
+
+    Usual: a JSON object in the simple form with no field but ``id``, ``prompt`` or ``messages``,
+    ``model``, ``temperature`` and ``system_message``, each valid. For every line it accepts, the
+    request is the one :func:`_parse_any` makes (tests/test_submit_equivalence.py holds it to
+    that); it only skips that path's general checks, the costliest part of a submit.
+    """
+    if not line.startswith(b"{"):
+        return None
+    try:
+        text = line.decode("utf-8")
+        # json.loads(text) is this scan and a check that only JSON whitespace follows
+        data, end = _scan(text, 0)
+    except (ValueError, RecursionError, StopIteration):  # UnicodeDecodeError, JSONDecodeError
+        return None
+    if end != len(text) and text[end:].strip(_JSON_WHITESPACE):
+        return None
+    if type(data) is not dict or not _USUAL_FIELDS.issuperset(data):
+        return None
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        return None
+    item_id = data.get("id")
+    if item_id is None:
+        item_id = f"line-{n}"  # default_id
+    elif type(item_id) is str:
+        if len(item_id) > 512 or not item_id.strip():
+            return None
+    elif type(item_id) is int:
+        item_id = str(item_id)
+        if len(item_id) > 512:
+            return None
+    else:
+        return None
+    own_system = False
+    if "prompt" in data:
+        prompt = data["prompt"]
+        if "messages" in data or type(prompt) is not str or not prompt.strip():
+            return None
+        messages: tuple[ChatMessage, ...] = (new_chat_message("user", prompt),)
+    else:
+        given = data.get("messages")
+        if type(given) is not list or not given:
+            return None
+        only_system = True
+        built = []
+        for item in given:
+            if type(item) is not dict:
+                return None
+            role = item.get("role")
+            content = item.get("content")
+            if type(role) is not str or role not in ROLES or type(content) is not str:
+                return None
+            if role in _SYSTEM_ROLES:
+                own_system = True
+            else:
+                only_system = False
+            built.append(new_chat_message(role, content))
+        if only_system:
+            return None
+        messages = tuple(built)
+    model = data.get("model")
+    if model is not None and type(model) is not str:
+        return None
+    temperature = data.get("temperature")
+    if temperature is None:
+        temperature = defaults.temperature
+    elif type(temperature) is int or type(temperature) is float:
+        if not 0 <= temperature <= 2:
+            return None
+        temperature = float(temperature)
+    else:
+        return None
+    system_message = data.get("system_message")
+    if system_message is None:
+        if not own_system:
+            system_message = defaults.system_message
+    elif type(system_message) is not str:
+        return None
+    max_tokens = defaults.max_tokens
+    return new_item_request(item_id, n, messages, model or defaults.model or None, temperature,
+                            system_message, () if max_tokens is None else (("max_tokens", max_tokens),),
+                            ())
+
+
+def _parse_any(raw: RawLine, max_line_bytes: int, defaults: RequestDefaults) -> ItemRequest:
+    """:func:`parse_line` for any line: every check, and the message that names the fault."""
     n = raw.number
     if raw.oversized:
         raise InvalidLine(n, f"line is longer than the limit of {max_line_bytes} bytes "
@@ -132,6 +247,16 @@ def _finite_float(text: str) -> float:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# The scanner of json.loads(text, parse_float=_finite_float, parse_constant=_no_constant): it
+# reads one value at an index, and returns it with the index after it.
+# (typeshed types make_scanner's argument as a scanner; it is the decoder, as JSONDecoder passes it)
+_scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
+    json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant))  # type: ignore[arg-type]
+_JSON_WHITESPACE = " \t\n\r"
+_USUAL_FIELDS = frozenset({"id", "prompt", "messages", "model", "temperature", "system_message"})
+_SYSTEM_ROLES = frozenset({"system", "developer"})
 
 
 def _best_effort_id(data: dict[str, Any]) -> str | None:

@@ -173,18 +173,73 @@ end
 return reset
 """
 
-# KEYS: ids ; ARGV: id_1 seq_1 ... id_n seq_n -> for each id, the seq that owns it
-OWN_IDS = """
+# A chunk's items travel in a few long arguments, not two per item (packing thousands of
+# arguments costs the client more than the rest of a submit): ids or requests one after the
+# other, each ended by ``SEP`` (a byte that never occurs in UTF-8), and their seqs as one
+# string of decimals, read back by ``SPLIT``.
+SEP = b"\xff"
+SPLIT = """
+local function split(data)
+  local parts, start = {}, 1
+  while start <= #data do
+    local stop = string.find(data, '\\255', start, true)
+    parts[#parts + 1] = string.sub(data, start, stop - 1)
+    start = stop + 1
+  end
+  return parts
+end
+local function decimals(text)
+  local numbers = {}
+  for number in string.gmatch(text, '%d+') do numbers[#numbers + 1] = number end
+  return numbers
+end
+"""
+
+# KEYS: ids ; ARGV: ids (each ended by SEP) seqs (space-separated)
+# -> i_1 owner_1 ... for each id (the i-th, from 1) that another seq owns; nothing for the others.
+# As HSETNX ids id seq for each in turn (an id given twice is owned by its first seq), in one
+# HMGET and one HSET per thousand ids rather than two calls an id.
+OWN_IDS = SPLIT + """
 local ids = KEYS[1]
-local owners = {}
-for i = 1, #ARGV, 2 do
-  if redis.call('HSETNX', ids, ARGV[i], ARGV[i + 1]) == 1 then
-    owners[#owners + 1] = ARGV[i + 1]
-  else
-    owners[#owners + 1] = redis.call('HGET', ids, ARGV[i])
+local given, seqs = split(ARGV[1]), decimals(ARGV[2])
+local taken, new, fields = {}, {}, {}
+for first = 1, #given, 1000 do
+  local last = math.min(first + 999, #given)
+  local owners = redis.call('HMGET', ids, unpack(given, first, last))
+  for i = first, last do
+    local owner = owners[i - first + 1] or new[given[i]]
+    if not owner then
+      new[given[i]] = seqs[i]
+      fields[#fields + 1] = given[i]
+      fields[#fields + 1] = seqs[i]
+    elseif owner ~= seqs[i] then
+      taken[#taken + 1] = i
+      taken[#taken + 1] = owner
+    end
+  end
+  if #fields > 0 then
+    redis.call('HSET', ids, unpack(fields))
+    fields = {}
   end
 end
-return owners
+return taken
+"""
+
+# KEYS: requests ; ARGV: requests (each ended by SEP) seqs (space-separated) -> how many were set
+# (HSET requests seq_1 request_1 ..., a thousand arguments a call)
+STORE_REQUESTS = SPLIT + """
+local requests = KEYS[1]
+local given, seqs = split(ARGV[1]), decimals(ARGV[2])
+local fields, n = {}, 0
+for i = 1, #given do
+  fields[n + 1], fields[n + 2] = seqs[i], given[i]
+  n = n + 2
+  if n >= 1000 or i == #given then
+    redis.call('HSET', requests, unpack(fields, 1, n))
+    n = 0
+  end
+end
+return #given
 """
 
 # KEYS: batch... ; ARGV: total ttl

@@ -187,6 +187,7 @@ class BatchStore:
         self._cancel = client.register_script(scripts.CANCEL)
         self._reset = client.register_script(scripts.RESET)
         self._own_ids = client.register_script(scripts.OWN_IDS)
+        self._store_requests = client.register_script(scripts.STORE_REQUESTS)
         self._finalize = client.register_script(scripts.FINALIZE)
 
     @translated
@@ -335,38 +336,44 @@ class BatchStore:
         valid = [(e.seq, e.parsed) for e in entries if isinstance(e.parsed, ItemRequest)]
         seqs = [seq for seq, _ in valid]
         pipe = self.redis.pipeline(transaction=False)
-        id_args: list[Any] = []
-        for seq, request in valid:
-            id_args += [request.id, seq]
         nothing: list[Any] = [None] * len(valid)
-        owners, finished, old_requests, old_results = nothing, nothing, nothing, nothing
+        owners, finished, old_requests, old_results = seqs, nothing, nothing, nothing
         if valid:
-            self._own_ids(keys=[keys.ids(batch_id)], args=id_args, client=pipe)
+            # every id and seq in two arguments (scripts.OWN_IDS): packing thousands costs more
+            ids = scripts.SEP.join([request.id.encode() for _, request in valid]) + scripts.SEP
+            self._own_ids(keys=[keys.ids(batch_id)], args=[ids, " ".join(map(str, seqs))], client=pipe)
             if resume:
                 pipe.hmget(keys.results(batch_id), seqs)
             if reuse is not None:
                 pipe.hmget(keys.requests(reuse.batch_id), seqs)
                 pipe.hmget(keys.results(reuse.batch_id), seqs)
             replies = iter(pipe.execute())
-            owners = next(replies)
+            taken = next(replies)
+            if taken:  # ids already owned by another seq: duplicates
+                owners = list(seqs)
+                for i in range(0, len(taken), 2):
+                    owners[int(taken[i]) - 1] = int(taken[i + 1])
             finished = next(replies) if resume else nothing
             if reuse is not None:
                 old_requests, old_results = next(replies), next(replies)
         earlier = list(zip(old_requests, old_results))
 
         results: dict[int, ItemResult] = {e.seq: e.parsed for e in entries if isinstance(e.parsed, ItemResult)}
-        stored: dict[FieldT, EncodableT] = {}
+        stored_seqs: list[int] = []
+        stored: list[str] = []
         to_enqueue: list[int] = []
         kept = changed = 0
         for (seq, request), owner, done, (old_request, old_result) in zip(valid, owners, finished, earlier):
-            if int(owner) != seq:
+            if owner != seq:
                 results[seq] = invalid_result(
                     request.line,
                     f"line {request.line}: duplicate id {request.id!r} (first used on an earlier line)",
                     request.id,
                 )
                 continue
-            request_json = stored[seq] = request.to_json()
+            request_json = request.to_json()
+            stored_seqs.append(seq)
+            stored.append(request_json)
             if done is not None:
                 continue
             carried = _carried_over(request, request_json, old_request, old_result, reuse)
@@ -378,7 +385,10 @@ class BatchStore:
             to_enqueue.append(seq)
         pipe = self.redis.pipeline(transaction=False)
         if stored:
-            pipe.hset(keys.requests(batch_id), mapping=stored)
+            # HSET requests seq request ..., its arguments joined as OWN_IDS's are
+            self._store_requests(keys=[keys.requests(batch_id)],
+                                 args=[scripts.SEP.join([r.encode() for r in stored]) + scripts.SEP,
+                                       " ".join(map(str, stored_seqs))], client=pipe)
         if results:
             self._record_in(pipe, batch_id, list(results.items()))
         enqueue(pipe, to_enqueue)

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from .config import Settings
 from .errors import BatchError, BatchNotFound, ConfigError, InvalidLine, StoreFull
-from .lines import open_input, parse_line, read_lines
+from .lines import numbered_lines, open_input, parse_data
 from .queue import Publisher, chunk_size
 from .records import BatchOptions, ItemRequest, ItemResult, RequestDefaults, invalid_result
 from .store import BatchStore, ChunkEntry, ChunkOutcome, Reuse
@@ -94,20 +94,21 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
         store.update_options(batch_id, options)
     total = invalid = enqueued = kept = changed = 0
     chunk: list[ChunkEntry] = []
-    for raw in read_lines(stream, settings.max_line_bytes):
+    max_items, max_line_bytes = settings.max_items, settings.max_line_bytes
+    for number, data, oversized in numbered_lines(stream, max_line_bytes):
         parsed: ItemRequest | ItemResult
-        if total >= settings.max_items:
-            chunk.append(ChunkEntry(total, invalid_result(raw.number, (
-                f"line {raw.number}: the file was cut here: a batch is limited to {settings.max_items} "
+        if total >= max_items:
+            chunk.append(ChunkEntry(total, invalid_result(number, (
+                f"line {number}: the file was cut here: a batch is limited to {max_items} "
                 "items (AIVVM_BATCH_MAX_ITEMS); this line and the rest of the file were not read"))))
             invalid += 1
             total += 1
             break
         try:
-            parsed = parse_line(raw, settings.max_line_bytes, defaults)
+            parsed = parse_data(number, data, oversized, max_line_bytes, defaults)
         except InvalidLine as exc:
-            parsed = invalid_result(raw.number, str(exc), exc.item_id)
-        invalid += isinstance(parsed, ItemResult)
+            parsed = invalid_result(number, str(exc), exc.item_id)
+            invalid += 1
         chunk.append(ChunkEntry(total, parsed))
         total += 1
         if len(chunk) >= CHUNK_LINES:
