@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from jobs import keys
 from jobs.config import ENV_PREFIX
@@ -26,8 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     import worker.tasks  # noqa: F401 - registers the task and the runtime's bootsteps
     from jobs.queue import app
 
-    app.Worker(pool_cls="threads", concurrency=celery_threads(args.concurrency), loglevel=args.loglevel.upper(),
-               queues=[keys.QUEUE], hostname=args.hostname, without_gossip=True, without_mingle=True).start()
+    node = app.Worker(pool_cls="threads", concurrency=celery_threads(args.concurrency),
+                      loglevel=args.loglevel.upper(), queues=[keys.QUEUE], hostname=args.hostname,
+                      without_gossip=True, without_mingle=True)
+    node.start()
+    sys.exit(node.exitcode)  # as `celery worker` does: 2 when check_redis refused the Redis
 
 
 if __name__ == "__main__":
