@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import json.scanner
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .errors import InputFileError, InvalidLine
 from .records import ChatMessage, ItemRequest, RequestDefaults, new_chat_message, new_item_request
 
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+LINE_COUNT_LIMIT = 64 << 20  # bytes of a file scanned for its newlines at most (lines_expected)
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 SIMPLE_FIELDS = frozenset(
     {"id", "messages", "prompt", "system_message", "model", "temperature", "metadata"}
@@ -80,6 +82,37 @@ def _skip_rest_of_line(stream: BinaryIO) -> None:
         rest = stream.readline(DEFAULT_MAX_LINE_BYTES)
         if not rest or rest.endswith(b"\n"):
             return
+
+
+def lines_expected(stream: BinaryIO, count_limit: int = LINE_COUNT_LIMIT) -> int | None:
+    """About how many lines a regular file has from its current position (None for a pipe).
+
+    The newlines of its first ``count_limit`` bytes are counted (a fast scan), past them
+    extrapolated by its size; the position is kept. What it is for: sizing a batch's
+    messages from the start (:func:`jobs.queue.chunk_size`), not any count a user sees.
+    """
+    try:
+        if not stream.seekable():
+            return None
+        start = stream.tell()
+        left = os.fstat(stream.fileno()).st_size - start
+    except (OSError, ValueError):
+        return None
+    newlines = scanned = 0
+    last = b"\n"
+    try:
+        while scanned < count_limit:
+            block = stream.read(min(1 << 20, count_limit - scanned))
+            if not block:
+                break
+            newlines += block.count(b"\n")
+            scanned += len(block)
+            last = block[-1:]
+    finally:
+        stream.seek(start)
+    if 0 < scanned < left:
+        return newlines * left // scanned
+    return newlines + (last != b"\n")  # a last line without its newline is a line
 
 
 def open_input(path: str | Path) -> BinaryIO:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from .config import Settings
 from .errors import BatchError, BatchNotFound, ConfigError, InvalidLine, StoreFull
-from .lines import numbered_lines, open_input, parse_data
+from .lines import lines_expected, numbered_lines, open_input, parse_data
 from .queue import Publisher, chunk_size
 from .records import BatchOptions, ItemRequest, ItemResult, RequestDefaults, invalid_result
 from .store import BatchStore, ChunkEntry, ChunkOutcome, Reuse
@@ -93,6 +93,7 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
     if resume:
         store.update_options(batch_id, options)
     total = invalid = enqueued = kept = changed = 0
+    expected = lines_expected(stream) or 0
     chunk: list[ChunkEntry] = []
     max_items, max_line_bytes = settings.max_items, settings.max_line_bytes
     for number, data, oversized in numbered_lines(stream, max_line_bytes):
@@ -111,11 +112,12 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
             invalid += 1
         chunk.append(ChunkEntry(total, parsed))
         total += 1
-        if len(chunk) >= CHUNK_LINES:
-            outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, total)
+        # a block ends on a whole message: no part-filled message in the middle of a batch
+        if len(chunk) >= CHUNK_LINES and len(chunk) % chunk_size(max(total, expected)) == 0:
+            outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, max(total, expected))
             enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
             chunk = []
-    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, total)
+    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, max(total, expected))
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     store.finalize(batch_id, total)
     return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed)
@@ -140,11 +142,11 @@ def _abandon(store: BatchStore, batch_id: str) -> None:
 
 
 def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[ChunkEntry],
-           resume: bool, reuse: Reuse | None, seen: int) -> ChunkOutcome:
-    """Store a block of lines; its items go out in messages sized to the lines seen so far
-    (the whole batch when it fits in one block; else a lower bound of it)."""
+           resume: bool, reuse: Reuse | None, lines: int) -> ChunkOutcome:
+    """Store a block of lines; its items go out in messages sized to the batch's ``lines``
+    (those of a regular file, from the start; of a pipe, those read so far)."""
     if not chunk:
         return ChunkOutcome([])
-    size = chunk_size(seen)
+    size = chunk_size(lines)
     return store.add_chunk(batch_id, chunk, resume=resume, reuse=reuse,
                            enqueue=lambda pipe, seqs: publisher.publish(batch_id, seqs, pipe, chunk=size))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jobs.errors import BatchError, InvalidLine
-from jobs.lines import DEFAULT_MAX_LINE_BYTES, RawLine, parse_line, read_lines
+from jobs.lines import DEFAULT_MAX_LINE_BYTES, RawLine, lines_expected, parse_line, read_lines
 from jobs.records import ChatMessage, ItemRequest, RequestDefaults
 
 # -- helpers -----------------------------------------------------------------
@@ -725,3 +727,38 @@ def test_default_max_tokens_does_not_add_to_max_completion_tokens() -> None:
 def test_no_defaults_leave_the_line_as_written() -> None:
     req = parse_line(line({"prompt": "x"}), defaults=RequestDefaults())
     assert (req.model, req.temperature, req.system_message, req.params) == (None, None, None, ())
+
+
+# -- lines_expected: how messages are sized from the start -------------------------
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"", 0), (b"{}\n", 1), (b"{}", 1), (b"{}\n{}\n{}", 3), (b"{}\n\n{}\n", 3), (b"\xef\xbb\xbf{}\r\n{}\r\n", 2),
+])
+def test_lines_expected_counts_a_regular_file(tmp_path: Path, data: bytes, expected: int) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    with open(path, "rb") as stream:
+        assert lines_expected(stream) == expected
+        assert stream.tell() == 0  # the reading that follows starts where it was
+        assert stream.read() == data
+
+
+def test_lines_expected_extrapolates_past_its_scan_and_keeps_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"x" * 9 + b"\n" + b"abcdefghi\n" * 999)  # 1,000 lines of 10 bytes
+    with open(path, "rb") as stream:
+        assert lines_expected(stream, count_limit=100) == 1000  # 10 newlines in 100 bytes, times 100
+        stream.readline()
+        assert lines_expected(stream, count_limit=100) == 999  # from where the reader stands
+        assert stream.readline() == b"abcdefghi\n"
+
+
+def test_lines_expected_of_a_pipe_is_unknown() -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"{}\n{}\n")
+    os.close(write_end)
+    with open(read_end, "rb") as stream:
+        assert lines_expected(stream) is None
+        assert stream.read() == b"{}\n{}\n"  # nothing was consumed
+    assert lines_expected(io.BytesIO(b"{}\n")) is None  # no file behind it

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from jobs.store import BatchStore
 from jobs.submit import submit_file
 from worker.chunk import Handoff, run_chunk
 from worker.completion import Attempt
+from worker.credit import Credit
 from worker.errors import IncompleteReply, ProviderHTTPError, ProviderTimeout
 from worker.item import Done, ItemState, decide
 from worker.runtime import Runtime
@@ -44,6 +46,24 @@ def test_chunks_spread_a_small_batch_and_stay_small_for_a_big_one() -> None:
         [1, 1, 1, 1, 2, 46, 64, 64, 64]
     assert len(list(chunks(list(range(3000)), chunk_size(3000)))) == 66  # at least 64 messages
     assert [celery_threads(n) for n in (1, 32, 64, 256, 1024, 4096)] == [1, 32, 64, 64, 128, 512]
+
+
+def test_credit_keeps_the_slots_full_with_less_than_a_chunk_waiting() -> None:
+    credit = Credit(slots=128)
+    assert credit.can_take([])  # nothing held: the first message always
+    credit.took("t1", "task1", 64)
+    credit.took("t2", "task2", 64)
+    assert credit.can_take(["t1", "t2"])  # 128 held, none waits: a chunk may wait for the next slots
+    credit.took("t3", "task3", 64)
+    assert not credit.can_take(["t1", "t2", "t3"])  # 64 wait: enough to take the next slots at once
+    credit.ended("task1")
+    assert credit.held(["t1", "t2", "t3"]) == 191 and credit.can_take(["t1", "t2", "t3"])
+    credit.settled("t3")
+    assert credit.held(["t1", "t2", "t3"]) == 127
+    credit.ended("task3")  # a message already settled: nothing changes
+    assert credit.held(["t1", "t2"]) == 127
+    assert credit.held(["t9", "t1", "t2"]) == 127  # a tag it never took holds nothing
+    assert Credit(slots=0).can_take(["t1"])  # no slots known: Celery's prefetch alone
 
 
 def test_a_chunk_message_is_celerys_own_and_carries_its_items() -> None:
@@ -135,6 +155,16 @@ class Bench:
 def bench(tmp_path: Path) -> Iterator[Bench]:
     with EmbeddedRedis(tmp_path / "redis", persistent=False) as server, StubServer(latency=0.3, chunks=3) as stub:
         yield Bench(tmp_path, server, stub)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_file_is_cut_into_equal_messages_from_its_first_line(bench: Bench) -> None:
+    """Sized from the file's line count, not from its first block: every message but the last
+    holds chunk_size(total) items, so that the slots of a worker are a whole number of messages."""
+    bench.submit([f"line {i}" for i in range(5000)])
+    sizes = Counter(len(seqs) for _, seqs, _ in bench.queued())
+    assert chunk_size(5000) == 64 and sizes == Counter({64: 5000 // 64, 5000 % 64: 1})
 
 
 @pytest.mark.integration

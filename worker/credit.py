@@ -4,7 +4,9 @@ Celery's prefetch counts messages, and a message carries a chunk of items: with 
 alone, the first worker to start reserves most of a batch and runs it in several rounds
 while the others idle. Here the process counts the items it holds (those of the messages
 it has taken and not yet acknowledged, less the items already ended) and takes another
-message only while that message's items, guessed from the last one taken, fit in its slots.
+message while fewer than a chunk of them (as many as the last message carried) wait for a
+slot: a slot that frees is taken at once by a waiting item, never after a fetch, and no
+process holds more than its slots and two chunks.
 
 The transport's QoS records each delivery (:meth:`Credit.took`) and acknowledgement
 (:meth:`Credit.settled`) and asks, for the messages its channel holds, whether another fits
@@ -38,7 +40,7 @@ class Credit:
         self._by_tag: dict[str, int] = {}  # items held, by delivery tag
         self._tag_of_task: dict[str, str] = {}
         self._task_of_tag: dict[str, str] = {}
-        self._last = 1
+        self._last = 0  # items of the last message taken
 
     def held(self, tags: Iterable[str]) -> int:
         """Items not yet ended of the messages ``tags``."""
@@ -46,12 +48,9 @@ class Credit:
             return sum(self._by_tag.get(tag, 0) for tag in tags)
 
     def can_take(self, tags: Iterable[str]) -> bool:
-        """Another message may be fetched beside the messages ``tags``: none is held, or the
-        next chunk (as large as the last one taken) fits in the slots beside their items."""
-        if self.slots <= 0:
-            return True
-        held = self.held(tags)
-        return held == 0 or held + self._last <= self.slots
+        """Another message may be fetched beside the messages ``tags``: fewer than a chunk of their
+        items would wait for a slot."""
+        return self.slots <= 0 or self.held(tags) < self.slots + self._last
 
     def took(self, tag: str, task_id: str | None, items: int) -> None:
         with self._lock:
@@ -59,7 +58,7 @@ class Credit:
             if task_id:
                 self._tag_of_task[task_id] = tag
                 self._task_of_tag[tag] = task_id
-            self._last = max(1, items)
+            self._last = items
 
     def ended(self, task_id: str | None) -> None:
         """One item of the message of task ``task_id`` has ended (recorded or handed on)."""

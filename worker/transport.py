@@ -127,3 +127,6 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+    # seconds an idle BRPOP waits on the server (kombu: 1); closing the channel waits for
+    # the one in flight, so a worker's warm shutdown lasts up to this long after its last task
+    brpop_timeout = 0.1
