@@ -26,6 +26,7 @@ from jobs.store import is_out_of_memory
 from .credit import CREDIT, items_in
 
 logger = logging.getLogger(__name__)
+IDLE_BRPOP_SECONDS = 0.1
 
 
 class QoS(kombu_redis.QoS):
@@ -106,6 +107,18 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """kombu's channel, its idle BRPOP shortened to :data:`IDLE_BRPOP_SECONDS` on a Redis that
+        takes a fraction of a second (6.0 and later): closing the channel waits for the BRPOP in
+        flight, so a worker's warm shutdown lasted up to kombu's second after its last task."""
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        try:
+            version = str(self.client.info("server").get("redis_version", "0"))
+        except Exception:  # noqa: BLE001 - the whole second is always right
+            return
+        if int(version.split(".")[0] or 0) >= 6:
+            self.brpop_timeout = IDLE_BRPOP_SECONDS
+
     def _size(self, queue: str) -> int:
         """The queue's length, read without MULTI (a full Redis refuses any queued command)."""
         with self.conn_or_acquire() as client:
@@ -127,6 +140,3 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
-    # seconds an idle BRPOP waits on the server (kombu: 1); closing the channel waits for
-    # the one in flight, so a worker's warm shutdown lasts up to this long after its last task
-    brpop_timeout = 0.1
