@@ -48,22 +48,24 @@ def test_chunks_spread_a_small_batch_and_stay_small_for_a_big_one() -> None:
     assert [celery_threads(n) for n in (1, 32, 64, 256, 1024, 4096)] == [1, 32, 64, 64, 128, 512]
 
 
-def test_credit_keeps_the_slots_full_with_less_than_a_chunk_waiting() -> None:
+def test_credit_takes_a_message_only_while_its_items_fit_in_the_free_slots() -> None:
     credit = Credit(slots=128)
     assert credit.can_take([])  # nothing held: the first message always
     credit.took("t1", "task1", 64)
+    assert credit.can_take(["t1"])  # 64 held: another 64 fit
     credit.took("t2", "task2", 64)
-    assert credit.can_take(["t1", "t2"])  # 128 held, none waits: a chunk may wait for the next slots
-    credit.took("t3", "task3", 64)
-    assert not credit.can_take(["t1", "t2", "t3"])  # 64 wait: enough to take the next slots at once
+    assert not credit.can_take(["t1", "t2"])
     credit.ended("task1")
-    assert credit.held(["t1", "t2", "t3"]) == 191 and credit.can_take(["t1", "t2", "t3"])
-    credit.settled("t3")
-    assert credit.held(["t1", "t2", "t3"]) == 127
-    credit.ended("task3")  # a message already settled: nothing changes
-    assert credit.held(["t1", "t2"]) == 127
-    assert credit.held(["t9", "t1", "t2"]) == 127  # a tag it never took holds nothing
-    assert Credit(slots=0).can_take(["t1"])  # no slots known: Celery's prefetch alone
+    assert credit.held(["t1", "t2"]) == 127 and not credit.can_take(["t1", "t2"])  # one free slot is not 64
+    for _ in range(63):
+        credit.ended("task1")
+    assert credit.held(["t1", "t2"]) == 64 and credit.can_take(["t1", "t2"])
+    credit.settled("t2")
+    credit.ended("task2")  # a message already settled: nothing changes
+    assert credit.held(["t1", "t2", "t9"]) == 0  # a tag it never took holds nothing
+    credit.took("big", "task3", 500)  # a chunk larger than the slots still runs, alone
+    assert credit.can_take([]) and not credit.can_take(["big"])
+    assert Credit(slots=0).can_take(["big"])  # no slots known: Celery's prefetch alone
 
 
 def test_a_chunk_message_is_celerys_own_and_carries_its_items() -> None:

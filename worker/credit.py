@@ -4,9 +4,9 @@ Celery's prefetch counts messages, and a message carries a chunk of items: with 
 alone, the first worker to start reserves most of a batch and runs it in several rounds
 while the others idle. Here the process counts the items it holds (those of the messages
 it has taken and not yet acknowledged, less the items already ended) and takes another
-message while fewer than a chunk of them (as many as the last message carried) wait for a
-slot: a slot that frees is taken at once by a waiting item, never after a fetch, and no
-process holds more than its slots and two chunks.
+message only while that message's items, guessed from the last one taken, fit in its slots.
+None waits in one process for a slot while another process has slots free: with a batch
+that exactly fills the slots twice, an item left waiting would cost a whole extra round.
 
 The transport's QoS records each delivery (:meth:`Credit.took`) and acknowledgement
 (:meth:`Credit.settled`) and asks, for the messages its channel holds, whether another fits
@@ -48,9 +48,12 @@ class Credit:
             return sum(self._by_tag.get(tag, 0) for tag in tags)
 
     def can_take(self, tags: Iterable[str]) -> bool:
-        """Another message may be fetched beside the messages ``tags``: fewer than a chunk of their
-        items would wait for a slot."""
-        return self.slots <= 0 or self.held(tags) < self.slots + self._last
+        """Another message may be fetched beside the messages ``tags``: none is held, or the
+        next chunk (as large as the last one taken) fits in the slots beside their items."""
+        if self.slots <= 0:
+            return True
+        held = self.held(tags)
+        return held == 0 or held + self._last <= self.slots
 
     def took(self, tag: str, task_id: str | None, items: int) -> None:
         with self._lock:

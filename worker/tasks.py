@@ -26,7 +26,7 @@ from .sweeper import Sweeper
 
 DEFAULT_CONCURRENCY = 64
 # the consumer looks again this often whether a message fits (slots free as items end)
-CREDIT_RECHECK_SECONDS = 0.05
+CREDIT_RECHECK_SECONDS = 0.01
 _pool_size: list[int] = []
 
 
