@@ -40,7 +40,7 @@ class Credit:
         self._by_tag: dict[str, int] = {}  # items held, by delivery tag
         self._tag_of_task: dict[str, str] = {}
         self._task_of_tag: dict[str, str] = {}
-        self._last = 0  # items of the last message taken
+        self._last = 1
 
     def held(self, tags: Iterable[str]) -> int:
         """Items not yet ended of the messages ``tags``."""
@@ -61,7 +61,7 @@ class Credit:
             if task_id:
                 self._tag_of_task[task_id] = tag
                 self._task_of_tag[tag] = task_id
-            self._last = items
+            self._last = max(1, items)
 
     def ended(self, task_id: str | None) -> None:
         """One item of the message of task ``task_id`` has ended (recorded or handed on)."""
