@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -115,8 +116,7 @@ class EmbeddedRedis:
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5,
-                             password=self._password())
+        client = self._client(socket_connect_timeout=0.5)
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 return False
@@ -132,6 +132,10 @@ class EmbeddedRedis:
             time.sleep(0.05)
         return False
 
+    def _client(self, **options: Any) -> redis.Redis:
+        """A client of this server (with its password, if it has one)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self._password(), **options)
+
     def _password(self) -> str | None:
         args = list(self.extra_args)
         if "--requirepass" in args:
@@ -146,9 +150,8 @@ class EmbeddedRedis:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self._password(),
-                             socket_connect_timeout=1, socket_timeout=timeout,
-                             retry=Retry(NoBackoff(), 0))  # the connection it closes is no error to retry
+        # the connection SHUTDOWN closes is no error to retry
+        client = self._client(socket_connect_timeout=1, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
         try:
             client.shutdown()
         except redis.exceptions.RedisError:

@@ -112,12 +112,13 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
             invalid += 1
         chunk.append(ChunkEntry(total, parsed))
         total += 1
-        # a block ends on a whole message: no part-filled message in the middle of a batch
-        if len(chunk) >= CHUNK_LINES and len(chunk) % chunk_size(max(total, expected)) == 0:
-            outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, max(total, expected))
-            enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
-            chunk = []
-    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, max(total, expected))
+        if len(chunk) >= CHUNK_LINES:
+            size = chunk_size(max(total, expected))
+            if len(chunk) % size == 0:  # a block ends on a whole message: none part-filled mid-batch
+                outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, size)
+                enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
+                chunk = []
+    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected)))
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     store.finalize(batch_id, total)
     return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed)
@@ -142,11 +143,10 @@ def _abandon(store: BatchStore, batch_id: str) -> None:
 
 
 def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[ChunkEntry],
-           resume: bool, reuse: Reuse | None, lines: int) -> ChunkOutcome:
-    """Store a block of lines; its items go out in messages sized to the batch's ``lines``
-    (those of a regular file, from the start; of a pipe, those read so far)."""
+           resume: bool, reuse: Reuse | None, size: int) -> ChunkOutcome:
+    """Store a block of lines; its items go out in messages of ``size`` items (sized to the
+    batch's lines: of a regular file, counted from the start; of a pipe, those read so far)."""
     if not chunk:
         return ChunkOutcome([])
-    size = chunk_size(lines)
     return store.add_chunk(batch_id, chunk, resume=resume, reuse=reuse,
                            enqueue=lambda pipe, seqs: publisher.publish(batch_id, seqs, pipe, chunk=size))

@@ -113,10 +113,10 @@ class Channel(kombu_redis.Channel):
         flight, so a worker's warm shutdown lasted up to kombu's second after its last task."""
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         try:
-            version = str(self.client.info("server").get("redis_version", "0"))
-        except Exception:  # noqa: BLE001 - the whole second is always right
+            major = int(str(self.client.info("server").get("redis_version", "0")).split(".")[0])
+        except Exception:  # noqa: BLE001 - an unknown version keeps kombu's whole second
             return
-        if int(version.split(".")[0] or 0) >= 6:
+        if major >= 6:
             self.brpop_timeout = IDLE_BRPOP_SECONDS
 
     def _size(self, queue: str) -> int:
