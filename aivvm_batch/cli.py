@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import json
@@ -19,6 +20,19 @@ from jobs.records import Status
 from .options import concurrency_option, env, fail, handle_errors, open_store, redis_url_option
 
 
+def _imported(module: str) -> object:
+    """A command's module, imported without the collector (which would scan the growing heap
+    of modules several times over); what the import made is then left out of later collections."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return importlib.import_module(module)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 class Commands(MutableMapping[str, click.Command]):
     """The group's commands, those of other modules imported when first looked up.
 
@@ -34,7 +48,7 @@ class Commands(MutableMapping[str, click.Command]):
     def __getitem__(self, name: str) -> click.Command:
         if name not in self._loaded and name in self._elsewhere:
             module, _, attribute = self._elsewhere[name].partition(":")
-            command = getattr(importlib.import_module(module), attribute)
+            command = getattr(_imported(module), attribute)
             if not isinstance(command, click.Command):
                 raise TypeError(f"{module}:{attribute} is not a click command")
             self._loaded[name] = command

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -290,7 +291,13 @@ class BatchOptions:
     tpm: int | None = None
 
     def providers(self) -> tuple[str, ...]:
-        return tuple(p.strip() for p in self.provider.split(",") if p.strip())
+        return _provider_names(self.provider)
+
+
+@functools.lru_cache(maxsize=64)
+def _provider_names(provider: str) -> tuple[str, ...]:
+    """``"aivvm, openai"`` -> ``("aivvm", "openai")`` (asked for each item a worker runs)."""
+    return tuple(p.strip() for p in provider.split(",") if p.strip())
 
 
 @dataclass(frozen=True)

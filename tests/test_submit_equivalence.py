@@ -83,8 +83,8 @@ def test_the_usual_line_shortcut_gives_what_every_check_gives(data: dict[str, An
 
 
 @settings(max_examples=50, deadline=None)
-@given(usual_fields.filter(lambda d: "prompt" in d and isinstance(d["prompt"], str) and d["prompt"].strip() and all(
-    k == "prompt" or d[k] is None for k in d)))
+@given(st.fixed_dictionaries({"prompt": good_texts}, optional={
+    "id": good_texts, "model": st.none(), "temperature": st.none(), "system_message": st.none()}))
 def test_the_shortcut_takes_lines_with_a_prompt(data: dict[str, Any]) -> None:
     assert _parse_usual(2, _line(data, False, False, "\n"), RequestDefaults()) is not None
 

@@ -19,6 +19,7 @@ from jobs.records import BatchOptions, ItemRequest
 from . import completion
 from .completion import Attempt
 from .providers import AbstractProvider, CompletionCall
+from .providers.credentials import KeyChooser
 
 AsyncBeforeCall = Callable[[type[AbstractProvider], CompletionCall], Coroutine[Any, Any, None]]
 
@@ -42,6 +43,7 @@ class ProviderCalls:
         self.concurrency = concurrency
         self._http_class = _async_http()
         self._http: Any = None
+        self._keys = KeyChooser(settings.allowed_base_urls)
         self._threads: ThreadPoolExecutor | None = None
 
     @property
@@ -54,7 +56,7 @@ class ProviderCalls:
             if self._http is None:
                 self._http = self._http_class(max_connections=self.concurrency)
             result: Attempt = await completion.attempt_async(
-                request, options.providers(), options.base_url, self.settings, self._http, before_call)
+                request, options.providers(), options.base_url, self.settings, self._http, before_call, self._keys)
             return result
         if self._threads is None:
             self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="aivvm-call")

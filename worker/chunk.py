@@ -12,9 +12,10 @@ claimed with nothing to finish it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -39,6 +40,9 @@ from .providers import AbstractProvider, CompletionCall
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
+# a claim's token names one attempt of one process: a random prefix, the process, a counter
+_TOKEN_PREFIX = os.urandom(6).hex()
+_attempts = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ class _Slot:
 async def attempt_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Done | RunAgain:
     """Claim the item, call its provider, and record the result (or say when to run it again)."""
     where = f"batch {batch_id} item {seq}"
-    token = uuid.uuid4().hex
+    token = f"{_TOKEN_PREFIX}{os.getpid():x}.{next(_attempts):x}"
     async with _Slot(rt.slots) as slot:
         claim = await wait_for_store(f"{where}: claim", lambda: rt.io.claim((batch_id, seq, token)))
         if claim.outcome is not ClaimOutcome.CLAIMED or claim.request is None or claim.options is None:

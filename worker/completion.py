@@ -19,7 +19,7 @@ from .errors import ProviderError, ProviderHTTPError, RateLimited
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
 from .providers.aio import AsyncHTTP
 from .providers.call import Item
-from .providers.credentials import choose_key, redact, worker_keys
+from .providers.credentials import KeyChooser, choose_key, redact, worker_keys
 
 logger = logging.getLogger(__name__)
 BeforeCall = Callable[[type[AbstractProvider], CompletionCall], None]
@@ -71,15 +71,17 @@ def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str
 
 
 async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
-                        settings: Settings, http: AsyncHTTP, before_call: AsyncBeforeCall | None = None) -> Attempt:
-    """:func:`attempt` on the event loop: the same fallback, errors and results, through ``http``."""
+                        settings: Settings, http: AsyncHTTP, before_call: AsyncBeforeCall | None = None,
+                        keys: KeyChooser | None = None) -> Attempt:
+    """:func:`attempt` on the event loop: the same fallback, errors and results, through ``http``
+    (``keys``: the worker's key choices, kept for the life of its process)."""
     started = time.monotonic()
     fallback = _Fallback()
     for position, name in enumerate(provider_names):
         provider = PROVIDERS[name]
         streamed = _Streamed(provider, request, started)
         try:
-            call = streamed.prepare(base_url if position == 0 else None, settings)
+            call = streamed.prepare(base_url if position == 0 else None, settings, keys)
             if before_call is not None:
                 await before_call(provider, call)
             async for item in provider.astream(call, http):
@@ -107,12 +109,14 @@ class _Streamed:
     scope: str = ""
     error: ProviderError | None = None
 
-    def prepare(self, base_url: str | None, settings: Settings) -> CompletionCall:
+    def prepare(self, base_url: str | None, settings: Settings, keys: KeyChooser | None = None) -> CompletionCall:
         provider, request = self.provider, self.request
         self.model = request.model or ""
         self.scope = provider.name
         self.model = provider.check_model(self.model)
-        key = choose_key(provider, provider.base_url(base_url), settings.allowed_base_urls)
+        target = provider.base_url(base_url)
+        key = keys(provider, target) if keys is not None else choose_key(provider, target,
+                                                                         settings.allowed_base_urls)
         call = CompletionCall(
             model=self.model,
             messages=tuple(m.to_dict() for m in request.messages),

@@ -56,6 +56,15 @@ class Leases:
         return len(self._held)
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (not on Windows), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def redis_pool_size(settings: Settings) -> int:
     """Connections of a worker process: its store threads, the lease renewal and the rate limiter."""
     return settings.redis_pool or IO_THREADS + 8
@@ -87,7 +96,7 @@ class Runtime:
         client = connect(settings.redis_url, max_connections=redis_pool_size(settings), retries=WORKER_RETRIES)
         store = BatchStore(client, settings.result_ttl)
         publisher = Publisher(client, app)
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop()
         executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="aivvm-redis")
         runtime = cls(
             settings=settings, concurrency=concurrency, client=client, store=store,

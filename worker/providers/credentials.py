@@ -91,6 +91,26 @@ def choose_key(provider: type[AbstractProvider], base_url: str, extra_allowed: s
     return KeyChoice(None, provider.api_key_variable)
 
 
+class KeyChooser:
+    """:func:`choose_key` for a process whose environment stays as it started (a worker):
+    each provider and base URL is decided once, not read from the environment for every call."""
+
+    LIMIT = 1024  # base URLs remembered (each batch may name its own)
+
+    def __init__(self, extra_allowed: str) -> None:
+        self.extra_allowed = extra_allowed
+        self._chosen: dict[tuple[str, str], KeyChoice] = {}
+
+    def __call__(self, provider: type[AbstractProvider], base_url: str) -> KeyChoice:
+        where = (provider.name, base_url)
+        choice = self._chosen.get(where)
+        if choice is None:
+            if len(self._chosen) >= self.LIMIT:
+                self._chosen.clear()
+            choice = self._chosen[where] = choose_key(provider, base_url, self.extra_allowed)
+        return choice
+
+
 def _warn_once(provider: type[AbstractProvider], base_url: str) -> None:
     with _warned_lock:
         if (provider.name, base_url) in _warned:

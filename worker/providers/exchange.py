@@ -36,6 +36,7 @@ ERROR_RAW_LIMIT = 65536  # raw bytes of an error body read at most
 MAX_RETRY_AFTER = 3600.0
 ACCEPT_ENCODING = "gzip, deflate"  # what BodyDecoder undoes; never br or zstd
 ErrorParser = Callable[[int, str, "float | None"], ProviderHTTPError]
+_JSON = json.JSONEncoder(allow_nan=False)  # json.dumps(body, allow_nan=False) builds one per call
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ OnReply = Callable[[Head], None]  # told the head of a 200 before its first byte
 
 def encode_body(body: dict[str, Any]) -> bytes:
     """The JSON body's bytes (as requests would send ``json=``: no NaN, ASCII-escaped)."""
-    return json.dumps(body, allow_nan=False).encode("utf-8")
+    return _JSON.encode(body).encode("utf-8")
 
 
 def request_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -40,15 +40,22 @@ class ReplyReader:
         self.call = call
         self.parser = parser
         self.check_type = check_type
-        self.decoder = BodyDecoder(None, call.max_reply_bytes, call.max_decompression_ratio)
+        self._decoder: BodyDecoder | None = None  # made by start(), from the head
         self.trailing = 0  # raw bytes after the reply was complete
 
     def start(self, head: Head) -> None:
         """The head of the 200: is it a reply of this protocol, and how is it encoded?"""
         if self.check_type is not None:
             self.check_type(head.media_type)
-        self.decoder = BodyDecoder(head.content_encoding, self.call.max_reply_bytes,
-                                   self.call.max_decompression_ratio)
+        self._decoder = BodyDecoder(head.content_encoding, self.call.max_reply_bytes,
+                                    self.call.max_decompression_ratio)
+
+    @property
+    def decoder(self) -> BodyDecoder:
+        """The body's decoder; a body fed without a head is read as not encoded."""
+        if self._decoder is None:
+            self._decoder = BodyDecoder(None, self.call.max_reply_bytes, self.call.max_decompression_ratio)
+        return self._decoder
 
     @property
     def stopped(self) -> bool:
@@ -61,11 +68,12 @@ class ReplyReader:
             return
         out: list[Item] = []
         error: ProviderError | None = None
+        decoder = self.decoder
         try:
-            data = self.decoder.feed(raw)
+            data = decoder.feed(raw)
             if data:
                 self.parser.feed(data, out)
-            error = self.decoder.error
+            error = decoder.error
         except ProviderError as exc:
             error = exc
         yield from out
