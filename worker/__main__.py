@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     os.environ[f"{ENV_PREFIX}CONCURRENCY"] = str(args.concurrency)  # read by the runtime it builds
-    # no collection while importing (a tenth of the start-up), then none of the boot's objects
-    # is scanned again: collections look at what the items allocate only
+    # no collection while importing (a tenth of the start-up); the runtime then sets the
+    # collector for work (worker.runtime.collect_for_work)
     gc.disable()
     import worker.tasks  # noqa: F401 - registers the task and the runtime's bootsteps
     from jobs.queue import app
@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     node = app.Worker(pool_cls="threads", concurrency=celery_threads(args.concurrency),
                       loglevel=args.loglevel.upper(), queues=[keys.QUEUE], hostname=args.hostname,
                       without_gossip=True, without_mingle=True, quiet=True)
-    gc.freeze()
     gc.enable()
     node.start()
     # Celery has stopped and acknowledged its work: exit at once, with Celery's code (2 when

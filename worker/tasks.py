@@ -21,7 +21,7 @@ from jobs.queue import TASK_NAME, app
 from .chunk import Handoff, run_chunk
 from .credit import CREDIT
 from .item import ItemState
-from .runtime import Runtime, current
+from .runtime import Runtime, collect_for_work, current
 from .sweeper import Sweeper
 
 DEFAULT_CONCURRENCY = 64
@@ -64,6 +64,7 @@ class RuntimeStep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         _pool_size[:] = [int(getattr(parent, "concurrency", 0) or DEFAULT_CONCURRENCY)]
         runtime()
+        collect_for_work()
         hub = getattr(parent, "hub", None)
         if hub is not None:
             hub.call_repeatedly(CREDIT_RECHECK_SECONDS, _recheck)
