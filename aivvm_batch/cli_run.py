@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from jobs.formats import ResultFormat
 from jobs.records import BatchOptions, RequestDefaults, Status
 
-from . import runner
 from .options import (
     base_url_option,
     env,
@@ -24,7 +24,11 @@ from .options import (
 )
 from .progress import Progress, summary
 from .signals import Interrupts
-from .watch import default_workers
+from .watch import default_workers, split_concurrency
+from .workers import WorkerProcesses
+
+if TYPE_CHECKING:
+    from jobs.records import BatchInfo
 
 
 @click.command()
@@ -66,18 +70,25 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
     Ctrl-C once: no new item starts, and those in flight finish and are recorded;
     Ctrl-C twice: abandon them (they are sent again by the next run).
     """
-    options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
-    plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults, concurrency=concurrency,
-                          worker_count=worker_count or default_workers(), redis_url=redis_url,
-                          state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
-    progress = Progress()
+    worker_count = worker_count or default_workers()
     with Interrupts() as interrupts:
+        # the workers import theirs while this process imports the rest of run and checks its input
+        workers = _prestarted(split_concurrency(concurrency, worker_count), state_dir)
         try:
-            result = runner.run(plan, progress, interrupts)
-        except runner.Interrupted as stop:
-            interrupted(_interrupted_message(stop))
+            from . import runner
+
+            options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
+            plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults,
+                                  concurrency=concurrency, worker_count=worker_count, redis_url=redis_url,
+                                  state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
+            try:
+                result = runner.run(plan, Progress(), interrupts, workers)
+            except runner.Interrupted as stop:
+                interrupted(_interrupted_message(stop.info, stop.abandoned))
         except KeyboardInterrupt:
-            interrupted(_interrupted_message(runner.Interrupted(None)))
+            interrupted(_interrupted_message(None, 0))
+        finally:
+            workers.kill()  # run stops them on every path it reaches; these are the others
     click.echo(f"results: {'standard output' if output == '-' else output}", err=True)
     click.echo(f"summary: {summary(result.info)}", err=True)
     if result.stopped:
@@ -86,11 +97,21 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
     exit_for(result.info)
 
 
-def _interrupted_message(stop: runner.Interrupted) -> str:
+def _interrupted_message(info: BatchInfo | None, abandoned: int) -> str:
     text = ""
-    if stop.info is not None:
-        ok = stop.info.counts.get(Status.OK.value, 0)
-        text += f"{ok} of {stop.info.total if stop.info.total is not None else '?'} items ok; "
-    if stop.abandoned:
-        text += f"{stop.abandoned} items in flight were abandoned and will be sent again; "
+    if info is not None:
+        ok = info.counts.get(Status.OK.value, 0)
+        text += f"{ok} of {info.total if info.total is not None else '?'} items ok; "
+    if abandoned:
+        text += f"{abandoned} items in flight were abandoned and will be sent again; "
     return text + "run the same command again to continue"
+
+
+def _prestarted(concurrencies: list[int], state_dir: Path) -> WorkerProcesses:
+    """The worker processes, started before anything else (aivvm_batch.workers); none if their
+    log folder cannot be made: the checks then say why."""
+    workers = WorkerProcesses(concurrencies=concurrencies, log_dir=state_dir / "logs")
+    try:
+        return workers.prestart()
+    except OSError:
+        return workers

@@ -9,7 +9,6 @@ runs in a session of its own: a terminal's Ctrl-C does not reach it, so that
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -25,8 +24,9 @@ from redis.retry import Retry
 
 from jobs.errors import ConfigError
 
+from .workers import die_with_parent
+
 START_TIMEOUT = 15.0
-_PR_SET_PDEATHSIG = 1
 
 
 def redis_server_binary() -> str:
@@ -47,15 +47,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """In a child before exec: receive ``sig`` when the parent dies (Linux; a no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig)
-    except OSError:
-        pass
 
 
 class EmbeddedRedis:

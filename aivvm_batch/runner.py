@@ -88,10 +88,16 @@ class _Watch:
     in_flight: int = 0
 
 
-def run(plan: RunPlan, progress: Progress, interrupts: Interrupts) -> RunResult:
-    """Everything that can be checked is checked before Redis starts or anything is paid."""
+def run(plan: RunPlan, progress: Progress, interrupts: Interrupts,
+        prestarted: WorkerProcesses | None = None) -> RunResult:
+    """Everything that can be checked is checked before Redis starts or anything is paid.
+
+    ``prestarted``: the plan's worker processes, started and waiting for their Redis
+    (:meth:`WorkerProcesses.prestart`); once they work they are stopped before Redis, on every
+    way out; before that, stopping them is the caller's.
+    """
     state = _Watch()
-    workers: WorkerProcesses | None = None
+    workers: WorkerProcesses | None = prestarted
     with ExitStack() as stack:
         try:
             checked = preflight(plan, progress)
@@ -114,10 +120,11 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts) -> RunResult:
                 _forget_unfinished_work(store, publisher)
                 options = _pin_base_url(options)
             # the workers boot while the file is submitted: they take its first chunks at once
-            workers = WorkerProcesses(redis_url, concurrencies=split_concurrency(plan.concurrency,
-                                                                                   plan.worker_count),
-                                      log_dir=plan.state_dir / "logs", env=trusting(options.base_url)).start()
+            if workers is None:
+                workers = WorkerProcesses(concurrencies=split_concurrency(plan.concurrency, plan.worker_count),
+                                          log_dir=plan.state_dir / "logs")
             stack.callback(workers.stop)
+            workers.start(redis_url, env=trusting(options.base_url))
             report = _submit(store, publisher, checked, plan, options, settings, progress,
                              redis_url if private else None)
             if private:

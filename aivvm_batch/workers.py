@@ -3,10 +3,17 @@
 Each runs in a session of its own, so that a terminal's Ctrl-C (sent to the
 foreground process group) reaches ``run`` only, which stops them in order; each
 still dies with ``run`` (``PR_SET_PDEATHSIG``).
+
+``run`` starts them first of all (:meth:`WorkerProcesses.prestart`): while it imports,
+checks its input and starts Redis, they import theirs (half a second each), then wait on
+their standard input for the Redis URL and settings (:meth:`WorkerProcesses.start`).
+This module stays light (no Celery, no redis-py) for that reason.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -16,9 +23,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs import keys
-from jobs.queue import celery_threads
 
-from .embedded import die_with_parent
+_PR_SET_PDEATHSIG = 1
+REDIS_URL_VARIABLE = "AIVVM_BATCH_REDIS_URL"
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child before exec: receive ``sig`` when the parent dies (Linux; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+    except OSError:
+        pass
 
 
 def _die_with_parent() -> None:
@@ -29,6 +45,8 @@ def celery_worker_argv(concurrency: int, *, pool: str = "threads", loglevel: str
                        name: str | None = None) -> list[str]:
     """``celery -A worker.tasks worker`` for ``concurrency`` requests in flight (set, with the
     Redis URL, in the environment: AIVVM_BATCH_CONCURRENCY, AIVVM_BATCH_REDIS_URL)."""
+    from jobs.queue import celery_threads
+
     argv = [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", f"--pool={pool}",
             f"--concurrency={celery_threads(concurrency)}", f"--loglevel={loglevel}", f"--queues={keys.QUEUE}",
             "--without-gossip", "--without-mingle"]
@@ -57,13 +75,13 @@ def trusting(base_url: str | None) -> dict[str, str]:
 
 
 class WorkerProcesses:
-    """Celery worker processes on ``redis_url`` (passed by environment, not argv).
+    """Celery worker processes on ``redis_url`` (passed by environment or standard input, not argv).
 
     ``count`` processes of ``concurrency`` slots each, or one process per entry of
     ``concurrencies``.
     """
 
-    def __init__(self, redis_url: str, *, count: int = 1, concurrency: int = 64,
+    def __init__(self, redis_url: str | None = None, *, count: int = 1, concurrency: int = 64,
                  concurrencies: Sequence[int] | None = None, log_dir: Path,
                  env: dict[str, str] | None = None, loglevel: str = "WARNING",
                  pool: str = "threads") -> None:
@@ -74,6 +92,7 @@ class WorkerProcesses:
         self.loglevel = loglevel
         self.pool = pool
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.waiting = False  # prestarted: waiting on standard input for start()
 
     @property
     def count(self) -> int:
@@ -84,25 +103,62 @@ class WorkerProcesses:
         """The Celery node names, ``%h`` unexpanded."""
         return [f"run{os.getpid()}-{i}@%h" for i in range(self.count)]
 
-    def start(self) -> WorkerProcesses:
+    def prestart(self) -> WorkerProcesses:
+        """Start the processes before their Redis is known: each imports its modules, then waits
+        for :meth:`start` (``python -m worker --settings-from-stdin``; the threads pool only)."""
+        if self.pool != "threads":
+            return self
+        self._spawn(dict(os.environ), ["--settings-from-stdin"], subprocess.PIPE)
+        self.waiting = True
+        return self
+
+    def start(self, redis_url: str | None = None, env: dict[str, str] | None = None) -> WorkerProcesses:
+        """Set the processes to work on ``redis_url`` with ``env`` beside the environment."""
+        self.redis_url = redis_url or self.redis_url
+        self.env = self.env if env is None else env
+        if self.redis_url is None:
+            raise ValueError("no Redis URL for the worker processes")
+        settings = {**self.env, REDIS_URL_VARIABLE: self.redis_url}
+        if not self.waiting:
+            self._spawn({**os.environ, **settings}, [], subprocess.DEVNULL)
+            return self
+        self.waiting = False
+        for p in self.processes:
+            assert p.stdin is not None
+            try:
+                p.stdin.write(json.dumps(settings).encode() + b"\n")
+                p.stdin.close()
+            except OSError:  # it died meanwhile: the watch sees it among those not alive
+                pass
+        return self
+
+    def _spawn(self, env: dict[str, str], extra: list[str], stdin: int) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env, "AIVVM_BATCH_REDIS_URL": self.redis_url}
         for i, (concurrency, name) in enumerate(zip(self.concurrencies, self.names)):
             log = open(self.log_dir / f"worker-{i}.log", "ab")
-            args = worker_argv(concurrency, pool=self.pool, loglevel=self.loglevel, name=name)
+            args = worker_argv(concurrency, pool=self.pool, loglevel=self.loglevel, name=name) + extra
             self.processes.append(subprocess.Popen(
-                args, env={**env, "AIVVM_BATCH_CONCURRENCY": str(concurrency)}, stdin=subprocess.DEVNULL,
+                args, env={**env, "AIVVM_BATCH_CONCURRENCY": str(concurrency)}, stdin=stdin,
                 stdout=log, stderr=log,
                 start_new_session=True, preexec_fn=_die_with_parent,
             ))
             log.close()
-        return self
 
     def alive(self) -> int:
         return sum(p.poll() is None for p in self.processes)
 
     def terminate(self) -> None:
-        """Ask for a warm shutdown (SIGTERM): no new task; those running finish and are recorded."""
+        """Ask for a warm shutdown (SIGTERM): no new task; those running finish and are recorded.
+        Processes still waiting for :meth:`start` see their input end instead, and exit."""
+        if self.waiting:
+            self.waiting = False
+            for p in self.processes:
+                if p.stdin is not None:
+                    try:
+                        p.stdin.close()
+                    except OSError:
+                        pass
+            return
         for p in self.processes:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -88,15 +88,10 @@ class ItemRequest:
     @classmethod
     def from_json(cls, text: str | bytes) -> ItemRequest:
         data = json.loads(text)
-        return cls(
-            id=data["id"],
-            line=data["line"],
-            messages=tuple(ChatMessage(m["role"], m["content"]) for m in data["messages"]),
-            model=data.get("model"),
-            temperature=data.get("temperature"),
-            system_message=data.get("system_message"),
-            params=tuple(sorted(data.get("params", {}).items())),
-            metadata=tuple(sorted((data.get("metadata") or {}).items())),
+        return new_item_request(
+            data["id"], data["line"], tuple(ChatMessage(m["role"], m["content"]) for m in data["messages"]),
+            data.get("model"), data.get("temperature"), data.get("system_message"),
+            tuple(sorted(data.get("params", {}).items())), tuple(sorted((data.get("metadata") or {}).items())),
         )
 
 
@@ -232,7 +227,8 @@ class ItemResult:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        """``json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))``."""
+        return _encode(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ItemResult:

@@ -17,6 +17,7 @@ from typing import IO, Any
 import pytest
 
 from aivvm_batch.stub import StubServer
+from aivvm_batch.workers import WorkerProcesses
 from tests.conftest import WORKER_ENV
 
 pytestmark = pytest.mark.integration
@@ -340,6 +341,7 @@ def test_mistakes_are_refused_before_redis_starts_or_anything_is_paid(tmp_path: 
     assert_clean_error(run(str(source), "-o", "/proc/x", *base, state=state), "/proc/x")
     assert calls(stub) == 0
     assert not (state / "redis").exists()
+    assert not prestarted_workers(), "the workers started beside the refused runs are left running"
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -392,6 +394,30 @@ def test_a_missing_api_key_stops_the_run_with_the_reason(tmp_path: Path) -> None
 
 
 # 6. Defaults that use the machine ------------------------------------------------------------
+
+def prestarted_workers() -> list[int]:
+    """Processes of ``python -m worker --settings-from-stdin`` (started by a run, before its Redis)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--settings-from-stdin" in args:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_workers_started_before_their_redis_leave_quietly_when_it_never_comes(tmp_path: Path) -> None:
+    workers = WorkerProcesses(concurrencies=[1, 2], log_dir=tmp_path / "logs").prestart()
+    processes = list(workers.processes)
+    assert len(processes) == 2 and workers.alive() == 2 and workers.waiting
+    workers.stop(timeout=60)
+    assert [p.returncode for p in processes] == [0, 0]
+    logs = [log.read_text() for log in (tmp_path / "logs").glob("worker-*.log")]
+    assert len(logs) == 2 and not any("Traceback" in log for log in logs), logs
+
 
 def worker_concurrencies(run_pid: int) -> list[int]:
     found = []
