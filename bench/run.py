@@ -10,7 +10,7 @@ ones, never instead. Rows that need a Redis (memory, submit, collect, chunks, ra
 redis-server the benchmark starts.
 
     python bench/run.py [--quick] [--only latency1,latency10,atonce,defaults,memory,submit,collect,
-                                           chunks,inflight,rate,serve,clients]
+                                           chunks,cpu,inflight,rate,serve,clients]
 
 `--quick` runs small sizes (a smoke run of about two minutes); `inflight` sums up the peaks of
 the run rows that ran. A row that fails is reported as failed and the others still run.
@@ -24,6 +24,8 @@ import json
 import math
 import os
 import platform
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from aivvm_batch.embedded import EmbeddedRedis, free_port  # noqa: E402
 from bench.serve_bench import wait_until_healthy  # noqa: E402
 
-ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "memory", "submit", "collect", "chunks",
+ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "memory", "submit", "collect", "chunks", "cpu",
             "inflight", "rate", "serve", "clients")
 
 
@@ -59,7 +61,8 @@ class Row:
 
 
 ROWS: list[Row] = []
-PEAKS: list[tuple[str, int, int]] = []  # (row, peak seen by the stand-in, in flight asked)
+PEAKS: list[tuple[str, int, int]] = []
+STAND_IN_PIDS: dict[str, int] = {}  # base URL -> the stand-in's process  # (row, peak seen by the stand-in, in flight asked)
 
 
 def report(row: Row) -> None:
@@ -92,6 +95,7 @@ def stub_process(latency: float, chunks: int, log: Path) -> Iterator[str]:
                                  "--latency", str(latency), "--chunks", str(chunks)],
                                 stdout=out, stderr=out, cwd=ROOT, env=clean_env())
     base = f"http://127.0.0.1:{port}"
+    STAND_IN_PIDS[base] = proc.pid
     try:
         wait_until_healthy(base, proc, 30, f"the stand-in (see {log})")
         yield base
@@ -428,6 +432,64 @@ def bench_chunks(on: OnRedis, tmp: Path, quick: bool) -> None:
                f"{raw_rate:,.0f} chunks/s", "–", "reported", None))
 
 
+def process_cpu(pid: int) -> float:
+    """User and system CPU seconds of a live process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_cpu(on: OnRedis, tmp: Path, quick: bool) -> None:
+    """CPU an item answered at once costs one warm worker process, beside the raw client's.
+
+    Each is also divided by what the item cost the stand-in in the same pass: the stand-in's
+    work per item is fixed, so the quotient is steady when the machine's speed is not.
+    """
+    n, in_flight, passes = (2000, 128, 2) if quick else (10_000, 128, 3)
+    print(f"CPU per item: one worker process, --concurrency {in_flight}, {n:,} replies at once, "
+          f"{passes} passes", flush=True)
+    with stub_process(0.0, 4, tmp / "stub.log") as base:
+        stand_in = STAND_IN_PIDS[base]
+        raw_cpu, raw_stub = [], []
+        for _ in range(passes):
+            stub_reset(base)
+            before, stub_before = resource.getrusage(resource.RUSAGE_CHILDREN), process_cpu(stand_in)
+            raw_client(base, n, in_flight)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            raw_cpu.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / n)
+            raw_stub.append((process_cpu(stand_in) - stub_before) / n)
+        log = open(tmp / "cpu-worker.log", "wb")
+        worker = subprocess.Popen(cli_args("worker", "--concurrency", str(in_flight), "--loglevel", "WARNING"),
+                                  cwd=ROOT, env=on.env, stdout=log, stderr=log, start_new_session=True)
+        ours, ours_stub = [], []
+        try:
+            warm = write_prompts(tmp / "cpu-warm.jsonl", 200, lambda i: f"warm {i}")
+            batch_id, _, _ = on.submit(warm, base)
+            PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "cpu-warm.out"), "--wait"), on.env, 300)
+            pid = worker.pid  # `aivvm-batch worker` execs Celery's worker: the same process
+            for number in range(passes):
+                path = write_prompts(tmp / f"cpu{number}.jsonl", n, lambda i: f"cpu {number} {i}")
+                batch_id, _, _ = on.submit(path, base)
+                cpu_before, stub_before = process_cpu(pid), process_cpu(stand_in)
+                PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "cpu.out"), "--wait"), on.env, 1800)
+                ours.append((process_cpu(pid) - cpu_before) / n)
+                ours_stub.append((process_cpu(stand_in) - stub_before) / n)
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            log.close()
+    median = statistics.median
+    ours_q = median(o / s for o, s in zip(ours, ours_stub))
+    raw_q = median(r / s for r, s in zip(raw_cpu, raw_stub))
+    report(Row(f"CPU per item answered at once, one worker process ({n:,} items, {in_flight} in flight; "
+               f"median of {passes}; ÷ the stand-in's CPU per item)",
+               f"{median(ours) * 1e6:,.0f} µs ({ours_q:.2f}× the stand-in's)",
+               f"{median(raw_cpu) * 1e6:,.0f} µs ({raw_q:.2f}× the stand-in's)", "–", "reported", None))
+
+
 def bench_inflight() -> None:
     if not PEAKS:
         report(Row("never more in flight than asked", "no run row ran", "–", "–", "peak ≤ N", None))
@@ -566,8 +628,6 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(ALL_ROWS))
     if unknown:
         parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ALL_ROWS)}")
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"machine: {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}; "
@@ -579,7 +639,7 @@ def main() -> None:
         for key in ("latency1", "latency10", "atonce", "defaults"):
             if key in chosen:
                 guarded(run_shapes[key].title, functools.partial(bench_run_row, run_shapes[key], tmp))
-        if {"memory", "submit", "collect", "chunks", "rate"} & set(chosen):
+        if {"memory", "submit", "collect", "chunks", "cpu", "rate"} & set(chosen):
             with EmbeddedRedis(tmp / "redis", persistent=False) as server:
                 on = OnRedis(server.url, tmp)
                 print(f"redis-server {on.client.info('server')['redis_version']} (private, port {server.port})")
@@ -590,6 +650,8 @@ def main() -> None:
                         on, args.quick, "submit" in chosen, "collect" in chosen))
                 if "chunks" in chosen:
                     guarded("chunk throughput", lambda: bench_chunks(on, tmp, args.quick))
+                if "cpu" in chosen:
+                    guarded("CPU per item", lambda: bench_cpu(on, tmp, args.quick))
                 if "rate" in chosen:
                     guarded("rate limit", lambda: bench_rate(on, tmp, args.quick))
         if "inflight" in chosen:
