@@ -108,8 +108,8 @@ def _interrupted_message(info: BatchInfo | None, abandoned: int) -> str:
 
 
 def _prestarted(concurrencies: list[int], state_dir: Path) -> WorkerProcesses:
-    """The worker processes, started before anything else (aivvm_batch.workers); none if their
-    log folder cannot be made: the checks then say why."""
+    """The worker processes, started before anything else (aivvm_batch.workers); if their log
+    folder cannot be made, none yet: ``run`` starts them later as before, after its checks say why."""
     workers = WorkerProcesses(concurrencies=concurrencies, log_dir=state_dir / "logs")
     try:
         return workers.prestart()

@@ -119,7 +119,7 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts,
             if private:
                 _forget_unfinished_work(store, publisher)
                 options = _pin_base_url(options)
-            # the workers boot while the file is submitted: they take its first chunks at once
+            # the workers (booted already, when prestarted) take the file's first chunks as they are submitted
             if workers is None:
                 workers = WorkerProcesses(concurrencies=split_concurrency(plan.concurrency, plan.worker_count),
                                           log_dir=plan.state_dir / "logs")

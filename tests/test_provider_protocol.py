@@ -33,7 +33,7 @@ from worker.errors import (
 )
 from worker.providers import PROVIDERS, Aivvm, OpenAI, check_base_url
 from worker.providers.checks import normal_form
-from worker.providers.credentials import choose_key, is_allowed, redact
+from worker.providers.credentials import KeyChooser, choose_key, is_allowed, redact
 from worker.providers.decoding import RATIO_FLOOR, STEP, BodyDecoder
 from worker.providers.aivvm import AivvmReply
 from worker.providers.call import CompletionCall, Item, StreamEnd
@@ -294,6 +294,19 @@ def test_the_default_url_and_the_base_url_variable_are_allowed() -> None:
     assert choose_key(Aivvm, Aivvm.url, "", env).key == "k1"
     assert choose_key(Aivvm, "http://mine:3000", "", env).key == "k1"
     assert choose_key(Aivvm, "http://other:3000", "", env).key is None
+
+
+def test_a_worker_decides_each_provider_and_base_url_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIVVM_API_KEY", "k1")
+    monkeypatch.delenv("AIVVM_BASE_URL", raising=False)
+    keys = KeyChooser("http://mine:3000")
+    assert keys(Aivvm, "http://mine:3000") == choose_key(Aivvm, "http://mine:3000", "http://mine:3000")
+    assert keys(Aivvm, "http://mine:3000").key == "k1"
+    withheld = keys(Aivvm, "http://other:3000")
+    assert withheld.key is None and withheld.withheld == "AIVVM_API_KEY"
+    monkeypatch.setenv("AIVVM_API_KEY", "k2")  # the environment a worker started with is the one it keeps
+    assert keys(Aivvm, "http://mine:3000").key == "k1"
+    assert KeyChooser("http://mine:3000")(Aivvm, "http://mine:3000").key == "k2"
 
 
 def test_allowed_urls_are_comma_separated() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from worker.completion import Attempt
 from worker.credit import Credit
 from worker.errors import IncompleteReply, ProviderHTTPError, ProviderTimeout
 from worker.item import Done, ItemState, decide
-from worker.runtime import Runtime
+from worker.runtime import Runtime, new_event_loop
 
 FAST = {"AIVVM_BATCH_BACKOFF_BASE": "0.2", "AIVVM_BATCH_BACKOFF_CAP": "2", "AIVVM_BATCH_MAX_RETRIES": "3",
         "AIVVM_BATCH_READ_TIMEOUT": "5", "AIVVM_BATCH_LEASE": "3"}
@@ -86,6 +87,26 @@ def request(prompt: str = "hi") -> ItemRequest:
 
 def failed(error: Exception, text: str = "") -> Attempt:
     return Attempt("aivvm", "gpt-3.5-turbo", text, error, 10, None, None, "aivvm")  # type: ignore[arg-type]
+
+
+def test_the_event_loop_is_uvloops_where_installed_else_asyncios(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    loop = new_event_loop()
+    try:
+        assert loop.run_until_complete(answer()) == 42
+        assert type(loop).__module__.startswith("uvloop")
+    finally:
+        loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    plain = new_event_loop()
+    try:
+        assert plain.run_until_complete(answer()) == 42
+        assert isinstance(plain, asyncio.BaseEventLoop)
+    finally:
+        plain.close()
 
 
 def test_item_decisions_retry_give_up_and_pause() -> None:
