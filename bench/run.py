@@ -100,12 +100,17 @@ def stub_process(latency: float, chunks: int, log: Path) -> Iterator[str]:
         wait_until_healthy(base, proc, 30, f"the stand-in (see {log})")
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end(proc, 15)
+
+
+def end(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def stub_stats(base: str) -> dict[str, Any]:
@@ -394,6 +399,22 @@ def fill_results(on: OnRedis, batch_id: str, n: int) -> None:
     BatchStore(on.client).finalize(batch_id, n)
 
 
+@contextmanager
+def warm_worker(on: OnRedis, tmp: Path, base: str, in_flight: int, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """One `aivvm-batch worker --concurrency N` on the benchmark's Redis, warmed by a first batch."""
+    log = open(tmp / f"{name}-worker.log", "wb")
+    worker = subprocess.Popen(cli_args("worker", "--concurrency", str(in_flight), "--loglevel", "WARNING"),
+                              cwd=ROOT, env=on.env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        warm = write_prompts(tmp / f"{name}-warm.jsonl", 100, lambda i: f"warm {i}")
+        batch_id, _, _ = on.submit(warm, base)
+        PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / f"{name}-warm.out"), "--wait"), on.env, 300)
+        yield worker
+    finally:
+        end(worker, 30)
+        log.close()
+
+
 def bench_chunks(on: OnRedis, tmp: Path, quick: bool) -> None:
     """Reply chunks per second one worker process decodes, replies at once, 100 chunks each."""
     n, in_flight, per_reply = (400, 128, 100) if quick else (2000, 256, 100)
@@ -402,13 +423,7 @@ def bench_chunks(on: OnRedis, tmp: Path, quick: bool) -> None:
           f"{per_reply} chunks (4,000 bytes)", flush=True)
     with stub_process(0.0, 4, tmp / "stub.log") as base:
         raw = raw_client(base, n, in_flight, prompt=directive + " raw {i}")
-        log = open(tmp / "chunks-worker.log", "wb")
-        worker = subprocess.Popen(cli_args("worker", "--concurrency", str(in_flight), "--loglevel", "WARNING"),
-                                  cwd=ROOT, env=on.env, stdout=log, stderr=log, start_new_session=True)
-        try:
-            warm = write_prompts(tmp / "chunks-warm.jsonl", 50, lambda i: f"warm {i}")
-            batch_id, _, _ = on.submit(warm, base)
-            PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "warm.out"), "--wait"), on.env, 300)
+        with warm_worker(on, tmp, base, in_flight, "chunks"):
             stub_reset(base)
             path = write_prompts(tmp / "chunks.jsonl", n, lambda i: f"{directive} chunks {i}")
             started = time.monotonic()
@@ -416,14 +431,6 @@ def bench_chunks(on: OnRedis, tmp: Path, quick: bool) -> None:
             PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "chunks.out"), "--wait"), on.env, 1800)
             seconds = time.monotonic() - started
             peak = stub_stats(base)["peak_in_flight"]
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            log.close()
     PEAKS.append(("chunks (worker --concurrency)", peak, in_flight))
     ours = n * per_reply / seconds
     raw_rate = n * per_reply / raw.seconds
@@ -457,14 +464,8 @@ def bench_cpu(on: OnRedis, tmp: Path, quick: bool) -> None:
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             raw_cpu.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / n)
             raw_stub.append((process_cpu(stand_in) - stub_before) / n)
-        log = open(tmp / "cpu-worker.log", "wb")
-        worker = subprocess.Popen(cli_args("worker", "--concurrency", str(in_flight), "--loglevel", "WARNING"),
-                                  cwd=ROOT, env=on.env, stdout=log, stderr=log, start_new_session=True)
         ours, ours_stub = [], []
-        try:
-            warm = write_prompts(tmp / "cpu-warm.jsonl", 200, lambda i: f"warm {i}")
-            batch_id, _, _ = on.submit(warm, base)
-            PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "cpu-warm.out"), "--wait"), on.env, 300)
+        with warm_worker(on, tmp, base, in_flight, "cpu") as worker:
             pid = worker.pid  # `aivvm-batch worker` execs Celery's worker: the same process
             for number in range(passes):
                 path = write_prompts(tmp / f"cpu{number}.jsonl", n, lambda i: f"cpu {number} {i}")
@@ -473,14 +474,6 @@ def bench_cpu(on: OnRedis, tmp: Path, quick: bool) -> None:
                 PeakRss.run(cli_args("collect", batch_id, "-o", str(tmp / "cpu.out"), "--wait"), on.env, 1800)
                 ours.append((process_cpu(pid) - cpu_before) / n)
                 ours_stub.append((process_cpu(stand_in) - stub_before) / n)
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            log.close()
     median = statistics.median
     ours_q = median(o / s for o, s in zip(ours, ours_stub))
     raw_q = median(r / s for r, s in zip(raw_cpu, raw_stub))

@@ -395,17 +395,18 @@ def test_a_missing_api_key_stops_the_run_with_the_reason(tmp_path: Path) -> None
 
 # 6. Defaults that use the machine ------------------------------------------------------------
 
-def prestarted_workers() -> list[int]:
-    """Processes of ``python -m worker --settings-from-stdin`` (started by a run, before its Redis)."""
-    found = []
+def command_lines() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process this machine shows."""
     for entry in Path("/proc").iterdir():
         try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            yield int(entry.name), (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
             continue
-        if b"--settings-from-stdin" in args:
-            found.append(int(entry.name))
-    return found
+
+
+def prestarted_workers() -> list[int]:
+    """Processes of ``python -m worker --settings-from-stdin`` (started by a run, before its Redis)."""
+    return [pid for pid, args in command_lines() if b"--settings-from-stdin" in args]
 
 
 @pytest.mark.timeout(120)
@@ -421,11 +422,7 @@ def test_workers_started_before_their_redis_leave_quietly_when_it_never_comes(tm
 
 def worker_concurrencies(run_pid: int) -> list[int]:
     found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for _, args in command_lines():
         if any(f"run{run_pid}-".encode() in a for a in args) and b"--concurrency" in args:
             found.append(int(args[args.index(b"--concurrency") + 1]))
     return sorted(found)
