@@ -61,8 +61,8 @@ class Row:
 
 
 ROWS: list[Row] = []
-PEAKS: list[tuple[str, int, int]] = []
-STAND_IN_PIDS: dict[str, int] = {}  # base URL -> the stand-in's process  # (row, peak seen by the stand-in, in flight asked)
+PEAKS: list[tuple[str, int, int]] = []  # (row, peak seen by the stand-in, in flight asked)
+STAND_IN_PIDS: dict[str, int] = {}  # base URL -> the stand-in's process
 
 
 def report(row: Row) -> None:
