@@ -78,8 +78,7 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
             from . import runner
 
             options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
-            plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults,
-                                  concurrency=concurrency, worker_count=worker_count, redis_url=redis_url,
+            plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults, redis_url=redis_url,
                                   state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
             try:
                 result = runner.run(plan, Progress(), interrupts, workers)

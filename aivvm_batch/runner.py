@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from .options import masked_url
 from .preflight import Checked, preflight, prune_spool
 from .progress import Progress, summary
 from .signals import Interrupts
-from .watch import attempts_warning, default_workers, split_concurrency, systematic_failure
+from .watch import attempts_warning, systematic_failure
 from .workers import WorkerProcesses, trusting
 
 POLL_SECONDS = 0.1  # the end of a batch is seen at once; a view costs one pipelined read
@@ -52,8 +52,6 @@ class RunPlan:
     output: str
     options: BatchOptions
     defaults: RequestDefaults = RequestDefaults()
-    concurrency: int = 128
-    worker_count: int = field(default_factory=default_workers)
     redis_url: str | None = None
     state_dir: Path = Path(".aivvm-batch")
     use_stub: bool = False
@@ -88,16 +86,14 @@ class _Watch:
     in_flight: int = 0
 
 
-def run(plan: RunPlan, progress: Progress, interrupts: Interrupts,
-        prestarted: WorkerProcesses | None = None) -> RunResult:
+def run(plan: RunPlan, progress: Progress, interrupts: Interrupts, workers: WorkerProcesses) -> RunResult:
     """Everything that can be checked is checked before Redis starts or anything is paid.
 
-    ``prestarted``: the plan's worker processes, started and waiting for their Redis
-    (:meth:`WorkerProcesses.prestart`); once they work they are stopped before Redis, on every
-    way out; before that, stopping them is the caller's.
+    ``workers``: the run's worker processes, not started yet or prestarted, waiting for their
+    Redis (:meth:`WorkerProcesses.prestart`); once they work they are stopped before Redis, on
+    every way out; before that, stopping them is the caller's.
     """
     state = _Watch()
-    workers: WorkerProcesses | None = prestarted
     with ExitStack() as stack:
         try:
             checked = preflight(plan, progress)
@@ -120,9 +116,6 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts,
                 _forget_unfinished_work(store, publisher)
                 options = _pin_base_url(options)
             # the workers (booted already, when prestarted) take the file's first chunks as they are submitted
-            if workers is None:
-                workers = WorkerProcesses(concurrencies=split_concurrency(plan.concurrency, plan.worker_count),
-                                          log_dir=plan.state_dir / "logs")
             stack.callback(workers.stop)
             workers.start(redis_url, env=trusting(options.base_url))
             report = _submit(store, publisher, checked, plan, options, settings, progress,
@@ -151,8 +144,7 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts,
         except KeyboardInterrupt:
             interrupts.ignore()
             progress.close()
-            if workers is not None:
-                workers.kill()
+            workers.kill()
             raise Interrupted(state.info, state.in_flight) from None
     raise AssertionError("unreachable")
 
