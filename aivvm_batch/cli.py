@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import importlib
 import importlib.util
 import json
 import os
@@ -17,20 +15,8 @@ from jobs.config import Settings
 from jobs.errors import StoreUnavailable
 from jobs.records import Status
 
+from .imports import imported
 from .options import concurrency_option, env, fail, handle_errors, open_store, redis_url_option
-
-
-def _imported(module: str) -> object:
-    """A command's module, imported without the collector (which would scan the growing heap
-    of modules several times over); what the import made is then left out of later collections."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return importlib.import_module(module)
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 class Commands(MutableMapping[str, click.Command]):
@@ -48,7 +34,7 @@ class Commands(MutableMapping[str, click.Command]):
     def __getitem__(self, name: str) -> click.Command:
         if name not in self._loaded and name in self._elsewhere:
             module, _, attribute = self._elsewhere[name].partition(":")
-            command = getattr(_imported(module), attribute)
+            command = getattr(imported(module), attribute)
             if not isinstance(command, click.Command):
                 raise TypeError(f"{module}:{attribute} is not a click command")
             self._loaded[name] = command

@@ -10,6 +10,7 @@ import click
 from jobs.formats import ResultFormat
 from jobs.records import BatchOptions, RequestDefaults, Status
 
+from .imports import without_collector
 from .options import (
     base_url_option,
     env,
@@ -75,7 +76,8 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
         # the workers import theirs while this process imports the rest of run and checks its input
         workers = _prestarted(split_concurrency(concurrency, worker_count), state_dir)
         try:
-            from . import runner
+            with without_collector():
+                from . import runner
 
             options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
             plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults, redis_url=redis_url,

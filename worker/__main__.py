@@ -14,10 +14,6 @@ import logging
 import os
 import sys
 
-from jobs import keys
-from jobs.config import ENV_PREFIX
-from jobs.queue import celery_threads
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
@@ -30,12 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
-    os.environ[f"{ENV_PREFIX}CONCURRENCY"] = str(args.concurrency)  # read by the runtime it builds
-    # no collection while importing (a tenth of the start-up); the runtime then sets the
-    # collector for work (worker.runtime.collect_for_work)
+    # no collection while importing (a tenth of the start-up, the project's first module included);
+    # the runtime then sets the collector for work (worker.runtime.collect_for_work)
     gc.disable()
+    from jobs import keys
+    from jobs.config import ENV_PREFIX
+    from jobs.queue import app, celery_threads
+
+    os.environ[f"{ENV_PREFIX}CONCURRENCY"] = str(args.concurrency)  # read by the runtime it builds
     import worker.tasks  # noqa: F401 - registers the task and the runtime's bootsteps
-    from jobs.queue import app
 
     if args.settings_from_stdin:
         line = sys.stdin.readline()
