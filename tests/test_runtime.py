@@ -69,6 +69,23 @@ def test_credit_takes_a_message_only_while_its_items_fit_in_the_free_slots() -> 
     assert Credit(slots=0).can_take(["big"])  # no slots known: Celery's prefetch alone
 
 
+def test_credit_wakes_the_consumer_once_when_a_refused_message_would_fit() -> None:
+    credit, wakes = Credit(slots=128), []
+    credit.on_room = lambda: wakes.append(1)
+    credit.took("t1", "task1", 64)
+    credit.took("t2", "task2", 64)
+    credit.ended("task1")
+    assert wakes == []  # nothing was refused yet: the consumer is not asleep on the credit
+    assert not credit.can_take(["t1", "t2"])
+    for _ in range(62):
+        credit.ended("task1")
+    assert wakes == []  # 63 free slots: a chunk of 64 does not fit yet
+    credit.ended("task1")
+    assert wakes == [1] and credit.can_take(["t1", "t2"])
+    credit.ended("task2")
+    assert wakes == [1]  # once per refusal, not at every end
+
+
 def test_a_chunk_message_is_celerys_own_and_carries_its_items() -> None:
     publisher = Publisher(redis.Redis(), celery_app)  # builds messages without a server
     raw = publisher.message("b1", [4, 5, 9], {"attempt": 2}, countdown=3)

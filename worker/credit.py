@@ -11,15 +11,17 @@ that exactly fills the slots twice, an item left waiting would cost a whole extr
 The transport's QoS records each delivery (:meth:`Credit.took`) and acknowledgement
 (:meth:`Credit.settled`) and asks, for the messages its channel holds, whether another fits
 (:meth:`Credit.can_take`): a channel replaced after a lost connection starts from nothing.
-The event loop reports each item's end (:meth:`Credit.ended`). Calls come from Celery's
-consumer, its task threads and the loop, hence the lock.
+The event loop reports each item's end (:meth:`Credit.ended`); when a refused message would
+now fit, :attr:`Credit.on_room` wakes the consumer to ask again (Celery's own loop sleeps
+until a socket or a timer wakes it). Calls come from Celery's consumer, its task threads and
+the loop, hence the lock.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 def items_in(body: bytes | str | None) -> int:
@@ -41,6 +43,8 @@ class Credit:
         self._tag_of_task: dict[str, str] = {}
         self._task_of_tag: dict[str, str] = {}
         self._last = 1
+        self._refused = False  # can_take said no since the last wake
+        self.on_room: Callable[[], None] | None = None
 
     def held(self, tags: Iterable[str]) -> int:
         """Items not yet ended of the messages ``tags``."""
@@ -52,8 +56,11 @@ class Credit:
         next chunk (as large as the last one taken) fits in the slots beside their items."""
         if self.slots <= 0:
             return True
-        held = self.held(tags)
-        return held == 0 or held + self._last <= self.slots
+        with self._lock:
+            held = sum(self._by_tag.get(tag, 0) for tag in tags)
+            fits = held == 0 or held + self._last <= self.slots
+            self._refused = self._refused or not fits
+        return fits
 
     def took(self, tag: str, task_id: str | None, items: int) -> None:
         with self._lock:
@@ -69,6 +76,17 @@ class Credit:
             tag = self._tag_of_task.get(task_id or "")
             if tag is not None and self._by_tag.get(tag, 0) > 0:
                 self._by_tag[tag] -= 1
+            wake = self._refused and self._fits_now()
+            if wake:
+                self._refused = False
+        if wake and self.on_room is not None:
+            self.on_room()
+
+    def _fits_now(self) -> bool:
+        """Another message fits beside every message held (those of any channel: at least as
+        many items as the consumer's channel holds, so it will agree)."""
+        held = sum(self._by_tag.values())
+        return held == 0 or held + self._last <= self.slots
 
     def settled(self, tag: str) -> None:
         """The message ``tag`` is acknowledged or rejected: none of its items is held any more."""

@@ -8,6 +8,7 @@ when each item is recorded or handed on to a retry message.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Any
 
@@ -25,8 +26,9 @@ from .runtime import Runtime, collect_for_work, current
 from .sweeper import Sweeper
 
 DEFAULT_CONCURRENCY = 64
-# the consumer looks again this often whether a message fits (slots free as items end)
-CREDIT_RECHECK_SECONDS = 0.01
+# the consumer is woken when a refused message would fit (Credit.on_room); it also looks again
+# this often, for a message refused beside those of a channel since replaced
+CREDIT_RECHECK_SECONDS = 0.25
 _pool_size: list[int] = []
 
 
@@ -57,7 +59,7 @@ def runtime() -> Runtime:
 
 class RuntimeStep(bootsteps.StartStopStep):
     """Builds the runtime when the worker starts (its loop, pools and lease renewal), and has
-    the consumer's event loop wake often enough to take a message soon after slots free."""
+    the consumer's event loop woken to take a message as soon as slots free."""
 
     requires = ("celery.worker.components:Hub",)  # type: ignore[assignment]
 
@@ -67,6 +69,7 @@ class RuntimeStep(bootsteps.StartStopStep):
         collect_for_work()
         hub = getattr(parent, "hub", None)
         if hub is not None:
+            CREDIT.on_room = functools.partial(hub.call_soon, _recheck)
             hub.call_repeatedly(CREDIT_RECHECK_SECONDS, _recheck)
 
 
