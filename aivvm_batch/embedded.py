@@ -27,6 +27,8 @@ from jobs.errors import ConfigError
 from .workers import die_with_parent
 
 START_TIMEOUT = 15.0
+# a new server answers within 10-20 ms: run's workers wait for it
+READY_POLL_SECONDS = 0.005
 
 
 def redis_server_binary() -> str:
@@ -120,7 +122,7 @@ class EmbeddedRedis:
                 pass
             except redis.exceptions.ConnectionError:
                 pass
-            time.sleep(0.05)
+            time.sleep(READY_POLL_SECONDS)
         return False
 
     def _client(self, **options: Any) -> redis.Redis:

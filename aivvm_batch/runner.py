@@ -42,7 +42,7 @@ from .signals import Interrupts
 from .watch import attempts_warning, systematic_failure
 from .workers import WorkerProcesses, trusting
 
-POLL_SECONDS = 0.1  # the end of a batch is seen at once; a view costs one pipelined read
+POLL_SECONDS = 0.05  # the end of a batch is seen at once; a view costs one pipelined read
 RECONNECT_SECONDS = 120.0
 
 

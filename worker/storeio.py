@@ -42,13 +42,14 @@ class Coalescer(Generic[A, R]):
         self._pending: list[tuple[A, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def __call__(self, arg: A) -> R:
+    def __call__(self, arg: A) -> asyncio.Future[R]:
+        """The future of ``arg``'s result (a future, not a coroutine: one frame less to resume)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._pending.append((arg, future))
         if self._task is None:
             self._task = loop.create_task(self._drain())
-        return await future
+        return future
 
     async def _drain(self) -> None:
         try:
