@@ -13,6 +13,9 @@ from .call import CompletionCall
 from .exchange import Head, connection_error, past_deadline, reason
 
 
+URLS_REMEMBERED = 1024
+
+
 class AiohttpTransport:
     """One ``ClientSession`` (made on first use, on the running loop) with a bounded pool."""
 
@@ -65,12 +68,17 @@ class EnvironmentProxies:
 
     def __init__(self) -> None:
         self._decided: dict[tuple[str, str], str | None] = {}
+        self._by_url: dict[str, str | None] = {}  # the same decisions, by whole URL (a provider has few)
 
     def for_url(self, url: str) -> str | None:
+        if url in self._by_url:
+            return self._by_url[url]
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
         if key not in self._decided:
             self._decided[key] = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+        if len(self._by_url) < URLS_REMEMBERED:
+            self._by_url[url] = self._decided[key]
         return self._decided[key]
 
 
