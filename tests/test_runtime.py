@@ -86,6 +86,45 @@ def test_credit_wakes_the_consumer_once_when_a_refused_message_would_fit() -> No
     assert wakes == [1]  # once per refusal, not at every end
 
 
+def _brpops_blocked(client: redis.Redis) -> int:
+    return sum(1 for c in client.client_list() if c.get("cmd") == "brpop" and "b" in c.get("flags", ""))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("message_waiting", [False, True])
+def test_closing_a_channel_ends_its_brpop_in_flight_and_keeps_the_message_it_took(
+        redis_url: str, redis_client: redis.Redis, message_waiting: bool) -> None:
+    """A worker's warm shutdown closes its channel while a BRPOP waits on the server: the BRPOP is
+    ended at once (here its timeout is a minute, beyond the test's), and a message it took meanwhile
+    is read and delivered, not dropped with the connection."""
+    from kombu import Connection, Consumer, Queue
+
+    name = f"unblock-{message_waiting}"
+    received: list[Any] = []
+    with Connection(redis_url, transport="worker.transport:Transport") as connection:
+        channel = connection.channel()
+        channel.brpop_timeout = 60
+        consumer = Consumer(channel, [Queue(name, routing_key=name)], accept=["json"],
+                            callbacks=[lambda body, message: received.append(body)])
+        consumer.consume()
+        with pytest.raises(TimeoutError):
+            connection.drain_events(timeout=0.3)  # the BRPOP stays sent, waiting on the server
+        assert channel._in_poll and _brpops_blocked(redis_client) == 1
+        if message_waiting:  # the pending BRPOP takes it: its reply is on the way
+            with Connection(redis_url) as publishing:
+                publishing.Producer().publish({"n": 1}, routing_key=name, serializer="json")
+            deadline = time.monotonic() + 5
+            while _brpops_blocked(redis_client) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        channel.close()
+    assert _brpops_blocked(redis_client) == 0
+    assert received == ([{"n": 1}] if message_waiting else [])
+    # delivered and never acknowledged: kombu puts it back on the queue as the channel closes
+    assert redis_client.llen(name) == (1 if message_waiting else 0)
+    redis_client.delete(name)
+
+
 def test_a_chunk_message_is_celerys_own_and_carries_its_items() -> None:
     publisher = Publisher(redis.Redis(), celery_app)  # builds messages without a server
     raw = publisher.message("b1", [4, 5, 9], {"attempt": 2}, countdown=3)
