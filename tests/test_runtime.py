@@ -86,8 +86,10 @@ def test_credit_wakes_the_consumer_once_when_a_refused_message_would_fit() -> No
     assert wakes == [1]  # once per refusal, not at every end
 
 
-def _brpops_blocked(client: redis.Redis) -> int:
-    return sum(1 for c in client.client_list() if c.get("cmd") == "brpop" and "b" in c.get("flags", ""))
+def _blocked_in_brpop(client: redis.Redis, address: str) -> bool:
+    """The client connected from ``address`` waits in a BRPOP (other tests' workers may too)."""
+    return any(c.get("addr") == address and c.get("cmd") == "brpop" and "b" in c.get("flags", "")
+               for c in client.client_list())
 
 
 @pytest.mark.integration
@@ -110,15 +112,17 @@ def test_closing_a_channel_ends_its_brpop_in_flight_and_keeps_the_message_it_too
         consumer.consume()
         with pytest.raises(TimeoutError):
             connection.drain_events(timeout=0.3)  # the BRPOP stays sent, waiting on the server
-        assert channel._in_poll and _brpops_blocked(redis_client) == 1
+        host, port = channel.client.connection._sock.getsockname()[:2]
+        address = f"{host}:{port}"
+        assert channel._in_poll and _blocked_in_brpop(redis_client, address)
         if message_waiting:  # the pending BRPOP takes it: its reply is on the way
             with Connection(redis_url) as publishing:
                 publishing.Producer().publish({"n": 1}, routing_key=name, serializer="json")
             deadline = time.monotonic() + 5
-            while _brpops_blocked(redis_client) and time.monotonic() < deadline:
+            while _blocked_in_brpop(redis_client, address) and time.monotonic() < deadline:
                 time.sleep(0.01)
         channel.close()
-    assert _brpops_blocked(redis_client) == 0
+    assert not _blocked_in_brpop(redis_client, address)
     assert received == ([{"n": 1}] if message_waiting else [])
     # delivered and never acknowledged: kombu puts it back on the queue as the channel closes
     assert redis_client.llen(name) == (1 if message_waiting else 0)
