@@ -49,7 +49,7 @@ class Credit:
     def held(self, tags: Iterable[str]) -> int:
         """Items not yet ended of the messages ``tags``."""
         with self._lock:
-            return sum(self._by_tag.get(tag, 0) for tag in tags)
+            return self._held(tags)
 
     def can_take(self, tags: Iterable[str]) -> bool:
         """Another message may be fetched beside the messages ``tags``: none is held, or the
@@ -57,10 +57,15 @@ class Credit:
         if self.slots <= 0:
             return True
         with self._lock:
-            held = sum(self._by_tag.get(tag, 0) for tag in tags)
-            fits = held == 0 or held + self._last <= self.slots
+            fits = self._fits(self._held(tags))
             self._refused = self._refused or not fits
         return fits
+
+    def _held(self, tags: Iterable[str]) -> int:
+        return sum(self._by_tag.get(tag, 0) for tag in tags)
+
+    def _fits(self, held: int) -> bool:
+        return held == 0 or held + self._last <= self.slots
 
     def took(self, tag: str, task_id: str | None, items: int) -> None:
         with self._lock:
@@ -76,17 +81,13 @@ class Credit:
             tag = self._tag_of_task.get(task_id or "")
             if tag is not None and self._by_tag.get(tag, 0) > 0:
                 self._by_tag[tag] -= 1
-            wake = self._refused and self._fits_now()
+            # beside every message held, of any channel: at least what the consumer's channel
+            # holds, so the consumer will agree that it fits
+            wake = self._refused and self._fits(sum(self._by_tag.values()))
             if wake:
                 self._refused = False
         if wake and self.on_room is not None:
             self.on_room()
-
-    def _fits_now(self) -> bool:
-        """Another message fits beside every message held (those of any channel: at least as
-        many items as the consumer's channel holds, so it will agree)."""
-        held = sum(self._by_tag.values())
-        return held == 0 or held + self._last <= self.slots
 
     def settled(self, tag: str) -> None:
         """The message ``tag`` is acknowledged or rejected: none of its items is held any more."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit
 
 import aiohttp
 import requests.utils
@@ -11,9 +10,6 @@ import requests.utils
 from ..errors import IncompleteReply, ProviderError, ProviderTimeout
 from .call import CompletionCall
 from .exchange import Head, connection_error, past_deadline, reason
-
-
-URLS_REMEMBERED = 1024
 
 
 class AiohttpTransport:
@@ -60,26 +56,23 @@ class AiohttpTransport:
 
 
 class EnvironmentProxies:
-    """``HTTP(S)_PROXY`` and ``NO_PROXY`` decided as requests decides them, once per scheme and host.
+    """``HTTP(S)_PROXY`` and ``NO_PROXY`` decided as requests decides them, once per URL.
 
     aiohttp's own ``trust_env`` looks them (and ``.netrc``) up again on every request,
     in a thread: it measured as a third of a request's cost.
     """
 
+    LIMIT = 1024  # URLs remembered (each batch may name its own base URL)
+
     def __init__(self) -> None:
-        self._decided: dict[tuple[str, str], str | None] = {}
-        self._by_url: dict[str, str | None] = {}  # the same decisions, by whole URL (a provider has few)
+        self._decided: dict[str, str | None] = {}  # by whole URL: a provider posts to few
 
     def for_url(self, url: str) -> str | None:
-        if url in self._by_url:
-            return self._by_url[url]
-        parts = urlsplit(url)
-        key = (parts.scheme, parts.netloc)
-        if key not in self._decided:
-            self._decided[key] = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
-        if len(self._by_url) < URLS_REMEMBERED:
-            self._by_url[url] = self._decided[key]
-        return self._decided[key]
+        if url not in self._decided:
+            if len(self._decided) >= self.LIMIT:
+                self._decided.clear()
+            self._decided[url] = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+        return self._decided[url]
 
 
 class AiohttpResponse:
