@@ -1,4 +1,4 @@
-"""The asynchronous provider path over real HTTP on 127.0.0.1: AsyncHTTP, astream, attempt_async.
+"""The asynchronous provider path over real HTTP on 127.0.0.1: AsyncHTTP, acomplete, attempt_async.
 
 The same semantics as the synchronous path (requests) are checked by running both on the
 same faults of the stand-in and comparing; the pool limit, cancellation, keep-alive and
@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -160,11 +160,12 @@ def item(content: str, model: str = "gpt-4") -> ItemRequest:
     return ItemRequest(id="q1", line=1, messages=(ChatMessage("user", content),), model=model)
 
 
-async def collect_async(stream: AsyncIterator[Item]) -> tuple[list[Item], BaseException | None]:
+async def collect_async(provider: type[AbstractProvider], completion: CompletionCall,
+                        http: AsyncHTTP) -> tuple[list[Item], BaseException | None]:
+    """The items :meth:`AbstractProvider.acomplete` handed on, and the error it raised, if any."""
     got: list[Item] = []
     try:
-        async for piece in stream:
-            got.append(piece)
+        await provider.acomplete(completion, http, got.append)
     except Exception as exc:  # noqa: BLE001 - the test inspects it
         return got, exc
     return got, None
@@ -180,11 +181,11 @@ def collect_sync(stream: Iterator[Item]) -> tuple[list[Item], BaseException | No
     return got, None
 
 
-def astream(provider: type[AbstractProvider], completion: CompletionCall,
+def acomplete(provider: type[AbstractProvider], completion: CompletionCall,
             max_connections: int = 4) -> tuple[list[Item], BaseException | None]:
     async def go() -> tuple[list[Item], BaseException | None]:
         async with AsyncHTTP(max_connections) as http:
-            return await collect_async(provider.astream(completion, http))
+            return await collect_async(provider, completion, http)
     return asyncio.run(go())
 
 
@@ -213,7 +214,7 @@ def test_both_paths_answer_alike(stub: StubServer, provider: str, content: str) 
     cls = PROVIDERS[provider]
     base = stub.base_url + ("/v1" if provider == "openai" else "")
     synchronous = collect_sync(cls.stream(call(base, content)))
-    asynchronous = astream(cls, call(base, content))
+    asynchronous = acomplete(cls, call(base, content))
     assert summary(asynchronous) == summary(synchronous)
     assert [i for i in asynchronous[0] if isinstance(i, StreamEnd)] == \
         [i for i in synchronous[0] if isinstance(i, StreamEnd)]
@@ -224,27 +225,27 @@ def test_both_paths_answer_alike(stub: StubServer, provider: str, content: str) 
 
 def test_a_stall_is_a_timeout(stub: StubServer) -> None:
     started = time.monotonic()
-    _, error = astream(Aivvm, call(stub.base_url, "[[stub fault=stall stall=5]] hi", read_timeout=0.5))
+    _, error = acomplete(Aivvm, call(stub.base_url, "[[stub fault=stall stall=5]] hi", read_timeout=0.5))
     assert isinstance(error, ProviderTimeout) and error.transient is True
     assert time.monotonic() - started < 3.0
 
 
 def test_the_item_deadline_ends_a_slow_reply(stub: StubServer) -> None:
     started = time.monotonic()
-    _, error = astream(Aivvm, call(stub.base_url, "[[stub latency=3 chunks=30]] slow",
+    _, error = acomplete(Aivvm, call(stub.base_url, "[[stub latency=3 chunks=30]] slow",
                                        deadline=time.monotonic() + 0.3))
     assert isinstance(error, ProviderTimeout)
     assert time.monotonic() - started < 1.5
 
 
 def test_a_passed_deadline_sends_no_request(counting: Counting) -> None:
-    _, error = astream(Aivvm, call(counting.base_url, "hi", deadline=time.monotonic() - 1))
+    _, error = acomplete(Aivvm, call(counting.base_url, "hi", deadline=time.monotonic() - 1))
     assert isinstance(error, ProviderTimeout)
     assert counting.connections == 0
 
 
 def test_connection_refused_is_a_transient_transport_error() -> None:
-    _, error = astream(Aivvm, call(closed_port_url(), "hi"))
+    _, error = acomplete(Aivvm, call(closed_port_url(), "hi"))
     assert isinstance(error, ProviderTransportError)
     assert error.transient is True and error.kind == "connection_error"
     assert "cannot reach" in str(error)
@@ -299,7 +300,7 @@ def test_openai_streams_keep_their_connection(stub: StubServer) -> None:
         async with AsyncHTTP(1) as http:
             texts = []
             for i in range(5):
-                items, error = await collect_async(OpenAI.astream(call(stub.base_url + "/v1", f"n{i}"), http))
+                items, error = await collect_async(OpenAI, call(stub.base_url + "/v1", f"n{i}"), http)
                 assert error is None
                 texts.append("".join(x for x in items if isinstance(x, str)))
             return texts
@@ -402,7 +403,7 @@ def test_environment_proxies_are_honoured_like_requests(counting: Counting, monk
     if bypass:
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     synchronous = collect_sync(Aivvm.stream(call(target, "via")))
-    asynchronous = astream(Aivvm, call(target, "via"))
+    asynchronous = acomplete(Aivvm, call(target, "via"))
     assert summary(asynchronous) == summary(synchronous)
     if bypass:
         assert isinstance(asynchronous[1], ProviderTransportError)
@@ -420,7 +421,7 @@ def test_no_cookie_set_by_a_server_rides_along_with_later_calls(counting: Counti
     async def go() -> None:
         async with AsyncHTTP(1) as http:
             for _ in range(2):
-                assert (await collect_async(Aivvm.astream(call(counting.base_url, "c"), http)))[1] is None
+                assert (await collect_async(Aivvm, call(counting.base_url, "c"), http))[1] is None
 
     asyncio.run(go())
     assert counting.cookies == [None] * 4

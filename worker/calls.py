@@ -9,7 +9,7 @@ the concurrency, and its rate-limit wait is still made on the loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -50,14 +50,15 @@ class ProviderCalls:
     def asynchronous(self) -> bool:
         return self._http_class is not None
 
-    async def attempt(self, request: ItemRequest, options: BatchOptions,
-                      before_call: AsyncBeforeCall | None) -> Attempt:
+    def attempt(self, request: ItemRequest, options: BatchOptions,
+                before_call: AsyncBeforeCall | None) -> Awaitable[Attempt]:
+        """The attempt to await (the coroutine of the call itself, not one wrapping it: one
+        frame less at each of its wake-ups)."""
         if self._http_class is not None:
             if self._http is None:
                 self._http = self._http_class(max_connections=self.concurrency)
-            result: Attempt = await completion.attempt_async(
+            return completion.attempt_async(
                 request, options.providers(), options.base_url, self.settings, self._http, before_call, self._keys)
-            return result
         if self._threads is None:
             self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="aivvm-call")
         loop = asyncio.get_running_loop()
@@ -68,7 +69,7 @@ class ProviderCalls:
             def sync_before(provider: type[AbstractProvider], call: CompletionCall) -> None:
                 asyncio.run_coroutine_threadsafe(gate(provider, call), loop).result()
 
-        return await loop.run_in_executor(
+        return loop.run_in_executor(
             self._threads, completion.attempt, request, options.providers(), options.base_url,
             self.settings, sync_before)
 

@@ -58,15 +58,13 @@ async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemStat
     """Every item of the chunk to its end for this message (a seq given twice runs once);
     ``on_end`` is called as each item ends (its slot is free for the next message's items)."""
     unique = list(dict.fromkeys(seqs))
-
-    async def one(seq: int) -> Done | Handoff:
-        try:
-            return await run_item(rt, batch_id, seq, state)
-        finally:
-            if on_end is not None:
-                on_end()
-
-    outcomes = await asyncio.gather(*(one(seq) for seq in unique), return_exceptions=True)
+    loop = asyncio.get_running_loop()
+    runs = [loop.create_task(run_item(rt, batch_id, seq, state)) for seq in unique]
+    if on_end is not None:
+        ended = on_end
+        for run in runs:  # a callback, not a wrapping coroutine: one frame less at each wake-up
+            run.add_done_callback(lambda _: ended())
+    outcomes = await asyncio.gather(*runs, return_exceptions=True)
     ends: list[Done | Handoff] = []
     for seq, outcome in zip(unique, outcomes):
         if isinstance(outcome, BaseException):
@@ -109,31 +107,25 @@ async def hand_on(rt: Runtime, batch_id: str, seq: int, again: RunAgain) -> Hand
 
 
 class _Slot:
-    """One of the process's slots (requests in flight), given back as soon as the call has ended."""
+    """One of the process's slots (requests in flight), taken; given back as soon as the call has ended."""
 
     def __init__(self, slots: asyncio.Semaphore) -> None:
         self.slots = slots
-        self.held = False
-
-    async def __aenter__(self) -> _Slot:
-        await self.slots.acquire()
         self.held = True
-        return self
 
     def free(self) -> None:
         if self.held:
             self.held = False
             self.slots.release()
 
-    async def __aexit__(self, *exc: object) -> None:
-        self.free()
-
 
 async def attempt_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Done | RunAgain:
     """Claim the item, call its provider, and record the result (or say when to run it again)."""
     where = f"batch {batch_id} item {seq}"
     token = f"{_TOKEN_PREFIX}{os.getpid():x}.{next(_attempts):x}"
-    async with _Slot(rt.slots) as slot:
+    await rt.slots.acquire()
+    slot = _Slot(rt.slots)
+    try:
         claim = await wait_for_store(f"{where}: claim", lambda: rt.io.claim((batch_id, seq, token)))
         if claim.outcome is not ClaimOutcome.CLAIMED or claim.request is None or claim.options is None:
             slot.free()
@@ -146,6 +138,8 @@ async def attempt_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -
             slot.free()
             await _release(rt, batch_id, seq, token)
             raise
+    finally:
+        slot.free()
 
 
 async def _not_claimed(rt: Runtime, batch_id: str, seq: int, claim: Claim, state: ItemState) -> Done | RunAgain:

@@ -84,8 +84,7 @@ async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], b
             call = streamed.prepare(base_url if position == 0 else None, settings, keys)
             if before_call is not None:
                 await before_call(provider, call)
-            async for item in provider.astream(call, http):
-                streamed.add(item)
+            await provider.acomplete(call, http, streamed.add)
         except RateLimited:
             raise
         except Exception as exc:  # noqa: BLE001 - sorted in fail(); a bug must not lose the item

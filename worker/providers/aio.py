@@ -14,7 +14,6 @@ are never followed; nothing is decompressed here (the raw body goes to the bound
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -25,7 +24,6 @@ from .exchange import (
     ErrorParser,
     Head,
     OnReply,
-    check_streaming_deadline,
     encode_body,
     http_error,
     past_deadline,
@@ -64,9 +62,10 @@ class AsyncHTTP:
         self.max_connections = max_connections
         self._transport: Transport = AiohttpTransport(max_connections)
 
-    async def post_stream(self, url: str, body: dict[str, Any], headers: dict[str, str], call: CompletionCall,
-                          parse_error: ErrorParser, on_reply: OnReply | None = None) -> AsyncGenerator[bytes, None]:
-        """POST ``body`` and yield the raw (still encoded) bytes of a 200 as they arrive.
+    async def open_stream(self, url: str, body: dict[str, Any], headers: dict[str, str], call: CompletionCall,
+                          parse_error: ErrorParser, on_reply: OnReply | None = None) -> Response:
+        """POST ``body`` and return a 200 whose head has arrived, its raw (still encoded) body
+        to read (:meth:`Response.read`; then :meth:`Response.close`, on every path).
 
         A 3xx raises ``RedirectError``, another non-200 the provider's HTTP error (from
         the start of its body); ``on_reply`` is told the 200's head before its first byte.
@@ -81,11 +80,10 @@ class AsyncHTTP:
                 raise http_error(head, await _error_body(response, call), call, parse_error)
             if on_reply is not None:
                 on_reply(head)
-            while data := await response.read():
-                yield data
-                check_streaming_deadline(call)
-        finally:
+        except BaseException:
             await response.close()
+            raise
+        return response
 
     async def aclose(self) -> None:
         await self._transport.aclose()

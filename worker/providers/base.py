@@ -2,7 +2,7 @@
 
 A provider says what to send (:meth:`~AbstractProvider.http_request`) and how to read
 the decoded reply (:meth:`~AbstractProvider.reply_parser`); both are free of I/O.
-:meth:`~AbstractProvider.stream` (``requests``) and :meth:`~AbstractProvider.astream`
+:meth:`~AbstractProvider.stream` (``requests``) and :meth:`~AbstractProvider.acomplete`
 (the worker's event loop) are thin shells that move bytes between a transport and the
 same :class:`~.reply.ReplyReader`.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import aclosing, closing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from jobs.config import Settings
@@ -20,7 +20,7 @@ from jobs.config import Settings
 from ..errors import ProviderHTTPError
 from .call import CompletionCall, Item, StreamEnd
 from .credentials import choose_key
-from .exchange import HTTPRequest
+from .exchange import HTTPRequest, check_streaming_deadline
 from .http import post_stream
 from .reply import ReplyParser, ReplyReader
 
@@ -86,19 +86,25 @@ class AbstractProvider(ABC):
         yield from reader.finish()
 
     @classmethod
-    async def astream(cls, call: CompletionCall, http: AsyncHTTP) -> AsyncIterator[Item]:
-        """:meth:`stream` on the event loop, through ``http``'s connection pool."""
+    async def acomplete(cls, call: CompletionCall, http: AsyncHTTP, add: Callable[[Item], None]) -> None:
+        """:meth:`stream` on the event loop, through ``http``'s connection pool: each item is
+        handed to ``add`` as it is decoded (a callback, not an async generator: each wake-up
+        of the call resumes one frame here instead of two generators and their consumer)."""
         request = cls.http_request(call)
         reader = ReplyReader(call, cls.reply_parser(call), cls.check_type)
-        async with aclosing(http.post_stream(request.url, request.body, request.headers, call,
-                                             cls.parse_error, on_reply=reader.start)) as raw:
-            async for data in raw:
+        response = await http.open_stream(request.url, request.body, request.headers, call, cls.parse_error,
+                                          on_reply=reader.start)
+        try:
+            while data := await response.read():
                 for item in reader.feed(data):
-                    yield item
+                    add(item)
                 if reader.stopped:
                     break
+                check_streaming_deadline(call)
+        finally:
+            await response.close()
         for item in reader.finish():
-            yield item
+            add(item)
 
     # -- configuration ---------------------------------------------------------------
 
