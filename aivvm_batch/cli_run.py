@@ -23,7 +23,6 @@ from .options import (
     rpm_option,
     tpm_option,
 )
-from .progress import Progress, summary
 from .signals import Interrupts
 from .watch import default_workers, split_concurrency
 from .workers import WorkerProcesses
@@ -78,6 +77,7 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
         try:
             with without_collector():
                 from . import runner
+                from .progress import Progress, summary
 
             options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
             plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults, redis_url=redis_url,

@@ -24,7 +24,7 @@ from redis.retry import Retry
 
 from jobs.errors import ConfigError
 
-from .workers import die_with_parent
+from worker.lineage import die_with_parent
 
 START_TIMEOUT = 15.0
 # a new server answers within 10-20 ms: run's workers wait for it

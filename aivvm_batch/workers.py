@@ -4,15 +4,16 @@ Each runs in a session of its own, so that a terminal's Ctrl-C (sent to the
 foreground process group) reaches ``run`` only, which stops them in order; each
 still dies with ``run`` (``PR_SET_PDEATHSIG``).
 
-``run`` starts them first of all (:meth:`WorkerProcesses.prestart`): while it imports,
-checks its input and starts Redis, they import theirs (half a second each), then wait on
-their standard input for the Redis URL and settings (:meth:`WorkerProcesses.start`).
-This module stays light (no Celery, no redis-py) for that reason.
+``run`` starts them first of all (:meth:`WorkerProcesses.prestart`): one process
+(``python -m worker --fork-from-stdin``) imports theirs while ``run`` imports the rest of
+itself, checks its input and starts Redis; given the Redis URL and settings on its standard
+input (:meth:`WorkerProcesses.start`), it forks the workers and exits, and ``run``, a child
+subreaper, adopts them (:class:`Adopted`). This module stays light (no Celery, no redis-py)
+for that reason.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -23,18 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs import keys
+from worker.lineage import adopt_orphans, die_with_parent
 
-_PR_SET_PDEATHSIG = 1
 REDIS_URL_VARIABLE = "AIVVM_BATCH_REDIS_URL"
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """In a child before exec: receive ``sig`` when the parent dies (Linux; a no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig)
-    except OSError:
-        pass
+ADOPT_POLL_SECONDS = 0.005
 
 
 def _die_with_parent() -> None:
@@ -74,6 +67,44 @@ def trusting(base_url: str | None) -> dict[str, str]:
     return {"AIVVM_BATCH_ALLOWED_BASE_URLS": ",".join(u for u in (given, base_url) if u)}
 
 
+class Adopted:
+    """A worker forked by the fork server and adopted by this process: waited for like a child
+    (the ``Popen`` calls ``run`` uses)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # never adopted (its reaper was another) or waited for elsewhere
+                self.returncode = -signal.SIGKILL
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker process {self.pid}", timeout or 0.0)
+            time.sleep(ADOPT_POLL_SECONDS)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not waited for yet: the pid is still this process's
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+Process = subprocess.Popen[bytes] | Adopted
+
+
 class WorkerProcesses:
     """Celery worker processes on ``redis_url`` (passed by environment or standard input, not argv).
 
@@ -91,7 +122,9 @@ class WorkerProcesses:
         self.env = env or {}
         self.loglevel = loglevel
         self.pool = pool
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self._processes: list[Process] = []
+        # prestarted: the fork server, until the workers it forked are adopted
+        self._forker: subprocess.Popen[bytes] | None = None
         self.waiting = False  # prestarted: waiting on standard input for start()
 
     @property
@@ -103,12 +136,26 @@ class WorkerProcesses:
         """The Celery node names, ``%h`` unexpanded."""
         return [f"run{os.getpid()}-{i}@%h" for i in range(self.count)]
 
+    @property
+    def processes(self) -> list[Process]:
+        """The worker processes (while prestarted and waiting: the fork server)."""
+        if self._forker is not None and not self.waiting:
+            self._adopt()
+        return self._processes
+
     def prestart(self) -> WorkerProcesses:
-        """Start the processes before their Redis is known: each imports its modules, then waits
-        for :meth:`start` (``python -m worker --settings-from-stdin``; the threads pool only)."""
-        if self.pool != "threads":
+        """Start the fork server before the Redis is known: it imports the workers' modules, then
+        waits for :meth:`start` (the threads pool only, where this process can adopt orphans)."""
+        if self.pool != "threads" or not adopt_orphans():
             return self
-        self._spawn(dict(os.environ), ["--settings-from-stdin"], subprocess.PIPE)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / "worker-0.log", "ab") as log:
+            self._forker = subprocess.Popen(
+                [sys.executable, "-m", "worker", "--fork-from-stdin", f"--loglevel={self.loglevel}"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        self._processes = [self._forker]
         self.waiting = True
         return self
 
@@ -120,25 +167,46 @@ class WorkerProcesses:
             raise ValueError("no Redis URL for the worker processes")
         settings = {**self.env, REDIS_URL_VARIABLE: self.redis_url}
         if not self.waiting:
-            self._spawn({**os.environ, **settings}, [], subprocess.DEVNULL)
+            self._spawn({**os.environ, **settings})
             return self
         self.waiting = False
-        for p in self.processes:
-            assert p.stdin is not None
-            try:
-                p.stdin.write(json.dumps(settings).encode() + b"\n")
-                p.stdin.close()
-            except OSError:  # it died meanwhile: the watch sees it among those not alive
-                pass
+        order = {"env": settings, "workers": [
+            {"concurrency": concurrency, "hostname": name, "log": str(self.log_dir / f"worker-{i}.log")}
+            for i, (concurrency, name) in enumerate(zip(self.concurrencies, self.names))]}
+        assert self._forker is not None and self._forker.stdin is not None
+        try:
+            self._forker.stdin.write(json.dumps(order).encode() + b"\n")
+            self._forker.stdin.close()
+        except OSError:  # it died meanwhile: no worker is adopted, and the watch says so
+            pass
         return self
 
-    def _spawn(self, env: dict[str, str], extra: list[str], stdin: int) -> None:
+    def _adopt(self, *, at_once: bool = False) -> None:
+        """The fork server's workers, once it has forked them and exited (it may still be importing;
+        ``at_once``: it is killed, and only those it had forked already are adopted)."""
+        forker, self._forker, self.waiting = self._forker, None, False
+        assert forker is not None and forker.stdout is not None
+        line = b""
+        try:
+            if at_once:
+                forker.kill()
+            else:
+                line = forker.stdout.readline()
+        except BaseException:  # interrupted (Ctrl-C) while it imports: it forks nothing now
+            forker.kill()
+            raise
+        finally:
+            forker.wait()
+            self._processes = _adopted(line or forker.stdout.read())
+            forker.stdout.close()
+
+    def _spawn(self, env: dict[str, str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, (concurrency, name) in enumerate(zip(self.concurrencies, self.names)):
             log = open(self.log_dir / f"worker-{i}.log", "ab")
-            args = worker_argv(concurrency, pool=self.pool, loglevel=self.loglevel, name=name) + extra
-            self.processes.append(subprocess.Popen(
-                args, env={**env, "AIVVM_BATCH_CONCURRENCY": str(concurrency)}, stdin=stdin,
+            args = worker_argv(concurrency, pool=self.pool, loglevel=self.loglevel, name=name)
+            self._processes.append(subprocess.Popen(
+                args, env={**env, "AIVVM_BATCH_CONCURRENCY": str(concurrency)}, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=log,
                 start_new_session=True, preexec_fn=_die_with_parent,
             ))
@@ -149,15 +217,16 @@ class WorkerProcesses:
 
     def terminate(self) -> None:
         """Ask for a warm shutdown (SIGTERM): no new task; those running finish and are recorded.
-        Processes still waiting for :meth:`start` see their input end instead, and exit."""
+        A fork server still waiting for :meth:`start` sees its input end instead, and exits."""
         if self.waiting:
             self.waiting = False
-            for p in self.processes:
-                if p.stdin is not None:
-                    try:
-                        p.stdin.close()
-                    except OSError:
-                        pass
+            assert self._forker is not None
+            if self._forker.stdin is not None:
+                try:
+                    self._forker.stdin.close()
+                except OSError:
+                    pass
+            self._forker = None  # it forks nothing: it is the only process, and it exits
             return
         for p in self.processes:
             if p.poll() is None:
@@ -176,9 +245,19 @@ class WorkerProcesses:
 
     def kill(self) -> None:
         """SIGKILL every worker still running, and wait for it."""
+        if self._forker is not None:
+            self._adopt(at_once=True)
         for p in self.processes:
             if p.poll() is None:
                 p.kill()
         for p in self.processes:
             p.wait()
-        self.processes = []
+        self._processes = []
+
+
+def _adopted(line: bytes) -> list[Process]:
+    """Handles on the workers whose pids the fork server printed (none if it died before forking)."""
+    try:
+        return [Adopted(int(pid)) for pid in json.loads(line.splitlines()[0])] if line.strip() else []
+    except (ValueError, TypeError):
+        return []

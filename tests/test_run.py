@@ -99,17 +99,8 @@ class Session:
 
     def children(self) -> list[int]:
         """PIDs of the workers and the Redis this run started that are still alive."""
-        found = []
+        found = [pid for pid, _ in run_workers(self.state, self.proc.pid) if alive(pid)]
         redis_pid = self.state / "redis" / "redis.pid"
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if f"run{self.proc.pid}-".encode() in cmdline:
-                found.append(int(entry.name))
         if redis_pid.exists():
             pid = int(redis_pid.read_text().strip())
             try:
@@ -413,19 +404,33 @@ def prestarted_workers() -> list[int]:
 def test_workers_started_before_their_redis_leave_quietly_when_it_never_comes(tmp_path: Path) -> None:
     workers = WorkerProcesses(concurrencies=[1, 2], log_dir=tmp_path / "logs").prestart()
     processes = list(workers.processes)
-    assert len(processes) == 2 and workers.alive() == 2 and workers.waiting
+    # one process imports for both, and forks them once it is given their Redis
+    assert len(processes) == 1 and workers.alive() == 1 and workers.waiting
     workers.stop(timeout=60)
-    assert [p.returncode for p in processes] == [0, 0]
+    assert [p.returncode for p in processes] == [0]
     logs = [log.read_text() for log in (tmp_path / "logs").glob("worker-*.log")]
-    assert len(logs) == 2 and not any("Traceback" in log for log in logs), logs
+    assert len(logs) == 1 and not any("Traceback" in log for log in logs), logs
 
 
-def worker_concurrencies(run_pid: int) -> list[int]:
-    found = []
-    for _, args in command_lines():
-        if any(f"run{run_pid}-".encode() in a for a in args) and b"--concurrency" in args:
-            found.append(int(args[args.index(b"--concurrency") + 1]))
-    return sorted(found)
+def run_workers(state: Path, run_pid: int) -> list[tuple[int, int]]:
+    """(process id, requests in flight) of each worker of the run, as its log says when it starts."""
+    said = re.compile(rf"^worker run{run_pid}-\d+@\S+: process (\d+), (\d+) requests in flight$", re.M)
+    return sorted((int(m[1]), int(m[2])) for log in (state / "logs").glob("worker-*.log")
+                  for m in said.finditer(log.read_text(errors="replace")))
+
+
+def alive(pid: int) -> bool:
+    """A live worker process (not a zombie, not another process that took the pid since)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"worker" in cmdline
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 @pytest.mark.timeout(120)
@@ -438,11 +443,29 @@ def test_one_worker_per_core_and_the_concurrency_is_shared(tmp_path: Path, stub:
         session = Session([str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", stub.base_url, *extra],
                           tmp_path / f"state{number}")
         sessions.append(session)
-        wait_for(lambda: len(worker_concurrencies(session.proc.pid)) == count, what="the workers")
-        shares = worker_concurrencies(session.proc.pid)
+        wait_for(lambda: len(run_workers(session.state, session.proc.pid)) == count, what="the workers")
+        workers = run_workers(session.state, session.proc.pid)
+        # processes of their own, adopted by run (it waits for them, and they die with it)
+        assert all(alive(pid) and parent_of(pid) == session.proc.pid for pid, _ in workers), workers
+        shares = sorted(share for _, share in workers)
         assert sum(shares) == total and shares[-1] - shares[0] <= 1, shares
         wait_for(lambda: calls(stub) >= 4 * (number + 1), what="the four items in flight")
         session.ctrl_c()
         session.read_until("Ctrl-C again")
         session.ctrl_c()
         assert session.finish()[0] == 130
+
+
+@pytest.mark.timeout(120)
+def test_the_workers_die_with_run_even_when_it_is_killed(tmp_path: Path, stub: StubServer,
+                                                        sessions: list[Session]) -> None:
+    source = prompts(tmp_path / "in.jsonl", [f"[[stub latency=30]] slow {i}" for i in range(2)])
+    session = Session([str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", stub.base_url,
+                       "--workers", "2"], tmp_path / "state")
+    sessions.append(session)
+    wait_for(lambda: len(run_workers(session.state, session.proc.pid)) == 2, what="the workers")
+    wait_for(lambda: calls(stub) >= 2, what="the items in flight")
+    workers = [pid for pid, _ in run_workers(session.state, session.proc.pid)]
+    assert all(alive(pid) for pid in workers)
+    session.kill()  # SIGKILL: run cannot stop them itself
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=10, what="the workers to die with run")

@@ -1,50 +1,108 @@
 """``python -m worker``: the Celery worker of ``celery -A worker.tasks worker --pool threads``,
 started without Celery's command line (its click and REPL imports cost a third of a second of
-start-up): ``run`` starts its workers this way. ``--concurrency`` is the requests in flight
-in this process, as for ``aivvm-batch worker``; the Redis URL comes from the environment, or
-with ``--settings-from-stdin`` from ``run`` once its Redis is up (aivvm_batch.workers).
+start-up). ``--concurrency`` is the requests in flight in this process, as for ``aivvm-batch
+worker``; the Redis URL comes from the environment.
+
+``--fork-from-stdin`` is how ``run`` starts its workers (aivvm_batch.workers): import
+everything once, while ``run`` starts its Redis; then read one JSON object on standard input,
+``{"env": {...}, "workers": [{"concurrency": N, "hostname": H, "log": PATH}, ...]}``, fork one
+worker process per entry, print their process ids (a JSON list) and exit. ``run``, a child
+subreaper, adopts them. N workers so cost one import (a third of a second of CPU) instead of
+N, and share its memory. At the end of input instead of the object, exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import logging
 import os
 import sys
+import traceback
+from typing import Any, NoReturn
+
+# what the worker's boot imports lazily: imported before forking, once for every worker
+BOOT_MODULES = ("celery.apps.worker", "celery.worker.consumer", "celery.worker.strategy", "celery.app.trace",
+                "celery.concurrency.thread", "celery.backends.base", "celery.events.dispatcher",
+                "celery.events.receiver", "celery.utils.debug", "kombu.pidbox", "kombu.matcher",
+                "worker.transport", "uvloop")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    parser.add_argument("--concurrency", type=int, required=True, help="requests in flight in this process")
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, help="requests in flight in this process")
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--hostname", default=None)
-    parser.add_argument("--settings-from-stdin", action="store_true",
-                        help="after the imports, wait for one JSON object of environment settings (the Redis "
-                             "URL among them) on standard input; at its end instead, exit")
+    parser.add_argument("--fork-from-stdin", action="store_true",
+                        help="after the imports, fork the workers named on standard input (see above)")
     args = parser.parse_args(argv)
-    if args.concurrency < 1:
+    if not args.fork_from_stdin and (args.concurrency is None or args.concurrency < 1):
         parser.error("--concurrency must be at least 1")
     # no collection while importing (a tenth of the start-up, the project's first module included);
     # the runtime then sets the collector for work (worker.runtime.collect_for_work)
     gc.disable()
+    import worker.tasks  # noqa: F401 - registers the task and the runtime's bootsteps
+
+    if not args.fork_from_stdin:
+        _serve(args.concurrency, args.hostname, args.loglevel)
+    for module in BOOT_MODULES:
+        importlib.import_module(module)
+    line = sys.stdin.readline()
+    if not line.strip():  # whoever started us ended before it needed us
+        os._exit(0)
+    order = json.loads(line)
+    # nothing read the environment yet: the configuration is read on first use
+    os.environ.update({str(k): str(v) for k, v in order["env"].items()})
+    parent = os.getppid()
+    gc.freeze()  # the imported heap stays shared with the workers (no collection writes to it)
+    pids = []
+    for spec in order["workers"]:
+        pid = os.fork()
+        if pid == 0:
+            _become_worker(spec, parent, args.loglevel)
+        pids.append(pid)
+    sys.stdout.write(json.dumps(pids) + "\n")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _become_worker(spec: dict[str, Any], parent: int, loglevel: str) -> NoReturn:
+    """In a forked child: its own log and input, adopted by ``parent``, then the worker."""
+    from .lineage import adopted_by
+
+    try:
+        log = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        nothing = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(nothing, 0)
+        os.close(nothing)
+        if not adopted_by(parent):  # run ended meanwhile
+            os._exit(0)
+        concurrency, hostname = int(spec["concurrency"]), spec.get("hostname")
+        print(f"worker {hostname or os.getpid()}: process {os.getpid()}, {concurrency} requests in flight",
+              file=sys.stderr, flush=True)
+        _serve(concurrency, hostname, loglevel)
+    except SystemExit as stop:
+        os._exit(stop.code if isinstance(stop.code, int) else 1)
+    except BaseException:  # noqa: BLE001 - a forked child never returns into its parent's code
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _serve(concurrency: int, hostname: str | None, loglevel: str) -> NoReturn:
     from jobs import keys
     from jobs.config import ENV_PREFIX
     from jobs.queue import app, celery_threads
 
-    os.environ[f"{ENV_PREFIX}CONCURRENCY"] = str(args.concurrency)  # read by the runtime it builds
-    import worker.tasks  # noqa: F401 - registers the task and the runtime's bootsteps
-
-    if args.settings_from_stdin:
-        line = sys.stdin.readline()
-        if not line.strip():  # whoever started us ended before it needed us
-            os._exit(0)
-        # nothing read the environment yet: the configuration is read on first use
-        os.environ.update({str(k): str(v) for k, v in json.loads(line).items()})
-
-    node = app.Worker(pool_cls="threads", concurrency=celery_threads(args.concurrency),
-                      loglevel=args.loglevel.upper(), queues=[keys.QUEUE], hostname=args.hostname,
+    os.environ[f"{ENV_PREFIX}CONCURRENCY"] = str(concurrency)  # read by the runtime it builds
+    node = app.Worker(pool_cls="threads", concurrency=celery_threads(concurrency),
+                      loglevel=loglevel.upper(), queues=[keys.QUEUE], hostname=hostname,
                       without_gossip=True, without_mingle=True, quiet=True)
     gc.enable()
     node.start()
