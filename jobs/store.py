@@ -325,13 +325,16 @@ class BatchStore:
 
     @translated
     def add_chunk(self, batch_id: str, entries: Sequence[ChunkEntry], *, resume: bool,
-                  enqueue: Callable[[Any, list[int]], None], reuse: Reuse | None = None) -> ChunkOutcome:
+                  enqueue: Callable[[Any, list[int]], None], reuse: Reuse | None = None,
+                  send: Callable[[Any], None] | None = None) -> ChunkOutcome:
         """Store a chunk of lines in two round trips and enqueue its items in the second.
 
         Duplicate ids become ``invalid`` results. With ``resume``, items that
         already have a result are not enqueued again (a re-submission of the same file).
         With ``reuse``, an item whose request equals the earlier batch's at the same
         seq, and whose result there is ``ok``, gets that result instead of a message.
+        ``send`` sends the second round trip (a pipeline) instead of executing it here
+        (:class:`jobs.submit.OneAhead`); nothing in it is read back.
         """
         valid = [(e.seq, e.parsed) for e in entries if isinstance(e.parsed, ItemRequest)]
         seqs = [seq for seq, _ in valid]
@@ -392,7 +395,10 @@ class BatchStore:
         if results:
             self._record_in(pipe, batch_id, list(results.items()))
         enqueue(pipe, to_enqueue)
-        pipe.execute()
+        if send is None:
+            pipe.execute()
+        else:
+            send(pipe)
         return ChunkOutcome(to_enqueue, kept, changed)
 
     @translated

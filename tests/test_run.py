@@ -396,8 +396,8 @@ def command_lines() -> Iterator[tuple[int, list[bytes]]]:
 
 
 def prestarted_workers() -> list[int]:
-    """Processes of ``python -m worker --settings-from-stdin`` (started by a run, before its Redis)."""
-    return [pid for pid, args in command_lines() if b"--settings-from-stdin" in args]
+    """Processes of ``python -m worker --fork-from-stdin`` (started by a run, before its Redis)."""
+    return [pid for pid, args in command_lines() if b"--fork-from-stdin" in args]
 
 
 @pytest.mark.timeout(120)
@@ -410,6 +410,16 @@ def test_workers_started_before_their_redis_leave_quietly_when_it_never_comes(tm
     assert [p.returncode for p in processes] == [0]
     logs = [log.read_text() for log in (tmp_path / "logs").glob("worker-*.log")]
     assert len(logs) == 1 and not any("Traceback" in log for log in logs), logs
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_server_that_died_before_forking_leaves_no_worker_to_wait_for(tmp_path: Path) -> None:
+    workers = WorkerProcesses(concurrencies=[1, 2], log_dir=tmp_path / "logs").prestart()
+    [forker] = workers.processes
+    forker.kill()
+    forker.wait()
+    workers.start("redis://127.0.0.1:1/0")  # its input is closed: nothing is raised
+    assert workers.processes == [] and workers.alive() == 0  # run then says the workers exited
 
 
 def run_workers(state: Path, run_pid: int) -> list[tuple[int, int]]:

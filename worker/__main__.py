@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -58,12 +59,17 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update({str(k): str(v) for k, v in order["env"].items()})
     parent = os.getppid()
     gc.freeze()  # the imported heap stays shared with the workers (no collection writes to it)
-    pids = []
-    for spec in order["workers"]:
-        pid = os.fork()
-        if pid == 0:
-            _become_worker(spec, parent, args.loglevel)
-        pids.append(pid)
+    pids: list[int] = []
+    try:
+        for spec in order["workers"]:
+            pid = os.fork()
+            if pid == 0:
+                _become_worker(spec, parent, args.loglevel)
+            pids.append(pid)
+    except OSError:  # no more processes: none of them works, rather than some run unseen by run
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        raise
     sys.stdout.write(json.dumps(pids) + "\n")
     sys.stdout.flush()
     os._exit(0)
