@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.fork_from_stdin:
         _serve(args.concurrency, args.hostname, args.loglevel)
     for module in BOOT_MODULES:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError:  # another Celery's layout: the boot imports what it needs itself
+            pass
     line = sys.stdin.readline()
     if not line.strip():  # whoever started us ended before it needed us
         os._exit(0)
