@@ -74,7 +74,10 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm:
         configure(celery_app, settings)
         publisher = Publisher(store.redis, celery_app)
         options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
-        report = submit_file(store, publisher, path, options, settings, defaults=defaults)
+        try:
+            report = submit_file(store, publisher, path, options, settings, defaults=defaults)
+        except KeyboardInterrupt:
+            interrupted("the batch was removed: none of its items runs")
     click.echo(report.batch_id)
     if report.invalid:
         click.echo(f"{report.invalid} of {report.total} lines are invalid (see their results)", err=True)

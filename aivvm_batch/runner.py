@@ -14,7 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +118,14 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts, workers: Work
             # the workers (booted already, when prestarted) take the file's first chunks as they are submitted
             stack.callback(workers.stop)
             workers.start(redis_url, env=trusting(options.base_url))
+            # from here a first Ctrl-C stops the batch gracefully: the workers are taking items
+            interrupts.arm()
             report = _submit(store, publisher, checked, plan, options, settings, progress,
-                             redis_url if private else None)
+                             redis_url if private else None, _holding(interrupts, progress))
             if private:
                 prune_spool(plan.state_dir, {b.source for b in store.list_batches(limit=1000)})
             info = store.info(report.batch_id)
             if not info.finished:
-                interrupts.arm()
                 try:
                     info = _watch(store, report.batch_id, workers, progress, interrupts, state)
                 finally:
@@ -149,15 +150,31 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts, workers: Work
     raise AssertionError("unreachable")
 
 
+def _holding(interrupts: Interrupts, progress: Progress) -> Callable[[], bool]:
+    """Whether the submission should enqueue nothing more: run was interrupted while submitting
+    (the rest of the input is recorded, to be cancelled now and resumed by the next run)."""
+    said = False
+
+    def hold() -> bool:
+        nonlocal said
+        if interrupts.requested and not said:
+            said = True
+            progress.note("aivvm-batch: interrupted while submitting: the rest of the input is recorded "
+                          "without being sent; Ctrl-C again to abandon")
+        return interrupts.requested
+
+    return hold
+
+
 def _submit(store: BatchStore, publisher: Publisher, checked: Checked, plan: RunPlan,
             options: BatchOptions, settings: Settings, progress: Progress,
-            private_url: str | None) -> SubmitReport:
+            private_url: str | None, hold: Callable[[], bool]) -> SubmitReport:
     """A new batch for this run, carrying over what the previous run of this input got right."""
     previous = store.run_batch(checked.source_key)
     earlier = store.info(previous) if previous is not None else None
     batch_id = new_batch_id()
     report = submit_file(store, publisher, checked.path, options, settings, batch_id=batch_id,
-                         reuse_from=None if plan.fresh else previous, defaults=plan.defaults)
+                         reuse_from=None if plan.fresh else previous, defaults=plan.defaults, hold=hold)
     store.set_run_batch(checked.source_key, batch_id)
     if previous is not None:
         store.delete(previous)

@@ -189,11 +189,11 @@ class WorkerProcesses:
         line = b""
         try:
             if at_once:
-                forker.kill()
+                _kill_with_its_forks(forker)
             else:
                 line = forker.stdout.readline()
         except BaseException:  # interrupted (Ctrl-C) while it imports: it forks nothing now
-            forker.kill()
+            _kill_with_its_forks(forker)
             raise
         finally:
             forker.wait()
@@ -253,6 +253,18 @@ class WorkerProcesses:
         for p in self.processes:
             p.wait()
         self._processes = []
+
+
+def _kill_with_its_forks(forker: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the fork server and any worker it forked already (its process group, which they
+    share), before it is waited for: until then its pid, the group's id, is not another's."""
+    if forker.returncode is not None:  # waited for already
+        return
+    for kill in (os.kill, os.killpg):
+        try:
+            kill(forker.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _adopted(line: bytes) -> list[Process]:

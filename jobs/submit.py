@@ -13,7 +13,8 @@ import hashlib
 import json
 import logging
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -67,15 +68,19 @@ class OneAhead:
             pending.result()
 
     def close(self) -> None:
-        """Wait for the pipeline in flight, whatever it ends with (the caller is failing already)."""
-        try:
-            self.wait()
-        except Exception:  # noqa: BLE001 - the caller's own error is the one to report
-            pass
-        finally:
-            if self._thread is not None:
-                self._thread.shutdown()
-                self._thread = None
+        """Wait for the pipeline in flight, whatever it ends with (the caller is failing already,
+        or done), and end the thread. A Ctrl-C meanwhile waits on: the batch may only be removed
+        once nothing of it is still on its way, and that takes one round trip."""
+        pending, self._pending = self._pending, None
+        while pending is not None:
+            try:
+                wait([pending])
+                pending = None
+            except KeyboardInterrupt:
+                continue
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
 
 @translated
@@ -98,8 +103,13 @@ def file_batch_id(path: str | Path, options: BatchOptions) -> str:
 
 def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, options: BatchOptions,
                 settings: Settings, *, batch_id: str | None = None, resume: bool = False,
-                reuse_from: str | None = None, defaults: RequestDefaults = RequestDefaults()) -> SubmitReport:
+                reuse_from: str | None = None, defaults: RequestDefaults = RequestDefaults(),
+                hold: Callable[[], bool] | None = None) -> SubmitReport:
     """Record the batch and enqueue its items.
+
+    Once ``hold()`` is true, the rest of the file is recorded without being enqueued (``run``
+    interrupted while it submits: no new item starts, and the batch, with what its workers
+    recorded, stays to be cancelled and resumed).
 
     With ``resume``, the batch may already hold some of the file: every step is
     idempotent, and items that already have a result are not enqueued again.
@@ -121,7 +131,7 @@ def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, optio
         ahead = OneAhead()
         try:
             report = _submit(store, publisher, stream, batch_id, options, settings, resume,
-                             _reuse(store, reuse_from, options), defaults, ahead)
+                             _reuse(store, reuse_from, options), defaults, ahead, hold)
         except BaseException as exc:
             ahead.close()  # nothing of the batch may arrive after it is removed
             if created and not resume:
@@ -136,7 +146,7 @@ def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, optio
 
 def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id: str,
             options: BatchOptions, settings: Settings, resume: bool, reuse: Reuse | None,
-            defaults: RequestDefaults, ahead: OneAhead) -> SubmitReport:
+            defaults: RequestDefaults, ahead: OneAhead, hold: Callable[[], bool] | None) -> SubmitReport:
     if resume:
         store.update_options(batch_id, options)
     total = invalid = enqueued = kept = changed = 0
@@ -162,10 +172,11 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
         if len(chunk) >= CHUNK_LINES:
             size = chunk_size(max(total, expected))
             if len(chunk) % size == 0:  # a block ends on a whole message: none part-filled mid-batch
-                outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, size, ahead)
+                outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, size, ahead, hold)
                 enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
                 chunk = []
-    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected)), ahead)
+    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected)), ahead,
+                     hold)
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     ahead.wait()  # every block is stored before the batch is finalized
     store.finalize(batch_id, total)
@@ -191,10 +202,14 @@ def _abandon(store: BatchStore, batch_id: str) -> None:
 
 
 def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[ChunkEntry],
-           resume: bool, reuse: Reuse | None, size: int, ahead: OneAhead) -> ChunkOutcome:
+           resume: bool, reuse: Reuse | None, size: int, ahead: OneAhead,
+           hold: Callable[[], bool] | None) -> ChunkOutcome:
     """Store a block of lines; its items go out in messages of ``size`` items (sized to the
     batch's lines: of a regular file, counted from the start; of a pipe, those read so far)."""
     if not chunk:
         return ChunkOutcome([])
-    return store.add_chunk(batch_id, chunk, resume=resume, reuse=reuse, send=ahead,
-                           enqueue=lambda pipe, seqs: publisher.publish(batch_id, seqs, pipe, chunk=size))
+    def enqueue(pipe: Any, seqs: list[int]) -> None:
+        if hold is None or not hold():
+            publisher.publish(batch_id, seqs, pipe, chunk=size)
+
+    return store.add_chunk(batch_id, chunk, resume=resume, reuse=reuse, send=ahead, enqueue=enqueue)

@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+import redis
 
+from aivvm_batch.embedded import EmbeddedRedis
 from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
+from jobs import keys
+from jobs.records import BatchState
+from jobs.store import BatchStore
 from tests.conftest import WORKER_ENV
 
 pytestmark = pytest.mark.integration
@@ -264,6 +269,34 @@ def test_ctrl_c_lets_the_items_in_flight_finish_and_nothing_is_paid_twice(tmp_pa
     assert set(by_prompt) == {f"item {i}" for i in range(total)}
     assert max(by_prompt.values()) == 1
     assert calls(stub) == total
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_while_run_submits_keeps_what_its_workers_paid_for(tmp_path: Path, stub: StubServer,
+                                                                   sessions: list[Session]) -> None:
+    """A large input is still being submitted when the first items are paid: the rest of the input
+    is recorded without being sent, and the batch stays, with every reply recorded, to resume."""
+    total, concurrency = 200_000, 4
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"id": "i{i}", "prompt": "[[stub latency=0.1]] item {i}"}}\n' for i in range(total)))
+    state = tmp_path / "state"
+    session = Session([str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", stub.base_url,
+                       "--concurrency", str(concurrency), "--workers", "2"], state)
+    sessions.append(session)
+    wait_for(lambda: calls(stub) >= 2 * concurrency, what="the first calls")
+    session.ctrl_c()
+    session.read_until("interrupted while submitting")
+    code, err = session.finish(timeout=120)
+    assert code == 130 and "Traceback" not in err, err
+    paid = calls(stub)
+    with EmbeddedRedis(state / "redis") as redis_server:  # the run's own Redis, from its data
+        store = BatchStore(redis.Redis.from_url(redis_server.url))
+        [batch_id] = store.redis.hvals(keys.RUN_BATCHES)
+        info = store.info(batch_id.decode())
+    assert info.total == total and info.state is BatchState.CANCELLED
+    # each reply paid for is recorded (none is lost to be paid again); nothing else was sent
+    assert info.counts.get("ok", 0) == paid, (info.counts, paid)
+    assert info.counts.get("cancelled", 0) == total - paid
 
 
 @pytest.mark.timeout(120)

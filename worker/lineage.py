@@ -37,11 +37,13 @@ def adopt_orphans() -> bool:
 
 
 def adopted_by(parent: int, timeout: float = ADOPTION_SECONDS) -> bool:
-    """Wait until ``parent`` has adopted this process, then die with it; False if it never did
-    (it has ended: the orphan went to another reaper)."""
+    """In a forked child: wait until ``parent`` has adopted this process (its own parent, the
+    fork server, exits), then die with it. False if it never will: the child went to another
+    reaper (``parent`` has ended), or the fork server outlived ``timeout``."""
+    forker = os.getppid()
     deadline = time.monotonic() + timeout
-    while os.getppid() != parent:
-        if time.monotonic() > deadline:
+    while (now := os.getppid()) != parent:
+        if now != forker or time.monotonic() > deadline:
             return False
         time.sleep(0.001)
     die_with_parent(signal.SIGKILL)
