@@ -208,6 +208,7 @@ def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[C
     batch's lines: of a regular file, counted from the start; of a pipe, those read so far)."""
     if not chunk:
         return ChunkOutcome([])
+
     def enqueue(pipe: Any, seqs: list[int]) -> None:
         if hold is None or not hold():
             publisher.publish(batch_id, seqs, pipe, chunk=size)

@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     order = json.loads(line)
     # nothing read the environment yet: the configuration is read on first use
     os.environ.update({str(k): str(v) for k, v in order["env"].items()})
-    parent = os.getppid()
+    parent, forker = os.getppid(), os.getpid()
     gc.freeze()  # the imported heap stays shared with the workers (no collection writes to it)
     pids: list[int] = []
     try:
         for spec in order["workers"]:
             pid = os.fork()
             if pid == 0:
-                _become_worker(spec, parent, args.loglevel)
+                _become_worker(spec, parent, forker, args.loglevel)
             pids.append(pid)
     except OSError:  # no more processes: none of them works, rather than some run unseen by run
         for pid in pids:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(0)
 
 
-def _become_worker(spec: dict[str, Any], parent: int, loglevel: str) -> NoReturn:
+def _become_worker(spec: dict[str, Any], parent: int, forker: int, loglevel: str) -> NoReturn:
     """In a forked child: its own log and input, adopted by ``parent``, then the worker."""
     from .lineage import adopted_by
 
@@ -90,7 +90,7 @@ def _become_worker(spec: dict[str, Any], parent: int, loglevel: str) -> NoReturn
         nothing = os.open(os.devnull, os.O_RDONLY)
         os.dup2(nothing, 0)
         os.close(nothing)
-        if not adopted_by(parent):  # run ended meanwhile
+        if not adopted_by(parent, forker):  # run ended meanwhile
             os._exit(0)
         concurrency, hostname = int(spec["concurrency"]), spec.get("hostname")
         print(f"worker {hostname or os.getpid()}: process {os.getpid()}, {concurrency} requests in flight",

@@ -36,11 +36,10 @@ def adopt_orphans() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def adopted_by(parent: int, timeout: float = ADOPTION_SECONDS) -> bool:
-    """In a forked child: wait until ``parent`` has adopted this process (its own parent, the
-    fork server, exits), then die with it. False if it never will: the child went to another
-    reaper (``parent`` has ended), or the fork server outlived ``timeout``."""
-    forker = os.getppid()
+def adopted_by(parent: int, forker: int, timeout: float = ADOPTION_SECONDS) -> bool:
+    """In a child forked by ``forker``: wait until ``parent`` has adopted this process (``forker``
+    exits), then die with it. False if it never will: the child went to another reaper
+    (``parent`` has ended), or ``forker`` outlived ``timeout``."""
     deadline = time.monotonic() + timeout
     while (now := os.getppid()) != parent:
         if now != forker or time.monotonic() > deadline:
