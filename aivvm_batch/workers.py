@@ -136,6 +136,10 @@ class WorkerProcesses:
         """The Celery node names, ``%h`` unexpanded."""
         return [f"run{os.getpid()}-{i}@%h" for i in range(self.count)]
 
+    def log(self, i: int) -> Path:
+        """Where worker ``i`` writes (the fork server, before it forks, beside worker 0)."""
+        return self.log_dir / f"worker-{i}.log"
+
     @property
     def processes(self) -> list[Process]:
         """The worker processes (while prestarted and waiting: the fork server)."""
@@ -149,7 +153,7 @@ class WorkerProcesses:
         if self.pool != "threads" or not adopt_orphans():
             return self
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / "worker-0.log", "ab") as log:
+        with open(self.log(0), "ab") as log:
             self._forker = subprocess.Popen(
                 [sys.executable, "-m", "worker", "--fork-from-stdin", f"--loglevel={self.loglevel}"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
@@ -171,7 +175,7 @@ class WorkerProcesses:
             return self
         self.waiting = False
         order = {"env": settings, "workers": [
-            {"concurrency": concurrency, "hostname": name, "log": str(self.log_dir / f"worker-{i}.log")}
+            {"concurrency": concurrency, "hostname": name, "log": str(self.log(i))}
             for i, (concurrency, name) in enumerate(zip(self.concurrencies, self.names))]}
         assert self._forker is not None and self._forker.stdin is not None
         try:
@@ -203,7 +207,7 @@ class WorkerProcesses:
     def _spawn(self, env: dict[str, str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, (concurrency, name) in enumerate(zip(self.concurrencies, self.names)):
-            log = open(self.log_dir / f"worker-{i}.log", "ab")
+            log = open(self.log(i), "ab")
             args = worker_argv(concurrency, pool=self.pool, loglevel=self.loglevel, name=name)
             self._processes.append(subprocess.Popen(
                 args, env={**env, "AIVVM_BATCH_CONCURRENCY": str(concurrency)}, stdin=subprocess.DEVNULL,

@@ -139,8 +139,8 @@ def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, optio
                 if isinstance(exc, StoreFull):
                     raise StoreFull(f"{exc}; nothing was submitted") from exc
             raise
-        finally:
-            ahead.close()
+        else:
+            ahead.close()  # its last pipeline was waited for: this ends its thread
     return report
 
 

@@ -97,7 +97,7 @@ def _become_worker(spec: dict[str, Any], parent: int, forker: int, loglevel: str
               file=sys.stderr, flush=True)
         _serve(concurrency, hostname, loglevel)
     except SystemExit as stop:
-        os._exit(stop.code if isinstance(stop.code, int) else 1)
+        os._exit(stop.code if isinstance(stop.code, int) else int(stop.code is not None))
     except BaseException:  # noqa: BLE001 - a forked child never returns into its parent's code
         traceback.print_exc()
         sys.stderr.flush()
