@@ -62,7 +62,7 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm:
     with spooled(file) as path:
         check_input(path, shown=_input_name(file))
         if dry_run:
-            _report_and_exit(path, file, settings, defaults)
+            _report_and_exit(path, file, settings, defaults, provider)
         from jobs.queue import Publisher, configure
         from jobs.queue import app as celery_app
         from jobs.submit import submit_file
@@ -85,10 +85,11 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm:
 
 @click.command()
 @input_argument
+@provider_option
 @request_defaults_options
 @handle_errors
-def validate(file: Path, defaults: RequestDefaults) -> None:
-    """Check every line of FILE as submit would, and report; needs no Redis.
+def validate(file: Path, provider: str, defaults: RequestDefaults) -> None:
+    """Check every line of FILE as submit would for --provider, and report; needs no Redis.
 
     Prints the counts and the first problems (line, field, message). Exit 0 when
     every line is valid, 1 otherwise, 2 when FILE is not JSON Lines at all.
@@ -96,13 +97,14 @@ def validate(file: Path, defaults: RequestDefaults) -> None:
     settings = Settings.from_env()
     with spooled(file) as path:
         check_input(path, shown=_input_name(file))
-        _report_and_exit(path, file, settings, defaults)
+        _report_and_exit(path, file, settings, defaults, provider)
 
 
-def _report_and_exit(path: Path, shown: Path, settings: Settings, defaults: RequestDefaults) -> NoReturn:
+def _report_and_exit(path: Path, shown: Path, settings: Settings, defaults: RequestDefaults,
+                     provider: str) -> NoReturn:
     with open_input(path) as stream:
         validation = validate_lines(stream, settings.max_line_bytes, settings.max_items, defaults,
-                                    keep=SHOWN_PROBLEMS)
+                                    keep=SHOWN_PROBLEMS, providers=BatchOptions(provider).providers())
     click.echo(_validation_text(_input_name(shown), validation))
     sys.exit(0 if validation.invalid == 0 else 1)
 

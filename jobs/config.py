@@ -39,6 +39,8 @@ class Settings:
     max_decompression_ratio: float = 100.0
     # retries of a reply cut mid-stream (each one a paid partial generation)
     max_cut_retries: int = 2
+    # more tries of a reply that does not follow the JSON schema its request gave
+    schema_retries: int = 1
     # comma-separated base URLs a worker's API keys may be sent to, besides each provider's
     # own default and its configured AIVVM_BASE_URL / OPENAI_BASE_URL
     allowed_base_urls: str = ""

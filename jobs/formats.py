@@ -2,10 +2,12 @@
 
 The OpenAI form follows the per-line object of OpenAI's batch output and error
 files (``BatchRequestOutput``): ``{id, custom_id, response, error}``. A request
-that got an HTTP answer has ``response: {status_code, request_id, body}`` (an
-``openai.types.chat.ChatCompletion`` for a success, ``{"error": {...}}`` for a
-refusal) and ``error: null``; one that got none (unreachable server, invalid
-line, cancelled) has ``response: null`` and ``error: {code, message}``.
+that got an HTTP answer has ``response: {status_code, request_id, body}`` and
+``error: null``: for a success the body the server would have answered without
+streaming (a ``ChatCompletion`` joined from its chunks, the final ``Response``, the
+embeddings list...), for a refusal the server's own body, verbatim; ``request_id`` is
+the server's ``x-request-id`` when it sent one. One that got none (unreachable server,
+invalid line, cancelled) has ``response: null`` and ``error: {code, message}``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import time
 from enum import Enum
 from typing import Any
 
+from .answers import chat_body
+from .endpoints import Endpoint
 from .records import ItemResult, Status
 
 
@@ -43,19 +47,18 @@ def render(raw: bytes, fmt: ResultFormat, batch_created: float | None = None) ->
 def openai_line(result: ItemResult, batch_created: float | None = None) -> dict[str, Any]:
     """The OpenAI Batch output form, so tools written for it read ours unchanged."""
     line: dict[str, Any] = {"id": f"batch_req_{result.line}", "custom_id": result.id}
-    request_id = f"req_{result.line}"
+    answer = result.answer
+    request_id = answer.request_id if answer is not None and answer.request_id else f"req_{result.line}"
     error = result.error
     if result.status is Status.OK:
         line["response"] = {"status_code": 200, "request_id": request_id,
-                            "body": _completion(result, batch_created)}
+                            "body": _success_body(result, batch_created)}
         line["error"] = None
     elif error is not None and error.http_status is not None:
-        line["response"] = {
-            "status_code": error.http_status,
-            "request_id": request_id,
-            "body": {"error": {"message": error.message, "type": error.type, "param": None,
-                               "code": error.type}},
-        }
+        body = error.body if error.body is not None else {
+            "error": {"message": error.message, "type": error.type, "param": None, "code": error.type}}
+        line["response"] = {"status_code": error.http_status,
+                            "request_id": error.request_id or request_id, "body": body}
         line["error"] = None
     else:
         line["response"] = None
@@ -64,6 +67,18 @@ def openai_line(result: ItemResult, batch_created: float | None = None) -> dict[
             "message": error.message if error else result.status.value,
         }
     return line
+
+
+def _success_body(result: ItemResult, batch_created: float | None) -> dict[str, Any]:
+    """The server's own body where it sent one, else a ChatCompletion made from the text."""
+    answer = result.answer
+    if answer is not None:
+        if answer.endpoint is not Endpoint.CHAT and answer.body is not None:
+            return answer.body
+        body = chat_body(answer, result.output, result.finish_reason)
+        if body is not None:
+            return body
+    return _completion(result, batch_created)
 
 
 def _completion(result: ItemResult, batch_created: float | None) -> dict[str, Any]:

@@ -18,23 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .bodies import CHAT_FIELDS, build_request, kind, shown
+from .endpoints import ENDPOINT_URLS, Endpoint, endpoint_of
 from .errors import InputFileError, InvalidLine
 from .records import ChatMessage, ItemRequest, RequestDefaults, new_chat_message, new_item_request
 
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 LINE_COUNT_LIMIT = 64 << 20  # bytes of a file scanned for its newlines at most (lines_expected)
-ROLES = frozenset({"system", "developer", "user", "assistant"})
 SIMPLE_FIELDS = frozenset(
-    {"id", "messages", "prompt", "system_message", "model", "temperature", "metadata"}
-)
-PASSTHROUGH_PARAMS = frozenset(
-    {"max_tokens", "max_completion_tokens", "top_p", "stop", "presence_penalty",
-     "frequency_penalty", "seed", "n", "user", "logit_bias", "response_format"}
+    {"id", "url", "messages", "prompt", "system_message", "model", "temperature", "metadata"}
 )
 BATCH_FIELDS = frozenset({"custom_id", "method", "url", "body"})
-BODY_FIELDS = frozenset({"messages", "model", "temperature", "system_message", "metadata", "stream"})
-TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")
-BATCH_URLS = frozenset({"/v1/chat/completions", "/chat/completions"})
 UTF8_BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -128,27 +122,24 @@ def default_id(line: int) -> str:
 
 
 def parse_line(raw: RawLine, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-               defaults: RequestDefaults = RequestDefaults()) -> ItemRequest:
+               defaults: RequestDefaults = RequestDefaults(), providers: tuple[str, ...] = ()) -> ItemRequest:
     """Turn one raw line into a request, or raise :class:`InvalidLine`.
 
-    ``defaults`` fill what the line lacks (its own values win).
+    ``defaults`` fill what the line lacks (its own values win). ``providers``: the batch's
+    provider chain; a line none of them can send as asked is invalid (none given: not checked).
     """
-    if not raw.oversized:
-        request = _parse_usual(raw.number, raw.data, defaults)
-        if request is not None:
-            return request
-    return _parse_any(raw, max_line_bytes, defaults)
+    return parse_data(raw.number, raw.data, raw.oversized, max_line_bytes, defaults, providers)
 
 
 def parse_data(number: int, data: bytes, oversized: bool = False,
                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-               defaults: RequestDefaults = RequestDefaults()) -> ItemRequest:
+               defaults: RequestDefaults = RequestDefaults(), providers: tuple[str, ...] = ()) -> ItemRequest:
     """:func:`parse_line` of ``RawLine(number, data, oversized)`` (what :func:`numbered_lines` yields)."""
-    if not oversized:
+    if not oversized and (defaults.endpoint is None or defaults.endpoint is Endpoint.CHAT):
         request = _parse_usual(number, data, defaults)
         if request is not None:
-            return request
-    return _parse_any(RawLine(number, data, oversized), max_line_bytes, defaults)
+            return request  # plain text chat: every provider carries it
+    return _parse_any(RawLine(number, data, oversized), max_line_bytes, defaults, providers)
 
 
 def _parse_usual(n: int, line: bytes, defaults: RequestDefaults) -> ItemRequest | None:
@@ -202,7 +193,7 @@ def _parse_usual(n: int, line: bytes, defaults: RequestDefaults) -> ItemRequest 
                 return None
             role = item.get("role")
             content = item.get("content")
-            if type(role) is not str or role not in ROLES or type(content) is not str:
+            if len(item) != 2 or type(role) is not str or role not in _TEXT_ROLES or type(content) is not str:
                 return None
             if role in _SYSTEM_ROLES:
                 own_system = True
@@ -236,7 +227,8 @@ def _parse_usual(n: int, line: bytes, defaults: RequestDefaults) -> ItemRequest 
                             ())
 
 
-def _parse_any(raw: RawLine, max_line_bytes: int, defaults: RequestDefaults) -> ItemRequest:
+def _parse_any(raw: RawLine, max_line_bytes: int, defaults: RequestDefaults,
+               providers: tuple[str, ...] = ()) -> ItemRequest:
     """:func:`parse_line` for any line: every check, and the message that names the fault."""
     n = raw.number
     if raw.oversized:
@@ -261,11 +253,11 @@ def _parse_any(raw: RawLine, max_line_bytes: int, defaults: RequestDefaults) -> 
             raise InvalidLine(n, "contains a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
                                  "not text") from None
     if not isinstance(data, dict):
-        raise InvalidLine(n, f"expected a JSON object, got {_kind(data)}")
+        raise InvalidLine(n, f"expected a JSON object, got {kind(data)}")
     try:
         if "body" in data or "custom_id" in data:
-            return _parse_batch_form(n, data, defaults)
-        return _parse_simple_form(n, data, defaults)
+            return _parse_batch_form(n, data, defaults, providers)
+        return _parse_simple_form(n, data, defaults, providers)
     except InvalidLine as exc:
         exc.item_id = _best_effort_id(data)
         raise
@@ -290,6 +282,7 @@ _scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
 _JSON_WHITESPACE = " \t\n\r"
 _USUAL_FIELDS = frozenset({"id", "prompt", "messages", "model", "temperature", "system_message"})
 _SYSTEM_ROLES = frozenset({"system", "developer"})
+_TEXT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 
 
 def _best_effort_id(data: dict[str, Any]) -> str | None:
@@ -311,26 +304,20 @@ def _refuse_unknown(n: int, data: dict[str, Any], known: frozenset[str], prefix:
         raise InvalidLine(n, f"unknown fields {names} ({expected})")
 
 
-def _parse_simple_form(n: int, data: dict[str, Any], defaults: RequestDefaults) -> ItemRequest:
-    _refuse_unknown(n, data, SIMPLE_FIELDS | PASSTHROUGH_PARAMS, "",
-                    f"expected one of: {', '.join(sorted(SIMPLE_FIELDS))}, or a generation "
-                    "parameter such as max_tokens")
+def _parse_simple_form(n: int, data: dict[str, Any], defaults: RequestDefaults,
+                       providers: tuple[str, ...]) -> ItemRequest:
+    endpoint = _parse_url(n, data.get("url"), "url", defaults.endpoint)
+    if endpoint is Endpoint.CHAT:
+        _refuse_unknown(n, data, SIMPLE_FIELDS | CHAT_FIELDS, "",
+                        f"expected one of: {', '.join(sorted(SIMPLE_FIELDS))}, or a field of the chat "
+                        "completions API such as max_tokens or tools")
     item_id = _parse_id(n, data.get("id"), "id")
-    if "messages" in data and "prompt" in data:
-        raise InvalidLine(n, "give either 'messages' or 'prompt', not both", "prompt")
-    if "prompt" in data:
-        prompt = data["prompt"]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidLine(n, "must be a non-empty string", "prompt")
-        messages: tuple[ChatMessage, ...] = (ChatMessage("user", prompt),)
-    elif "messages" in data:
-        messages = _parse_messages(n, data["messages"], "messages")
-    else:
-        raise InvalidLine(n, "missing: give 'messages' (a list) or 'prompt' (a string)", "messages")
-    return _build(n, item_id, messages, data, "", defaults)
+    body = {k: v for k, v in data.items() if k not in ("id", "url")}
+    return build_request(n, item_id, endpoint, body, "", defaults, providers)
 
 
-def _parse_batch_form(n: int, data: dict[str, Any], defaults: RequestDefaults) -> ItemRequest:
+def _parse_batch_form(n: int, data: dict[str, Any], defaults: RequestDefaults,
+                      providers: tuple[str, ...]) -> ItemRequest:
     _refuse_unknown(n, data, BATCH_FIELDS, "",
                     f"an OpenAI Batch line has only {', '.join(sorted(BATCH_FIELDS))}")
     if "custom_id" not in data:
@@ -339,97 +326,24 @@ def _parse_batch_form(n: int, data: dict[str, Any], defaults: RequestDefaults) -
     method = data.get("method", "POST")
     if method != "POST":
         raise InvalidLine(n, f"must be \"POST\", got {method!r}", "method")
-    url = data.get("url", "/v1/chat/completions")
-    if not isinstance(url, str) or url not in BATCH_URLS:
-        raise InvalidLine(n, f"only /v1/chat/completions is supported, got {url!r}", "url")
+    endpoint = _parse_url(n, data.get("url"), "url", defaults.endpoint)
     body = data.get("body")
     if not isinstance(body, dict):
-        raise InvalidLine(n, f"must be an object, got {_kind(body)}", "body")
-    _refuse_unknown(n, body, BODY_FIELDS | PASSTHROUGH_PARAMS, "body.",
-                    "not supported here: it would be dropped, and the reply would not be "
-                    "what the line asks for")
-    messages = _parse_messages(n, body.get("messages"), "body.messages")
-    if body.get("stream") not in (None, True, False):
-        raise InvalidLine(n, "must be a boolean", "body.stream")
-    return _build(n, item_id, messages, body, "body.", defaults)
+        raise InvalidLine(n, f"must be an object, got {kind(body)}", "body")
+    return build_request(n, item_id, endpoint, body, "body.", defaults, providers)
 
 
-def _build(n: int, item_id: str, messages: tuple[ChatMessage, ...], data: dict[str, Any],
-           prefix: str, defaults: RequestDefaults) -> ItemRequest:
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise InvalidLine(n, f"must be a string, got {_kind(model)}", prefix + "model")
-    model = model or defaults.model or None
-    temperature = _parse_temperature(n, data.get("temperature"), prefix + "temperature")
-    if temperature is None:
-        temperature = defaults.temperature
-    system_message = data.get("system_message")
-    if system_message is not None and not isinstance(system_message, str):
-        raise InvalidLine(n, f"must be a string, got {_kind(system_message)}",
-                          prefix + "system_message")
-    if all(m.role in ("system", "developer") for m in messages):
-        raise InvalidLine(n, "has only a system message; add a user message", prefix + "messages")
-    has_own_system = system_message is not None or any(
-        m.role in ("system", "developer") for m in messages)
-    if not has_own_system:
-        system_message = defaults.system_message
-    _check_choices(n, data.get("n"), prefix + "n")
-    params = dict((k, v) for k, v in data.items() if k in PASSTHROUGH_PARAMS and v is not None)
-    for name in TOKEN_LIMITS:
-        if name in params:
-            _check_token_limit(n, params[name], prefix + name)
-    if defaults.max_tokens is not None and not any(name in params for name in TOKEN_LIMITS):
-        params["max_tokens"] = defaults.max_tokens
-    return ItemRequest(
-        id=item_id,
-        line=n,
-        messages=messages,
-        model=model,
-        temperature=temperature,
-        system_message=system_message,
-        params=tuple(sorted(params.items())),
-        metadata=_parse_metadata(n, data.get("metadata"), prefix + "metadata"),
-    )
-
-
-def _parse_temperature(n: int, value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
-        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
-        raise InvalidLine(n, f"must be a number from 0 to 2, got {shown}", name)
-    return float(value)
-
-
-def _check_choices(n: int, value: Any, name: str) -> None:
-    """One line, one completion: ``n`` > 1 would come back as one interleaved text."""
-    if value is None or (type(value) is int and value == 1):
-        return
-    raise InvalidLine(n, f"must be 1, got {_shown(value)}: one line gets one completion "
-                         "(repeat the line with other ids for more)", name)
-
-
-def _check_token_limit(n: int, value: Any, name: str) -> None:
-    if type(value) is not int or value < 1:
-        raise InvalidLine(n, f"must be a positive integer, got {_shown(value)}", name)
-
-
-def _parse_metadata(n: int, value: Any, name: str) -> tuple[tuple[str, Any], ...]:
-    """Kept with the request and its result; never sent to the provider."""
-    if value is None:
-        return ()
-    if not isinstance(value, dict):
-        raise InvalidLine(n, f"must be an object, got {_kind(value)}", name)
-    for key, item in value.items():
-        if not isinstance(item, str):
-            raise InvalidLine(n, f"values must be strings (as in OpenAI's metadata), got "
-                                 f"{_kind(item)} for {key!r}", name)
-    return tuple(sorted(value.items()))
-
-
-def _shown(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) < 40 else text[:37] + "..."
+def _parse_url(n: int, url: Any, name: str, batch_endpoint: Endpoint | None) -> Endpoint:
+    """The line's endpoint; with a batch's own, the line must name that one or none."""
+    if url is None:
+        return batch_endpoint or Endpoint.CHAT
+    endpoint = endpoint_of(url) if isinstance(url, str) else None
+    if endpoint is None:
+        raise InvalidLine(n, f"must be one of {ENDPOINT_URLS}, got {shown(url)}", name)
+    if batch_endpoint is not None and endpoint is not batch_endpoint:
+        raise InvalidLine(n, f"is {endpoint.value}, but the batch's endpoint is {batch_endpoint.value} "
+                             "(every line of a batch goes to its endpoint)", name)
+    return endpoint
 
 
 def _parse_id(n: int, value: Any, name: str) -> str:
@@ -438,53 +352,13 @@ def _parse_id(n: int, value: Any, name: str) -> str:
             raise InvalidLine(n, "must not be null", name)
         return default_id(n)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidLine(n, f"must be a string or an integer, got {_kind(value)}", name)
+        raise InvalidLine(n, f"must be a string or an integer, got {kind(value)}", name)
     text = str(value)
     if not text.strip():
         raise InvalidLine(n, "must not be empty", name)
     if len(text) > 512:
         raise InvalidLine(n, "is longer than 512 characters", name)
     return text
-
-
-def _parse_messages(n: int, value: Any, name: str) -> tuple[ChatMessage, ...]:
-    if value is None:
-        raise InvalidLine(n, "missing: must be a non-empty list of messages", name)
-    if not isinstance(value, list):
-        raise InvalidLine(n, f"must be a non-empty list, got {_kind(value)}", name)
-    if not value:
-        raise InvalidLine(n, "must be a non-empty list", name)
-    messages = []
-    for i, item in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(item, dict):
-            raise InvalidLine(n, f"must be an object with 'role' and 'content', got {_kind(item)}",
-                              where)
-        role = item.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise InvalidLine(n, f"unknown role {role!r} (expected one of: "
-                                 f"{', '.join(sorted(ROLES))})", where + ".role")
-        content = item.get("content")
-        if not isinstance(content, str):
-            raise InvalidLine(n, f"must be a string, got {_kind(content)}", where + ".content")
-        messages.append(ChatMessage(role, content))
-    return tuple(messages)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 @dataclass(frozen=True)
@@ -502,8 +376,8 @@ class Validation:
 
 def validate_lines(stream: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
                    max_items: int | None = None, defaults: RequestDefaults = RequestDefaults(),
-                   keep: int = 10) -> Validation:
-    """Check every line as ``submit`` would, duplicate ids included, calling nothing.
+                   keep: int = 10, providers: tuple[str, ...] = ()) -> Validation:
+    """Check every line as ``submit`` would for ``providers``, duplicate ids included, calling nothing.
 
     It keeps each id seen (memory grows with the number of lines).
     """
@@ -517,7 +391,7 @@ def validate_lines(stream: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTE
                                               f"{max_items} items (AIVVM_BATCH_MAX_ITEMS)")
         else:
             try:
-                request = parse_line(raw, max_line_bytes, defaults)
+                request = parse_line(raw, max_line_bytes, defaults, providers)
             except InvalidLine as exc:
                 problem = exc
             else:

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .answers import Answer
+from .endpoints import Endpoint
+
 # What ``json.dumps(value, ensure_ascii=False, separators=(",", ":"))`` does, built once:
 # the encoder of a whole value, and the one of a string (the one that encoder uses itself).
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -31,11 +34,23 @@ class BatchState(str, Enum):
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: str
-    content: str
+    """A chat message as the API defines it: ``content`` a string, a list of parts, or null
+    (an assistant turn that calls tools); ``extra`` its other fields as given (``tool_calls``,
+    ``tool_call_id``, ``name``...)."""
 
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    role: str
+    content: Any
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.extra:
+            return {"role": self.role, "content": self.content}
+        return {"role": self.role, "content": self.content, **dict(self.extra)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChatMessage:
+        extra = tuple(sorted((k, v) for k, v in data.items() if k not in ("role", "content")))
+        return cls(data["role"], data.get("content"), extra)
 
 
 @dataclass(frozen=True)
@@ -46,7 +61,9 @@ class ItemRequest:
     one. A provider decides how to send them (Aivvm lifts a leading system message).
     ``params`` holds extra generation parameters (max_tokens, top_p...) that
     providers which understand them pass on. ``metadata`` is the line's own
-    ``metadata`` object: kept with the result, never sent to a provider.
+    ``metadata`` object: kept with the result, never sent to a provider. ``endpoint`` is the
+    line's ``url``; for one other than chat, ``messages`` is empty and ``params`` is the whole
+    body but ``model``.
     """
 
     id: str
@@ -57,20 +74,21 @@ class ItemRequest:
     system_message: str | None = None
     params: tuple[tuple[str, Any], ...] = ()
     metadata: tuple[tuple[str, Any], ...] = ()
+    endpoint: Endpoint = Endpoint.CHAT
 
     def to_json(self) -> str:
         """``json.dumps`` of the request's dict (compact, UTF-8 kept), written out field by field.
 
         The same text as ``json.dumps({"id": ..., "line": ..., "messages": [m.to_dict() ...],
         "model": ..., "temperature": ..., "system_message": ..., "params": dict(params)
-        [, "metadata": dict(metadata)]}, ensure_ascii=False, separators=(",", ":"))``, character
+        [, "metadata": dict(metadata)][, "endpoint": endpoint]}, ensure_ascii=False, separators=(",", ":"))``, character
         for character (tests/test_submit_equivalence.py holds it to that), at a fraction of the
         cost: submit writes one per line.
         """
         value, string = _json_value, _encode_str
         messages = ",".join([
             f'{{"role":{value(m.role)},"content":{string(m.content) if type(m.content) is str else value(m.content)}}}'
-            if type(m) is ChatMessage else _encode(m.to_dict())
+            if type(m) is ChatMessage and not m.extra else _encode(m.to_dict())
             for m in self.messages
         ])
         params = _encode(dict(self.params)) if self.params else "{}"
@@ -83,16 +101,21 @@ class ItemRequest:
                 f'"params":{params}')
         if self.metadata:
             text += ',"metadata":' + _encode(dict(self.metadata))
+        if self.endpoint is not Endpoint.CHAT:
+            text += ',"endpoint":' + _encode_str(self.endpoint.value)
         return text + "}"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ItemRequest:
         data = json.loads(text)
-        return new_item_request(
-            data["id"], data["line"], tuple(ChatMessage(m["role"], m["content"]) for m in data["messages"]),
+        request = new_item_request(
+            data["id"], data["line"], tuple(ChatMessage.from_dict(m) for m in data["messages"]),
             data.get("model"), data.get("temperature"), data.get("system_message"),
             tuple(sorted(data.get("params", {}).items())), tuple(sorted((data.get("metadata") or {}).items())),
         )
+        if "endpoint" in data:
+            request.__dict__["endpoint"] = Endpoint(data["endpoint"])
+        return request
 
 
 def _json_value(value: Any) -> str:
@@ -128,6 +151,7 @@ def new_item_request(id: str, line: int, messages: tuple[ChatMessage, ...], mode
     fields["system_message"] = system_message
     fields["params"] = params
     fields["metadata"] = metadata
+    fields["endpoint"] = Endpoint.CHAT
     return request
 
 
@@ -137,6 +161,7 @@ def new_chat_message(role: str, content: str) -> ChatMessage:
     fields = message.__dict__
     fields["role"] = role
     fields["content"] = content
+    fields["extra"] = ()
     return message
 
 
@@ -149,11 +174,19 @@ class ItemError:
     message: str
     # the HTTP status of the provider's answer, when there was one (for OpenAI's output form)
     http_status: int | None = None
+    # that answer's body as the server sent it (parsed JSON, else its text; bounded), and its
+    # x-request-id: OpenAI's output form keeps both verbatim
+    body: Any = None
+    request_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.type, "message": self.message}
         if self.http_status is not None:
             d["http_status"] = self.http_status
+        if self.body is not None:
+            d["body"] = self.body
+        if self.request_id is not None:
+            d["request_id"] = self.request_id
         return d
 
 
@@ -183,6 +216,9 @@ class RequestDefaults:
     temperature: float | None = None
     max_tokens: int | None = None
     system_message: str | None = None
+    # the batch's endpoint (serve's ``batches.create(endpoint=...)``): a line without ``url``
+    # takes it, a line with another is invalid, as OpenAI checks
+    endpoint: Endpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -203,9 +239,12 @@ class ItemResult:
     created: int | None = None
     # the request's ``metadata``, carried over as given
     metadata: tuple[tuple[str, Any], ...] = ()
+    # the rest of what an OpenAI-compatible server answered (tool calls, logprobs, its ids, the
+    # body of another endpoint): its keys are added to the line (jobs/answers.py)
+    answer: Answer | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The native result line; ``created`` and ``metadata`` only when there are some."""
+        """The stored result; ``created``, ``metadata``, ``body``... only when there are some."""
         d: dict[str, Any] = {
             "id": self.id,
             "line": self.line,
@@ -224,6 +263,8 @@ class ItemResult:
             d["created"] = self.created
         if self.metadata:
             d["metadata"] = dict(self.metadata)
+        if self.answer is not None:
+            d.update(self.answer.to_fields())
         return d
 
     def to_json(self) -> str:
@@ -255,6 +296,7 @@ class ItemResult:
             provider=d.get("provider"),
             created=d.get("created"),
             metadata=tuple(sorted((d.get("metadata") or {}).items())),
+            answer=Answer.from_fields(d),
         )
 
 

@@ -153,6 +153,7 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
     expected = lines_expected(stream) or 0
     chunk: list[ChunkEntry] = []
     max_items, max_line_bytes = settings.max_items, settings.max_line_bytes
+    providers = options.providers()
     for number, data, oversized in numbered_lines(stream, max_line_bytes):
         parsed: ItemRequest | ItemResult
         if total >= max_items:
@@ -163,7 +164,7 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
             total += 1
             break
         try:
-            parsed = parse_data(number, data, oversized, max_line_bytes, defaults)
+            parsed = parse_data(number, data, oversized, max_line_bytes, defaults, providers)
         except InvalidLine as exc:
             parsed = invalid_result(number, str(exc), exc.item_id)
             invalid += 1

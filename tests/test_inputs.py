@@ -162,7 +162,7 @@ def test_a_dry_run_reports_every_problem_and_needs_no_redis(command: list[str], 
     out = proc.stdout.splitlines()
     assert out[0] == f"{path}: 6 lines, 2 valid, 4 invalid"
     assert out[1].startswith("line 2: not valid JSON")
-    assert out[2].startswith("line 3, field 'n': must be 1")
+    assert out[2] == "line 3, field 'n': the aivvm provider cannot send n > 1 (one reply a request); use --provider openai"
     assert out[3] == "line 4: duplicate id 'a' (first used on line 1)"
     assert out[4].startswith("line 5: unknown fields 'colour', 'size'")
     assert len(out) == 5

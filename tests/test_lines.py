@@ -170,18 +170,20 @@ def test_batch_form_wrong_method() -> None:
 
 
 def test_batch_form_wrong_url() -> None:
-    exc = invalid(batch(url="/v1/embeddings"), number=2)
-    assert str(exc) == "line 2, field 'url': only /v1/chat/completions is supported, got '/v1/embeddings'"
+    exc = invalid(batch(url="/v1/images/generations"), number=2)
+    assert str(exc) == ("line 2, field 'url': must be one of /v1/chat/completions, /v1/embeddings, "
+                        "/v1/responses, /v1/completions, got \"/v1/images/generations\"")
     assert exc.field == "url"
     assert exc.item_id == "r1"
 
 
-@pytest.mark.parametrize(("url", "shown"), [(["/v1/chat/completions"], "['/v1/chat/completions']"),
-                                            ({"path": "/v1"}, "{'path': '/v1'}"), (7, "7")])
+@pytest.mark.parametrize(("url", "shown"), [(["/v1/chat/completions"], '["/v1/chat/completions"]'),
+                                            ({"path": "/v1"}, '{"path": "/v1"}'), (7, "7")])
 def test_batch_form_url_not_a_string(url: Any, shown: str) -> None:
     # A list or object url must be an InvalidLine, not a TypeError from `url in frozenset`.
     exc = invalid(batch(url=url), number=2)
-    assert str(exc) == f"line 2, field 'url': only /v1/chat/completions is supported, got {shown}"
+    assert str(exc).startswith("line 2, field 'url': must be one of /v1/chat/completions")
+    assert str(exc).endswith(f"got {shown}")
     assert exc.item_id == "r1"
 
 
@@ -268,12 +270,13 @@ def test_message_not_an_object() -> None:
 
 def test_content_not_a_string() -> None:
     exc = invalid({"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": 5}]})
-    assert str(exc) == "line 1, field 'messages[1].content': must be a string, got a number"
+    assert str(exc) == "line 1, field 'messages[1].content': must be a string or a list of parts, got a number"
 
 
 def test_content_missing() -> None:
     exc = invalid({"messages": [{"role": "user"}]})
-    assert str(exc) == "line 1, field 'messages[0].content': must be a string, got null"
+    assert str(exc) == ("line 1, field 'messages[0].content': must be a string or a list of parts "
+                        "(null only on an assistant turn with tool_calls)")
 
 
 @pytest.mark.parametrize(
@@ -354,11 +357,11 @@ def test_only_a_system_message_in_batch_form() -> None:
     assert "only a system message" in str(exc)
 
 
-@pytest.mark.parametrize("role", ["robot", "tool", "User", None, 1])
+@pytest.mark.parametrize("role", ["robot", "tools", "User", None, 1])
 def test_unknown_role(role: Any) -> None:
     exc = invalid({"messages": [{"role": role, "content": "Hello"}]}, number=3)
     assert str(exc).startswith(f"line 3, field 'messages[0].role': unknown role {role!r}")
-    assert "assistant, developer, system, user" in str(exc)
+    assert "assistant, developer, function, system, tool, user" in str(exc)
 
 
 def test_unknown_top_level_field_typo() -> None:
@@ -433,9 +436,10 @@ def test_oversized_rawline_message() -> None:
     assert exc.item_id is None
 
 
-def parse_line_error(raw: RawLine, max_line_bytes: int) -> InvalidLine:
+def parse_line_error(raw: RawLine, max_line_bytes: int = 1 << 20,
+                     providers: tuple[str, ...] = ()) -> InvalidLine:
     with pytest.raises(InvalidLine) as info:
-        parse_line(raw, max_line_bytes)
+        parse_line(raw, max_line_bytes, providers=providers)
     return info.value
 
 
@@ -640,12 +644,18 @@ def test_non_finite_numbers_are_not_json(literal: bytes) -> None:
 
 
 @pytest.mark.parametrize("form", ["simple", "batch"])
-@pytest.mark.parametrize("n", [2, 0, 1.0, "1", True])
-def test_n_other_than_1_is_invalid(form: str, n: Any) -> None:
+@pytest.mark.parametrize("n", [0, 129, 1.0, "1", True])
+def test_n_must_be_a_count_of_choices(form: str, n: Any) -> None:
     data = {"prompt": "x", "n": n} if form == "simple" else batch(body={"messages": USER_HI, "n": n})
     exc = invalid(data, number=4)
     assert exc.field == ("n" if form == "simple" else "body.n")
-    assert "must be 1" in str(exc) and "one line gets one completion" in str(exc)
+    assert "must be an integer from 1 to 128" in str(exc)
+
+
+def test_n_above_1_is_for_providers_that_return_choices() -> None:
+    assert parse({"prompt": "x", "n": 3}).params == (("n", 3),)
+    exc = parse_line_error(line({"prompt": "x", "n": 3}), providers=("aivvm",))
+    assert "the aivvm provider cannot send n > 1" in str(exc)
 
 
 def test_n_equal_to_1_is_fine() -> None:
@@ -676,14 +686,18 @@ def test_metadata_must_be_an_object_of_strings() -> None:
     assert exc.field == "metadata" and "values must be strings" in str(exc)
 
 
-def test_every_unknown_field_is_named() -> None:
+def test_every_unknown_field_of_a_simple_line_is_named() -> None:
     exc = invalid({"id": "u", "prompt": "x", "colour": 1, "size": 2, "temprature": 0.1}, number=2)
     assert exc.field is None
     assert "unknown fields 'colour', 'size', 'temprature'" in str(exc)
-    body = invalid(batch(body={"messages": USER_HI, "tools": [], "logprobs": True}))
-    assert "'body.logprobs', 'body.tools'" in str(body)
-    one = invalid(batch(body={"messages": USER_HI, "tools": []}))
-    assert one.field == "body.tools"
+
+
+def test_a_batch_body_passes_every_field_through() -> None:
+    body = {"messages": USER_HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "logprobs": True, "top_logprobs": 2, "grammar": "root ::= \"a\"", "x_vendor": {"k": 1}}
+    req = parse(batch(body=body))
+    assert dict(req.params) == {k: v for k, v in body.items() if k != "messages"}
+    assert ItemRequest.from_json(req.to_json()) == req
 
 
 # -- defaults ------------------------------------------------------------------------------------

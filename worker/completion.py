@@ -12,14 +12,20 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from dataclasses import replace
+from typing import Any
+
+from jobs.answers import answer_of
 from jobs.config import Settings
+from jobs.endpoints import Endpoint, cannot_carry, text_of
 from jobs.records import ItemError, ItemRequest, ItemResult, Status, Usage
 
-from .errors import ProviderError, ProviderHTTPError, RateLimited
+from .errors import ProviderError, ProviderHTTPError, RateLimited, SchemaMismatch, UnsupportedRequest
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
 from .providers.aio import AsyncHTTP
 from .providers.call import Item
 from .providers.credentials import KeyChooser, choose_key, redact, worker_keys
+from .schema import response_schema, violation
 
 logger = logging.getLogger(__name__)
 BeforeCall = Callable[[type[AbstractProvider], CompletionCall], None]
@@ -51,9 +57,11 @@ def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str
     ``base_url`` is the first provider's; the others take theirs from the environment.
     """
     started = time.monotonic()
-    fallback = _Fallback()
+    fallback = _Fallback(request)
     for position, name in enumerate(provider_names):
         provider = PROVIDERS[name]
+        if fallback.skips(name):
+            continue
         streamed = _Streamed(provider, request, started)
         try:
             call = streamed.prepare(base_url if position == 0 else None, settings)
@@ -67,7 +75,7 @@ def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str
             streamed.fail(exc)
         if fallback.done(streamed.result()):
             break
-    return fallback.outcome()
+    return checked(request, fallback.outcome())
 
 
 async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
@@ -76,9 +84,11 @@ async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], b
     """:func:`attempt` on the event loop: the same fallback, errors and results, through ``http``
     (``keys``: the worker's key choices, kept for the life of its process)."""
     started = time.monotonic()
-    fallback = _Fallback()
+    fallback = _Fallback(request)
     for position, name in enumerate(provider_names):
         provider = PROVIDERS[name]
+        if fallback.skips(name):
+            continue
         streamed = _Streamed(provider, request, started)
         try:
             call = streamed.prepare(base_url if position == 0 else None, settings, keys)
@@ -91,7 +101,25 @@ async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], b
             streamed.fail(exc)
         if fallback.done(streamed.result()):
             break
-    return fallback.outcome()
+    return checked(request, fallback.outcome())
+
+
+def checked(request: ItemRequest, outcome: Attempt) -> Attempt:
+    """An answer that should follow a JSON schema and does not is a ``schema_mismatch``."""
+    if outcome.error is not None or request.endpoint is not Endpoint.CHAT or not request.params:
+        return outcome
+    schema = response_schema(dict(request.params))
+    if schema is None:
+        return outcome
+    body = outcome.end.body if outcome.end is not None else None
+    choices = (body or {}).get("choices")
+    texts: list[str | None] = [outcome.text]
+    if isinstance(choices, list) and len(choices) > 1:
+        texts = [(c.get("message") or {}).get("content") for c in choices if isinstance(c, dict)]
+    problem = violation(texts, schema)
+    if problem is None:
+        return outcome
+    return replace(outcome, error=SchemaMismatch(problem))
 
 
 @dataclass
@@ -122,6 +150,7 @@ class _Streamed:
             system_message=request.system_message,
             temperature=request.temperature,
             params=dict(request.params),
+            endpoint=request.endpoint,
             base_url=base_url,
             api_key=key.key,
             key_withheld=key.withheld,
@@ -156,11 +185,22 @@ class _Streamed:
 
 
 class _Fallback:
-    """gpt4free's RetryProvider: the next provider only while nothing has streamed."""
+    """gpt4free's RetryProvider: the next provider only while nothing has streamed; a provider
+    that cannot send the request as asked is passed over."""
 
-    def __init__(self) -> None:
+    def __init__(self, request: ItemRequest) -> None:
+        self.request = request
         self.errors: list[tuple[str, ProviderError]] = []
         self.last: Attempt | None = None
+        self.skipped: str | None = None  # why the last provider passed over was
+
+    def skips(self, provider: str) -> bool:
+        request = self.request
+        reason = cannot_carry(provider, request.endpoint, (m.to_dict() for m in request.messages),
+                              request.params)
+        if reason is not None:
+            self.skipped = reason.reason
+        return reason is not None
 
     def done(self, result: Attempt) -> bool:
         """Whether ``result`` is the attempt's (else the next provider is tried)."""
@@ -172,6 +212,8 @@ class _Fallback:
         return False
 
     def outcome(self) -> Attempt:
+        if self.last is None and self.skipped is not None:
+            return Attempt("", self.request.model or "", "", UnsupportedRequest(self.skipped), 0, None)
         assert self.last is not None, "no provider named"
         if len(self.errors) > 1:  # every provider failed before its first chunk
             return _combined(self.last, self.errors)
@@ -199,15 +241,20 @@ def _combined(last: Attempt, errors: list[tuple[str, ProviderError]]) -> Attempt
 def to_result(request: ItemRequest, outcome: Attempt, attempts: int) -> ItemResult:
     """The final result of an item from its last attempt."""
     error = None
-    if outcome.error is not None:
-        status = outcome.error.status if isinstance(outcome.error, ProviderHTTPError) else None
-        error = ItemError(outcome.error.kind, str(outcome.error), http_status=status)
+    if isinstance(outcome.error, ProviderHTTPError):
+        failure = outcome.error
+        error = ItemError(failure.kind, str(failure), http_status=failure.status, body=failure.body,
+                          request_id=failure.request_id)
+    elif outcome.error is not None:
+        error = ItemError(outcome.error.kind, str(outcome.error))
+    end = outcome.end
+    answer = answer_of(request.endpoint, end.body, end.request_id) if end is not None else None
     return ItemResult(
         id=request.id,
         line=request.line,
         status=Status.OK if error is None else Status.FAILED,
         model=outcome.model or request.model,
-        output=outcome.text,
+        output=None if request.endpoint is Endpoint.EMBEDDINGS and error is None else outcome.text,
         error=error,
         attempts=attempts,
         latency_ms=outcome.latency_ms,
@@ -218,6 +265,7 @@ def to_result(request: ItemRequest, outcome: Attempt, attempts: int) -> ItemResu
         provider=outcome.provider,
         created=int(time.time()),
         metadata=request.metadata,
+        answer=answer,
     )
 
 
@@ -230,7 +278,23 @@ def usage(request: ItemRequest, outcome: Attempt) -> Usage:
 
 
 def prompt_text(request: ItemRequest) -> str:
-    return (request.system_message or "") + "".join(m.content for m in request.messages)
+    """The text a request sends (for token estimates): its messages' text, or its input."""
+    if request.endpoint is not Endpoint.CHAT:
+        params = dict(request.params)
+        return _texts(params.get("input", params.get("prompt")))
+    return (request.system_message or "") + "".join(
+        m.content if type(m.content) is str else text_of(m.content) for m in request.messages)
+
+
+def _texts(value: Any) -> str:
+    """The strings inside an ``input`` or ``prompt`` (a string, strings, messages, parts)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(_texts(v) for v in value)
+    if isinstance(value, dict):
+        return _texts(value.get("content", value.get("text")))
+    return ""
 
 
 def request_tokens(request: ItemRequest) -> int:

@@ -12,8 +12,11 @@
     ├── EmptyReply                200 with nothing in it: transient
     ├── ReplyTooLarge             past AIVVM_BATCH_MAX_REPLY_BYTES (decoded) or past the
     │                             decompression ratio; the text up to the cap is kept: permanent
-    └── MalformedReply            the reply does not follow the protocol (a web page, an
-                                  encoding never asked for, an event that is not JSON): permanent
+    ├── MalformedReply            the reply does not follow the protocol (a web page, an
+    │                             encoding never asked for, an event that is not JSON): permanent
+    ├── SchemaMismatch            the reply does not follow the JSON schema the request gave;
+    │                             tried again AIVVM_BATCH_SCHEMA_RETRIES times, then final
+    └── UnsupportedRequest        no provider of the chain can send the request as asked: permanent
     RateLimited                   the shared rate limiter says wait (not a provider failure)
 
 Foreign exceptions (requests, urllib3, aiohttp, ssl, zlib) are translated to these at the provider
@@ -47,6 +50,9 @@ class ProviderHTTPError(ProviderError):
         self.kind = kind or _kind_for(status)
         self.transient = status in TRANSIENT_STATUSES
         self.retry_after = retry_after
+        # the answer's body as the server sent it, and its x-request-id (set by the transport)
+        self.body: object = None
+        self.request_id: str | None = None
 
     def add_detail(self, detail: str) -> None:
         """Append ``detail`` to the message (what the worker knows and the server could not say)."""
@@ -97,6 +103,14 @@ class ReplyTooLarge(ProviderError):
 
 class MalformedReply(ProviderError):
     kind = "malformed_reply"
+
+
+class SchemaMismatch(ProviderError):
+    kind = "schema_mismatch"
+
+
+class UnsupportedRequest(ProviderError):
+    kind = "unsupported_request"
 
 
 class RateLimited(Exception):

@@ -27,7 +27,7 @@ from jobs.errors import StoreFull, StoreUnavailable
 from jobs.records import ItemError, ItemRequest, ItemResult, Status, Usage
 
 from .completion import Attempt, to_result, usage
-from .errors import IncompleteReply, ProviderHTTPError
+from .errors import IncompleteReply, ProviderHTTPError, SchemaMismatch
 
 BUSY_RECHECK_SECONDS = 5.0
 # an item whose run failed in an unexpected way is put back this long after
@@ -78,15 +78,20 @@ class ItemState:
     spent: Spent = Spent()
     # attempts so far whose reply was cut mid-stream (their own, smaller retry budget)
     cuts: int = 0
+    # attempts so far whose reply did not follow the request's JSON schema (their own budget)
+    mismatches: int = 0
 
     def to_kwargs(self) -> dict[str, Any]:
-        return {"attempt": self.attempt, "not_before": self.not_before, "spent": self.spent.to_list(),
-                "cuts": self.cuts}
+        kwargs = {"attempt": self.attempt, "not_before": self.not_before, "spent": self.spent.to_list(),
+                  "cuts": self.cuts}
+        if self.mismatches:
+            kwargs["mismatches"] = self.mismatches
+        return kwargs
 
     @classmethod
     def from_kwargs(cls, attempt: int = 1, not_before: float = 0.0, spent: list[int] | None = None,
-                    cuts: int = 0) -> ItemState:
-        return cls(int(attempt), float(not_before), Spent.from_list(spent), int(cuts))
+                    cuts: int = 0, mismatches: int = 0) -> ItemState:
+        return cls(int(attempt), float(not_before), Spent.from_list(spent), int(cuts), int(mismatches))
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,10 @@ def decide(request: ItemRequest, outcome: Attempt, state: ItemState, settings: S
     if isinstance(error, ProviderHTTPError) and error.status == 429 and error.retry_after:
         pause = error.retry_after
     cut = error is not None and error.kind == IncompleteReply.kind  # also a fallback's combined error
+    if isinstance(error, SchemaMismatch) and state.mismatches < settings.schema_retries:
+        again = replace(state, attempt=state.attempt + 1, not_before=now,
+                        spent=_spent_after(state.spent, request, outcome), mismatches=state.mismatches + 1)
+        return Decision(again=RunAgain(again, f"asked again: {text}"), error=text)
     if outcome.transient and state.attempt <= settings.max_retries \
             and not (cut and state.cuts + 1 > settings.max_cut_retries):
         assert error is not None

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from jobs.endpoints import Endpoint
 from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
 from jobs.files import FileNotFound
 from jobs.records import BatchInfo
@@ -37,7 +38,7 @@ log = logging.getLogger("aivvm_batch.serve")
 T = TypeVar("T")
 Handler = Callable[[Request, str], Awaitable[Response]]
 
-ENDPOINTS = ("/v1/chat/completions",)
+ENDPOINTS = tuple(e.value for e in Endpoint)
 WINDOWS = ("24h",)
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 PAGE_BATCHES = 50

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.config import Settings
+from jobs.endpoints import endpoint_of
 from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
 from jobs.files import FileNotFound, FileStore, FileWriter
 from jobs.keys import api_lease
 from jobs.queue import Publisher
-from jobs.records import BatchInfo, BatchOptions, ItemResult, Status
+from jobs.records import BatchInfo, BatchOptions, ItemResult, RequestDefaults, Status
 from jobs.store import BatchStore
 from jobs.submit import submit_file
 
@@ -129,7 +130,8 @@ class Driver:
             self.store.create(batch.store_id, f"{batch.input_file_id} ({batch.id})", options)
             try:
                 submit_file(self.store, self.publisher, path, options, self.config.settings,
-                            batch_id=batch.store_id, resume=True)
+                            batch_id=batch.store_id, resume=True,
+                            defaults=RequestDefaults(endpoint=endpoint_of(batch.endpoint)))
             except BatchError as exc:
                 if isinstance(exc, StoreUnavailable):
                     raise

@@ -13,6 +13,8 @@ from __future__ import annotations
 import codecs
 from typing import Any
 
+from jobs.endpoints import text_of
+
 from ..errors import EmptyReply, MalformedReply, UnsupportedModel
 from .base import AbstractProvider
 from .call import CompletionCall, Item
@@ -59,8 +61,11 @@ class Aivvm(AbstractProvider):
 
     @classmethod
     def request_body(cls, call: CompletionCall) -> dict[str, Any]:
-        """The JSON body; a leading system message becomes ``prompt`` and is not repeated."""
-        messages = [dict(m) for m in call.messages]
+        """The JSON body; a leading system message becomes ``prompt`` and is not repeated.
+
+        Messages are sent as role and text (text parts joined): what the protocol carries.
+        """
+        messages = [{"role": m["role"], "content": text_of(m.get("content"))} for m in call.messages]
         leading_system = None
         if messages and messages[0].get("role") == "system":
             leading_system = messages.pop(0)["content"]

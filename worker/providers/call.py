@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.config import Settings
+from jobs.endpoints import Endpoint
 
 _DEFAULTS = Settings()
 
@@ -19,6 +20,11 @@ class StreamEnd:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # what the server would have answered without streaming (a ChatCompletion joined from its
+    # chunks, a Completion, the final Response, a CreateEmbeddingResponse); None for Aivvm
+    body: dict[str, Any] | None = None
+    # the server's x-request-id, when it sent one
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -30,10 +36,14 @@ class CompletionCall:
     """
 
     model: str
-    messages: tuple[Mapping[str, str], ...]
+    # chat messages as the API defines them (content a string, parts or null; tool_calls...)
+    messages: tuple[Mapping[str, Any], ...]
     system_message: str | None = None
     temperature: float | None = None
+    # every other field of the request body, as the line gave it (after defaults); for an
+    # endpoint other than chat the whole body but ``model`` (``input``, ``prompt``...)
     params: Mapping[str, Any] = field(default_factory=dict)
+    endpoint: Endpoint = Endpoint.CHAT
     base_url: str | None = None
     api_key: str | None = None
     connect_timeout: float = 10.0

@@ -58,12 +58,15 @@ class Head:
     content_encoding: str | None = None
     location: str | None = None
     retry_after: str | None = None
+    request_id: str | None = None
 
     @classmethod
     def of(cls, status: int, reason: str | None, headers: Mapping[str, str]) -> Head:
         """From a transport's case-insensitive header mapping."""
+        request_id = headers.get("x-request-id")
         return cls(status, reason or "", headers.get("content-type"), headers.get("content-encoding"),
-                   headers.get("location"), headers.get("retry-after"))
+                   headers.get("location"), headers.get("retry-after"),
+                   one_line(request_id)[:200] if request_id else None)
 
     @property
     def media_type(self) -> str:
@@ -109,9 +112,16 @@ def redirect_error(head: Head, call: CompletionCall) -> RedirectError:
 
 
 def http_error(head: Head, body_text: str, call: CompletionCall, parse_error: ErrorParser) -> ProviderHTTPError:
-    """The error of a non-2xx answer, from the start of its body (else the reason phrase)."""
-    text = redact(body_text or head.reason, [call.api_key])
+    """The error of a non-2xx answer, from the start of its body (else the reason phrase).
+
+    The body is also kept as the server sent it (parsed JSON, else its text; cleared of keys),
+    with the answer's x-request-id, for OpenAI's output form.
+    """
+    raw = redact(body_text, [call.api_key])
+    text = one_line(raw) or redact(head.reason, [call.api_key])
     error = parse_error(head.status, text, retry_after(head.retry_after))
+    error.body = verbatim(raw)
+    error.request_id = head.request_id
     hint = withheld_hint(call.key_withheld)
     if head.status in (401, 403) and hint:
         error.add_detail(hint)
@@ -154,7 +164,18 @@ class ErrorBody:
                      or self._decoder.error is not None)
 
     def text(self) -> str:
-        return one_line(b"".join(self._kept)[:ERROR_BODY_LIMIT].decode("utf-8", errors="replace"))
+        """The body's start as the server sent it (decoded; bounded)."""
+        return b"".join(self._kept)[:ERROR_BODY_LIMIT].decode("utf-8", errors="replace")
+
+
+def verbatim(text: str) -> Any:
+    """An error body as it came: its JSON value if it is JSON, else its text (None if empty)."""
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def media_type(content_type: str | None) -> str:

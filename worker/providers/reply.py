@@ -9,10 +9,11 @@ keeps its text up to the cap.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Protocol
 
 from ..errors import ProviderError
-from .call import CompletionCall, Item
+from .call import CompletionCall, Item, StreamEnd
 from .decoding import BodyDecoder
 from .exchange import Head
 
@@ -41,12 +42,14 @@ class ReplyReader:
         self.parser = parser
         self.check_type = check_type
         self._decoder: BodyDecoder | None = None  # made by start(), from the head
+        self._request_id: str | None = None  # the 200's x-request-id
         self.trailing = 0  # raw bytes after the reply was complete
 
     def start(self, head: Head) -> None:
         """The head of the 200: is it a reply of this protocol, and how is it encoded?"""
         if self.check_type is not None:
             self.check_type(head.media_type)
+        self._request_id = head.request_id
         self._decoder = BodyDecoder(head.content_encoding, self.call.max_reply_bytes,
                                     self.call.max_decompression_ratio)
 
@@ -93,6 +96,8 @@ class ReplyReader:
                 self.parser.finish(out)
         except ProviderError as exc:
             error = exc
+        if self._request_id is not None and out and isinstance(out[-1], StreamEnd):
+            out[-1] = replace(out[-1], request_id=self._request_id)
         yield from out
         if error is not None:
             raise error
