@@ -54,17 +54,18 @@ class Capability:
 
     endpoints: frozenset[Endpoint]
     text_only: bool = False
-    refused: frozenset[str] = frozenset()
+    refused: tuple[str, ...] = ()
 
 
 # Fields of a chat request that change what the reply is: a text-only protocol cannot send them,
 # and dropping them would record an answer to another question. (Tuning fields such as
 # max_tokens, top_p or stop are dropped by such a protocol, as README says.)
-REPLY_SHAPING_FIELDS = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-    "logprobs", "top_logprobs", "modalities", "audio", "prediction", "web_search_options",
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "grammar", "json_schema",
-})
+# (in the order a refusal names them)
+REPLY_SHAPING_FIELDS = (
+    "tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs",
+    "modalities", "audio", "prediction", "web_search_options", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "grammar", "json_schema",
+)
 TEXT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 
 CAPABILITIES: dict[str, Capability] = {
@@ -90,12 +91,13 @@ def cannot_carry(provider: str, endpoint: Endpoint, messages: Iterable[Mapping[s
     if endpoint not in capability.endpoints:
         return Refusal("url", f"the {provider} provider has no {endpoint.value} endpoint; "
                               "use --provider openai")
-    for name, value in params:
-        if name in capability.refused and value not in (None, False) and name != "parallel_tool_calls":
+    given = dict(params)
+    for name in capability.refused:
+        if given.get(name) not in (None, False):
             return Refusal(name, f"the {provider} provider cannot send {name}; use --provider openai")
-        if name == "n" and capability.text_only and value != 1:
-            return Refusal(name, f"the {provider} provider cannot send n > 1 (one reply a request); "
-                                 "use --provider openai")
+    if capability.text_only and given.get("n", 1) != 1:
+        return Refusal("n", f"the {provider} provider cannot send n > 1 (one reply a request); "
+                            "use --provider openai")
     if capability.text_only:
         for i, message in enumerate(messages):
             problem = _not_text(message)
