@@ -9,8 +9,12 @@ before and after `run` on each row, and its faster run is the baseline. Steady-s
 ones, never instead. Rows that need a Redis (memory, submit, collect, chunks, rate) use a private
 redis-server the benchmark starts.
 
-    python bench/run.py [--quick] [--only latency1,latency10,atonce,defaults,memory,submit,collect,
-                                           chunks,cpu,inflight,rate,serve,clients]
+    python bench/run.py [--quick] [--only latency1,latency10,atonce,defaults,embeddings,tools,memory,
+                                           submit,collect,chunks,cpu,inflight,rate,serve,clients]
+
+`embeddings` and `tools` run `run --provider openai --base-url BASE/v1` on OpenAI lines (`/v1/embeddings`
+lines; chat lines with one tool and tool_choice "required", answered by streamed tool-call deltas)
+beside the raw client doing the least a user's script must (`bench/baseline.py --endpoint`).
 
 `--quick` runs small sizes (a smoke run of about two minutes); `inflight` sums up the peaks of
 the run rows that ran. A row that fails is reported as failed and the others still run.
@@ -46,8 +50,9 @@ sys.path.insert(0, str(ROOT))
 from aivvm_batch.embedded import EmbeddedRedis, free_port  # noqa: E402
 from bench.serve_bench import wait_until_healthy  # noqa: E402
 
-ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "memory", "submit", "collect", "chunks", "cpu",
-            "inflight", "rate", "serve", "clients")
+ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "embeddings", "tools", "memory", "submit", "collect",
+            "chunks", "cpu", "inflight", "rate", "serve", "clients")
+RUN_ROWS = ("latency1", "latency10", "atonce", "defaults", "embeddings", "tools")
 
 
 @dataclass
@@ -141,12 +146,12 @@ class Measured:
 
 
 def raw_client(base: str, items: int, in_flight: int, client: str = "aiohttp",
-               prompt: str = "raw {i}") -> Measured:
+               prompt: str = "raw {i}", endpoint: str = "aivvm") -> Measured:
     """bench/baseline.py in its own process, the stand-in's arrivals for the steady state."""
     stub_reset(base)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "baseline.py"), "--base", base,
                            "--items", str(items), "--in-flight", str(in_flight), "--client", client,
-                           "--prompt", prompt],
+                           "--prompt", prompt, "--endpoint", endpoint],
                           capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"raw client failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -163,13 +168,28 @@ def write_prompts(path: Path, n: int, prompt: Callable[[int], str]) -> Path:
     return path
 
 
-def aivvm_run(base: str, path: Path, tmp: Path, *, concurrency: int | None, timeout: float) -> Measured:
-    """`aivvm-batch run FILE -o OUT --base-url BASE [--concurrency N]`, start-up included."""
+def write_lines(path: Path, n: int, line: Callable[[int], dict[str, Any]]) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps(line(i)) + "\n")
+    return path
+
+
+def aivvm_run(base: str, path: Path, tmp: Path, *, concurrency: int | None, timeout: float,
+              provider: str | None = None, base_path: str = "",
+              carries: Callable[[dict[str, Any]], bool] | None = None) -> Measured:
+    """`aivvm-batch run FILE -o OUT [--provider P] --base-url BASE[PATH] [--concurrency N]`, start-up included.
+
+    ``carries``: what an ok result must hold besides its status (the vector, the tool call); how
+    many do is ``extra["carrying"]``.
+    """
     stub_reset(base)
     out = tmp / f"{path.stem}.results.jsonl"
     log = tmp / f"{path.stem}.run.log"
-    args = [sys.executable, "-m", "aivvm_batch", "run", str(path), "-o", str(out), "--base-url", base,
+    args = [sys.executable, "-m", "aivvm_batch", "run", str(path), "-o", str(out), "--base-url", base + base_path,
             "--state-dir", str(tmp / f"{path.stem}.state")]
+    if provider is not None:
+        args += ["--provider", provider]
     if concurrency is not None:
         args += ["--concurrency", str(concurrency)]
     started = time.monotonic()
@@ -183,8 +203,18 @@ def aivvm_run(base: str, path: Path, tmp: Path, *, concurrency: int | None, time
     with open(out, "rb") as f:
         results = [json.loads(line) for line in f]
     ok = sum(1 for r in results if r.get("status") == "ok")
+    extra: dict[str, Any] = {}
+    if carries is not None:
+        extra["carrying"] = sum(1 for r in results if r.get("status") == "ok" and _holds(carries, r))
     stats = stub_stats(base)
-    return Measured(len(results) / seconds, steady(stats["times"]), seconds, ok, stats["peak_in_flight"])
+    return Measured(len(results) / seconds, steady(stats["times"]), seconds, ok, stats["peak_in_flight"], extra)
+
+
+def _holds(carries: Callable[[dict[str, Any]], bool], result: dict[str, Any]) -> bool:
+    try:
+        return bool(carries(result))
+    except (KeyError, IndexError, TypeError):
+        return False
 
 
 def run_default_concurrency() -> int:
@@ -209,6 +239,24 @@ class Shape:
     items: int
     in_flight: int | None  # None: run's default
     target: float  # ratio to the raw client
+    endpoint: str = "aivvm"  # aivvm: prompt lines to the Aivvm API; embeddings, tools: OpenAI lines
+
+
+def embeddings_line(i: int) -> dict[str, Any]:
+    return {"id": f"e{i}", "url": "/v1/embeddings", "input": f"text {i}", "model": "e"}
+
+
+def tools_line(i: int) -> dict[str, Any]:
+    from bench.baseline import tools_line as line  # the raw client sends the same body
+
+    return line(i)
+
+
+# endpoint -> (its input line, what an ok result of it carries); run with --provider openai
+OPENAI_ROWS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[dict[str, Any]], bool]]] = {
+    "embeddings": (embeddings_line, lambda r: len(r["body"]["data"][0]["embedding"]) > 0),
+    "tools": (tools_line, lambda r: bool(json.loads(r["tool_calls"][0]["function"]["arguments"]))),
+}
 
 
 def shapes(quick: bool) -> dict[str, Shape]:
@@ -218,12 +266,20 @@ def shapes(quick: bool) -> dict[str, Shape]:
             "latency10": Shape("latency10", "3 s replies (50 chunks; 10 s in the full run)", 3.0, 50, 1024, 512, 0.85),
             "atonce": Shape("atonce", "replies at once", 0.0, 4, 2000, 256, 0.50),
             "defaults": Shape("defaults", "replies at once, `run` defaults", 0.0, 4, 1000, None, 0.50),
+            "embeddings": Shape("embeddings", "embeddings, 1 s replies (OpenAI, JSON body)", 1.0, 10, 1024, 256, 0.90,
+                                "embeddings"),
+            "tools": Shape("tools", "tool calls, 1 s replies (OpenAI, 10 streamed deltas)", 1.0, 10, 1024, 256, 0.90,
+                           "tools"),
         }
     return {
         "latency1": Shape("latency1", "1 s replies (10 chunks)", 1.0, 10, 16_384, 1024, 0.90),
         "latency10": Shape("latency10", "10 s replies (50 chunks)", 10.0, 50, 8192, 4096, 0.85),
         "atonce": Shape("atonce", "replies at once", 0.0, 4, 10_000, 256, 0.50),
         "defaults": Shape("defaults", "replies at once, `run` defaults", 0.0, 4, 3000, None, 0.50),
+        "embeddings": Shape("embeddings", "embeddings, 1 s replies (OpenAI, JSON body)", 1.0, 10, 4096, 256, 0.90,
+                            "embeddings"),
+        "tools": Shape("tools", "tool calls, 1 s replies (OpenAI, 10 streamed deltas)", 1.0, 10, 4096, 256, 0.90,
+                       "tools"),
     }
 
 
@@ -231,25 +287,42 @@ def bench_run_row(shape: Shape, tmp: Path) -> None:
     in_flight = shape.in_flight or run_default_concurrency()
     asked = f"--concurrency {shape.in_flight}" if shape.in_flight else f"defaults ({in_flight} in flight)"
     print(f"{shape.title}: {shape.items:,} items, {asked}", flush=True)
+    openai = shape.endpoint != "aivvm"
     with stub_process(shape.latency, shape.chunks, tmp / "stub.log") as base:
-        before = raw_client(base, shape.items, in_flight)
-        path = write_prompts(tmp / f"{shape.key}.jsonl", shape.items, lambda i: f"{shape.key} {i}")
+        raws = [raw_client(base, shape.items, in_flight, endpoint=shape.endpoint)]
         ideal_s = math.ceil(shape.items / in_flight) * shape.latency
         timeout = max(900.0, ideal_s * 20)
-        ours = aivvm_run(base, path, tmp, concurrency=shape.in_flight, timeout=timeout)
+        if openai:
+            line, carries = OPENAI_ROWS[shape.endpoint]
+            path = write_lines(tmp / f"{shape.key}.jsonl", shape.items, line)
+            ours = aivvm_run(base, path, tmp, concurrency=shape.in_flight, timeout=timeout,
+                             provider="openai", base_path="/v1", carries=carries)
+        else:
+            path = write_prompts(tmp / f"{shape.key}.jsonl", shape.items, lambda i: f"{shape.key} {i}")
+            ours = aivvm_run(base, path, tmp, concurrency=shape.in_flight, timeout=timeout)
         # the raw client again after: the better of its two runs is the baseline (a machine whose
         # speed drifts during the row never counts in our favour)
-        raw = max(before, raw_client(base, shape.items, in_flight), key=lambda m: m.items_per_s)
+        raws.append(raw_client(base, shape.items, in_flight, endpoint=shape.endpoint))
+        raw = max(raws, key=lambda m: m.items_per_s)
     PEAKS.append((shape.key, ours.peak, in_flight))
     ratio = ours.items_per_s / raw.items_per_s
     ideal = f"{shape.items / ideal_s:,.0f} items/s" if ideal_s else "–"
     of_ideal = f", {ours.items_per_s * ideal_s / shape.items:.2f} of ideal" if ideal_s else ""
     raw_of_ideal = f", {raw.items_per_s * ideal_s / shape.items:.2f} of ideal" if ideal_s else ""
     name = f"{shape.title}, {shape.items:,} items, {in_flight:,} in flight: `run` end to end"
-    report(Row(name, f"{ours.items_per_s:,.0f} items/s ({ratio:.2f}× raw{of_ideal}; {ours.ok:,} ok, "
-                     f"{ours.seconds:.1f} s)",
-               f"{raw.items_per_s:,.0f} items/s{raw_of_ideal}", ideal, f"≥ {shape.target:.2f}× raw",
-               ratio >= shape.target and ours.ok == shape.items))
+    if openai:  # both sides must have every item back whole
+        what = {"embeddings": "a vector", "tools": "a tool call"}[shape.endpoint]
+        all_ok = ours.ok == ours.extra["carrying"] == shape.items and all(m.ok == shape.items for m in raws)
+        report(Row(name, f"{ours.items_per_s:,.0f} items/s ({ratio:.2f}× raw{of_ideal}; {ours.ok:,} ok, "
+                         f"{ours.extra['carrying']:,} with {what}, {ours.seconds:.1f} s, peak {ours.peak:,})",
+                   f"{raw.items_per_s:,.0f} items/s{raw_of_ideal} ({raw.seconds:.1f} s; ok "
+                   f"{' / '.join(f'{m.ok:,}' for m in raws)}, peak {' / '.join(f'{m.peak:,}' for m in raws)})",
+                   ideal, f"≥ {shape.target:.2f}× raw", ratio >= shape.target and all_ok))
+    else:
+        report(Row(name, f"{ours.items_per_s:,.0f} items/s ({ratio:.2f}× raw{of_ideal}; {ours.ok:,} ok, "
+                         f"{ours.seconds:.1f} s)",
+                   f"{raw.items_per_s:,.0f} items/s{raw_of_ideal}", ideal, f"≥ {shape.target:.2f}× raw",
+                   ratio >= shape.target and ours.ok == shape.items))
     report(Row(f"{shape.title}: steady state (10%–90% of arrivals)",
                f"{ours.steady_per_s:,.0f} items/s ({ours.steady_per_s / raw.steady_per_s:.2f}× raw)",
                f"{raw.steady_per_s:,.0f} items/s", ideal, "reported", None))
@@ -629,7 +702,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="aivvm-bench-") as tmp_name:
         tmp = Path(tmp_name)
         run_shapes = shapes(args.quick)
-        for key in ("latency1", "latency10", "atonce", "defaults"):
+        for key in RUN_ROWS:
             if key in chosen:
                 guarded(run_shapes[key].title, functools.partial(bench_run_row, run_shapes[key], tmp))
         if {"memory", "submit", "collect", "chunks", "cpu", "rate"} & set(chosen):
