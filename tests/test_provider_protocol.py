@@ -519,7 +519,7 @@ def test_head_from_any_case_insensitive_mapping() -> None:
     assert head.reason == ""
 
 
-def test_an_error_body_is_read_to_a_bound_and_made_one_line() -> None:
+def test_an_error_body_is_read_to_a_bound_and_made_one_line_for_its_message() -> None:
     body = ErrorBody(Head(500, content_encoding="gzip"), CompletionCall("m", ()))
     data = gzip.compress(b"line one\r\nline\ttwo\x00 " + b"e" * ERROR_BODY_LIMIT * 4)
     for chunk in split_every(data, 100):
@@ -527,8 +527,10 @@ def test_an_error_body_is_read_to_a_bound_and_made_one_line() -> None:
             break
         body.feed(chunk)
     assert body.done
-    assert body.text().startswith("line one line two e")
+    assert body.text().startswith("line one\r\nline\ttwo\x00 e")  # kept as sent, for OpenAI's form
     assert len(body.text()) <= ERROR_BODY_LIMIT
+    error = http_error(Head(500), body.text(), CompletionCall("m", ()), OpenAI.parse_error)
+    assert str(error).startswith("HTTP 500: line one line two e")
 
 
 def test_an_error_body_in_an_unknown_encoding_is_skipped() -> None:

@@ -22,7 +22,7 @@ from .call import CompletionCall, Item, StreamEnd
 from .credentials import choose_key
 from .exchange import HTTPRequest, check_streaming_deadline
 from .http import post_stream
-from .reply import ReplyParser, ReplyReader
+from .reply import ReplyParser, ReplyReader, TypeCheck
 
 if TYPE_CHECKING:
     from .aio import AsyncHTTP
@@ -66,6 +66,14 @@ class AbstractProvider(ABC):
         """Raise ``MalformedReply`` if a 200 of this media type is no reply of the protocol."""
 
     @classmethod
+    def reply_reader(cls, call: CompletionCall) -> ReplyReader:
+        """The reader of one 200 answer: the parser's own media-type check if it has one (each
+        endpoint answers in its own type), else the protocol's."""
+        parser = cls.reply_parser(call)
+        check: TypeCheck = getattr(parser, "check_type", cls.check_type)
+        return ReplyReader(call, parser, check)
+
+    @classmethod
     def parse_error(cls, status: int, text: str, retry_after: float | None) -> ProviderHTTPError:
         """The error of a non-2xx answer from the start of its body."""
         return ProviderHTTPError(status, text[:300], retry_after=retry_after)
@@ -76,7 +84,7 @@ class AbstractProvider(ABC):
     def stream(cls, call: CompletionCall) -> Iterator[Item]:
         """Yield the reply's text chunks, then a :class:`StreamEnd` if the server said more."""
         request = cls.http_request(call)
-        reader = ReplyReader(call, cls.reply_parser(call), cls.check_type)
+        reader = cls.reply_reader(call)
         with closing(post_stream(request.url, request.body, request.headers, call, cls.parse_error,
                                  reader.start)) as raw:
             for data in raw:
@@ -91,7 +99,7 @@ class AbstractProvider(ABC):
         handed to ``add`` as it is decoded (a callback, not an async generator: each wake-up
         of the call resumes one frame here instead of two generators and their consumer)."""
         request = cls.http_request(call)
-        reader = ReplyReader(call, cls.reply_parser(call), cls.check_type)
+        reader = cls.reply_reader(call)
         response = await http.open_stream(request.url, request.body, request.headers, call, cls.parse_error,
                                           on_reply=reader.start)
         try:

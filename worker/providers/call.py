@@ -22,9 +22,9 @@ class StreamEnd:
     completion_tokens: int | None = None
     # what the server would have answered without streaming (a ChatCompletion joined from its
     # chunks, a Completion, the final Response, a CreateEmbeddingResponse); None for Aivvm
-    body: dict[str, Any] | None = None
+    body: dict[str, Any] | None = field(default=None, compare=False)
     # the server's x-request-id, when it sent one
-    request_id: str | None = None
+    request_id: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
