@@ -68,15 +68,22 @@ def json_reply(text: str, json_format: JsonFormat | None, fault: str | None) -> 
     return "{}" if fault == "badjson" else compact({"reply": text})
 
 
-def tool_arguments(spec: ToolSpec, fault: str | None) -> str:
-    """Arguments built from the function's ``parameters`` (broken by ``fault=badjson|notjson``)."""
+def tool_arguments(spec: ToolSpec, fault: str | None, size: int | None = None) -> str:
+    """Arguments built from the function's ``parameters`` (broken by ``fault=badjson|notjson``),
+    padded to about ``size`` characters (``bytes=N``) with a ``padding`` string."""
     if fault == "notjson":
         return not_json(spec.name)
-    return violating_json(spec.parameters) if fault == "badjson" else example_json(spec.parameters)
+    arguments = violating_json(spec.parameters) if fault == "badjson" else example_json(spec.parameters)
+    if size is None or size <= len(arguments) or not arguments.endswith("}"):
+        return arguments
+    filler = ("," if arguments != "{}" else "") + '"padding":"' + "x" * (size - len(arguments) - 14) + '"}'
+    return arguments[:-1] + filler
 
 
-def chat_choices(text: str, options: ChatOptions, fault: str | None, key: str) -> list[ChoiceReply]:
-    """The ``options.n`` choices for the reply ``text``; choice ``i > 0`` says ``(choice i) `` first."""
+def chat_choices(text: str, options: ChatOptions, fault: str | None, key: str,
+                 size: int | None = None) -> list[ChoiceReply]:
+    """The ``options.n`` choices for the reply ``text``; choice ``i > 0`` says ``(choice i) `` first.
+    ``size`` (``bytes=N``) pads tool-call arguments as the reply's text is padded."""
     replies = []
     for index in range(options.n):
         prefix = f"(choice {index}) " if index else ""
@@ -84,7 +91,7 @@ def chat_choices(text: str, options: ChatOptions, fault: str | None, key: str) -
             replies.append(ChoiceReply(refusal=prefix + REFUSAL_TEXT))
         elif options.calls:
             calls = tuple(
-                ToolCall(call_id(key, index, i, spec.name), spec.name, tool_arguments(spec, fault))
+                ToolCall(call_id(key, index, i, spec.name), spec.name, tool_arguments(spec, fault, size))
                 for i, spec in enumerate(options.calls)
             )
             replies.append(ChoiceReply(tool_calls=calls))

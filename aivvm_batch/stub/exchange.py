@@ -225,7 +225,7 @@ class _Exchange:
 
     async def _reply_chat_features(self, request: ChatRequest, plan: FaultPlan, options: ChatOptions) -> None:
         """Tools, logprobs, ``n``, ``response_format`` or a refusal (:mod:`.chat_features`)."""
-        choices = chat_choices(self._text(request.prompt, plan), options, plan.fault, request.key)
+        choices = chat_choices(self._text(request.prompt, plan), options, plan.fault, request.key, plan.reply_bytes)
         completion_id, created, model = self.state.next_id(), int(time.time()), request.model
         usage = chat_usage(prompt_tokens(request.messages), choices)
         if plan.fault == "empty":

@@ -121,7 +121,8 @@ def openai_completion(
         "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+             "logprobs": None, "finish_reason": "stop"}
         ],
         "usage": usage,
     }
