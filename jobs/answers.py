@@ -1,11 +1,12 @@
-"""What an OpenAI-compatible server answered beyond the text, and the body rebuilt from it.
+"""What an OpenAI-compatible server answered beyond the text, and its body given back whole.
 
-A result keeps choice 0's text as ``output``; :class:`Answer` keeps the rest of the server's
-answer so that OpenAI's output form gives back the very body the server would have sent
-without streaming (:func:`chat_body`): choice 0's ``tool_calls``, ``refusal`` and ``logprobs``
-(also shown in our own result form), every choice when there are several, the completion's
-envelope (the server's ``id``, ``created``, ``model``, ``system_fingerprint``, ``usage``...),
-and for an endpoint other than chat the whole body as it came. Pure: no I/O.
+A result keeps choice 0's text as ``output``; :class:`Answer` keeps the rest of what the server
+answered so that OpenAI's output form gives back the very body the server would have sent
+without streaming (:func:`chat_body`): for chat, the completion less that one text (its ``id``,
+``created``, ``model``, ``usage``, every choice with its ``tool_calls``, ``refusal``,
+``logprobs``, every key as the server sent it); for another endpoint, the body as it came.
+Choice 0's ``tool_calls``, ``refusal`` and ``logprobs`` are also shown beside ``output`` in our
+own result form. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -15,95 +16,88 @@ from typing import Any
 
 from .endpoints import Endpoint
 
-# the keys an Answer adds to a result line, in this order
-FIELDS = ("tool_calls", "refusal", "logprobs", "choices", "completion", "body", "request_id", "endpoint")
+SHOWN = ("tool_calls", "refusal")  # choice 0's message fields shown beside the text
 
 
 @dataclass(frozen=True)
 class Answer:
     endpoint: Endpoint = Endpoint.CHAT
-    # chat: the completion without its choices (id, object, created, model, usage...)
+    # chat: the completion, choice 0's text left out (it is the result's ``output``)
     completion: dict[str, Any] | None = None
-    tool_calls: list[Any] | None = None
-    refusal: str | None = None
-    logprobs: dict[str, Any] | None = None
-    # chat: every choice, when the request asked for more than one (``n``)
-    choices: list[Any] | None = None
     # another endpoint: the body as the server sent it (a Response, an embeddings list...)
     body: dict[str, Any] | None = None
     # the server's x-request-id
     request_id: str | None = None
 
     def to_fields(self) -> dict[str, Any]:
+        """The keys added to a result line."""
         fields: dict[str, Any] = {}
-        for name in FIELDS:
-            value = getattr(self, name)
-            if name == "endpoint":
-                if value is not Endpoint.CHAT:
-                    fields[name] = value.value
-            elif value is not None:
-                fields[name] = value
+        if self.completion is not None:
+            first = _first_choice(self.completion)
+            message = first.get("message")
+            if not isinstance(message, dict):
+                message = {}
+            for name in SHOWN:
+                if message.get(name) is not None:
+                    fields[name] = message[name]
+            if first.get("logprobs") is not None:
+                fields["logprobs"] = first["logprobs"]
+            fields["completion"] = self.completion
+        if self.body is not None:
+            fields["body"] = self.body
+        if self.request_id is not None:
+            fields["request_id"] = self.request_id
+        if self.endpoint is not Endpoint.CHAT:
+            fields["endpoint"] = self.endpoint.value
         return fields
 
     @classmethod
     def from_fields(cls, data: dict[str, Any]) -> Answer | None:
-        if not any(name in data for name in FIELDS):
+        if not any(name in data for name in ("completion", "body", "request_id", "endpoint")):
             return None
         return cls(endpoint=Endpoint(data.get("endpoint", Endpoint.CHAT.value)),
-                   completion=data.get("completion"), tool_calls=data.get("tool_calls"),
-                   refusal=data.get("refusal"), logprobs=data.get("logprobs"), choices=data.get("choices"),
-                   body=data.get("body"), request_id=data.get("request_id"))
+                   completion=data.get("completion"), body=data.get("body"), request_id=data.get("request_id"))
 
 
 def answer_of(endpoint: Endpoint, body: dict[str, Any] | None, request_id: str | None) -> Answer | None:
     """The :class:`Answer` of a server's ``body`` (None when there is neither body nor id)."""
     if body is None:
-        return Answer(endpoint, request_id=request_id) if request_id or endpoint is not Endpoint.CHAT else None
+        return Answer(endpoint, request_id=request_id) if request_id else None
     if endpoint is not Endpoint.CHAT:
         return Answer(endpoint, body=body, request_id=request_id)
-    choices = body.get("choices")
-    if not isinstance(choices, list):
-        choices = []
-    first = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), {})
-    message = first.get("message")
-    if not isinstance(message, dict):
-        message = {}
-    return Answer(
-        endpoint,
-        completion={k: v for k, v in body.items() if k != "choices"},
-        tool_calls=message.get("tool_calls") or None,
-        refusal=message.get("refusal"),
-        logprobs=first.get("logprobs"),
-        choices=choices if len(choices) > 1 else None,
-        request_id=request_id,
-    )
+    return Answer(endpoint, completion=_with_first_text(body, None), request_id=request_id)
 
 
-def chat_text(body: dict[str, Any] | None) -> str | None:
-    """Choice 0's content in a ChatCompletion (None if it has none)."""
-    for choice in (body or {}).get("choices") or ():
-        if isinstance(choice, dict) and choice.get("index", 0) == 0:
-            message = choice.get("message") or {}
-            content = message.get("content") if isinstance(message, dict) else None
-            return content if isinstance(content, str) else None
-    return None
-
-
-def chat_body(answer: Answer, output: str | None, finish_reason: str | None) -> dict[str, Any] | None:
-    """The ChatCompletion the server answered, rebuilt: choice 0's content is ``output`` (null
-    when the server sent none: a reply of tool calls or a refusal alone). None without an
-    envelope (a provider that sends none, such as Aivvm)."""
+def chat_body(answer: Answer, output: str | None) -> dict[str, Any] | None:
+    """The ChatCompletion the server answered, choice 0's text put back from ``output``; None
+    without a completion (a provider that sends none, such as Aivvm)."""
     if answer.completion is None:
         return None
-    if answer.choices is not None:
-        choices = answer.choices
-    else:
-        content = output if output or not (answer.tool_calls or answer.refusal) else None
-        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": answer.refusal}
-        if answer.tool_calls:
-            message["tool_calls"] = answer.tool_calls
-        choices = [{"index": 0, "message": message, "logprobs": answer.logprobs,
-                    "finish_reason": finish_reason}]
-    body = dict(answer.completion)
-    body["choices"] = choices
-    return body
+    return _with_first_text(answer.completion, output)
+
+
+def _first_choice(completion: dict[str, Any]) -> dict[str, Any]:
+    for choice in completion.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            return choice
+    return {}
+
+
+def _with_first_text(completion: dict[str, Any], text: str | None) -> dict[str, Any]:
+    """``completion`` with choice 0's text taken out (``text`` None: a string content is left out;
+    a null one stays) or put back (``text`` given, where it was left out). Copies what it changes."""
+    choices = completion.get("choices")
+    if not isinstance(choices, list):
+        return completion
+    changed = []
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) and choice.get("index", 0) == 0 else None
+        if isinstance(message, dict):
+            if text is None and isinstance(message.get("content"), str):
+                message = {k: v for k, v in message.items() if k != "content"}
+            elif text is not None and "content" not in message:
+                message = {"role": message.get("role", "assistant"), "content": text,
+                           **{k: v for k, v in message.items() if k != "role"}}
+            choice = {**choice, "message": message}
+        changed.append(choice)
+    return {**completion, "choices": changed}

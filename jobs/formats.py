@@ -75,7 +75,7 @@ def _success_body(result: ItemResult, batch_created: float | None) -> dict[str, 
     if answer is not None:
         if answer.endpoint is not Endpoint.CHAT and answer.body is not None:
             return answer.body
-        body = chat_body(answer, result.output, result.finish_reason)
+        body = chat_body(answer, result.output or "")
         if body is not None:
             return body
     return _completion(result, batch_created)

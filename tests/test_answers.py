@@ -76,12 +76,15 @@ def test_the_native_form_shows_tool_calls_refusal_and_logprobs_beside_the_text()
     native = json.loads(render(to_result(REQUEST, outcome(BODIES["tool calls only"], ""), 1).to_json().encode(),
                                ResultFormat.NATIVE))
     assert (native["status"], native["output"], native["tool_calls"]) == ("ok", "", [TOOL_CALL])
-    assert native["completion"]["id"] == "chatcmpl-server-7" and "choices" not in native["completion"]
+    assert native["completion"]["id"] == "chatcmpl-server-7"
+    assert native["completion"]["choices"][0]["message"]["content"] is None  # as the server sent it
     with_logprobs = to_result(REQUEST, outcome(BODIES["logprobs"]), 1).to_dict()
     assert with_logprobs["logprobs"] == LOGPROBS and "tool_calls" not in with_logprobs
     refused = to_result(REQUEST, outcome(BODIES["refusal"], ""), 1).to_dict()
     assert refused["refusal"] == "No."
-    assert len(to_result(REQUEST, outcome(BODIES["two choices"]), 1).to_dict()["choices"]) == 2
+    two = to_result(REQUEST, outcome(BODIES["two choices"]), 1).to_dict()
+    assert two["output"] == "Hi" and two["completion"]["choices"][1]["message"]["content"] == "Hello"
+    assert "content" not in two["completion"]["choices"][0]["message"]  # it is the output, kept once
 
 
 def test_a_result_without_a_server_body_still_renders_a_chat_completion() -> None:
@@ -89,8 +92,9 @@ def test_a_result_without_a_server_body_still_renders_a_chat_completion() -> Non
     body = openai_line(result)["response"]["body"]
     ChatCompletion.model_validate(body)
     assert body["choices"][0]["message"]["content"] == "Hello"
-    assert chat_body(answer_of(Endpoint.CHAT, None, "rid") or answer_of(Endpoint.CHAT, {}, None),  # type: ignore[arg-type]
-                     "x", "stop") is None
+    answer = answer_of(Endpoint.CHAT, None, "rid")
+    assert answer is not None and chat_body(answer, "x") is None
+    assert answer_of(Endpoint.CHAT, None, None) is None
 
 
 def test_an_embeddings_body_is_kept_as_the_server_sent_it() -> None:

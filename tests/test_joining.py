@@ -344,7 +344,7 @@ def test_chat_usage_chunk_in_litellms_form() -> None:
     assert end == StreamEnd("stop", 3, 2, body=end.body)
     assert end.body is not None
     assert end.body["usage"] == usage and end.body["choices"][0]["finish_reason"] == "stop"
-    assert end.body["choices"][0]["message"] == {"role": "assistant", "content": "ok", "refusal": None}
+    assert end.body["choices"][0]["message"] == {"role": "assistant", "content": "ok"}  # no refusal key: none came
     assert "system_fingerprint" not in end.body
     ChatCompletion.model_validate(end.body)
 
@@ -390,7 +390,7 @@ def test_chat_other_delta_fields_are_joined_too() -> None:
     events = [chunk({"role": "assistant", "reasoning_content": "Think"}), chunk({"reasoning_content": "ing."}),
               chunk({"content": "Done"}), chunk({}, "stop"), "[DONE]"]
     message = chat_body(events)["choices"][0]["message"]
-    assert message == {"role": "assistant", "content": "Done", "refusal": None, "reasoning_content": "Thinking."}
+    assert message == {"role": "assistant", "content": "Done", "reasoning_content": "Thinking."}
 
 
 @pytest.mark.parametrize("body", [b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": []}',

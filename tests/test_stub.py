@@ -308,7 +308,7 @@ def test_openai_stream_events(server: StubServer) -> None:
     objs = [json.loads(e) for e in events[:-1]]
     assert all(o["object"] == "chat.completion.chunk" and o["model"] == "gpt-4" for o in objs)
     assert len({o["id"] for o in objs}) == 1 and objs[0]["id"].startswith("chatcmpl-stub-")
-    assert objs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert objs[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     content = [o["choices"][0]["delta"]["content"] for o in objs[1:-1]]
     assert len(content) == 3
     assert "".join(content) == "Stand-in reply to: stream please"
@@ -344,7 +344,7 @@ def test_openai_non_stream(server: StubServer) -> None:
     assert resp.status_code == 200
     data = resp.json()
     assert data["object"] == "chat.completion"
-    assert data["choices"][0]["message"] == {"role": "assistant", "content": "Stand-in reply to: plain json"}
+    assert data["choices"][0]["message"] == {"role": "assistant", "content": "Stand-in reply to: plain json", "refusal": None}
     assert data["choices"][0]["finish_reason"] == "stop"
     assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
 

@@ -225,8 +225,9 @@ def test_every_answer_has_a_request_id(server: StubServer) -> None:
 def test_plain_chat_shapes_carry_the_fingerprint(server: StubServer) -> None:
     whole = post(server, "/v1/chat/completions", chat_body("plain")).json()
     assert whole["system_fingerprint"] == "fp_stub"
-    assert whole["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "Stand-in reply to: plain"},
-                                   "finish_reason": "stop"}
+    assert whole["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "Stand-in reply to: plain",
+                                                           "refusal": None},
+                                   "logprobs": None, "finish_reason": "stop"}
     events, done = data_events(post(server, "/v1/chat/completions", chat_body("plain", stream=True)))
     assert done and {e["system_fingerprint"] for e in events} == {"fp_stub"}
     assert all("logprobs" not in e["choices"][0] for e in events)
@@ -284,7 +285,7 @@ def test_tool_calls_streamed_deltas(server: StubServer) -> None:
     events, done = data_events(post(server, "/v1/chat/completions", body))
     assert done
     deltas = [e["choices"][0]["delta"] for e in events]
-    assert deltas[0] == {"role": "assistant", "content": None}
+    assert deltas[0] == {"role": "assistant", "content": None, "refusal": None}
     calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     names = ["get_weather", "search", "clock"]
     starts = [c for c in calls if "id" in c]

@@ -227,12 +227,13 @@ def _call_deltas(calls: Sequence[ToolCall], parts: int) -> list[_Delta]:
 def _deltas(choice: ChoiceReply, parts: int, options: ChatOptions) -> tuple[dict[str, Any], list[_Delta]]:
     """The role delta and the content deltas of one choice."""
     if choice.tool_calls:
-        return {"role": "assistant", "content": None}, _call_deltas(choice.tool_calls, parts)
+        return {"role": "assistant", "content": None, "refusal": None}, _call_deltas(choice.tool_calls, parts)
     if choice.refusal is not None:
         return {"role": "assistant", "content": None, "refusal": ""}, _text_deltas(
             "refusal", choice.refusal, parts, options
         )
-    return {"role": "assistant", "content": ""}, _text_deltas("content", choice.content or "", parts, options)
+    return ({"role": "assistant", "content": "", "refusal": None},
+            _text_deltas("content", choice.content or "", parts, options))
 
 
 def chat_stream_parts(

@@ -98,7 +98,7 @@ def openai_stream_parts(
     (cut on characters), ``tail`` the finish event, the usage event (when
     ``usage`` is given) and ``data: [DONE]``.
     """
-    head = [sse_event(openai_chunk(completion_id, created, model, {"role": "assistant", "content": ""}))]
+    head = [sse_event(openai_chunk(completion_id, created, model, {"role": "assistant", "content": "", "refusal": None}))]
     body = [
         sse_event(openai_chunk(completion_id, created, model, {"content": piece}))
         for piece in split_evenly(text, parts)

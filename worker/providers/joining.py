@@ -194,11 +194,13 @@ class _ToolCall:
 class _ChatChoice:
     """One choice of a chat stream, as it accumulates (containers made when first needed)."""
 
-    __slots__ = ("content", "refusal", "calls", "by_index", "extra", "logprobs", "finish_reason", "budget")
+    __slots__ = ("content", "refusal", "refusal_sent", "calls", "by_index", "extra", "logprobs",
+                 "finish_reason", "budget")
 
     def __init__(self, budget: _Budget) -> None:
         self.content: list[str] = []
         self.refusal: list[str] | None = None
+        self.refusal_sent = False  # a delta had the key (OpenAI sends "refusal": null; others none)
         self.calls: list[_ToolCall] | None = None
         self.by_index: dict[int, _ToolCall] | None = None
         self.extra: dict[str, Any] | None = None  # other delta fields (function_call, audio, reasoning_content...)
@@ -214,6 +216,8 @@ class _ChatChoice:
     def add_delta(self, delta: Mapping[str, Any], out: list[Item] | None) -> None:
         for key, value in delta.items():
             if value is None:
+                if key == "refusal":
+                    self.refusal_sent = True
                 continue
             if key == "content":
                 if type(value) is str and value:
@@ -221,6 +225,7 @@ class _ChatChoice:
                     if out is not None:
                         out.append(value)
             elif key == "refusal":
+                self.refusal_sent = True
                 if type(value) is str and value:
                     if self.refusal is None:
                         self.refusal = []
@@ -283,11 +288,9 @@ class _ChatChoice:
                     kept.extend(value)
 
     def final(self, index: int) -> dict[str, Any]:
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": "".join(self.content) if self.content else None,
-            "refusal": "".join(self.refusal) if self.refusal else None,
-        }
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) if self.content else None}
+        if self.refusal_sent:
+            message["refusal"] = "".join(self.refusal) if self.refusal else None
         if self.calls:
             message["tool_calls"] = [call.final() for call in self.calls]
         if self.extra:
@@ -298,9 +301,10 @@ class _ChatChoice:
 
 
 def _only_text(delta: dict[str, Any]) -> bool:
-    """The delta has text, a role and nulls only (LiteLLM sends ``"tool_calls": null``...)."""
+    """The delta has text, a role and nulls only (LiteLLM sends ``"tool_calls": null``...); a
+    ``refusal`` key, even null, is for the general path (the answer has the key when it came)."""
     for key, value in delta.items():
-        if value is not None and key != "content" and key != "role":
+        if (value is not None or key == "refusal") and key != "content" and key != "role":
             return False
     return True
 
