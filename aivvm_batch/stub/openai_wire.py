@@ -70,7 +70,7 @@ def usage_chunk(completion_id: str, created: int, model: str, usage: dict[str, i
 
 
 def openai_chunk(
-    completion_id: str, created: int, model: str, delta: dict[str, str], finish_reason: str | None = None
+    completion_id: str, created: int, model: str, delta: dict[str, str | None], finish_reason: str | None = None
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` object with a single choice."""
     return {
