@@ -76,7 +76,7 @@ def corpus() -> Corpus:
          ("invalid", ["field 'messages[0].role'", "unknown role 'wizard'"])),
         # 11-12: content that is not a string
         (j({"id": "content-obj", "messages": [{"role": "user", "content": {"text": "x"}}]}), b"\n",
-         ("invalid", ["field 'messages[0].content'", "must be a string, got an object"])),
+         ("invalid", ["field 'messages[0].content'", "must be a string or a list of parts, got an object"])),
         (j({"id": "content-null", "messages": [{"role": "user", "content": None}]}), b"\n",
          ("invalid", ["field 'messages[0].content'", "must be a string, got null"])),
         # 13: valid, CRLF, with a leading system message

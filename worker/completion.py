@@ -140,7 +140,8 @@ class _Streamed:
         provider, request = self.provider, self.request
         self.model = request.model or ""
         self.scope = provider.name
-        self.model = provider.check_model(self.model)
+        if request.endpoint is Endpoint.CHAT:  # a chat model by default; other endpoints name their own
+            self.model = provider.check_model(self.model)
         target = provider.base_url(base_url)
         key = keys(provider, target) if keys is not None else choose_key(provider, target,
                                                                          settings.allowed_base_urls)
