@@ -210,7 +210,7 @@ def batches(redis_url: str, as_json: bool) -> None:
 @click.option("--chunks", envvar=env("STUB_CHUNKS"), show_envvar=True, type=click.IntRange(min=1),
               default=4, show_default=True, help="Chunks each reply is streamed in.")
 @click.option("--api-key", envvar=env("STUB_API_KEY"), show_envvar=True, default=None,
-              help="Require this bearer key on the OpenAI endpoint.")
+              help="Require this bearer key on the OpenAI endpoints.")
 @click.option("--reply-bytes", envvar=env("STUB_REPLY_BYTES"), show_envvar=True, type=click.IntRange(min=0),
               default=None, help="Pad every reply to this many bytes (long replies).")
 @click.option("--backlog", envvar=env("STUB_BACKLOG"), show_envvar=True, type=click.IntRange(min=1),
@@ -220,9 +220,12 @@ def stub(host: str, port: int, latency: float, chunks: int, api_key: str | None,
     """Serve a local STAND-IN provider (not a model) for trying the tool and testing.
 
     It answers the Aivvm protocol at /api/chat and the OpenAI protocol at
-    /v1/chat/completions with deterministic text ("Stand-in reply to: ...").
-    A directive such as [[stub fault=status code=503 times=2]] in a message
-    injects faults: status, 429, cut, stall, badbytes, split, empty, reset, bytes=N.
+    /v1/chat/completions, /v1/embeddings, /v1/responses and /v1/completions with
+    deterministic answers ("Stand-in reply to: ...", tool calls built from the
+    tools' schemas, logprobs, unit vectors). A directive such as
+    [[stub fault=status code=503 times=2]] in a message injects faults: status,
+    429, cut, stall, badbytes, split, empty, reset, badjson, notjson, refusal,
+    failed, bytes=N.
     """
     from .stub import serve as serve_stand_in
 
