@@ -179,3 +179,22 @@ def test_a_schema_mismatch_is_asked_again_then_fails_with_every_attempt_paid() -
     assert final.output == '{"name": "Ada"}'
     good = checked(request, outcome(body, '{"name": "Ada", "age": 36}'))
     assert good.error is None
+
+
+def test_a_submitter_s_pattern_cannot_hold_a_worker() -> None:
+    import time
+
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a|a)*$"}},
+              "patternProperties": {"^(b|b)*$": {"type": "string"}}, "additionalProperties": False}
+    started = time.monotonic()
+    texts = [json.dumps({"a": "a" * 40 + "!", "b" * 40 + "!": "x"})] * 50
+    assert violation(texts, schema) is None  # a pattern past its time is not judged
+    assert time.monotonic() - started < 2  # 50 strings of catastrophic patterns: one budget per reply
+    assert violation(['{"a": "aaa"}'], schema) is None
+    assert violation(['{"a": "b"}'], schema) == "the reply does not follow the schema at a: 'b' does not match '^(a|a)*$'"
+
+
+def test_a_schema_that_cannot_be_applied_is_the_server_s_to_judge() -> None:
+    assert violation(['{"x": 1}'], {"$ref": "#"}) is None
+    assert violation(['{"x": 1}'], {"$ref": "#/$defs/missing"}) is None
+    assert violation(['{"x": 1}'], {"type": "no such type"}) is None

@@ -6,6 +6,7 @@ provider is tried only if the previous one failed before its first chunk.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -101,7 +102,12 @@ async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], b
             streamed.fail(exc)
         if fallback.done(streamed.result()):
             break
-    return checked(request, fallback.outcome())
+    outcome = fallback.outcome()
+    if outcome.error is None and request.endpoint is Endpoint.CHAT and request.params \
+            and response_schema(dict(request.params)) is not None:
+        # off the loop: a reply of megabytes takes its time to validate, and other items stream on
+        return await asyncio.to_thread(checked, request, outcome)
+    return outcome
 
 
 def checked(request: ItemRequest, outcome: Attempt) -> Attempt:
