@@ -78,7 +78,7 @@ def corpus() -> Corpus:
         (j({"id": "content-obj", "messages": [{"role": "user", "content": {"text": "x"}}]}), b"\n",
          ("invalid", ["field 'messages[0].content'", "must be a string or a list of parts, got an object"])),
         (j({"id": "content-null", "messages": [{"role": "user", "content": None}]}), b"\n",
-         ("invalid", ["field 'messages[0].content'", "must be a string, got null"])),
+         ("invalid", ["field 'messages[0].content'", "null only on an assistant turn with tool_calls"])),
         # 13: valid, CRLF, with a leading system message
         (j({"id": "v2", "messages": [{"role": "system", "content": "Be brief."},
                                      {"role": "user", "content": "second valid"}]}), b"\r\n",

@@ -236,7 +236,7 @@ def test_n_above_1_is_invalid_and_default_ids_do_not_collide_with_given_ones(
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["status"]) for r in results] == [
         ("3", "ok"), ("two", "invalid"), ("line-3", "ok"), ("one", "ok")]
-    assert results[1]["error"]["message"].startswith("line 2, field 'n': must be 1, got 2")
+    assert results[1]["error"]["message"].startswith("line 2, field 'n': the aivvm provider cannot send n > 1")
     assert results[2]["output"] == "Stand-in reply to: no id, line 3"
 
 

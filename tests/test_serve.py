@@ -278,7 +278,7 @@ def test_bad_input_answers_4xx_in_openai_form(server: Served, redis_client: redi
         ("POST", "/batches", {"data": b"{not json"}, 400),
         ("POST", "/batches", {"data": b"[1, 2]"}, 400),
         ("POST", "/batches", {"json": {"endpoint": "/v1/chat/completions", "completion_window": "24h"}}, 400),
-        ("POST", "/batches", {"json": {"input_file_id": "file-x", "endpoint": "/v1/embeddings",
+        ("POST", "/batches", {"json": {"input_file_id": "file-x", "endpoint": "/v1/images/generations",
                                        "completion_window": "24h"}}, 400),
         ("POST", "/batches", {"json": {"input_file_id": "file-x", "endpoint": "/v1/chat/completions",
                                        "completion_window": "48h"}}, 400),
