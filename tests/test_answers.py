@@ -198,3 +198,13 @@ def test_a_schema_that_cannot_be_applied_is_the_server_s_to_judge() -> None:
     assert violation(['{"x": 1}'], {"$ref": "#"}) is None
     assert violation(['{"x": 1}'], {"$ref": "#/$defs/missing"}) is None
     assert violation(['{"x": 1}'], {"type": "no such type"}) is None
+
+
+def test_a_key_echoed_in_escapes_an_error_kind_or_a_request_id_is_cleared() -> None:
+    call = CompletionCall(model="m", messages=(), api_key="sk-adv-secret-123")
+    head = Head(400, "Bad Request", "application/json", request_id="req-sk-adv-secret-123")
+    echoed = '{"error": {"message": "no", "type": "sk-adv-secret-123", "k": "sk\\u002dadv-secret-123"}}'
+    error = http_error(head, echoed, call, OpenAI.parse_error)
+    shown = json.dumps([error.body, error.kind, error.request_id, str(error)])
+    assert "sk-adv-secret-123" not in shown and "secret" not in json.dumps(error.request_id)
+    assert violation(['{"x": 1}'], {"$schema": 5}) is None

@@ -229,10 +229,14 @@ class _Fallback:
 
 def _without_keys(error: ProviderError) -> ProviderError:
     """The error, its message cleared of any key of this worker (the last guard before Redis)."""
+    keys = worker_keys(PROVIDERS.values())
     message = str(error)
-    cleaned = redact(message, worker_keys(PROVIDERS.values()))
+    cleaned = redact(message, keys)
     if cleaned != message:
         error.args = (cleaned,)
+    error.kind = redact(str(error.kind), keys)[:100]  # a server names the kind (type, code) too
+    if isinstance(error, ProviderHTTPError) and error.request_id:
+        error.request_id = redact(error.request_id, keys)
     return error
 
 

@@ -80,10 +80,10 @@ def violation(texts: Iterable[str | None], schema: dict[str, Any]) -> str | None
 def _validator(schema_text: str) -> Validator | None:
     """One validator per schema (a batch's lines usually share theirs)."""
     schema = json.loads(schema_text)
-    base = validators.validator_for(schema, default=validators.Draft202012Validator)
     try:
+        base = validators.validator_for(schema, default=validators.Draft202012Validator)
         base.check_schema(schema)
-    except exceptions.SchemaError:
+    except (exceptions.SchemaError, TypeError, AttributeError, Unresolvable):  # e.g. "$schema": 5
         return None
     keywords = {"pattern": _pattern, "patternProperties": _pattern_properties,
                 "additionalProperties": _additional_properties}

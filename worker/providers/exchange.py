@@ -120,8 +120,12 @@ def http_error(head: Head, body_text: str, call: CompletionCall, parse_error: Er
     raw = redact(body_text, [call.api_key])
     text = one_line(raw) or redact(head.reason, [call.api_key])
     error = parse_error(head.status, text, retry_after(head.retry_after))
-    error.body = verbatim(raw)
-    error.request_id = head.request_id
+    error.kind = redact(error.kind, [call.api_key])
+    body = verbatim(raw)
+    if call.api_key and call.api_key in json.dumps(body, ensure_ascii=False):
+        body = raw  # the key was written in JSON escapes: the cleared text instead
+    error.body = body
+    error.request_id = redact(head.request_id, [call.api_key]) if head.request_id else None
     hint = withheld_hint(call.key_withheld)
     if head.status in (401, 403) and hint:
         error.add_detail(hint)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from ..errors import ProviderError
 from .call import CompletionCall, Item, StreamEnd
+from .credentials import redact
 from .decoding import BodyDecoder
 from .exchange import Head
 
@@ -49,7 +50,7 @@ class ReplyReader:
         """The head of the 200: is it a reply of this protocol, and how is it encoded?"""
         if self.check_type is not None:
             self.check_type(head.media_type)
-        self._request_id = head.request_id
+        self._request_id = redact(head.request_id, [self.call.api_key]) if head.request_id else None
         self._decoder = BodyDecoder(head.content_encoding, self.call.max_reply_bytes,
                                     self.call.max_decompression_ratio)
 
