@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .chat import ChatOptions, JsonFormat, ToolSpec
-from .openai_wire import DONE_EVENT, SYSTEM_FINGERPRINT, sse_event, usage_chunk, usage_counts
+from .openai_wire import DONE_EVENT, chat_object, sse_event, usage_chunk, usage_counts
 from .schema import compact, example_json, not_json, violating_json
 from .text import VOCABULARY, even_cuts, split_evenly, tokens, word_count
 
@@ -178,23 +178,11 @@ def chat_completion(
     usage: dict[str, int],
 ) -> dict[str, Any]:
     """A non-streamed ``chat.completion`` with every choice."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [
-            {
-                "index": index,
-                "message": chat_message(choice),
-                "logprobs": choice_logprobs(choice, options),
-                "finish_reason": choice.finish_reason,
-            }
-            for index, choice in enumerate(choices)
-        ],
-        "usage": usage,
-    }
+    return chat_object("chat.completion", completion_id, created, model, [
+        {"index": index, "message": chat_message(choice), "logprobs": choice_logprobs(choice, options),
+         "finish_reason": choice.finish_reason}
+        for index, choice in enumerate(choices)
+    ], usage)
 
 
 # -- streamed -------------------------------------------------------------------
@@ -259,16 +247,7 @@ def chat_stream_parts(
         if options.logprobs:
             choice["logprobs"] = logprobs
         choice["finish_reason"] = finish
-        return sse_event(
-            {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": [choice],
-            }
-        )
+        return sse_event(chat_object("chat.completion.chunk", completion_id, created, model, [choice]))
 
     planned = [_deltas(choice, parts, options) for choice in choices]
     head = [chunk(index, role, None, None) for index, (role, _) in enumerate(planned)]

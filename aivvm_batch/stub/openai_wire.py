@@ -56,31 +56,27 @@ def usage_for(messages: Sequence[dict[str, Any]], reply: str) -> dict[str, int]:
     return usage_counts(prompt_tokens(messages), word_count(reply))
 
 
+def chat_object(kind: str, completion_id: str, created: int, model: str, choices: list[dict[str, Any]],
+                usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` or ``chat.completion.chunk`` (``kind``) around ``choices``."""
+    obj: dict[str, Any] = {"id": completion_id, "object": kind, "created": created, "model": model,
+                           "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+    if usage is not None:
+        obj["usage"] = usage
+    return obj
+
+
 def usage_chunk(completion_id: str, created: int, model: str, usage: dict[str, int]) -> dict[str, Any]:
     """The last ``chat.completion.chunk`` of a stream asked for ``include_usage``: no choices."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [],
-        "usage": usage,
-    }
+    return chat_object("chat.completion.chunk", completion_id, created, model, [], usage)
 
 
 def openai_chunk(
     completion_id: str, created: int, model: str, delta: dict[str, str | None], finish_reason: str | None = None
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` object with a single choice."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    }
+    return chat_object("chat.completion.chunk", completion_id, created, model,
+                       [{"index": 0, "delta": delta, "finish_reason": finish_reason}])
 
 
 def openai_stream_parts(
@@ -114,15 +110,6 @@ def openai_completion(
     text: str, *, completion_id: str, created: int, model: str, usage: dict[str, int]
 ) -> dict[str, Any]:
     """A non-streamed ``chat.completion`` object."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-             "logprobs": None, "finish_reason": "stop"}
-        ],
-        "usage": usage,
-    }
+    return chat_object("chat.completion", completion_id, created, model,
+                       [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": "stop"}], usage)

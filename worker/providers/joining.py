@@ -19,8 +19,8 @@ server's ``index`` of 10**9 allocates nothing).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from ..errors import EmptyReply, MalformedReply, ProviderError, ProviderHTTPError
 from .call import Item, StreamEnd
@@ -309,30 +309,103 @@ def _only_text(delta: dict[str, Any]) -> bool:
     return True
 
 
-class ChatJoiner:
-    """``chat.completion.chunk`` objects -> the ``ChatCompletion`` the server would have answered.
+class _Choice(Protocol):
+    finish_reason: Any
 
-    :meth:`add` appends choice 0's text pieces to ``out`` as they come; :meth:`end` is the
-    :class:`StreamEnd` with the joined body. Error events are the caller's business.
-    """
+    def final(self, index: int) -> dict[str, Any]: ...
 
-    __slots__ = ("_choices", "_zero", "_meta", "_meta_open", "_usage", "_budget")
 
-    def __init__(self) -> None:
-        self._choices: dict[int, _ChatChoice] = {}
-        self._zero: _ChatChoice | None = None
-        self._meta: dict[str, Any] = {}  # from the first events (until one has an id) and the usage event
+C = TypeVar("C", bound=_Choice)
+
+
+class _ChoicesJoiner(Generic[C]):
+    """What the chat and the text completions joiners share: the envelope taken from the events
+    (the first until one has an id, and the usage event), choices by index, the end."""
+
+    __slots__ = ("_new_choice", "_choices", "_zero", "_meta", "_meta_open", "_usage")
+    OBJECT: ClassVar[str]
+    META_KEYS: ClassVar[tuple[str, ...]]  # top-level keys kept when the server sends them
+
+    def __init__(self, new_choice: Callable[[], C]) -> None:
+        self._new_choice = new_choice
+        self._choices: dict[int, C] = {}
+        self._zero: C | None = None
+        self._meta: dict[str, Any] = {}
         self._meta_open = True
         self._usage: dict[str, Any] | None = None
-        self._budget = _Budget()
 
-    def add(self, event: Event, out: list[Item]) -> None:
+    def _take_envelope(self, event: Event) -> None:
         if self._meta_open:
             self._meta_open = not _take_meta(self._meta, event)
         usage = event.get("usage")
         if usage is not None and type(usage) is dict:
             self._usage = usage
             _take_meta(self._meta, event)
+
+    @staticmethod
+    def _index(choice: dict[str, Any]) -> int:
+        index = choice.get("index")
+        if index is None:
+            return 0
+        if type(index) is not int:
+            raise MalformedReply(f"a choice's index is not an integer: {str(index)[:40]!r}")
+        return index
+
+    def _choice(self, index: int) -> C:
+        _check_choices(self._choices)
+        state = self._choices[index] = self._new_choice()
+        if index == 0:
+            self._zero = state
+        return state
+
+    @property
+    def finished(self) -> bool:
+        """Some choice said why it ended."""
+        return any(state.finish_reason for state in self._choices.values())
+
+    @property
+    def finish_reason(self) -> Any:
+        """Choice 0's (else the first choice's) finish_reason."""
+        state = self._zero or (self._choices[min(self._choices)] if self._choices else None)
+        return state.finish_reason if state is not None else None
+
+    def body(self) -> dict[str, Any]:
+        meta = self._meta
+        body: dict[str, Any] = {
+            "id": meta.get("id"),
+            "object": self.OBJECT,
+            "created": meta.get("created"),
+            "model": meta.get("model"),
+            "choices": [self._choices[i].final(i) for i in sorted(self._choices)],
+            "usage": self._usage,
+        }
+        for key in self.META_KEYS:
+            if key in meta:
+                body[key] = meta[key]
+        return body
+
+    def end(self) -> StreamEnd:
+        return StreamEnd(self.finish_reason, _tokens(self._usage, "prompt_tokens"),
+                         _tokens(self._usage, "completion_tokens"), body=self.body())
+
+
+class ChatJoiner(_ChoicesJoiner[_ChatChoice]):
+    """``chat.completion.chunk`` objects -> the ``ChatCompletion`` the server would have answered.
+
+    :meth:`add` appends choice 0's text pieces to ``out`` as they come; :meth:`end` is the
+    :class:`StreamEnd` with the joined body. Error events are the caller's business.
+    """
+
+    __slots__ = ()
+    OBJECT = "chat.completion"
+    META_KEYS = ("system_fingerprint", "service_tier")
+
+    def __init__(self) -> None:
+        budget = _Budget()  # shared by the reply's choices
+        super().__init__(lambda: _ChatChoice(budget))
+
+    def add(self, event: Event, out: list[Item]) -> None:
+        self._take_envelope(event)
         # The fast path: one choice, choice 0, whose delta is text (beside a role and nulls),
         # without logprobs. Any other shape (or a server's odd types) fails a test or a lookup
         # here and takes the general path.
@@ -363,11 +436,7 @@ class ChatJoiner:
         for choice in choices:
             if type(choice) is not dict:
                 continue
-            index = choice.get("index")
-            if index is None:
-                index = 0
-            elif type(index) is not int:
-                raise MalformedReply(f"a choice's index is not an integer: {str(index)[:40]!r}")
+            index = self._index(choice)
             state = self._choices.get(index) or self._choice(index)
             delta = choice.get("delta")
             if type(delta) is dict:
@@ -379,54 +448,12 @@ class ChatJoiner:
             if reason:
                 state.finish_reason = reason
 
-    def _choice(self, index: int) -> _ChatChoice:
-        _check_choices(self._choices)
-        state = self._choices[index] = _ChatChoice(self._budget)
-        if index == 0:
-            self._zero = state
-        return state
-
-    # -- the end ------------------------------------------------------------------------
-
-    @property
-    def finished(self) -> bool:
-        """Some choice said why it ended."""
-        for state in self._choices.values():
-            if state.finish_reason:
-                return True
-        return False
-
-    @property
-    def finish_reason(self) -> Any:
-        """Choice 0's (else the first choice's) finish_reason."""
-        state = self._zero or (self._choices[min(self._choices)] if self._choices else None)
-        return state.finish_reason if state is not None else None
-
     def check_not_empty(self) -> None:
         """Raise :class:`EmptyReply` when no choice said anything and none ran out of tokens."""
         for state in self._choices.values():
             if state.content or state.has_output or state.finish_reason == "length":
                 return
         raise EmptyReply("the server streamed no text, refusal or tool call")
-
-    def body(self) -> dict[str, Any]:
-        meta = self._meta
-        body: dict[str, Any] = {
-            "id": meta.get("id"),
-            "object": "chat.completion",
-            "created": meta.get("created"),
-            "model": meta.get("model"),
-            "choices": [self._choices[i].final(i) for i in sorted(self._choices)],
-            "usage": self._usage,
-        }
-        for key in ("system_fingerprint", "service_tier"):
-            if key in meta:
-                body[key] = meta[key]
-        return body
-
-    def end(self) -> StreamEnd:
-        return StreamEnd(self.finish_reason, _tokens(self._usage, "prompt_tokens"),
-                         _tokens(self._usage, "completion_tokens"), body=self.body())
 
 
 # -- legacy completions ---------------------------------------------------------------------
@@ -461,42 +488,26 @@ class _TextChoice:
                 "finish_reason": self.finish_reason}
 
 
-class CompletionsJoiner:
+class CompletionsJoiner(_ChoicesJoiner[_TextChoice]):
     """``text_completion`` events -> the ``Completion`` the server would have answered."""
 
-    __slots__ = ("_choices", "_zero", "_meta", "_meta_open", "_usage")
+    __slots__ = ()
+    OBJECT = "text_completion"
+    META_KEYS = ("system_fingerprint",)
 
     def __init__(self) -> None:
-        self._choices: dict[int, _TextChoice] = {}
-        self._zero: _TextChoice | None = None
-        self._meta: dict[str, Any] = {}
-        self._meta_open = True
-        self._usage: dict[str, Any] | None = None
+        super().__init__(_TextChoice)
 
     def add(self, event: Event, out: list[Item]) -> None:
-        if self._meta_open:
-            self._meta_open = not _take_meta(self._meta, event)
-        usage = event.get("usage")
-        if usage is not None and type(usage) is dict:
-            self._usage = usage
-            _take_meta(self._meta, event)
+        self._take_envelope(event)
         choices = event.get("choices")
         if type(choices) is not list:
             return
         for choice in choices:
             if type(choice) is not dict:
                 continue
-            index = choice.get("index")
-            if index is None:
-                index = 0
-            elif type(index) is not int:
-                raise MalformedReply(f"a choice's index is not an integer: {str(index)[:40]!r}")
-            state = self._choices.get(index)
-            if state is None:
-                _check_choices(self._choices)
-                state = self._choices[index] = _TextChoice()
-                if index == 0:
-                    self._zero = state
+            index = self._index(choice)
+            state = self._choices.get(index) or self._choice(index)
             text = choice.get("text")
             if text and type(text) is str:
                 state.text.append(text)
@@ -509,37 +520,10 @@ class CompletionsJoiner:
             if reason:
                 state.finish_reason = reason
 
-    @property
-    def finished(self) -> bool:
-        return any(c.finish_reason for c in self._choices.values())
-
-    @property
-    def finish_reason(self) -> Any:
-        state = self._zero or (self._choices[min(self._choices)] if self._choices else None)
-        return state.finish_reason if state is not None else None
-
     def check_not_empty(self) -> None:
         states = self._choices.values()
         if not any(s.text for s in states) and not any(s.finish_reason == "length" for s in states):
             raise EmptyReply("the server streamed no text")
-
-    def body(self) -> dict[str, Any]:
-        meta = self._meta
-        body: dict[str, Any] = {
-            "id": meta.get("id"),
-            "object": "text_completion",
-            "created": meta.get("created"),
-            "model": meta.get("model"),
-            "choices": [self._choices[i].final(i) for i in sorted(self._choices)],
-            "usage": self._usage,
-        }
-        if "system_fingerprint" in meta:
-            body["system_fingerprint"] = meta["system_fingerprint"]
-        return body
-
-    def end(self) -> StreamEnd:
-        return StreamEnd(self.finish_reason, _tokens(self._usage, "prompt_tokens"),
-                         _tokens(self._usage, "completion_tokens"), body=self.body())
 
 
 # -- the Responses API ----------------------------------------------------------------------

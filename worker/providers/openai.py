@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -140,7 +141,7 @@ def _with_usage(given: Any) -> dict[str, Any]:
 # -- the reply parsers ------------------------------------------------------------------------
 
 
-class EventStreamReply:
+class EventStreamReply(ABC):
     """The server-sent events of one streamed reply, each a JSON object, handed to :meth:`_event`.
 
     Decodes UTF-8 incrementally, reads events bounded by ``max_chars`` (one event), and
@@ -203,11 +204,13 @@ class EventStreamReply:
             raise MalformedReply(f"the server answered 200 with {what}, not an event stream: "
                                  f"{redact(start, [self._api_key])[:100]!r}")
 
+    @abstractmethod
     def _event(self, data: str, out: list[Item]) -> None:
-        raise NotImplementedError
+        """One event's data."""
 
+    @abstractmethod
     def _end(self, out: list[Item]) -> None:
-        raise NotImplementedError
+        """At the stream's end: its StreamEnd, or the error of a reply that did not end right."""
 
     def _error(self, error: Any) -> ProviderHTTPError:
         """An error event's error (``{"error": {"message", "type"}}``), cleared of the key."""
