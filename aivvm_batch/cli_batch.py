@@ -79,8 +79,9 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm:
         except KeyboardInterrupt:
             interrupted("the batch was removed: none of its items runs")
     click.echo(report.batch_id)
-    if report.invalid:
-        click.echo(f"{report.invalid} of {report.total} lines are invalid (see their results)", err=True)
+    note = report.invalid_note()
+    if note:
+        click.echo(note, err=True)
 
 
 @click.command()

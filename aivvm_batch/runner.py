@@ -183,6 +183,9 @@ def _submit(store: BatchStore, publisher: Publisher, checked: Checked, plan: Run
     progress.note(f"aivvm-batch: batch {batch_id}: {report.total} lines from {checked.display}{where}")
     if earlier is not None:
         progress.note(f"aivvm-batch: {resume_message(earlier, report, options, plan.fresh)}")
+    note = report.invalid_note()
+    if note:
+        progress.note(f"aivvm-batch: {note}")
     return report
 
 

@@ -2,7 +2,9 @@
 
 We check only the fields we read ourselves: the id, ``url``, the shape of ``messages``,
 ``stream``, ``n``, ``temperature`` and the token limits (the rate limiter reads them), and
-``metadata`` (kept, never sent). Every other field of the body reaches the server as the
+``metadata`` (kept with the result; sent too where the API takes it: an OpenAI Batch line's
+``body.metadata`` on ``/v1/responses``, or with ``"store": true`` on chat, as OpenAI requires).
+Every other field of the body reaches the server as the
 line wrote it: ``tools``, ``response_format``, ``logprobs``, a vendor's ``grammar``... The
 server is the judge of those; a field a provider cannot send is refused per provider
 (:func:`jobs.endpoints.cannot_carry`).
@@ -42,6 +44,8 @@ TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 MAX_CHOICES = 128
 # what each endpoint requires besides ``model``
 REQUIRED = {Endpoint.EMBEDDINGS: "input", Endpoint.RESPONSES: "input", Endpoint.COMPLETIONS: "prompt"}
+# what stands for a Responses request's input: a stored prompt (its template carries the input)
+RESPONSES_INPUT_BESIDES = ("prompt",)
 
 
 def build_request(n: int, item_id: str, endpoint: Endpoint, data: dict[str, Any], prefix: str,
@@ -75,13 +79,12 @@ def _chat(n: int, item_id: str, data: dict[str, Any], prefix: str, defaults: Req
     system_message = data.get("system_message")
     if system_message is not None and not isinstance(system_message, str):
         raise InvalidLine(n, f"must be a string, got {kind(system_message)}", prefix + "system_message")
-    if all(m.role in SYSTEM_ROLES for m in messages):
-        raise InvalidLine(n, "has only a system message; add a user message", prefix + "messages")
     if system_message is None and not any(m.role in SYSTEM_ROLES for m in messages):
         system_message = defaults.system_message
     _check_choices(n, data.get("n"), prefix + "n")
     _check_stream(n, data, prefix)
     params = _params(n, data, prefix, ("messages", "prompt", "model", "temperature", "stream"))
+    _send_metadata(params, data, prefix, Endpoint.CHAT)
     if defaults.max_tokens is not None and not any(name in params for name in TOKEN_LIMITS):
         params["max_tokens"] = defaults.max_tokens
     return _request(n, item_id, Endpoint.CHAT, messages, data, prefix, defaults, system_message, params)
@@ -92,7 +95,10 @@ def _other(n: int, item_id: str, endpoint: Endpoint, data: dict[str, Any], prefi
     """An embeddings, Responses or text completions request: its body passes through."""
     required = REQUIRED[endpoint]
     value = data.get(required)
-    if endpoint is Endpoint.EMBEDDINGS:
+    if endpoint is Endpoint.RESPONSES and value is None and any(
+            isinstance(data.get(name), dict) for name in RESPONSES_INPUT_BESIDES):
+        pass
+    elif endpoint is Endpoint.EMBEDDINGS:
         _check_embedding_input(n, value, prefix + required)
     elif value is None or (isinstance(value, (str, list)) and not value):
         raise InvalidLine(n, "missing: must be a non-empty string or list", prefix + required)
@@ -103,6 +109,7 @@ def _other(n: int, item_id: str, endpoint: Endpoint, data: dict[str, Any], prefi
     if endpoint is Endpoint.COMPLETIONS:
         _check_choices(n, data.get("n"), prefix + "n")
     params = _params(n, data, prefix, ("model", "temperature", "stream"))
+    _send_metadata(params, data, prefix, endpoint)
     if defaults.max_tokens is not None and endpoint is not Endpoint.EMBEDDINGS \
             and not any(name in params for name in TOKEN_LIMITS):
         params["max_output_tokens" if endpoint is Endpoint.RESPONSES else "max_tokens"] = defaults.max_tokens
@@ -131,6 +138,15 @@ def _params(n: int, data: dict[str, Any], prefix: str, taken: tuple[str, ...]) -
         if name in params:
             _check_token_limit(n, params[name], prefix + name)
     return params
+
+
+def _send_metadata(params: dict[str, Any], data: dict[str, Any], prefix: str, endpoint: Endpoint) -> None:
+    """An OpenAI Batch line's ``body.metadata`` is the API's too where the API takes it: the
+    Responses API always, chat with ``store`` (OpenAI refuses metadata without it)."""
+    metadata = data.get("metadata")
+    if prefix and isinstance(metadata, dict) and (
+            endpoint is Endpoint.RESPONSES or (endpoint is Endpoint.CHAT and data.get("store") is True)):
+        params["metadata"] = metadata
 
 
 def _check_carried(n: int, request: ItemRequest, providers: tuple[str, ...], prefix: str) -> None:

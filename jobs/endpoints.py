@@ -99,6 +99,10 @@ def cannot_carry(provider: str, endpoint: Endpoint, messages: Iterable[Mapping[s
         return Refusal("n", f"the {provider} provider cannot send n > 1 (one reply a request); "
                             "use --provider openai")
     if capability.text_only:
+        messages = list(messages)
+        if messages and all(m.get("role") in ("system", "developer") for m in messages):
+            return Refusal("messages", f"has only a system message: the {provider} provider needs a "
+                                       "user message; add one")
         for i, message in enumerate(messages):
             problem = _not_text(message)
             if problem:

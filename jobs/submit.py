@@ -42,6 +42,15 @@ class SubmitReport:
     # valid lines with a counterpart at the same line in ``reuse_from`` that could not be kept
     # (another request, provider or base URL, or an earlier result that was not ok)
     changed: int = 0
+    # why the first invalid line is (file, line, field), to show beside the count
+    first_invalid: str | None = None
+
+    def invalid_note(self) -> str | None:
+        """One line for the terminal: how many lines are invalid, and why the first is."""
+        if not self.invalid:
+            return None
+        more = f"; the first: {self.first_invalid}" if self.first_invalid else ""
+        return f"{self.invalid} of {self.total} lines are invalid (each has its reason in the results){more}"
 
 
 class OneAhead:
@@ -150,6 +159,7 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
     if resume:
         store.update_options(batch_id, options)
     total = invalid = enqueued = kept = changed = 0
+    first_invalid: str | None = None
     expected = lines_expected(stream) or 0
     chunk: list[ChunkEntry] = []
     max_items, max_line_bytes = settings.max_items, settings.max_line_bytes
@@ -168,6 +178,7 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
         except InvalidLine as exc:
             parsed = invalid_result(number, str(exc), exc.item_id)
             invalid += 1
+            first_invalid = first_invalid or str(exc)
         chunk.append(ChunkEntry(total, parsed))
         total += 1
         if len(chunk) >= CHUNK_LINES:
@@ -181,7 +192,7 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     ahead.wait()  # every block is stored before the batch is finalized
     store.finalize(batch_id, total)
-    return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed)
+    return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed, first_invalid)
 
 
 def _reuse(store: BatchStore, earlier_id: str | None, options: BatchOptions) -> Reuse | None:

@@ -208,3 +208,58 @@ def test_a_key_echoed_in_escapes_an_error_kind_or_a_request_id_is_cleared() -> N
     shown = json.dumps([error.body, error.kind, error.request_id, str(error)])
     assert "sk-adv-secret-123" not in shown and "secret" not in json.dumps(error.request_id)
     assert violation(['{"x": 1}'], {"$schema": 5}) is None
+
+
+def test_a_timed_out_pattern_spares_a_reply_a_violation_and_never_makes_one() -> None:
+    # the key's pattern is catastrophic: not judged, so its value is not held to the subschema
+    schema = {"type": "object", "patternProperties": {"^(b|b)*$": {"type": "integer"}}}
+    assert violation([json.dumps({"b" * 40 + "!": "x"})], schema) is None
+    assert violation(['{"bb": "x"}'], schema) == "the reply does not follow the schema at bb: 'x' is not of type 'integer'"
+
+
+def test_unique_items_of_a_long_array_are_not_judged() -> None:
+    import time
+
+    from worker.schema import MAX_UNIQUE_ITEMS
+
+    schema = {"type": "array", "uniqueItems": True}
+    assert violation(['[{"a": 1}, {"a": 1}]'], schema) is not None
+    long = json.dumps([{"a": i} for i in range(MAX_UNIQUE_ITEMS * 5)] + [{"a": 0}])
+    started = time.monotonic()
+    assert violation([long], schema) is None
+    assert time.monotonic() - started < 5
+
+
+def test_a_key_a_server_echoes_in_a_200_is_cleared_from_text_body_and_request_id(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.completion import _Streamed
+    from worker.providers import PROVIDERS
+
+    secret = "sk-echoed-secret-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    monkeypatch.setenv("AIVVM_API_KEY", "EMPTY")  # a placeholder: answers may say EMPTY
+    request = ItemRequest(id="a", line=1, messages=(ChatMessage("user", "hi"),))
+    streamed = _Streamed(PROVIDERS["openai"], request, 0.0)
+    streamed.add(f"your key is {secret}. EMPTY")
+    body = {"choices": [{"message": {"content": f"your key is {secret}", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": f'{{"k": "{secret}"}}'}}]}}],
+        "metadata": {secret: secret}, "vector": [0.5, 1.5]}
+    streamed.add(StreamEnd("stop", body=body, request_id=f"req-{secret}"))
+    result = streamed.result()
+    shown = json.dumps([result.text, result.end.body if result.end else None,
+                        result.end.request_id if result.end else None])
+    assert secret not in shown and shown.count("[redacted]") == 6
+    assert result.text == "your key is [redacted]. EMPTY"
+    assert result.end is not None and result.end.body is not None and result.end.body["vector"] == [0.5, 1.5]
+
+
+def test_an_answer_nested_deeper_than_a_result_can_carry_fails_as_malformed() -> None:
+    from worker.errors import MalformedReply
+    from worker.providers.credentials import MAX_ANSWER_DEPTH, clear_keys
+
+    nested: Any = "leaf"
+    for _ in range(MAX_ANSWER_DEPTH - 1):  # with the object around it: the deepest a result holds
+        nested = [nested]
+    assert clear_keys({"a": nested}, ["sk-0123456789ab"]) == {"a": nested}
+    with pytest.raises(MalformedReply):
+        clear_keys({"a": [nested]}, [])

@@ -145,3 +145,28 @@ def test_a_simple_line_refuses_what_is_no_field_of_the_chat_api() -> None:
     assert exc.field == "tool" and "a field of the chat completions API" in str(exc)
     assert dict(parse({"prompt": "x", "grammar": "root ::= \"a\"", "seed": 1}).params) == {
         "grammar": "root ::= \"a\"", "seed": 1}
+
+
+def test_body_metadata_is_sent_where_the_api_takes_it_and_always_kept() -> None:
+    note = {"run": "7"}
+    messages = [{"role": "user", "content": "Hi"}]
+
+    def line(url: str, **body: Any) -> dict[str, Any]:
+        return {"custom_id": "m", "method": "POST", "url": url, "body": {"metadata": note, **body}}
+
+    stored = parse(line("/v1/chat/completions", messages=messages, store=True))
+    plain = parse(line("/v1/chat/completions", messages=messages))
+    responses = parse(line("/v1/responses", input="Hi"))
+    simple = parse({"id": "s", "prompt": "Hi", "store": True, "metadata": note})
+    assert dict(stored.params)["metadata"] == note and dict(responses.params)["metadata"] == note
+    assert "metadata" not in dict(plain.params)  # OpenAI refuses metadata without store
+    assert "metadata" not in dict(simple.params)  # the simple form's metadata is ours alone
+    assert all(dict(r.metadata) == note for r in (stored, plain, responses, simple))
+
+
+def test_a_responses_line_may_name_a_stored_prompt_instead_of_an_input() -> None:
+    request = parse({"custom_id": "p", "method": "POST", "url": "/v1/responses",
+                     "body": {"model": "gpt-4o", "prompt": {"id": "pmpt_1", "variables": {"x": "y"}}}})
+    assert dict(request.params)["prompt"] == {"id": "pmpt_1", "variables": {"x": "y"}}
+    assert invalid({"custom_id": "p", "method": "POST", "url": "/v1/responses",
+                    "body": {"model": "gpt-4o", "prompt": "text"}}).field == "body.input"

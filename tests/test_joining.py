@@ -412,7 +412,8 @@ def test_chat_event_nested_too_deeply_is_malformed() -> None:
 
 
 def test_chat_joiner_holds_about_what_it_was_fed() -> None:
-    """A huge index allocates nothing; pieces are joined once (no quadratic copying)."""
+    """A huge index allocates nothing; pieces are joined once (no quadratic copying); choices not
+    numbered from 0 answer nothing the request asked."""
     joiner = ChatJoiner()
     out: list[Item] = []
     joiner.add({"choices": [{"index": 10**12, "delta": {"tool_calls": [
@@ -421,9 +422,11 @@ def test_chat_joiner_holds_about_what_it_was_fed() -> None:
         joiner.add({"choices": [{"index": 10**12, "delta": {"tool_calls": [
             {"index": 10**12, "function": {"arguments": "xy"}}]}}]}, out)
     joiner.add({"choices": [{"index": 10**12, "delta": {}, "finish_reason": "tool_calls"}]}, out)
-    body = joiner.body()
-    assert body["choices"][0]["index"] == 10**12
-    assert len(body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == 40000
+    assert len(joiner._choices) == 1  # noqa: SLF001
+    calls = joiner._choices[10**12].calls  # noqa: SLF001
+    assert calls is not None and calls[0].final()["function"]["arguments"] == "xy" * 20000
+    with pytest.raises(MalformedReply, match="numbered"):
+        joiner.body()
 
 
 def test_chat_event_past_the_cap_is_too_large() -> None:
@@ -649,3 +652,138 @@ def test_chat_top_level_fields_from_the_first_event_with_an_id() -> None:
     assert end.body is not None
     assert (end.body["id"], end.body["created"], end.body["model"]) == (META["id"], META["created"], META["model"])
     ChatCompletion.model_validate(end.body)
+
+
+# --------------------------------------------------------------------------
+# Answers that answer nothing, or that no result could carry
+# --------------------------------------------------------------------------
+
+
+def test_chat_delta_nested_deeper_than_any_real_one_is_malformed() -> None:
+    nested: dict[str, Any] = {"leaf": "x"}
+    for _ in range(700):
+        nested = {"x": nested}
+    items, error = read(Endpoint.CHAT, sse(chunk({"content": "hi", "reasoning": nested}), chunk({}, "stop")))
+    assert isinstance(error, MalformedReply) and "nested" in str(error)
+
+
+def test_chat_reply_only_at_a_far_choice_index_is_malformed() -> None:
+    events = [{**chunk({"content": "hi"}), "choices": [{"index": 10**9, "delta": {"content": "hi"},
+                                                         "finish_reason": "stop"}]}, "[DONE]"]
+    error = read(Endpoint.CHAT, sse(*events))[1]
+    assert isinstance(error, MalformedReply) and "numbered" in str(error)
+
+
+@pytest.mark.parametrize("first, why", [
+    ({"index": 0, "type": "function", "function": {"name": "f", "arguments": "{}"}}, "no id"),
+    ({"index": 0, "id": "call_1", "type": "function", "function": {"arguments": "{}"}}, "no name"),
+])
+def test_chat_tool_call_without_id_or_name_is_malformed(first: dict[str, Any], why: str) -> None:
+    events = [chunk({"role": "assistant", "tool_calls": [first]}), chunk({}, "tool_calls"), "[DONE]"]
+    error = read(Endpoint.CHAT, sse(*events))[1]
+    assert isinstance(error, MalformedReply) and why in str(error)
+
+
+def test_chat_tool_name_split_across_fragments_is_joined() -> None:
+    events = [chunk({"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"name": "weather", "arguments": "{}"}}]}),
+        chunk({}, "tool_calls"), "[DONE]"]
+    calls = chat_body(events)["choices"][0]["message"]["tool_calls"]
+    assert calls == [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]
+
+
+def test_chat_choice_fields_of_vllm_and_azure_are_kept_as_last_sent() -> None:
+    """vLLM's stop_reason and Azure's content filter results sit on the answer's choice, as in
+    their unstreamed answers; Azure's prompt_filter_results on the answer."""
+    azure_first = {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                   "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}
+    filters = {"hate": {"filtered": False, "severity": "safe"}}
+
+    def with_fields(event: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        event["choices"][0].update(fields)
+        return event
+
+    events = [azure_first,
+              with_fields(chunk({"content": "Hi"}), stop_reason=None, content_filter_results=filters),
+              with_fields(chunk({"content": "!"}), stop_reason=None, content_filter_results=filters),
+              with_fields(chunk({}, "stop"), stop_reason="###"), "[DONE]"]
+    body = chat_body(events)
+    choice = body["choices"][0]
+    assert choice["message"]["content"] == "Hi!"
+    assert choice["stop_reason"] == "###" and choice["content_filter_results"] == filters
+    assert body["prompt_filter_results"] == azure_first["prompt_filter_results"]
+    ChatCompletion.model_validate(body)
+
+
+def test_completions_choice_fields_are_kept() -> None:
+    first = text_chunk("Hi")
+    first["choices"][0]["stop_reason"] = 13
+    _, end = joined(Endpoint.COMPLETIONS, sse(first, text_chunk("", "stop"), "[DONE]"))
+    assert end.body is not None and end.body["choices"][0]["stop_reason"] == 13
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_numbers_are_no_json(constant: bytes) -> None:
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": {"content": [' \
+            b'{"token": "hi", "logprob": ' + constant + b', "top_logprobs": []}]}, "finish_reason": "stop"}]}\n\n'
+    error = read(Endpoint.CHAT, event)[1]
+    assert isinstance(error, MalformedReply) and constant.decode() in str(error)
+    vectors = b'{"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5, ' + constant + b']}]}'
+    error = read(Endpoint.EMBEDDINGS, vectors, media="application/json")[1]
+    assert isinstance(error, MalformedReply) and constant.decode() in str(error)
+
+
+def test_a_reply_of_empty_objects_is_refused_before_it_is_held() -> None:
+    """Parsed, ``{}`` costs some 60 bytes for 3 sent: a reply may keep one object or list per 16 bytes."""
+    burst = json.dumps({"choices": [{"index": 0, "delta": {"x": [{}] * 5000}}]})
+    data = b"".join(f"data: {burst}\n\n".encode() for _ in range(40))  # 200,000 objects in 600 kB
+    error = read(Endpoint.CHAT, data, max_bytes=1 << 20)[1]
+    assert isinstance(error, MalformedReply) and "JSON objects and lists" in str(error)
+    vectors = b'{"data": [' + b",".join([b"{}"] * 200000) + b"]}"
+    error = read(Endpoint.EMBEDDINGS, vectors, media="application/json", max_bytes=1 << 20)[1]
+    assert isinstance(error, MalformedReply)
+
+
+def read_embeddings(body: dict[str, Any], given: Any) -> ProviderError | None:
+    call = CompletionCall("m", (), endpoint=Endpoint.EMBEDDINGS, params={"input": given})
+    parser = OpenAI.reply_parser(call)
+    reader = ReplyReader(call, parser, parser.check_type)
+    try:
+        reader.start(Head(200, content_type="application/json"))
+        list(reader.feed(json.dumps(body).encode()))
+        list(reader.finish())
+    except ProviderError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("body, given, problem", [
+    (EMBEDDINGS, ["a", "b"], None),
+    (EMBEDDINGS, [[1, 2], [3]], None),
+    ({**EMBEDDINGS, "data": EMBEDDINGS["data"][:1]}, "a", None),
+    ({**EMBEDDINGS, "data": EMBEDDINGS["data"][:1]}, [1, 2, 3], None),  # one token list
+    ({**EMBEDDINGS, "data": []}, "a", "0 vectors for 1 inputs"),
+    (EMBEDDINGS, ["a", "b", "c"], "2 vectors for 3 inputs"),
+    ({**EMBEDDINGS, "data": [{"object": "embedding", "index": 0}]}, "a", "holds no embedding"),
+    ({**EMBEDDINGS, "data": [{"index": 0, "embedding": ["x"]}]}, "a", "not a list of numbers"),
+    ({**EMBEDDINGS, "data": [{"index": 0, "embedding": "AAAAAA=="}]}, "a", None),  # base64
+])
+def test_embeddings_one_vector_per_input(body: dict[str, Any], given: Any, problem: str | None) -> None:
+    error = read_embeddings(body, given)
+    if problem is None:
+        assert error is None
+    else:
+        assert isinstance(error, MalformedReply) and problem in str(error)
+
+
+@pytest.mark.parametrize("response, error_type", [
+    ({}, MalformedReply),
+    ({"id": "resp_1", "status": "completed"}, MalformedReply),
+    ({"id": "resp_1", "status": "failed", "output": []}, ResponseFailed),
+    ({"id": "resp_1", "status": "completed", "output": []}, EmptyReply),
+])
+def test_responses_completed_without_an_answer(response: dict[str, Any], error_type: type[Exception]) -> None:
+    event = {"type": "response.completed", "sequence_number": 1, "response": response}
+    error = read(Endpoint.RESPONSES, sse(event, named=True))[1]
+    assert isinstance(error, error_type), error

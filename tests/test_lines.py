@@ -346,15 +346,21 @@ def test_blank_or_non_string_prompt(prompt: Any) -> None:
 
 
 @pytest.mark.parametrize("role", ["system", "developer"])
-def test_only_a_system_message(role: str) -> None:
-    exc = invalid({"messages": [{"role": role, "content": "Be brief."}]}, number=2)
-    assert str(exc) == "line 2, field 'messages': has only a system message; add a user message"
+def test_only_a_system_message_is_the_aivvm_providers_to_refuse(role: str) -> None:
+    data = {"messages": [{"role": role, "content": "Be brief."}]}
+    assert parse_line(line(data, 2)).messages[0].role == role  # the chat API takes it
+    with pytest.raises(InvalidLine) as info:
+        parse_line(line(data, 2), providers=("aivvm",))
+    assert str(info.value) == ("line 2, field 'messages': has only a system message: the aivvm provider "
+                               "needs a user message; add one")
 
 
 def test_only_a_system_message_in_batch_form() -> None:
-    exc = invalid(batch(body={"messages": [{"role": "system", "content": "Be brief."}]}))
-    assert exc.field == "body.messages"
-    assert "only a system message" in str(exc)
+    data = batch(body={"messages": [{"role": "system", "content": "Be brief."}]})
+    assert parse_line(line(data)).messages[0].role == "system"
+    with pytest.raises(InvalidLine) as info:
+        parse_line(line(data), providers=("aivvm", "aivvm"))
+    assert info.value.field == "body.messages"
 
 
 @pytest.mark.parametrize("role", ["robot", "tools", "User", None, 1])

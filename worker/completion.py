@@ -25,7 +25,7 @@ from .errors import ProviderError, ProviderHTTPError, RateLimited, SchemaMismatc
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
 from .providers.aio import AsyncHTTP
 from .providers.call import Item
-from .providers.credentials import KeyChooser, choose_key, redact, worker_keys
+from .providers.credentials import REDACTED, KeyChooser, answer_secrets, choose_key, clear_keys, redact, worker_keys
 from .schema import response_schema, violation
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,10 @@ class _Streamed:
 
     def add(self, item: Item) -> None:
         if isinstance(item, StreamEnd):
+            secrets = answer_secrets(worker_keys(PROVIDERS.values()))
+            if item.body is not None or item.request_id:  # the last guard before Redis: no key, nothing too deep
+                item = replace(item, body=clear_keys(item.body, secrets),
+                               request_id=clear_keys(item.request_id, secrets))
             self.end = item
             return
         if self.first_chunk_ms is None:
@@ -187,7 +191,10 @@ class _Streamed:
         self.error.kind = "internal_error"
 
     def result(self) -> Attempt:
-        return Attempt(self.provider.name, self.model or self.request.model or "", "".join(self.chunks),
+        text = "".join(self.chunks)
+        for secret in answer_secrets(worker_keys(PROVIDERS.values())):
+            text = text.replace(secret, REDACTED)
+        return Attempt(self.provider.name, self.model or self.request.model or "", text,
                        self.error, _ms_since(self.started), self.first_chunk_ms, self.end, self.scope)
 
 

@@ -30,6 +30,7 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 SHOWN = 200  # characters of a violation's message kept
 PATTERN_SECONDS = 0.05  # one pattern on one string at most
 PATTERNS_BUDGET = 0.5  # every pattern of one reply at most
+MAX_UNIQUE_ITEMS = 2000  # uniqueItems compares objects pairwise: a longer array is not judged
 logger = logging.getLogger(__name__)
 _pattern_deadline = contextvars.ContextVar("pattern_deadline", default=0.0)
 
@@ -86,22 +87,25 @@ def _validator(schema_text: str) -> Validator | None:
     except (exceptions.SchemaError, TypeError, AttributeError, Unresolvable):  # e.g. "$schema": 5
         return None
     keywords = {"pattern": _pattern, "patternProperties": _pattern_properties,
-                "additionalProperties": _additional_properties}
+                "additionalProperties": _additional_properties,
+                "uniqueItems": functools.partial(_unique_items, base.VALIDATORS.get("uniqueItems"))}
     return validators.extend(base, {k: v for k, v in keywords.items() if k in base.VALIDATORS})(schema)
 
 
-def _matches(pattern: str, text: str) -> bool:
-    """``regex.search`` bounded in time; a pattern past its time, or none left, counts as a match."""
+def _matches(pattern: str, text: str, unjudged: bool = True) -> bool:
+    """``regex.search`` bounded in time. A pattern past its time (or with none left) or one we
+    cannot read is not judged: the answer is ``unjudged``, chosen by the caller so that it can
+    only spare a reply a violation, never make one."""
     left = _pattern_deadline.get() - time.monotonic()
     if left <= 0:
-        return True
+        return unjudged
     try:
         return regex.search(pattern, text, timeout=min(PATTERN_SECONDS, left)) is not None
     except TimeoutError:
         logger.info("a schema's pattern took too long on a reply: not judged")
-        return True
+        return unjudged
     except regex.error:
-        return True  # not a pattern we can read: the server's to judge
+        return unjudged  # the server's to judge
 
 
 # jsonschema's own keywords of the same names, with their regular expressions bounded
@@ -118,7 +122,7 @@ def _pattern_properties(validator: Validator, patterns: Mapping[str, Any], insta
         return
     for pattern, subschema in patterns.items():
         for key, value in instance.items():
-            if _matches(pattern, key):
+            if _matches(pattern, key, unjudged=False):  # an unjudged key's value is not held to the subschema
                 yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
@@ -137,3 +141,10 @@ def _additional_properties(validator: Validator, additional: Any, instance: Any,
         shown = ", ".join(repr(extra) for extra in extras)
         yield ValidationError(f"Additional properties are not allowed ({shown} "
                               f"{'was' if len(extras) == 1 else 'were'} unexpected)")
+
+
+def _unique_items(original: Any, validator: Validator, unique: Any, instance: Any,
+                  schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+    if original is None or (validator.is_type(instance, "array") and len(instance) > MAX_UNIQUE_ITEMS):
+        return
+    yield from original(validator, unique, instance, schema)

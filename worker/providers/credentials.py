@@ -16,8 +16,9 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..errors import MalformedReply
 from .checks import normal_form
 
 if TYPE_CHECKING:
@@ -128,3 +129,40 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret:
             text = text.replace(secret, REDACTED)
     return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+
+
+MAX_ANSWER_DEPTH = 64  # objects and lists within each other in an answer we keep
+# shorter keys are placeholders (vLLM's "EMPTY", "x") that answers may rightly contain
+MIN_CLEARED_KEY = 12
+
+
+def answer_secrets(keys: Iterable[str]) -> list[str]:
+    """The keys to clear from answers: those long enough to be real secrets."""
+    return [key for key in keys if len(key) >= MIN_CLEARED_KEY]
+
+
+def clear_keys(value: Any, secrets: list[str], depth: int = 0) -> Any:
+    """A server's answer (parsed JSON) with every secret in its strings (keys too) replaced by
+    ``[redacted]``: a server that echoes the key it was sent does not put it in a result.
+
+    Only the secrets are replaced (an answer may rightly say "Bearer"). An answer nested
+    deeper than :data:`MAX_ANSWER_DEPTH` is malformed: no result could carry it.
+    """
+    kind = type(value)
+    if kind is str:
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if depth >= MAX_ANSWER_DEPTH and (kind is dict or kind is list):
+        raise MalformedReply("the answer is nested too deeply")
+    if kind is dict:
+        return {clear_keys(k, secrets, depth): clear_keys(v, secrets, depth + 1) for k, v in value.items()}
+    if kind is list:
+        if value and not any(type(v) in _CONTAINERS_OR_TEXT for v in value):
+            return value  # numbers (an embedding): nothing to clear
+        return [clear_keys(v, secrets, depth + 1) for v in value]
+    return value
+
+
+_CONTAINERS_OR_TEXT = (str, dict, list)

@@ -32,8 +32,14 @@ Event = dict[str, Any]
 MAX_CHOICES = 1024  # distinct choice indexes (OpenAI's n is at most 128)
 MAX_TOOL_CALLS = 1024  # tool calls of all choices
 MAX_FIELDS = 16384  # fields and indexed entries made by joining deltas other than text (all choices)
-# keys whose first value is kept when a server repeats them on every fragment
+MAX_DEPTH = 32  # objects within objects in a delta (a real one nests four or five deep)
+BYTES_PER_CONTAINER = 16  # a reply may keep one JSON object or list per this many bytes it may send
+# keys whose first value is kept when a server repeats them on every fragment (a name that
+# differs from the one kept is the rest of it: a few servers split a tool's name too)
 _KEEP_FIRST = frozenset({"id", "type", "name", "role", "index", "object"})
+# the keys of a chat chunk's choice the joiner reads; any other (vLLM's stop_reason, Azure's
+# content_filter_results...) is kept on the answer's choice as last sent
+CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason", "text"})
 # Responses API error codes that blame the request: another attempt would fail (and pay) again.
 # The others (server_error, rate_limit_exceeded, vector_store_timeout, unknown ones) are transient.
 PERMANENT_RESPONSE_CODES = frozenset({
@@ -58,6 +64,22 @@ class ResponseFailed(ProviderError):
         super().__init__(message)
         self.kind = code or "server_error"
         self.transient = code not in PERMANENT_RESPONSE_CODES
+
+
+class NonFiniteNumber(ValueError):
+    """JSON has no NaN or Infinity (Python's json reads them; nothing reading our results would)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise NonFiniteNumber(f"holds {name}, which JSON does not allow")
+
+
+_STRICT = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` without NaN, Infinity and -Infinity (ValueError), as RFC 8259 has it."""
+    return _STRICT.decode(text)
 
 
 # -- generic accumulation of deltas ---------------------------------------------------------
@@ -90,14 +112,45 @@ class _Budget:
             raise MalformedReply(f"the stream's deltas make more than {MAX_FIELDS} fields")
 
 
-def _merge(acc: dict[str, Any], delta: Mapping[str, Any], budget: _Budget) -> None:
+class Containers:
+    """The JSON objects and lists a reply's kept events may hold: parsed, an empty object costs some
+    60 bytes for its 3 sent, so a budget in bytes alone would let a reply hold 20 times its size."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.limit = max(MAX_FIELDS, (max_bytes or 0) // BYTES_PER_CONTAINER)
+        self.left = self.limit
+
+    def spend(self, data: str) -> None:
+        """Charge an event kept (beyond its text): every ``{`` and ``[`` in it (a bound from above)."""
+        self.left -= data.count("{") + data.count("[")
+        if self.left < 0:
+            raise MalformedReply(f"the reply holds more than {self.limit} JSON objects and lists")
+
+
+def _keep_fields(fields: dict[str, Any] | None, choice: Mapping[str, Any], budget: _Budget) -> dict[str, Any] | None:
+    """A choice's keys beyond those joined, as last sent (nulls add nothing)."""
+    for key, value in choice.items():
+        if value is not None and key not in CHOICE_KEYS:
+            if fields is None:
+                fields = {}
+            if key not in fields:
+                budget.spend_field()
+            fields[key] = value
+    return fields
+
+
+def _merge(acc: dict[str, Any], delta: Mapping[str, Any], budget: _Budget, depth: int = 0) -> None:
     """Accumulate ``delta`` into ``acc`` as the streaming APIs define it.
 
     Strings are concatenated (but ids, types and names keep their first value), objects
     merged, lists of indexed fragments merged by index, other lists extended, numbers and
     booleans replaced; nulls add nothing. Each field or indexed entry made is spent from
-    ``budget``.
+    ``budget``; a delta nested deeper than :data:`MAX_DEPTH` is malformed.
     """
+    if depth > MAX_DEPTH:
+        raise MalformedReply("an event of the stream is nested too deeply")
     for key, value in delta.items():
         if value is None:
             continue
@@ -108,6 +161,8 @@ def _merge(acc: dict[str, Any], delta: Mapping[str, Any], budget: _Budget) -> No
         if key in _KEEP_FIRST:
             if old is None or old == "":
                 acc[key] = value
+            elif key == "name" and kind is str and type(old) is str and value != old:
+                acc[key] = old + value
         elif kind is str:
             if type(old) is _Text:
                 old.append(value)
@@ -116,7 +171,7 @@ def _merge(acc: dict[str, Any], delta: Mapping[str, Any], budget: _Budget) -> No
         elif kind is dict:
             if type(old) is not dict:
                 acc[key] = old = {}
-            _merge(old, value, budget)
+            _merge(old, value, budget, depth + 1)
         elif kind is list:
             if type(old) is _Indexed or (old is None and _indexed(value)):
                 if type(old) is not _Indexed:
@@ -127,7 +182,7 @@ def _merge(acc: dict[str, Any], delta: Mapping[str, Any], budget: _Budget) -> No
                         if fragment is None:
                             budget.spend_field()
                             fragment = old[entry["index"]] = {}
-                        _merge(fragment, entry, budget)
+                        _merge(fragment, entry, budget, depth + 1)
             elif type(old) is list:
                 old.extend(value)
             else:
@@ -148,7 +203,7 @@ def _final(value: Any) -> Any:
     return value
 
 
-META_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier")
+META_KEYS = ("id", "created", "model", "system_fingerprint", "service_tier", "prompt_filter_results")
 
 
 def _take_meta(meta: dict[str, Any], event: Event) -> bool:
@@ -184,10 +239,18 @@ class _ToolCall:
         return self.acc.get("id")
 
     def final(self) -> dict[str, Any]:
+        """The call as answered; one without an id, or a function call without a name, is malformed
+        (the SDK's ``ChatCompletionMessageToolCall`` requires both, and no one could answer it)."""
         acc = _final(self.acc)
         acc.pop("index", None)
         call: dict[str, Any] = {"id": acc.pop("id", None), "type": acc.pop("type", None) or "function"}
         call.update(acc)
+        if not call["id"] or type(call["id"]) is not str:
+            raise MalformedReply("a tool call of the reply has no id")
+        function = call.get("function")
+        if call["type"] == "function" and (type(function) is not dict or not function.get("name")
+                                           or type(function["name"]) is not str):
+            raise MalformedReply("a function call of the reply has no name")
         return call
 
 
@@ -195,7 +258,7 @@ class _ChatChoice:
     """One choice of a chat stream, as it accumulates (containers made when first needed)."""
 
     __slots__ = ("content", "refusal", "refusal_sent", "calls", "by_index", "extra", "logprobs",
-                 "finish_reason", "budget")
+                 "finish_reason", "fields", "budget")
 
     def __init__(self, budget: _Budget) -> None:
         self.content: list[str] = []
@@ -206,6 +269,7 @@ class _ChatChoice:
         self.extra: dict[str, Any] | None = None  # other delta fields (function_call, audio, reasoning_content...)
         self.logprobs: dict[str, list[Any] | None] | None = None
         self.finish_reason: Any = None
+        self.fields: dict[str, Any] | None = None  # the choice's own other keys (vLLM's stop_reason...)
         self.budget = budget  # shared by the reply's choices
 
     @property
@@ -296,8 +360,11 @@ class _ChatChoice:
         if self.extra:
             for key, value in _final(self.extra).items():
                 message.setdefault(key, value)
-        return {"index": index, "message": message, "logprobs": self.logprobs,
-                "finish_reason": self.finish_reason}
+        choice = {"index": index, "message": message, "logprobs": self.logprobs,
+                  "finish_reason": self.finish_reason}
+        if self.fields:
+            choice.update(self.fields)
+        return choice
 
 
 def _only_text(delta: dict[str, Any]) -> bool:
@@ -370,13 +437,17 @@ class _ChoicesJoiner(Generic[C]):
         return state.finish_reason if state is not None else None
 
     def body(self) -> dict[str, Any]:
+        """The answer; choices must be numbered from 0 without a gap, as the server's own answer's are."""
+        indexes = sorted(self._choices)
+        if indexes and indexes[-1] != len(indexes) - 1:
+            raise MalformedReply(f"the reply's choices are numbered {indexes[:3]}..., not from 0 without gaps")
         meta = self._meta
         body: dict[str, Any] = {
             "id": meta.get("id"),
             "object": self.OBJECT,
             "created": meta.get("created"),
             "model": meta.get("model"),
-            "choices": [self._choices[i].final(i) for i in sorted(self._choices)],
+            "choices": [self._choices[i].final(i) for i in indexes],
             "usage": self._usage,
         }
         for key in self.META_KEYS:
@@ -398,13 +469,14 @@ class ChatJoiner(_ChoicesJoiner[_ChatChoice]):
 
     __slots__ = ()
     OBJECT = "chat.completion"
-    META_KEYS = ("system_fingerprint", "service_tier")
+    META_KEYS = ("system_fingerprint", "service_tier", "prompt_filter_results")
 
     def __init__(self) -> None:
         budget = _Budget()  # shared by the reply's choices
         super().__init__(lambda: _ChatChoice(budget))
 
-    def add(self, event: Event, out: list[Item]) -> None:
+    def add(self, event: Event, out: list[Item]) -> bool:
+        """Take one event; True if it kept more than text (the caller charges its containers)."""
         self._take_envelope(event)
         # The fast path: one choice, choice 0, whose delta is text (beside a role and nulls),
         # without logprobs. Any other shape (or a server's odd types) fails a test or a lookup
@@ -422,7 +494,10 @@ class ChatJoiner(_ChoicesJoiner[_ChatChoice]):
                 reason = choice.get("finish_reason")
                 if reason:
                     state.finish_reason = reason
-                return
+                if len(choice) <= 4:  # index, delta, logprobs, finish_reason
+                    return False
+                state.fields = _keep_fields(state.fields, choice, state.budget)
+                return True
         except (KeyError, TypeError, ValueError, AttributeError):
             pass
         choices = event.get("choices")
@@ -431,6 +506,7 @@ class ChatJoiner(_ChoicesJoiner[_ChatChoice]):
                 self._general(choices, out)
             except RecursionError:
                 raise MalformedReply("an event of the stream is nested too deeply") from None
+        return True
 
     def _general(self, choices: list[Any], out: list[Item]) -> None:
         for choice in choices:
@@ -447,6 +523,8 @@ class ChatJoiner(_ChoicesJoiner[_ChatChoice]):
             reason = choice.get("finish_reason")
             if reason:
                 state.finish_reason = reason
+            if len(choice) > 4:
+                state.fields = _keep_fields(state.fields, choice, state.budget)
 
     def check_not_empty(self) -> None:
         """Raise :class:`EmptyReply` when no choice said anything and none ran out of tokens."""
@@ -463,12 +541,14 @@ LEGACY_LOGPROBS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
 
 
 class _TextChoice:
-    __slots__ = ("text", "logprobs", "finish_reason")
+    __slots__ = ("text", "logprobs", "finish_reason", "fields", "budget")
 
-    def __init__(self) -> None:
+    def __init__(self, budget: _Budget) -> None:
         self.text: list[str] = []
         self.logprobs: dict[str, Any] | None = None
         self.finish_reason: Any = None
+        self.fields: dict[str, Any] | None = None
+        self.budget = budget
 
     def add_logprobs(self, logprobs: Mapping[str, Any]) -> None:
         """The legacy form: lists (tokens, token_logprobs, top_logprobs, text_offset) to concatenate."""
@@ -484,8 +564,11 @@ class _TextChoice:
                     self.logprobs[key] = list(value)
 
     def final(self, index: int) -> dict[str, Any]:
-        return {"index": index, "text": "".join(self.text), "logprobs": self.logprobs,
-                "finish_reason": self.finish_reason}
+        choice = {"index": index, "text": "".join(self.text), "logprobs": self.logprobs,
+                  "finish_reason": self.finish_reason}
+        if self.fields:
+            choice.update(self.fields)
+        return choice
 
 
 class CompletionsJoiner(_ChoicesJoiner[_TextChoice]):
@@ -493,16 +576,19 @@ class CompletionsJoiner(_ChoicesJoiner[_TextChoice]):
 
     __slots__ = ()
     OBJECT = "text_completion"
-    META_KEYS = ("system_fingerprint",)
+    META_KEYS = ("system_fingerprint", "prompt_filter_results")
 
     def __init__(self) -> None:
-        super().__init__(_TextChoice)
+        budget = _Budget()
+        super().__init__(lambda: _TextChoice(budget))
 
-    def add(self, event: Event, out: list[Item]) -> None:
+    def add(self, event: Event, out: list[Item]) -> bool:
+        """Take one event; True if it kept more than text (logprobs, other keys)."""
         self._take_envelope(event)
         choices = event.get("choices")
+        kept = False
         if type(choices) is not list:
-            return
+            return kept
         for choice in choices:
             if type(choice) is not dict:
                 continue
@@ -516,9 +602,14 @@ class CompletionsJoiner(_ChoicesJoiner[_TextChoice]):
             logprobs = choice.get("logprobs")
             if type(logprobs) is dict:
                 state.add_logprobs(logprobs)
+                kept = True
             reason = choice.get("finish_reason")
             if reason:
                 state.finish_reason = reason
+            if len(choice) > 4:
+                state.fields = _keep_fields(state.fields, choice, state.budget)
+                kept = True
+        return kept
 
     def check_not_empty(self) -> None:
         states = self._choices.values()
@@ -556,8 +647,13 @@ class ResponsesJoiner:
                 out.append(delta)
         elif kind in ("response.completed", "response.incomplete"):
             response = event.get("response")
-            if type(response) is not dict:
-                raise MalformedReply(f"a {kind} event has no response object")
+            if type(response) is not dict or type(response.get("output")) is not list:
+                raise MalformedReply(f"a {kind} event has no response object with an output list")
+            status = response.get("status")
+            if status in ("failed", "cancelled"):
+                raise ResponseFailed(f"{kind} with status {status}", None)
+            if not response["output"] and kind == "response.completed":
+                raise EmptyReply("the response has no output")
             self.response = response
             self._incomplete = kind == "response.incomplete" or response.get("status") == "incomplete"
         elif kind == "response.failed":
@@ -591,22 +687,46 @@ class ResponsesJoiner:
 # -- embeddings -----------------------------------------------------------------------------
 
 
-def embeddings_body(data: bytes, api_key: str | None = None) -> StreamEnd:
-    """The one JSON body of ``/embeddings``: an object with a ``data`` list, kept as parsed."""
+def embeddings_count(value: Any) -> int | None:
+    """How many vectors an embeddings ``input`` asks for: one per string or token list."""
+    if type(value) is str:
+        return 1
+    if type(value) is list and value:
+        return 1 if all(type(v) is int for v in value) else len(value)
+    return None
+
+
+def embeddings_body(data: bytes, api_key: str | None = None, expected: int | None = None) -> StreamEnd:
+    """The one JSON body of ``/embeddings``: an object with a ``data`` list, kept as parsed.
+
+    Each entry must hold an ``embedding`` (a list of numbers, or base64 text), one per input
+    (``expected``), numbered from 0 as the inputs are: anything else answers no line.
+    """
     try:
-        body = json.loads(data)
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        body = strict_json(data.decode("utf-8-sig"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         start = redact(data[:100].decode("utf-8", errors="replace"), [api_key])
-        raise MalformedReply(f"the embeddings reply is not JSON: {start!r}") from None
+        why = str(exc) if isinstance(exc, NonFiniteNumber) else "is not JSON"
+        raise MalformedReply(f"the embeddings reply {why}: {start!r}") from None
     if type(body) is dict and type(body.get("data")) is not list and "error" in body:
         error = body["error"] if type(body["error"]) is dict else {"message": body["error"]}
         raise ProviderHTTPError(500, redact(str(error.get("message", "")), [api_key])[:300],
                                 kind=str(error.get("type") or error.get("code") or "server_error"))
     if type(body) is not dict or type(body.get("data")) is not list:
         raise MalformedReply("the embeddings reply is not an object with a data list")
+    entries = body["data"]
+    if expected is not None and len(entries) != expected:
+        raise MalformedReply(f"the embeddings reply has {len(entries)} vectors for {expected} inputs")
+    for position, entry in enumerate(entries):
+        vector = entry.get("embedding") if type(entry) is dict else None
+        if type(vector) is not list and type(vector) is not str:
+            raise MalformedReply(f"the embeddings reply's entry {position} holds no embedding")
+        if type(vector) is list and not all(type(x) is float or type(x) is int for x in vector):
+            raise MalformedReply(f"the embeddings reply's entry {position} is not a list of numbers")
     usage = body.get("usage")
     usage = usage if type(usage) is dict else None
     return StreamEnd(None, _tokens(usage, "prompt_tokens"), 0, body=body)
 
 
-__all__ = ["ChatJoiner", "CompletionsJoiner", "ResponseFailed", "ResponsesJoiner", "embeddings_body"]
+__all__ = ["ChatJoiner", "CompletionsJoiner", "Containers", "NonFiniteNumber", "ResponseFailed", "ResponsesJoiner",
+           "embeddings_body", "embeddings_count", "strict_json"]

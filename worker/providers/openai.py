@@ -31,7 +31,8 @@ from .base import AbstractProvider
 from .call import CompletionCall, Item
 from .credentials import redact
 from .exchange import HTTPRequest
-from .joining import ChatJoiner, CompletionsJoiner, ResponsesJoiner, embeddings_body
+from .joining import (ChatJoiner, CompletionsJoiner, Containers, NonFiniteNumber, ResponsesJoiner, embeddings_body,
+                      embeddings_count, strict_json)
 from .sse import SSEParser, sse_data
 
 DEFAULT_MODEL = "gpt-3.5-turbo"
@@ -107,7 +108,7 @@ class OpenAI(AbstractProvider):
             return CompletionsReply(call.max_reply_bytes, call.api_key)
         if endpoint is Endpoint.RESPONSES:
             return ResponsesReply(call.max_reply_bytes, call.api_key)
-        return EmbeddingsReply(call.api_key)
+        return EmbeddingsReply(call.api_key, embeddings_count(call.params.get("input")))
 
     @classmethod
     def check_type(cls, media: str) -> None:
@@ -232,6 +233,7 @@ class ChunkStreamReply(EventStreamReply):
                  joiner: ChatJoiner | CompletionsJoiner) -> None:
         super().__init__(max_chars, api_key)
         self._joiner = joiner
+        self._containers = Containers(max_chars)
 
     def _event(self, data: str, out: list[Item]) -> None:
         if data == "[DONE]":
@@ -240,7 +242,8 @@ class ChunkStreamReply(EventStreamReply):
         event = _json(data, self._api_key)
         if "error" in event and event["error"] is not None:
             raise self._error(event["error"])
-        self._joiner.add(event, out)
+        if self._joiner.add(event, out):
+            self._containers.spend(data)
 
     def _end(self, out: list[Item]) -> None:
         joiner = self._joiner
@@ -300,8 +303,9 @@ class EmbeddingsReply:
 
     complete = False  # the body's end is the reply's end
 
-    def __init__(self, api_key: str | None) -> None:
+    def __init__(self, api_key: str | None, expected: int | None = None) -> None:
         self._api_key = api_key
+        self._expected = expected  # vectors the input asks for
         self._parts: list[bytes] = []
 
     def check_type(self, media: str) -> None:
@@ -318,7 +322,9 @@ class EmbeddingsReply:
         self._parts = []
         if not data.strip():
             raise EmptyReply("the server answered 200 with an empty body")
-        out.append(embeddings_body(data, self._api_key))
+        if data.count(b"{") + data.count(b"[") > Containers(len(data)).limit:
+            raise MalformedReply("the embeddings reply holds more JSON objects and lists than its size allows")
+        out.append(embeddings_body(data, self._api_key, self._expected))
 
 
 OpenAIParser = Union[ChatReply, CompletionsReply, ResponsesReply, EmbeddingsReply]
@@ -327,16 +333,18 @@ OpenAIReply = ChatReply  # the chat parser's former name
 
 def _is_json(data: str) -> bool:
     try:
-        json.loads(data)
-    except (json.JSONDecodeError, RecursionError):
+        strict_json(data)
+    except (ValueError, RecursionError):
         return False
     return True
 
 
 def _json(data: str, api_key: str | None) -> dict[str, Any]:
     try:
-        event = json.loads(data)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        event = strict_json(data)
+    except NonFiniteNumber as exc:
+        raise MalformedReply(f"an event {exc}: {redact(data, [api_key])[:100]!r}") from None
+    except (ValueError, RecursionError) as exc:
         raise MalformedReply(f"an event is not JSON: {redact(data, [api_key])[:100]!r}") from exc
     if not isinstance(event, dict):
         raise MalformedReply(f"an event is not a JSON object: {redact(data, [api_key])[:100]!r}")
