@@ -19,7 +19,7 @@ from typing import Any
 
 from .answers import chat_body
 from .endpoints import Endpoint
-from .records import ItemResult, Status
+from .records import ItemResult, Status, json_text
 
 
 class ResultFormat(str, Enum):
@@ -41,7 +41,7 @@ def render(raw: bytes, fmt: ResultFormat, batch_created: float | None = None) ->
         return raw
     result = ItemResult.from_json(raw)
     line = openai_line(result, batch_created)
-    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode()
+    return json_text(line).encode()
 
 
 def openai_line(result: ItemResult, batch_created: float | None = None) -> dict[str, Any]:

@@ -16,6 +16,20 @@ from .endpoints import Endpoint
 # the encoder of a whole value, and the one of a string (the one that encoder uses itself).
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _encode_str = json.encoder.encode_basestring
+_encode_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def json_text(value: Any) -> str:
+    """``value`` as compact JSON that UTF-8 can carry: a server's text may hold a lone surrogate
+    (``"\\ud83d"`` in its JSON, which Python reads), which no UTF-8 encoder takes; then every
+    non-ASCII character is escaped (JSON's own form, read back the same), so nothing is lost."""
+    text = _encode(value)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return _encode_ascii(value)
+    return text
 
 
 class Status(str, Enum):
@@ -268,8 +282,8 @@ class ItemResult:
         return d
 
     def to_json(self) -> str:
-        """``json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))``."""
-        return _encode(self.to_dict())
+        """``json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))``, UTF-8-safe (:func:`json_text`)."""
+        return json_text(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ItemResult:

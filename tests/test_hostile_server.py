@@ -204,6 +204,17 @@ class Hostile:
             def b_deny(self, body: dict[str, Any], args: list[str]) -> None:
                 self.reply(int(args[0]), b"Unauthorized", "text/plain")
 
+            def b_surrogate(self, body: dict[str, Any], args: list[str]) -> None:
+                """A JSON-escaped lone surrogate (half an emoji), in a reply or a 400's error body."""
+                if args and args[0] == "400":
+                    payload = b'{"error": {"message": "bad \\ud83d input", "type": "invalid_\\ud83d"}}'
+                    self.reply(400, payload, "application/json")
+                    return
+                event = b'data: {"choices": [{"index": 0, "delta": {"content": "half \\ud83d emoji"}, ' \
+                        b'"finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+                self.reply(200, event if self.sse else "half \ud83d emoji".encode("utf-8", "surrogatepass"),
+                           self.text())
+
         self.httpd = QuietServer(("127.0.0.1", 0), Handler)
         if tls is not None:
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
@@ -638,3 +649,19 @@ def test_a_hostile_server_through_a_real_worker(cluster: Cluster, hostile: Hosti
     assert results["hello"]["status"] == "ok" and results["hello"]["output"] == "hello"
     assert elsewhere.seen[elsewhere_before:] == []
     assert (peak - rss_before) * 1024 < 48 * CAP, f"worker peak {peak} KiB, {rss_before} KiB before"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_text_no_utf8_carries_is_kept_losslessly_and_a_400_is_not_retried(cluster: Cluster, hostile: Hostile) -> None:
+    """A lone surrogate (``\\ud83d`` in a server's JSON) in a reply or in a 400's body: the reply is
+    recorded as sent (JSON escapes), the 400 fails once; neither is an internal error, nor paid twice."""
+    before = len(hostile.seen)
+    lines = [{"id": "reply", "prompt": "surrogate"}, {"id": "refused", "prompt": "surrogate 400"}]
+    results = {r["id"]: r for r in cluster.batches.run(lines, provider="openai", base_url=f"{hostile.base_url}/v1")}
+    assert results["reply"]["status"] == "ok" and results["reply"]["attempts"] == 1
+    assert results["reply"]["output"] == "half \ud83d emoji"
+    refused = results["refused"]
+    assert refused["status"] == "failed" and refused["attempts"] == 1, refused
+    assert refused["error"]["http_status"] == 400 and "input" in refused["error"]["message"]
+    assert len(hostile.seen) - before == 2

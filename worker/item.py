@@ -36,6 +36,7 @@ STORE_WAIT_FIRST = 0.2
 STORE_WAIT_CAP = 5.0
 STORE_LOG_EVERY = 30.0
 ERROR_TEXT_LIMIT = 160
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -184,7 +185,10 @@ async def best_effort(what: str, call: Callable[[], Awaitable[object]]) -> None:
 
 
 def error_text(kind: str, message: str) -> str:
-    """``"<kind>: <message>"`` without per-item noise (byte counts, quoted data), so equal causes group."""
+    """``"<kind>: <message>"`` without per-item noise (byte counts, quoted data), so equal causes group;
+    a lone surrogate (no UTF-8 carries it: not to Redis, not to a log) becomes U+FFFD."""
+    message = _LONE_SURROGATE.sub("\ufffd", message)
+    kind = _LONE_SURROGATE.sub("\ufffd", kind)
     message = re.sub(r"\b\d+ (bytes? read|more expected)", r"N \1", message)
     message = re.sub(r": b?(['\"]).*$", "", message)
     return f"{kind}: {message}"[:ERROR_TEXT_LIMIT]
