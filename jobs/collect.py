@@ -45,8 +45,8 @@ class Watch:
         if (self.on_idle is None or self.idle_warning is None or self._warned
                 or now - self._progress_at < self.idle_warning):
             return
-        seen = self.store.last_worker_seen()
-        if seen is not None and time.time() - seen < self.idle_warning:
+        age = self.store.last_worker_age()
+        if age is not None and age < self.idle_warning:
             return
         self._warned = True
         self.on_idle(f"no worker has taken an item for {self.idle_warning:g} s: "

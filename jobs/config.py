@@ -54,6 +54,9 @@ class Settings:
     inline_wait: float = 10.0
     # Redis connections per worker process (0: sized to the concurrency)
     redis_pool: int = 0
+    # a warm shutdown (SIGTERM) that has not ended after this long exits the process; its items
+    # come back through their leases (a worker whose Redis is gone cannot acknowledge anything)
+    shutdown_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.backoff_cap >= self.visibility_timeout / 2:

@@ -9,7 +9,7 @@ from __future__ import annotations
 PREFIX = "aivb"
 QUEUE = "aivvm-batch"
 BATCH_INDEX = f"{PREFIX}:batches"
-# Hash: worker node name -> epoch seconds it was last seen alive (its sweeper's heartbeat)
+# Hash: worker node name -> "<Redis time last seen> <claims held> <note>" (its sweeper's heartbeat)
 WORKERS = f"{PREFIX}:workers"
 # Hash: a caller's key for an input source (``run``'s) -> the batch id it last ran
 RUN_BATCHES = f"{PREFIX}:runs"
@@ -72,8 +72,14 @@ def errors(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:errors"
 
 
+def late(batch_id: str) -> str:
+    """Hash: item seq -> "<prompt tokens> <completion tokens> <calls> <estimated 0|1>" of the calls
+    paid for an item beyond the one recorded (a worker whose claim had passed to another)."""
+    return f"{PREFIX}:{{{batch_id}}}:late"
+
+
 # The keys that make up a batch, in the order the scripts of jobs.scripts receive them
-BATCH_PARTS = ("meta", "req", "res", "counts", "ids", "log", "usage")
+BATCH_PARTS = ("meta", "req", "res", "counts", "ids", "log", "usage", "late")
 
 
 def batch_keys(batch_id: str) -> list[str]:

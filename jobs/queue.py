@@ -32,6 +32,10 @@ _MARKERS = (_TASK_ID, _ARGSREPR, _KWARGSREPR, _BODY, _TAG, _ETA)
 # A batch is cut into at least this many messages, of at most CHUNK_MAX items each (chunk_size).
 MESSAGES_PER_BATCH = 64
 CHUNK_MAX = 64
+# the broker connection's timeouts (seconds): see celery_settings
+BROKER_SOCKET_TIMEOUT = 10.0
+BROKER_CONNECT_TIMEOUT = 5.0
+BROKER_HEALTH_CHECK = 5
 
 
 def celery_threads(concurrency: int) -> int:
@@ -51,6 +55,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": settings.visibility_timeout,
         # scan for messages of dead workers at every 10 s sweep, not every tenth (kombu's default)
         "unacked_restore_throttle": 1,
+        # a cut link drops packets: without timeouts a broker call waits for TCP to give up (a
+        # quarter of an hour), and a healed worker took new messages only 9-20 s later
+        "socket_timeout": BROKER_SOCKET_TIMEOUT,
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
+        "health_check_interval": BROKER_HEALTH_CHECK,
+        "socket_keepalive": True,
     }
     plain_redis = settings.redis_url.startswith("redis://")
     return {

@@ -19,12 +19,11 @@ Both are safe in a race: a duplicate message finds its items claimed or done.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 
 import redis
 
-from . import keys, scripts
+from . import clock, keys, scripts
 from .queue import Publisher, message_items
 from .records import BatchInfo
 from .store import BatchStore
@@ -74,8 +73,8 @@ def requeue_orphans(store: BatchStore, publisher: Publisher, info: BatchInfo) ->
 
 def renew_messages(client: redis.Redis, delivery_tags: Iterable[str]) -> None:
     """Say that this live worker still holds these messages (``ZADD XX``: an acknowledged one
-    is not brought back)."""
-    now = time.time()
+    is not brought back), at Redis's time (:mod:`jobs.clock`), as kombu's own record of them is."""
+    now = clock.now()
     mapping = {tag: now for tag in delivery_tags}
     if mapping:
         client.zadd(keys.UNACKED_INDEX, mapping, xx=True)
@@ -83,8 +82,8 @@ def renew_messages(client: redis.Redis, delivery_tags: Iterable[str]) -> None:
 
 def restore_stale_messages(client: redis.Redis, older_than: float) -> int:
     """Put back on the queue every unacknowledged message not renewed for ``older_than`` seconds:
-    its worker is dead. Returns how many were put back."""
-    stale: list[bytes] = list(client.zrangebyscore(keys.UNACKED_INDEX, 0, time.time() - older_than,
+    its worker is dead (by Redis's clock, whatever this host's says). Returns how many were put back."""
+    stale: list[bytes] = list(client.zrangebyscore(keys.UNACKED_INDEX, 0, clock.now() - older_than,
                                                    start=0, num=RESTORE_LIMIT))  # type: ignore[arg-type]
     if not stale:
         return 0

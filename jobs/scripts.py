@@ -41,12 +41,36 @@ local function maybe_finish(ttl)
 end
 """
 
-RECORD_FIELDS = 6
+RECORD_FIELDS = 7
 
 # KEYS: batch..., claim_1..claim_n
-# ARGV: ttl, then per item: seq result status prompt_tokens completion_tokens estimated(0|1)
-# -> per item 1 if recorded, 0 if it already had a result (first wins) or the batch is gone
-RECORD = BATCH + MAYBE_FINISH + f"""
+# ARGV: ttl, then per item: seq result status prompt_tokens completion_tokens estimated(0|1) token
+# -> per item 1 if recorded; 0 if the batch is gone, or the item has a result already (first wins)
+# and no token was given, or that result is this very one (a record sent again); 2 if it was paid
+# but is not the final result: the item has another result, or its claim is another token's (a
+# worker whose claim lapsed and passed on). Then its tokens and the call are counted as late
+# (the item's ``late`` entry, and the batch's usage): what the user paid, all of it, is counted.
+# A batch's usage, and the calls paid for an item beyond its recorded result (its ``late`` entry).
+USAGE_FUNCTIONS = """
+local function count_usage(prompt_tokens, completion_tokens, estimated)
+  if prompt_tokens + completion_tokens > 0 then
+    redis.call('HINCRBY', usage, 'prompt_tokens', prompt_tokens)
+    redis.call('HINCRBY', usage, 'completion_tokens', completion_tokens)
+    redis.call('HINCRBY', usage, 'estimated', estimated)
+  end
+end
+local function count_late(seq, prompt_tokens, completion_tokens, estimated, calls)
+  local p, c, n, e = 0, 0, 0, 0
+  local old = redis.call('HGET', late, seq)
+  if old then p, c, n, e = string.match(old, '(%d+) (%d+) (%d+) (%d+)') end
+  redis.call('HSET', late, seq, string.format('%d %d %d %d', p + prompt_tokens, c + completion_tokens,
+                                              n + calls, math.max(tonumber(e), estimated)))
+  redis.call('HINCRBY', usage, 'late_calls', calls)
+  count_usage(prompt_tokens, completion_tokens, 0)
+end
+"""
+
+RECORD = BATCH + MAYBE_FINISH + USAGE_FUNCTIONS + f"""
 local ttl = tonumber(ARGV[1])
 local recorded = {{}}
 local alive = redis.call('EXISTS', meta) == 1
@@ -54,21 +78,47 @@ for i = 1, #KEYS - first_item_key + 1 do
   local a = 2 + (i - 1) * {RECORD_FIELDS}
   local seq, result, status = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local prompt_tokens, completion_tokens = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local estimated, token = tonumber(ARGV[a + 5]), ARGV[a + 6]
+  local claim = KEYS[first_item_key + i - 1]
   recorded[i] = 0
-  if alive and redis.call('HSETNX', res, seq, result) == 1 then
-    redis.call('HINCRBY', counts, status, 1)
-    redis.call('RPUSH', log, seq)
-    if prompt_tokens + completion_tokens > 0 then
-      redis.call('HINCRBY', usage, 'prompt_tokens', prompt_tokens)
-      redis.call('HINCRBY', usage, 'completion_tokens', completion_tokens)
-      redis.call('HINCRBY', usage, 'estimated', ARGV[a + 5])
+  if alive then
+    local holder = redis.call('GET', claim)
+    local existing = redis.call('HGET', res, seq)
+    if existing then
+      if token ~= '' and existing ~= result then
+        count_late(seq, prompt_tokens, completion_tokens, estimated, 1)
+        recorded[i] = 2
+      end
+    elseif token ~= '' and holder and holder ~= token then
+      count_late(seq, prompt_tokens, completion_tokens, estimated, 1)
+      recorded[i] = 2
+    else
+      redis.call('HSET', res, seq, result)
+      redis.call('HINCRBY', counts, status, 1)
+      redis.call('RPUSH', log, seq)
+      count_usage(prompt_tokens, completion_tokens, estimated)
+      recorded[i] = 1
     end
-    recorded[i] = 1
+    if not holder or holder == token or token == '' then redis.call('DEL', claim) end
   end
-  if alive then redis.call('DEL', KEYS[first_item_key + i - 1]) end
 end
 if alive then maybe_finish(ttl) end
 return recorded
+"""
+
+LATE_FIELDS = 5
+
+# KEYS: batch... ; ARGV per item: seq prompt_tokens completion_tokens estimated(0|1) calls
+# -> how many entries were counted: calls paid for items whose result is another's (a stream
+# abandoned, or earlier attempts of a run whose item another worker recorded meanwhile)
+COUNT_LATE = BATCH + USAGE_FUNCTIONS + f"""
+if redis.call('EXISTS', meta) == 0 then return 0 end
+local counted = 0
+for a = 1, #ARGV, {LATE_FIELDS} do
+  count_late(ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
+  counted = counted + 1
+end
+return counted
 """
 
 # KEYS: meta req res claim_1..claim_n ; ARGV: ttl_ms seq_1 token_1 ... seq_n token_n
@@ -294,6 +344,12 @@ return math.max(0, until_ms - now)
 # KEYS: unacked unacked_index queue ; ARGV: delivery_tag message
 # -> 1 if the unacknowledged message was put back on the queue (it is consumed next), 0 if it was
 # acknowledged meanwhile. The push comes first: a full Redis refuses it and nothing is lost.
+# KEYS: workers ; ARGV: name, then "<claims held> <note>" -> nothing. Seen at Redis's time.
+WORKER_BEAT = """
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], t[1] .. '.' .. string.format('%06d', t[2]) .. ' ' .. ARGV[2])
+"""
+
 RESTORE_MESSAGE = """
 local unacked, unacked_index, queue = KEYS[1], KEYS[2], KEYS[3]
 local tag, message = ARGV[1], ARGV[2]

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any, TypeVar, cast
 
 import redis
@@ -34,6 +34,7 @@ from .records import (
     ItemRequest,
     ItemResult,
     Status,
+    Usage,
     cancelled_result,
     invalid_result,
 )
@@ -50,17 +51,21 @@ POOL_WAIT_SECONDS = 5.0
 
 
 def connect(url: str, *, max_connections: int | None = None, retries: int = 0,
-            connect_timeout: float | None = None) -> redis.Redis:
+            connect_timeout: float | None = None, socket_timeout: float | None = None) -> redis.Redis:
     """The one way to build a Redis client here.
 
     ``max_connections``: a pool of at most that many connections, where a caller past the
     limit waits (up to 5 s, then a connection error: a wait, not a crash) instead of redis-py's
     default of failing at once past 100. ``retries``: each command is retried that many times,
     with backoff, on connection errors and timeouts (the workers' clients: ride out a restart).
+    ``socket_timeout``: a reply that does not come within it is a timeout (a host cut off from
+    Redis drops packets: without one, a call waits for TCP to give up, a quarter of an hour).
     """
     options: dict[str, Any] = {"health_check_interval": 30, "socket_keepalive": True}
     if connect_timeout is not None:
         options["socket_connect_timeout"] = connect_timeout
+    if socket_timeout is not None:
+        options["socket_timeout"] = socket_timeout
     if retries:
         options["retry"] = RedisRetry(ExponentialBackoff(cap=5.0, base=0.2), retries)
         options["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
@@ -108,6 +113,35 @@ def is_out_of_memory(exc: BaseException | None) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+@dataclass(frozen=True)
+class WorkerSeen:
+    """A worker's last heartbeat: how long ago (Redis's clock), the claims it held, its note."""
+
+    name: str
+    age: float
+    held: int = 0
+    note: str = ""
+
+
+def worker_seen(name: str, value: str, now: float) -> WorkerSeen:
+    """A heartbeat as stored (``"<seen> <held> <note>"``; older workers wrote ``"<seen>"``)."""
+    parts = value.split(" ", 2)
+    try:
+        seen = float(parts[0])
+        held = int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return WorkerSeen(name, float("inf"))
+    return WorkerSeen(name, max(0.0, now - seen), held, parts[2] if len(parts) > 2 else "")
+
+
+class Recorded(IntEnum):
+    """What recording an item's result did (the RECORD script's answer per item)."""
+
+    NOT = 0  # the batch is gone, or the item has its result already (this one, sent again)
+    RECORDED = 1
+    LATE = 2  # paid, not the final result (the claim had passed on): counted in usage, as late
 
 
 class ClaimOutcome(str, Enum):
@@ -189,6 +223,8 @@ class BatchStore:
         self._own_ids = client.register_script(scripts.OWN_IDS)
         self._store_requests = client.register_script(scripts.STORE_REQUESTS)
         self._finalize = client.register_script(scripts.FINALIZE)
+        self._count_late = client.register_script(scripts.COUNT_LATE)
+        self._worker_beat = client.register_script(scripts.WORKER_BEAT)
 
     @translated
     def create(self, batch_id: str, source: str, options: BatchOptions) -> bool:
@@ -291,15 +327,38 @@ class BatchStore:
         pipe.execute()
 
     @translated
-    def worker_heartbeat(self, name: str) -> None:
-        """Say that worker ``name`` is alive now."""
-        self.redis.hset(keys.WORKERS, name, repr(time.time()))
+    def worker_heartbeat(self, name: str, held: int = 0, note: str = "") -> None:
+        """Say that worker ``name`` is alive now (Redis's time), holding ``held`` claims; ``note``:
+        what it wants known (``provider unreachable for 60 s``)."""
+        self._worker_beat(keys=[keys.WORKERS], args=[name, f"{held} {note}".strip()])
 
     @translated
-    def last_worker_seen(self) -> float | None:
-        """Epoch seconds of the latest heartbeat of any worker, or None if none was ever seen."""
-        seen = [float(v) for v in self.redis.hvals(keys.WORKERS)]
-        return max(seen) if seen else None
+    def workers(self) -> list[WorkerSeen]:
+        """Every worker that ever said it was alive, the latest first, aged by Redis's clock."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.WORKERS)
+        pipe.time()
+        entries, (seconds, micros) = pipe.execute()
+        now = seconds + micros / 1e6
+        seen = [worker_seen(name.decode(errors="replace"), value.decode(errors="replace"), now)
+                for name, value in entries.items()]
+        return sorted(seen, key=lambda w: w.age)
+
+    def last_worker_age(self) -> float | None:
+        """Seconds since the latest heartbeat of any worker, or None if none was ever seen."""
+        seen = self.workers()
+        return seen[0].age if seen else None
+
+    @translated
+    def count_late(self, batch_id: str, calls: Sequence[tuple[int, Usage, int]]) -> int:
+        """Count calls paid for items ``(seq, their usage, how many calls)`` that another result
+        answers (a stream abandoned; earlier attempts of a run that found its item done)."""
+        if not calls:
+            return 0
+        args: list[Any] = []
+        for seq, usage, count in calls:
+            args += [seq, usage.prompt_tokens, usage.completion_tokens, int(usage.estimated), count]
+        return int(self._count_late(keys=keys.batch_keys(batch_id), args=args))
 
     @translated
     def list_batches(self, limit: int = 100) -> list[BatchInfo]:
@@ -503,21 +562,29 @@ class BatchStore:
     @translated
     def record(self, batch_id: str, seq: int, result: ItemResult) -> bool:
         """Record the final result of an item; False if one was already recorded."""
-        return self.record_many(batch_id, [(seq, result)])[0]
+        return self.record_many(batch_id, [(seq, result)])[0] is Recorded.RECORDED
 
     @translated
-    def record_many(self, batch_id: str, results: Sequence[tuple[int, ItemResult]]) -> list[bool]:
-        """Record the final results of many items in one script; per item, False if one was there."""
+    def record_many(self, batch_id: str, results: Sequence[tuple[int, ItemResult]],
+                    tokens: Sequence[str] | None = None) -> list[Recorded]:
+        """Record the final results of many items in one script; per item, what it did.
+
+        With ``tokens`` (the claims the results were made under), a result whose claim has
+        passed to another token, or whose item has another result, is not recorded but
+        counted as late (:class:`Recorded`); without, the first result wins and that is all.
+        """
         if not results:
             return []
-        return [bool(r) for r in self._record_in(None, batch_id, results)]
+        return [Recorded(int(r)) for r in self._record_in(None, batch_id, results, tokens)]
 
-    def _record_in(self, pipe: Any, batch_id: str, results: Sequence[tuple[int, ItemResult]]) -> Any:
+    def _record_in(self, pipe: Any, batch_id: str, results: Sequence[tuple[int, ItemResult]],
+                   tokens: Sequence[str] | None = None) -> Any:
         args: list[Any] = [self.result_ttl]
-        for seq, result in results:
+        for position, (seq, result) in enumerate(results):
             usage = result.usage
             args += [seq, result.to_json(), result.status.value, usage.prompt_tokens if usage else 0,
-                     usage.completion_tokens if usage else 0, int(bool(usage and usage.estimated))]
+                     usage.completion_tokens if usage else 0, int(bool(usage and usage.estimated)),
+                     tokens[position] if tokens else ""]
         return self._record(keys=[*keys.batch_keys(batch_id), *(keys.claim(batch_id, seq) for seq, _ in results)],
                             args=args, client=pipe)
 
@@ -534,8 +601,15 @@ class BatchStore:
 
     @translated
     def results_of(self, batch_id: str, seqs: Sequence[int]) -> list[bytes | None]:
+        """The results of ``seqs`` (None: none yet), with the calls paid late for them added in."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(keys.results(batch_id), seqs)
+        pipe.hmget(keys.late(batch_id), seqs)
         # bytes or None: the store's clients never decode responses
-        return list(cast("list[bytes | None]", self.redis.hmget(keys.results(batch_id), seqs)))
+        raws, lates = cast("tuple[list[bytes | None], list[bytes | None]]", tuple(pipe.execute()))
+        if any(lates):
+            return [with_late(raw, late) if raw is not None and late else raw for raw, late in zip(raws, lates)]
+        return list(raws)
 
     def unfinished(self, batch_id: str, total: int) -> Iterator[int]:
         for seq, raw in self.iter_results(batch_id, total):
@@ -636,3 +710,17 @@ def _state(meta: dict[str, str]) -> BatchState:
     if "finished_at" in meta and state is not BatchState.CANCELLED:
         return BatchState.FINISHED
     return state
+
+
+def with_late(raw: bytes, late: bytes) -> bytes:
+    """A stored result with the calls paid late for its item added: their tokens to its ``usage``
+    (estimated if any was), their number to its ``attempts`` (``late`` as :func:`keys.late` has it)."""
+    try:
+        prompt, completion, calls, estimated = (int(part) for part in late.split())
+    except ValueError:
+        return raw
+    result = ItemResult.from_json(raw)
+    usage = result.usage or Usage(0, 0, estimated=False)
+    usage = Usage(usage.prompt_tokens + prompt, usage.completion_tokens + completion,
+                  usage.estimated or bool(estimated))
+    return dataclasses.replace(result, usage=usage, attempts=result.attempts + calls).to_json().encode()

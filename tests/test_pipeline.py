@@ -321,10 +321,10 @@ def test_failed_attempts_are_counted_by_cause_and_logged_with_the_reason(
 
 
 def test_workers_say_they_are_alive(store: BatchStore, workers: WorkerProcesses) -> None:
-    seen = store.last_worker_seen()
-    assert seen is not None and time.time() - seen < 60
-    names = [n.decode() for n in store.redis.hkeys(keys.WORKERS)]
-    assert any(n.startswith("run") and "@" in n for n in names), names
+    age = store.last_worker_age()
+    assert age is not None and age < 60
+    seen = store.workers()
+    assert any(w.name.startswith("run") and "@" in w.name and w.age < 60 for w in seen), seen
 
 
 def test_batches_json_reports_usage_as_status_does(batches: Batches, stub: StubServer,

@@ -77,10 +77,11 @@ class Cluster:
         self.stubs.append(server)
         return server
 
-    def start_workers(self, count: int = 2, concurrency: int = 16, ready_timeout: float = 60.0) -> WorkerProcesses:
+    def start_workers(self, count: int = 2, concurrency: int = 16, ready_timeout: float = 60.0,
+                      env: dict[str, str] | None = None) -> WorkerProcesses:
         log_dir = self.tmp_path / "logs" / f"group-{len(self.worker_groups)}"
         workers = WorkerProcesses(self.redis_server.url, count=count, concurrency=concurrency,
-                                  log_dir=log_dir, env=CHAOS_ENV, loglevel="INFO")
+                                  log_dir=log_dir, env={**CHAOS_ENV, **(env or {})}, loglevel="INFO")
         self.worker_groups.append(workers)
         workers.start()
         deadline = time.monotonic() + ready_timeout

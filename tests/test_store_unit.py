@@ -26,7 +26,7 @@ from jobs.records import (
     Usage,
     invalid_result,
 )
-from jobs.store import BatchStore, ChunkEntry, Claim, ClaimOutcome, Reuse
+from jobs.store import BatchStore, ChunkEntry, Claim, ClaimOutcome, Recorded, Reuse, worker_seen
 
 
 
@@ -233,3 +233,66 @@ def test_a_message_not_renewed_for_a_lease_is_put_back_on_the_queue(store: Batch
     assert [m["tag"] for m in queued] == ["dead"] and queued[0]["headers"]["redelivered"] is True
     assert sorted(k.decode() for k in client.hkeys(keys.UNACKED)) == ["alive", "fresh"]
     assert sorted(k.decode() for k in client.zrange(keys.UNACKED_INDEX, 0, -1)) == ["alive", "fresh"]
+
+
+# -- records fenced by their claims; calls paid twice counted (issue: many hosts) ------------
+
+
+def test_a_record_under_its_own_claim_is_the_result(store: BatchStore) -> None:
+    reqs = new_batch(store, "f1", 2)
+    assert store.claim("f1", 0, "tok-a", 30).outcome is ClaimOutcome.CLAIMED
+    assert store.record_many("f1", [(0, ok(reqs[0], tokens=3))], ["tok-a"]) == [Recorded.RECORDED]
+    assert store.redis.exists(keys.claim("f1", 0)) == 0
+    assert store.info("f1").usage == {"prompt_tokens": 3, "completion_tokens": 3, "estimated": 1}
+
+
+def test_a_record_whose_claim_passed_to_another_is_counted_not_kept(store: BatchStore) -> None:
+    reqs = new_batch(store, "f2", 1)
+    store.redis.set(keys.claim("f2", 0), "tok-b", px=30000)  # the claim lapsed and B took it
+    late = ok(reqs[0], "from a", tokens=5)
+    assert store.record_many("f2", [(0, late)], ["tok-a"]) == [Recorded.LATE]
+    assert store.results_of("f2", [0]) == [None]  # B's result will be the one
+    assert store.redis.get(keys.claim("f2", 0)) == b"tok-b"  # A leaves B's claim alone
+    assert store.record_many("f2", [(0, ok(reqs[0], "from b", tokens=2))], ["tok-b"]) == [Recorded.RECORDED]
+    (raw,) = store.results_of("f2", [0])
+    assert raw is not None
+    result = ItemResult.from_json(raw)
+    assert result.output == "from b" and result.attempts == 2  # B's one, and A's paid call
+    assert result.usage == Usage(7, 7, estimated=True)
+    info = store.info("f2")
+    assert info.usage["prompt_tokens"] == 7 and info.usage["late_calls"] == 1
+    assert info.counts == {"ok": 1}
+
+
+def test_a_second_result_for_a_done_item_is_late_and_the_same_one_sent_again_is_not(store: BatchStore) -> None:
+    reqs = new_batch(store, "f3", 1)
+    first = ok(reqs[0], "first", tokens=1)
+    assert store.record_many("f3", [(0, first)], ["tok-a"]) == [Recorded.RECORDED]
+    assert store.record_many("f3", [(0, first)], ["tok-a"]) == [Recorded.NOT]  # a retried write
+    assert store.record_many("f3", [(0, ok(reqs[0], "second", tokens=4))], ["tok-b"]) == [Recorded.LATE]
+    assert not store.record("f3", 0, ok(reqs[0], "unfenced"))  # no token: first wins, nothing counted
+    result = ItemResult.from_json(store.results_of("f3", [0])[0] or b"")
+    assert result.output == "first" and result.attempts == 2 and result.usage == Usage(5, 5, estimated=True)
+    assert store.info("f3").usage["late_calls"] == 1
+
+
+def test_an_abandoned_call_is_counted_on_its_item(store: BatchStore) -> None:
+    reqs = new_batch(store, "f4", 2)
+    assert store.count_late("f4", [(1, Usage(10, 2, estimated=True), 1), (1, Usage(10, 0, estimated=True), 2)]) == 2
+    store.record("f4", 1, ok(reqs[1]))
+    result = ItemResult.from_json(store.results_of("f4", [1])[0] or b"")
+    assert result.attempts == 4 and result.usage == Usage(20, 2, estimated=True)
+    assert store.info("f4").usage["late_calls"] == 3
+    assert store.count_late("gone", [(0, Usage(1, 1, estimated=False), 1)]) == 0
+
+
+def test_heartbeats_are_aged_by_redis_s_clock(store: BatchStore) -> None:
+    store.worker_heartbeat("w1@a", 3, "provider unreachable for 60 s")
+    store.redis.hset(keys.WORKERS, "old@b", "1700000000.5")  # a heartbeat of an earlier version
+    seen = store.workers()
+    assert [w.name for w in seen] == ["w1@a", "old@b"]
+    assert seen[0].age < 5 and seen[0].held == 3 and seen[0].note == "provider unreachable for 60 s"
+    assert seen[1].age > 3600 and seen[1].held == 0
+    age = store.last_worker_age()
+    assert age is not None and seen[0].age <= age < 5
+    assert worker_seen("x", "garbage", 10.0).age == float("inf")

@@ -17,7 +17,7 @@ from jobs.config import Settings
 from jobs.records import BatchOptions, ItemRequest
 
 from . import completion
-from .completion import Attempt
+from .completion import Attempt, Guard
 from .providers import AbstractProvider, CompletionCall
 from .providers.credentials import KeyChooser
 
@@ -51,14 +51,15 @@ class ProviderCalls:
         return self._http_class is not None
 
     def attempt(self, request: ItemRequest, options: BatchOptions,
-                before_call: AsyncBeforeCall | None) -> Awaitable[Attempt]:
+                before_call: AsyncBeforeCall | None, guard: Guard | None = None) -> Awaitable[Attempt]:
         """The attempt to await (the coroutine of the call itself, not one wrapping it: one
-        frame less at each of its wake-ups)."""
+        frame less at each of its wake-ups); ``guard`` may give its stream up (:class:`Abandoned`)."""
         if self._http_class is not None:
             if self._http is None:
                 self._http = self._http_class(max_connections=self.concurrency)
             return completion.attempt_async(
-                request, options.providers(), options.base_url, self.settings, self._http, before_call, self._keys)
+                request, options.providers(), options.base_url, self.settings, self._http, before_call, self._keys,
+                guard)
         if self._threads is None:
             self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="aivvm-call")
         loop = asyncio.get_running_loop()
@@ -71,7 +72,7 @@ class ProviderCalls:
 
         return loop.run_in_executor(
             self._threads, completion.attempt, request, options.providers(), options.base_url,
-            self.settings, sync_before)
+            self.settings, sync_before, guard)
 
     async def aclose(self) -> None:
         if self._http is not None:

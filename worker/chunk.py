@@ -15,16 +15,16 @@ import asyncio
 import itertools
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from jobs import clock
 from jobs.errors import StoreUnavailable
-from jobs.records import BatchOptions, ItemRequest, cancelled_result
-from jobs.store import Claim, ClaimOutcome
+from jobs.records import BatchOptions, ItemRequest, Usage, cancelled_result
+from jobs.store import Claim, ClaimOutcome, Recorded
 
-from .completion import request_tokens
-from .errors import RateLimited
+from .completion import Attempt, request_tokens, usage
+from .errors import Abandoned, ClaimLost, RateLimited
 from .item import (
     BUSY_RECHECK_SECONDS,
     PUT_BACK_SECONDS,
@@ -40,6 +40,11 @@ from .providers import AbstractProvider, CompletionCall
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
+# the end of an item paid here but recorded by another worker (its claim had passed on)
+LATE = "late"
+# the end of an item whose stream this worker gave up, and that another worker has
+ABANDONED = "abandoned"
+FENCED_RECHECK_SECONDS = 0.5
 # a claim's token names one attempt of one process: a random prefix, the process, a counter
 _TOKEN_PREFIX = os.urandom(6).hex()
 _attempts = itertools.count()
@@ -80,7 +85,7 @@ async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemStat
 async def run_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Done | Handoff:
     where = f"batch {batch_id} item {seq}"
     while True:
-        wait = state.not_before - time.time()
+        wait = state.not_before - clock.now()
         if wait > rt.settings.inline_wait:
             return await hand_on(rt, batch_id, seq, RunAgain(state))
         if wait > 0:
@@ -100,7 +105,7 @@ async def run_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Do
 
 async def hand_on(rt: Runtime, batch_id: str, seq: int, again: RunAgain) -> Handoff:
     """Publish the item's next run (a full or lost Redis is waited out: the message is kept)."""
-    countdown = min(max(0.0, again.state.not_before - time.time()), rt.settings.backoff_cap)
+    countdown = min(max(0.0, again.state.not_before - clock.now()), rt.settings.backoff_cap)
     await wait_for_store(f"batch {batch_id} item {seq}: publish its retry",
                          lambda: rt.io.publish_retry((batch_id, seq, again.state.to_kwargs(), countdown)))
     return Handoff(countdown, again.state)
@@ -147,10 +152,17 @@ async def _not_claimed(rt: Runtime, batch_id: str, seq: int, claim: Claim, state
         return RunAgain(_later(state, BUSY_RECHECK_SECONDS))
     if claim.outcome is ClaimOutcome.PAUSED:
         return RunAgain(_later(state, claim.paused_seconds))
+    if claim.outcome is ClaimOutcome.DONE and state.attempt > 1:
+        # another run recorded the item meanwhile: this run's earlier attempts were calls all the same
+        spent = state.spent
+        calls = Usage(spent.prompt_tokens, spent.completion_tokens, spent.estimated)
+        await wait_for_store(f"batch {batch_id} item {seq}: count its earlier calls",
+                             lambda: rt.io.run(rt.store.count_late, batch_id, [(seq, calls, state.attempt - 1)]))
+        return Done(LATE)
     if claim.outcome is ClaimOutcome.CANCELLED and claim.request is not None:
         cancelled = cancelled_result(claim.request, state.attempt - 1)
         await wait_for_store(f"batch {batch_id} item {seq}: record",
-                             lambda: rt.io.record((batch_id, seq, cancelled)))
+                             lambda: rt.io.record((batch_id, seq, cancelled, "")))
     return Done(claim.outcome.value)
 
 
@@ -163,14 +175,27 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
         slot.free()
         result = given_up(request, state)
     else:
+        held = (batch_id, seq, token)
         try:
-            outcome = await rt.calls.attempt(request, options, _rate_gate(rt, request, options))
+            if rt.fenced():  # Redis out of reach for most of the lease: the item may not be ours
+                await _until_reached(rt)
+                await still_ours(rt, held)
+            gate = _rate_gate(rt, request, options, held)
+            outcome = await rt.calls.attempt(request, options, gate, rt.guard(held))
         except RateLimited as refused:
             slot.free()
             await _release(rt, batch_id, seq, token)
             return RunAgain(_later(state, refused.delay))
+        except ClaimLost:
+            slot.free()
+            rt.leases.drop(batch_id, seq, token)
+            logger.warning("%s: its claim lapsed while it waited for the rate limit (another worker may "
+                           "hold it): not called here", where)
+            return Done("lost")
         slot.free()
-        decision = decide(request, outcome, state, settings, time.time())
+        if isinstance(outcome.error, Abandoned):
+            return await _abandoned(rt, held, request, state, outcome)
+        decision = decide(request, outcome, state, settings, clock.now())
         if decision.error is not None:
             text = decision.error
             await best_effort(f"{where}: error count", lambda: rt.io.note_error((batch_id, text)))
@@ -182,8 +207,10 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
         assert decision.result is not None
         result = decision.result
     final = result
-    await wait_for_store(f"{where}: record the reply", lambda: rt.io.record((batch_id, seq, final)))
+    recorded = await wait_for_store(f"{where}: record the reply", lambda: rt.io.record((batch_id, seq, final, token)))
     rt.leases.drop(batch_id, seq, token)
+    if recorded is Recorded.LATE:
+        return Done(LATE)
     return Done(final.status.value)
 
 
@@ -202,8 +229,11 @@ async def _pause(rt: Runtime, batch_id: str, scope: str, seconds: float) -> None
         logger.info("%s of %s skipped: %s", where, scope, exc)
 
 
-def _rate_gate(rt: Runtime, request: ItemRequest, options: BatchOptions):  # type: ignore[no-untyped-def]
-    """Wait for the shared rate limit before each provider call of this item, if the batch has one."""
+def _rate_gate(rt: Runtime, request: ItemRequest, options: BatchOptions,  # type: ignore[no-untyped-def]
+               held: tuple[str, int, str]):
+    """Wait for the shared rate limit before each provider call of this item, if the batch has one;
+    then make sure the item's claim (``held``) is still this worker's: the wait may have outlasted
+    it (a frozen or cut-off process), and another worker may have the item by now."""
     rpm = options.rpm or rt.settings.rpm
     tpm = options.tpm or rt.settings.tpm
     if not (rpm or tpm):
@@ -212,9 +242,51 @@ def _rate_gate(rt: Runtime, request: ItemRequest, options: BatchOptions):  # typ
 
     async def before_call(provider: type[AbstractProvider], call: CompletionCall) -> None:
         await rt.limiter.acquire_async(provider.scope(call.base_url), rt.io.run, rpm=rpm, tpm=tpm, tokens=tokens)
+        await still_ours(rt, held)
 
     return before_call
 
 
+async def _until_reached(rt: Runtime) -> None:
+    """Wait until the lease renewal reaches Redis again."""
+    while rt.fenced():
+        await asyncio.sleep(FENCED_RECHECK_SECONDS)
+
+
+async def _abandoned(rt: Runtime, held: tuple[str, int, str], request: ItemRequest, state: ItemState,
+                     outcome: Attempt) -> Done | RunAgain:
+    """A stream given up while the item may have become another worker's: what it streamed was
+    paid. Once Redis is in reach, an item still (or again) ours runs again with that counted in
+    its usage; else the call is counted as late on the item (whoever records it) and it ends here."""
+    batch_id, seq, token = held
+    where = f"batch {batch_id} item {seq}"
+    paid = usage(request, outcome)
+    await _until_reached(rt)
+    try:
+        await still_ours(rt, held)
+    except ClaimLost:
+        rt.leases.drop(batch_id, seq, token)
+        await wait_for_store(f"{where}: count its abandoned call",
+                             lambda: rt.io.run(rt.store.count_late, batch_id, [(seq, paid, 1)]))
+        logger.warning("%s: its stream was abandoned (%s) and the item passed to another worker; "
+                       "the call is counted in its usage", where, outcome.error)
+        return Done(ABANDONED)
+    await _release(rt, batch_id, seq, token)
+    spent = state.spent.add(paid)
+    return RunAgain(replace(state, attempt=state.attempt + 1, not_before=clock.now(), spent=spent),
+                    f"its stream was abandoned ({outcome.error}); it runs again")
+
+
+async def still_ours(rt: Runtime, held: tuple[str, int, str]) -> None:
+    """Raise :class:`ClaimLost` unless the claim ``held`` is this worker's, extended; a claim that
+    lapsed and that no one took is taken again (one round trip, coalesced with the others')."""
+    where = f"batch {held[0]} item {held[1]}"
+    if await wait_for_store(f"{where}: check its claim", lambda: rt.io.keep(held)):
+        return
+    claim = await wait_for_store(f"{where}: claim it again", lambda: rt.io.claim(held))
+    if claim.outcome is not ClaimOutcome.CLAIMED:
+        raise ClaimLost()
+
+
 def _later(state: ItemState, seconds: float) -> ItemState:
-    return replace(state, not_before=time.time() + seconds)
+    return replace(state, not_before=clock.now() + seconds)

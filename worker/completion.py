@@ -21,7 +21,7 @@ from jobs.config import Settings
 from jobs.endpoints import Endpoint, cannot_carry, text_of
 from jobs.records import ItemError, ItemRequest, ItemResult, Status, Usage
 
-from .errors import ProviderError, ProviderHTTPError, RateLimited, SchemaMismatch, UnsupportedRequest
+from .errors import Abandoned, CallNotStarted, ProviderError, ProviderHTTPError, SchemaMismatch, UnsupportedRequest
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
 from .providers.aio import AsyncHTTP
 from .providers.call import Item
@@ -30,6 +30,8 @@ from .schema import response_schema, violation
 
 logger = logging.getLogger(__name__)
 BeforeCall = Callable[[type[AbstractProvider], CompletionCall], None]
+# called at each piece of a stream: raises Abandoned to give the stream up (see worker.runtime)
+Guard = Callable[[], None]
 AsyncBeforeCall = Callable[[type[AbstractProvider], CompletionCall], Awaitable[None]]
 
 
@@ -52,7 +54,7 @@ class Attempt:
 
 
 def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
-            settings: Settings, before_call: BeforeCall | None = None) -> Attempt:
+            settings: Settings, before_call: BeforeCall | None = None, guard: Guard | None = None) -> Attempt:
     """Run one attempt, falling back along ``provider_names`` while nothing has streamed.
 
     ``base_url`` is the first provider's; the others take theirs from the environment.
@@ -63,14 +65,14 @@ def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str
         provider = PROVIDERS[name]
         if fallback.skips(name):
             continue
-        streamed = _Streamed(provider, request, started)
+        streamed = _Streamed(provider, request, started, guard=guard)
         try:
             call = streamed.prepare(base_url if position == 0 else None, settings)
             if before_call is not None:
                 before_call(provider, call)
             for item in provider.stream(call):
                 streamed.add(item)
-        except RateLimited:
+        except CallNotStarted:
             raise
         except Exception as exc:  # noqa: BLE001 - sorted in fail(); a bug must not lose the item
             streamed.fail(exc)
@@ -81,7 +83,7 @@ def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str
 
 async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
                         settings: Settings, http: AsyncHTTP, before_call: AsyncBeforeCall | None = None,
-                        keys: KeyChooser | None = None) -> Attempt:
+                        keys: KeyChooser | None = None, guard: Guard | None = None) -> Attempt:
     """:func:`attempt` on the event loop: the same fallback, errors and results, through ``http``
     (``keys``: the worker's key choices, kept for the life of its process)."""
     started = time.monotonic()
@@ -90,13 +92,13 @@ async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], b
         provider = PROVIDERS[name]
         if fallback.skips(name):
             continue
-        streamed = _Streamed(provider, request, started)
+        streamed = _Streamed(provider, request, started, guard=guard)
         try:
             call = streamed.prepare(base_url if position == 0 else None, settings, keys)
             if before_call is not None:
                 await before_call(provider, call)
             await provider.acomplete(call, http, streamed.add)
-        except RateLimited:
+        except CallNotStarted:
             raise
         except Exception as exc:  # noqa: BLE001 - sorted in fail(); a bug must not lose the item
             streamed.fail(exc)
@@ -141,6 +143,7 @@ class _Streamed:
     end: StreamEnd | None = None
     scope: str = ""
     error: ProviderError | None = None
+    guard: Guard | None = None
 
     def prepare(self, base_url: str | None, settings: Settings, keys: KeyChooser | None = None) -> CompletionCall:
         provider, request = self.provider, self.request
@@ -178,6 +181,8 @@ class _Streamed:
                                request_id=clear_keys(item.request_id, secrets))
             self.end = item
             return
+        if self.guard is not None:  # a whole reply is kept: where it goes is the record's to decide
+            self.guard()
         if self.first_chunk_ms is None:
             self.first_chunk_ms = _ms_since(self.started)
         self.chunks.append(item)
@@ -219,7 +224,7 @@ class _Fallback:
     def done(self, result: Attempt) -> bool:
         """Whether ``result`` is the attempt's (else the next provider is tried)."""
         self.last = result
-        if result.error is None or result.text:
+        if result.error is None or result.text or isinstance(result.error, Abandoned):
             self.errors = []
             return True
         self.errors.append((result.provider, result.error))

@@ -113,12 +113,28 @@ class UnsupportedRequest(ProviderError):
     kind = "unsupported_request"
 
 
-class RateLimited(Exception):
+class Abandoned(ProviderError):
+    """A stream given up by its worker: the item may be another worker's by now (its claim
+    lapsed while Redis was out of reach). What it streamed was paid, and is counted."""
+
+    kind = "abandoned"
+
+
+class CallNotStarted(Exception):
+    """Raised before a provider call to stop it from starting (not a failure of the call)."""
+
+
+class RateLimited(CallNotStarted):
     """Raised by the shared rate limiter: wait ``delay`` seconds before calling."""
 
     def __init__(self, delay: float) -> None:
         super().__init__(f"rate limit: wait {delay:.2f}s")
         self.delay = delay
+
+
+class ClaimLost(CallNotStarted):
+    """The item's claim is no longer this worker's (it lapsed during a wait, and another worker
+    may hold it, or have recorded the item): no call may start for it here."""
 
 
 def _kind_for(status: int) -> str:

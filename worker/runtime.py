@@ -6,6 +6,11 @@ more from this process), whatever the number of Celery threads that hand chunks 
 Every few seconds (a third of the lease) the loop renews this process's hold on its work:
 the claims of its items and the messages it holds unacknowledged. When the process dies,
 both lapse within a lease, and the sweep puts the messages back on the queue.
+
+A live process cut off from Redis cannot be told from a dead one: past its lease, its items
+are another worker's. So it fences itself (:class:`Contact`): once it has not reached Redis
+for most of its lease it starts no call and abandons its streams (what it streamed is counted
+when Redis is back), and a claim found lapsed at a renewal is taken again or given up.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,10 +29,13 @@ from typing import Any, TypeVar
 import redis
 from celery import Celery
 
+from jobs import clock
 from jobs.config import Settings
 from jobs.queue import Publisher
 from jobs.reconcile import renew_messages
-from jobs.store import WORKER_RETRIES, BatchStore, connect
+from jobs.store import WORKER_RETRIES, BatchStore, ClaimOutcome, connect
+
+from .errors import Abandoned
 
 from .calls import ProviderCalls
 from .ratelimit import RateLimiter
@@ -38,25 +47,70 @@ T = TypeVar("T")
 IO_THREADS = 8
 # new objects between two collections of the youngest generation (Python's default: 700)
 GC_THRESHOLD = 50_000
+# the share of a lease without reaching Redis after which this process starts no call and
+# abandons its streams: its claims lapse at the whole lease, and another worker takes its items
+FENCE_SHARE = 0.8
+# a reply of the workers' Redis that takes longer is a timeout (a cut link drops packets)
+SOCKET_TIMEOUT = 10.0
+# the lease renewal's own connection: fails fast, so that a cut is seen within seconds
+PROBE_TIMEOUT = 3.0
+Held = tuple[str, int, str]  # a claim: batch id, item seq, token
 
 
 class Leases:
-    """The claims this process holds: ``(batch_id, seq, token)``, renewed while it lives."""
+    """The claims this process holds: ``(batch_id, seq, token)``, renewed while it lives; those
+    found lapsed at a renewal and taken by another are ``lost`` until dropped."""
 
     def __init__(self) -> None:
-        self._held: set[tuple[str, int, str]] = set()
+        self._held: set[Held] = set()
+        self.lost: set[Held] = set()
 
     def hold(self, batch_id: str, seq: int, token: str) -> None:
         self._held.add((batch_id, seq, token))
 
     def drop(self, batch_id: str, seq: int, token: str) -> None:
         self._held.discard((batch_id, seq, token))
+        self.lost.discard((batch_id, seq, token))
 
-    def snapshot(self) -> list[tuple[str, int, str]]:
+    def snapshot(self) -> list[Held]:
         return list(self._held)
 
     def __len__(self) -> int:
         return len(self._held)
+
+
+class Contact:
+    """When this process last reached Redis, and the one line to log when that changes (pure:
+    the caller gives the monotonic time)."""
+
+    def __init__(self, lease: float, now: float) -> None:
+        self.lease = lease
+        self.last_ok = now
+        self.lost_since: float | None = None
+        self.failures = 0
+
+    def fenced(self, now: float) -> bool:
+        """Out of reach for most of a lease: start nothing, abandon what streams."""
+        return now - self.last_ok > FENCE_SHARE * self.lease
+
+    def failed(self, now: float, error: object) -> str | None:
+        """A renewal failed; the warning to log when this is the first since Redis was last reached."""
+        self.failures += 1
+        if self.lost_since is not None:
+            return None
+        self.lost_since = self.last_ok
+        return (f"Redis is out of reach ({error}); this worker's claims lapse {self.lease:g} s after it "
+                f"was last reached, and it starts no call after {FENCE_SHARE * self.lease:.0f} s")
+
+    def reached(self, now: float, lapsed: int) -> str | None:
+        """A renewal went through; the line to log when Redis had been out of reach."""
+        self.last_ok = now
+        if self.lost_since is None:
+            return None
+        gone, failures = now - self.lost_since, self.failures
+        self.lost_since, self.failures = None, 0
+        return (f"Redis is reachable again after {gone:.0f} s ({failures} renewals failed meanwhile; "
+                f"{lapsed} claims had lapsed)")
 
 
 def collect_for_work() -> None:
@@ -99,14 +153,21 @@ class Runtime:
     leases: Leases = field(default_factory=Leases)
     # the delivery tags of the messages this process holds (renewed with the claims)
     held_messages: Callable[[], list[str]] = list
+    # the lease renewal's store: a client of its own that fails fast
+    probe: BatchStore | None = None
+    contact: Contact | None = None
     _thread: threading.Thread | None = None
     _renewal: Any = None
 
     @classmethod
     def start(cls, settings: Settings, app: Celery, concurrency: int,
               held_messages: Callable[[], list[str]] = list) -> Runtime:
-        client = connect(settings.redis_url, max_connections=redis_pool_size(settings), retries=WORKER_RETRIES)
+        client = connect(settings.redis_url, max_connections=redis_pool_size(settings), retries=WORKER_RETRIES,
+                         connect_timeout=SOCKET_TIMEOUT, socket_timeout=SOCKET_TIMEOUT)
         store = BatchStore(client, settings.result_ttl)
+        probe = BatchStore(connect(settings.redis_url, max_connections=2, connect_timeout=PROBE_TIMEOUT,
+                                   socket_timeout=PROBE_TIMEOUT), settings.result_ttl)
+        clock.sync(probe.redis)
         publisher = Publisher(client, app)
         loop = new_event_loop()
         executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="aivvm-redis")
@@ -115,7 +176,7 @@ class Runtime:
             limiter=RateLimiter(client), publisher=publisher, loop=loop,
             io=StoreIO(store, publisher, executor, loop, settings.lease),
             calls=ProviderCalls(settings, concurrency), slots=asyncio.Semaphore(concurrency),
-            held_messages=held_messages,
+            held_messages=held_messages, probe=probe, contact=Contact(settings.lease, time.monotonic()),
         )
         runtime._thread = threading.Thread(target=loop.run_forever, name="aivvm-loop", daemon=True)
         runtime._thread.start()
@@ -126,20 +187,64 @@ class Runtime:
         """Run ``coro`` on the loop and wait for it (from another thread: a Celery task's)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
+    def fenced(self) -> bool:
+        """Redis has been out of reach for most of a lease: this process starts no call."""
+        return self.contact is not None and self.contact.fenced(time.monotonic())
+
+    def guard(self, held: Held) -> Callable[[], None]:
+        """What a stream calls at each piece: it raises :class:`Abandoned` once the claim ``held``
+        is lost, or this process fenced (its items may be another worker's by now)."""
+        lost = self.leases.lost
+
+        def check() -> None:
+            if held in lost:
+                raise Abandoned("its claim passed to another worker")
+            if self.fenced():
+                raise Abandoned("Redis has been out of reach for most of the lease")
+
+        return check
+
     async def renew(self) -> None:
-        """Extend the claims and the messages this process holds (a lease's renewal)."""
+        """Extend the claims and the messages this process holds (a lease's renewal): through a
+        connection of its own that fails fast, which also tells whether Redis is in reach."""
+        probe, contact = self.probe or self.store, self.contact
         held = self.leases.snapshot()
-        if held:
-            try:
-                await self.io.run(self.store.keep_claims, held, self.settings.lease)
-            except Exception as exc:  # the next renewal tries again
-                logger.warning("could not renew %d claims: %s", len(held), exc)
+        try:
+            await self.io.run(clock.CLOCK.sync, probe.redis)
+            kept = await self.io.run(probe.keep_claims, held, self.settings.lease) if held else []
+        except Exception as exc:  # the next renewal tries again
+            message = contact.failed(time.monotonic(), exc) if contact is not None else None
+            if message:
+                logger.warning("%s", message)
+            return
+        lapsed = [claim for claim, ok in zip(held, kept) if not ok]
+        if lapsed:
+            await self._lapsed(probe, lapsed)
+        message = contact.reached(time.monotonic(), len(lapsed)) if contact is not None else None
+        if message:
+            logger.warning("%s", message)
         tags = self.held_messages()
         if tags:
             try:
-                await self.io.run(renew_messages, self.client, tags)
+                await self.io.run(renew_messages, probe.redis, tags)
             except Exception as exc:  # includes a full Redis: then the sweep restores nothing either
                 logger.info("could not renew %d held messages: %s", len(tags), exc)
+
+    async def _lapsed(self, probe: BatchStore, lapsed: list[Held]) -> None:
+        """Claims that lapsed (this process was frozen or cut off): each is taken again if no one
+        else took it, else lost: its stream is abandoned, and no call starts for it here."""
+        lost = []
+        for batch_id, seq, token in lapsed:
+            try:
+                claim = (await self.io.run(probe.claim_many, batch_id, [(seq, token)], self.settings.lease))[0]
+            except Exception:  # noqa: BLE001 - unknown: the next renewal looks again
+                continue
+            if claim.outcome not in (ClaimOutcome.CLAIMED, ClaimOutcome.PAUSED):  # paused: no one can take it
+                lost.append((batch_id, seq, token))
+        self.leases.lost.update(lost)
+        if lost:
+            logger.warning("%d claims of this worker lapsed and passed to another worker (or their items "
+                           "were done): their streams are abandoned", len(lost))
 
     async def _renew_forever(self) -> None:
         while True:
@@ -157,10 +262,17 @@ class Runtime:
             self._thread.join(timeout=10)
         self.io.executor.shutdown(wait=False)
         self.client.close()
+        if self.probe is not None:
+            self.probe.redis.close()
 
 
 _lock = threading.Lock()
 _runtimes: dict[int, Runtime] = {}
+
+
+def running() -> Runtime | None:
+    """This process's runtime, if it was built."""
+    return _runtimes.get(os.getpid())
 
 
 def current(build: Callable[[], Runtime]) -> Runtime:

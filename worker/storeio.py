@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from jobs.queue import Publisher
 from jobs.records import ItemResult
-from jobs.store import BatchStore, Claim, translated
+from jobs.store import BatchStore, Claim, Recorded, translated
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -90,7 +90,8 @@ class StoreIO:
         self.loop = loop
         self.claim_ttl = claim_ttl
         self.claim = Coalescer[tuple[str, int, str], Claim](self._claims, self._in_thread)
-        self.record = Coalescer[tuple[str, int, ItemResult], bool](self._records, self._in_thread)
+        self.record = Coalescer[tuple[str, int, ItemResult, str], Recorded](self._records, self._in_thread)
+        self.keep = Coalescer[tuple[str, int, str], bool](self._keeps, self._in_thread)
         self.release = Coalescer[tuple[str, int, str], None](self._releases, self._in_thread)
         self.note_error = Coalescer[tuple[str, str], None](self._notes, self._in_thread)
         self.publish_retry = Coalescer[tuple[str, int, dict[str, Any], float], None](self._retries,
@@ -115,17 +116,22 @@ class StoreIO:
                 results[position] = claim
         return results
 
-    def _records(self, args: list[tuple[str, int, ItemResult]]) -> list[bool | BaseException]:
-        results: list[bool | BaseException] = [False] * len(args)
+    def _records(self, args: list[tuple[str, int, ItemResult, str]]) -> list[Recorded | BaseException]:
+        """Results ``(batch_id, seq, result, claim token)``: fenced by their claims (:class:`Recorded`)."""
+        results: list[Recorded | BaseException] = [Recorded.NOT] * len(args)
         for batch_id, positions in _grouped(args).items():
             try:
-                recorded: list[bool | BaseException] = list(self.store.record_many(
-                    batch_id, [(args[p][1], args[p][2]) for p in positions]))
+                recorded: list[Recorded | BaseException] = list(self.store.record_many(
+                    batch_id, [(args[p][1], args[p][2]) for p in positions], [args[p][3] for p in positions]))
             except Exception as exc:
                 recorded = [exc] * len(positions)
             for position, one in zip(positions, recorded):
                 results[position] = one
         return results
+
+    def _keeps(self, args: list[tuple[str, int, str]]) -> list[bool | BaseException]:
+        """Whether each claim ``(batch_id, seq, token)`` is still its token's (extended if so)."""
+        return list(self.store.keep_claims(args, self.claim_ttl))
 
     def _releases(self, args: list[tuple[str, int, str]]) -> list[None | BaseException]:
         self.store.release_many(args)

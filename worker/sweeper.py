@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from jobs import keys
+from jobs import clock, keys
 from jobs.errors import ConfigError, StoreFull, StoreUnavailable
 from jobs.queue import Publisher
 from jobs.config import Settings
@@ -81,10 +81,12 @@ def check_redis(url: str) -> None:
         store.redis.close()
 
 
-def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str) -> None:
-    """One round of the sweeper thread: say this worker is alive, then sweep."""
+def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str, held: int = 0,
+         note: str = "") -> None:
+    """One round of the sweeper thread: say this worker is alive (holding ``held`` claims), then sweep."""
+    clock.sync(store.redis)
     try:
-        store.worker_heartbeat(node)
+        store.worker_heartbeat(node, held, note)
         sweep_once(store, publisher, settings.sweep_interval, settings.lease)
     except StoreFull:
         logger.warning("Redis is full (maxmemory): the sweep waits for memory to free")
@@ -92,6 +94,36 @@ def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str)
         if not is_out_of_memory(exc):
             raise
         logger.warning("Redis is full (maxmemory): the sweep waits for memory to free")
+
+
+SOCKET_TIMEOUT = 10.0
+
+
+class Outage:
+    """The sweep's failures in a row: one line when they start, one when they end (pure)."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def failed(self, error: object) -> str | None:
+        self.failures += 1
+        if self.failures > 1:
+            return None
+        return f"sweep for lost messages failed ({error}); said once, until it works again"
+
+    def passed(self) -> str | None:
+        failures, self.failures = self.failures, 0
+        if not failures:
+            return None
+        return f"sweep for lost messages works again ({failures} sweeps failed meanwhile)"
+
+
+def held_claims() -> int:
+    """The claims this process's runtime holds (0 before it starts)."""
+    from .runtime import running
+
+    runtime = running()
+    return len(runtime.leases) if runtime is not None else 0
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -109,9 +141,11 @@ class Sweeper(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         settings = Settings.from_env(redis_url=celery_app.conf.broker_url)
         check_redis(settings.redis_url)
-        store = BatchStore(connect(settings.redis_url, max_connections=2, retries=3), settings.result_ttl)
+        store = BatchStore(connect(settings.redis_url, max_connections=2, retries=3, connect_timeout=SOCKET_TIMEOUT,
+                                   socket_timeout=SOCKET_TIMEOUT), settings.result_ttl)
         publisher = Publisher(store.redis, parent.app)
         node = str(getattr(parent, "hostname", None) or "celery")
+        outage = Outage()
 
         def loop() -> None:
             try:
@@ -120,9 +154,20 @@ class Sweeper(bootsteps.StartStopStep):
                 logger.warning("heartbeat failed: %s", exc)
             while not self._stop.wait(settings.sweep_interval):
                 try:
-                    beat(store, publisher, settings, node)
-                except Exception:  # a failed sweep is retried at the next interval
-                    logger.exception("sweep for lost messages failed")
+                    beat(store, publisher, settings, node, held_claims())
+                except (StoreUnavailable, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    message = outage.failed(exc)
+                    if message:
+                        logger.warning("%s", message)
+                    continue
+                except Exception:  # a bug: said once, retried at the next interval
+                    message = outage.failed("an unexpected error")
+                    if message:
+                        logger.exception("sweep for lost messages failed")
+                    continue
+                message = outage.passed()
+                if message:
+                    logger.warning("%s", message)
 
         self._thread = threading.Thread(target=loop, name="aivvm-batch-sweeper", daemon=True)
         self._thread.start()

@@ -9,6 +9,7 @@ when each item is recorded or handed on to a retry message.
 from __future__ import annotations
 
 import functools
+import logging
 import signal
 import socket
 import threading
@@ -22,12 +23,14 @@ from celery.worker import state as worker_state
 from jobs.config import Settings
 from jobs.queue import TASK_NAME, app
 
-from .chunk import Handoff, run_chunk
+from .chunk import ABANDONED, LATE, Handoff, run_chunk
+from . import shutdown  # noqa: F401 - connects the bound on a warm shutdown
 from .credit import CREDIT
 from .item import ItemState
 from .runtime import Runtime, collect_for_work, current
 from .sweeper import Sweeper
 
+logger = logging.getLogger(__name__)
 DEFAULT_CONCURRENCY = 64
 # the consumer is woken when a refused message would fit (Credit.on_room); it also looks again
 # this often, for a message refused beside those of a channel since replaced
@@ -124,4 +127,8 @@ def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int
         # run_chunk hands every item on itself; if even that failed, the message goes back
         raise Reject(exc, requeue=True) from exc
     counts = Counter("retry" if isinstance(end, Handoff) else end.status for end in ends)
+    paid_elsewhere = counts[LATE] + counts[ABANDONED]
+    if paid_elsewhere:
+        logger.warning("batch %s: %d replies paid here but not recorded: their claims had passed to another "
+                       "worker (counted in the items' usage)", batch_id, paid_elsewhere)
     return " ".join(f"{name}={n}" for name, n in sorted(counts.items()))

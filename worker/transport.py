@@ -7,6 +7,10 @@ is not a connection error, so it kills the worker (kombu 5.7). Here that requeue
 is skipped instead: the messages stay in Redis's unacked set and are restored by
 the sweep after the visibility timeout, like those of a worker that died.
 
+kombu records a delivered message's time (the score of ``unacked_index``, which the sweep
+reads to tell a dead worker's messages) with the host's own clock; here it is Redis's
+(:mod:`jobs.clock`), as every other liveness time is.
+
 A worker takes a message only while its items fit in the slots of its runtime
 (:mod:`worker.credit`), and it also keeps consuming when Redis is full (see :meth:`QoS.append`), and an acknowledgement
 made while the connection is being replaced does not kill the worker (:meth:`QoS.ack`).
@@ -19,16 +23,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kombu.connection import Connection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from redis.exceptions import ResponseError
 
+from jobs import clock
 from jobs.store import is_out_of_memory
 
 from .credit import CREDIT, items_in
 
 logger = logging.getLogger(__name__)
 IDLE_BRPOP_SECONDS = 0.1
+kombu_redis.time = clock.now  # type: ignore[attr-defined]  # the module's own `from time import time`
+# Celery reconnects to the broker with kombu's waits: 2 s, then 2 s more each time, up to 30 s;
+# a worker whose Redis came back waited up to half a minute. Here: 1 s, then up to 2 s.
+RECONNECT_INTERVALS = {"interval_start": 1.0, "interval_step": 0.5, "interval_max": 2.0}
+_ensure_connection = Connection._ensure_connection
+
+
+def _ensure_connection_soon(self: Connection, *args: Any, **kwargs: Any) -> Any:
+    for name, value in RECONNECT_INTERVALS.items():
+        kwargs[name] = min(kwargs.get(name, value), value)
+    return _ensure_connection(self, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+Connection._ensure_connection = _ensure_connection_soon  # type: ignore[method-assign]
 
 
 class QoS(kombu_redis.QoS):

@@ -1,0 +1,89 @@
+"""Many hosts, the pure parts: one clock (Redis's), the lease's view of Redis, the sweep's log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from aivvm_batch.embedded import EmbeddedRedis
+from jobs import clock, keys
+from jobs.clock import SharedClock, offset_of
+from jobs.reconcile import renew_messages, restore_stale_messages
+from worker.runtime import FENCE_SHARE, Contact
+from worker.sweeper import Outage
+
+
+def test_the_offset_is_redis_s_time_at_the_round_trip_s_midpoint() -> None:
+    assert offset_of(1000, 500_000, 954.0, 956.0) == pytest.approx(45.5)
+    assert offset_of(1000, 0, 1045.0, 1045.2) == pytest.approx(-45.1)
+
+
+class SkewedRedis:
+    """A client whose TIME is ``ahead`` seconds past this host's clock."""
+
+    def __init__(self, ahead: float) -> None:
+        self.ahead = ahead
+
+    def time(self) -> tuple[int, int]:
+        now = time.time() + self.ahead
+        return int(now), int((now % 1) * 1_000_000)
+
+
+def test_a_shared_clock_reads_redis_s_time_whatever_this_host_s_says(caplog: pytest.LogCaptureFixture) -> None:
+    shared = SharedClock()
+    shared.sync(SkewedRedis(45.0))
+    assert shared.now() - time.time() == pytest.approx(45.0, abs=0.05)
+    assert "45.0 s behind Redis's" in caplog.text
+    shared.sync(SkewedRedis(-45.0))
+    assert shared.now() - time.time() == pytest.approx(-45.0, abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    with EmbeddedRedis(tmp_path_factory.mktemp("clock-redis"), persistent=False) as embedded:
+        yield redis.Redis.from_url(embedded.url)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("skew", [-45.0, 45.0])
+def test_a_live_worker_on_a_skewed_host_is_never_taken_for_dead(server: redis.Redis, skew: float,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's host ``skew`` seconds off renews its messages at Redis's time: the sweep (on
+    a host with the right time, lease 30 s) leaves them alone; without the shared clock, a host
+    45 s behind would have its live messages put back at every sweep."""
+    server.flushall()
+    server.hset(keys.UNACKED, "tag-1", '[{"headers": {}, "properties": {"delivery_info": {}}}, "", ""]')
+    server.zadd(keys.UNACKED_INDEX, {"tag-1": 0})
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew)  # this host's clock is off
+    clock.sync(server)
+    renew_messages(server, ["tag-1"])
+    monkeypatch.setattr(time, "time", real_time)  # the sweeping host's is right
+    clock.sync(server)
+    assert restore_stale_messages(server, 30.0) == 0
+    assert server.zscore(keys.UNACKED_INDEX, "tag-1") == pytest.approx(real_time(), abs=2)
+
+
+def test_contact_fences_at_most_of_a_lease_and_says_so_once_each_way() -> None:
+    contact = Contact(lease=30.0, now=100.0)
+    assert not contact.fenced(100.0 + FENCE_SHARE * 30 - 0.1)
+    assert contact.fenced(100.0 + FENCE_SHARE * 30 + 0.1)
+    first = contact.failed(110.0, "Timeout reading from socket")
+    assert first is not None and "out of reach" in first and "Timeout" in first
+    assert contact.failed(120.0, "again") is None
+    back = contact.reached(142.0, lapsed=3)
+    assert back == "Redis is reachable again after 42 s (2 renewals failed meanwhile; 3 claims had lapsed)"
+    assert not contact.fenced(142.0)
+    assert contact.reached(150.0, lapsed=0) is None
+
+
+def test_the_sweep_says_once_that_it_fails_and_once_that_it_works_again() -> None:
+    outage = Outage()
+    assert outage.passed() is None
+    said: list[Any] = [outage.failed("Connection refused") for _ in range(25)]
+    assert said[0] is not None and "Connection refused" in said[0] and said[1:] == [None] * 24
+    assert outage.passed() == "sweep for lost messages works again (25 sweeps failed meanwhile)"
