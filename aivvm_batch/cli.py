@@ -129,6 +129,7 @@ def status(batch_id: str, redis_url: str, as_json: bool) -> None:
     store = open_store(redis_url)
     info = store.info(batch_id)
     memory = store.memory()
+    seen = store.workers()
     top = info.top_error
     if as_json:
         click.echo(json.dumps({
@@ -136,11 +137,14 @@ def status(batch_id: str, redis_url: str, as_json: bool) -> None:
             "top_error": {"error": top[0], "count": top[1]} if top else None,
             "redis_memory": {"used_memory": memory.used, "maxmemory": memory.maxmemory,
                              "maxmemory_policy": memory.policy, "full": memory.full},
+            "workers": [runner.worker_dict(w) for w in seen[:runner.WORKERS_SHOWN]],
         }))
         return
     click.echo(runner.info_table(info))
     if top:
         click.echo(f"most frequent error ({top[1]} attempts): {top[0]}")
+    for line in runner.worker_lines(seen):
+        click.echo(line)
     if memory.full:
         click.echo(f"Redis is full: {memory.describe()}; workers hold their replies and wait "
                    "until memory frees (free memory or raise maxmemory)")

@@ -31,7 +31,7 @@ from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.queue import configure
 from jobs.records import BatchInfo, BatchOptions, BatchState, RequestDefaults, Status
-from jobs.store import BatchStore, connect
+from jobs.store import BatchStore, WorkerSeen, connect
 from jobs.submit import SubmitReport, new_batch_id, submit_file
 
 from .embedded import EmbeddedRedis
@@ -347,8 +347,34 @@ def info_dict(info: BatchInfo) -> dict[str, Any]:
             "prompt_tokens": info.usage.get("prompt_tokens", 0),
             "completion_tokens": info.usage.get("completion_tokens", 0),
             "items_estimated": info.usage.get("estimated", 0),
+            "late_calls": info.usage.get("late_calls", 0),
         },
     }
+
+
+WORKERS_SHOWN = 20
+# a worker not seen for this long is shown as missing (heartbeats come every sweep, 10 s by default)
+WORKER_MISSING_SECONDS = 60.0
+
+
+def worker_dict(seen: WorkerSeen) -> dict[str, Any]:
+    return {"name": seen.name, "last_seen_seconds": round(seen.age, 1), "claims_held": seen.held,
+            "note": seen.note or None, "missing": seen.age >= WORKER_MISSING_SECONDS}
+
+
+def worker_lines(seen: list[WorkerSeen]) -> list[str]:
+    """The workers as ``status`` shows them: when each was last seen, what it holds, its note."""
+    if not seen:
+        return ["workers: none has ever been seen on this Redis: start one with aivvm-batch worker"]
+    lines = ["workers:"]
+    for worker in seen[:WORKERS_SHOWN]:
+        age = "never" if worker.age == float("inf") else f"{worker.age:.0f} s ago"
+        state = "MISSING, " if worker.age >= WORKER_MISSING_SECONDS else ""
+        line = f"  {worker.name}: {state}seen {age}, {worker.held} items in hand"
+        lines.append(line + (f"; {worker.note}" if worker.note else ""))
+    if len(seen) > WORKERS_SHOWN:
+        lines.append(f"  ... and {len(seen) - WORKERS_SHOWN} more")
+    return lines
 
 
 def info_table(info: BatchInfo) -> str:
@@ -363,5 +389,9 @@ def info_table(info: BatchInfo) -> str:
     rows += [("prompt tokens", str(info.usage.get("prompt_tokens", 0))),
              ("completion tokens", str(info.usage.get("completion_tokens", 0))
               + (f" ({estimated} items estimated)" if estimated else ""))]
+    late = info.usage.get("late_calls", 0)
+    if late:
+        rows.append(("calls paid twice", f"{late} (a worker's claim lapsed; counted in the tokens above "
+                                          "and in the items' attempts)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

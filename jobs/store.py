@@ -344,6 +344,12 @@ class BatchStore:
                 for name, value in entries.items()]
         return sorted(seen, key=lambda w: w.age)
 
+    @translated
+    def forget_workers(self, names: Sequence[str]) -> None:
+        """Stop listing these workers (not seen for a long time)."""
+        if names:
+            self.redis.hdel(keys.WORKERS, *names)
+
     def last_worker_age(self) -> float | None:
         """Seconds since the latest heartbeat of any worker, or None if none was ever seen."""
         seen = self.workers()

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -34,9 +35,10 @@ from .item import (
     best_effort,
     decide,
     given_up,
+    hand_elsewhere,
     wait_for_store,
 )
-from .providers import AbstractProvider, CompletionCall
+from .providers import PROVIDERS, AbstractProvider, CompletionCall
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ async def run_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Do
             return step
         if step.reason:
             logger.warning("%s: %s", where, step.reason)
+        if step.elsewhere:
+            return await hand_on(rt, batch_id, seq, step)
         state = step.state
 
 
@@ -176,6 +180,13 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
         result = given_up(request, state)
     else:
         held = (batch_id, seq, token)
+        scope = _first_scope(options)
+        if rt.peers > 1 and rt.breaker.is_open(scope, time.monotonic()):
+            elsewhere = hand_elsewhere(None, state, rt.node, rt.peers, clock.now())
+            if elsewhere is not None:  # not said per item: the heartbeat says the provider is out of reach
+                slot.free()
+                await _release(rt, batch_id, seq, token)
+                return replace(elsewhere, reason="")
         try:
             if rt.fenced():  # Redis out of reach for most of the lease: the item may not be ours
                 await _until_reached(rt)
@@ -195,6 +206,14 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
         slot.free()
         if isinstance(outcome.error, Abandoned):
             return await _abandoned(rt, held, request, state, outcome)
+        if outcome.error is not None and outcome.error.unreachable:
+            rt.breaker.failed(outcome.scope or scope, time.monotonic())
+            elsewhere = hand_elsewhere(outcome, state, rt.node, rt.peers, clock.now())
+            if elsewhere is not None:
+                await _release(rt, batch_id, seq, token)
+                return elsewhere
+        elif outcome.scope:
+            rt.breaker.answered(outcome.scope)
         decision = decide(request, outcome, state, settings, clock.now())
         if decision.error is not None:
             text = decision.error
@@ -286,6 +305,11 @@ async def still_ours(rt: Runtime, held: tuple[str, int, str]) -> None:
     claim = await wait_for_store(f"{where}: claim it again", lambda: rt.io.claim(held))
     if claim.outcome is not ClaimOutcome.CLAIMED:
         raise ClaimLost()
+
+
+def _first_scope(options: BatchOptions) -> str:
+    """The scope (provider at base URL) of a batch's first provider."""
+    return PROVIDERS[options.providers()[0]].scope(options.base_url)
 
 
 def _later(state: ItemState, seconds: float) -> ItemState:

@@ -32,6 +32,9 @@ class ProviderError(Exception):
     kind = "provider_error"
     transient = False
     retry_after: float | None = None
+    # the call failed before any answer (refused, connect timeout): this worker's path to the
+    # provider may be down while another worker's is not (worker.breaker)
+    unreachable = False
 
 
 class UnsupportedModel(ProviderError, ValueError):
@@ -70,8 +73,11 @@ class RedirectError(ProviderHTTPError):
 
 
 class ProviderTransportError(ProviderError):
+    """The connection failed before an answer (refused, reset, no route)."""
+
     kind = "connection_error"
     transient = True
+    unreachable = True
 
 
 class TLSError(ProviderError):
@@ -83,6 +89,12 @@ class TLSError(ProviderError):
 class ProviderTimeout(ProviderError):
     kind = "timeout"
     transient = True
+
+
+class ConnectTimeout(ProviderTimeout):
+    """No connection within the connect timeout (a cut link drops the packets)."""
+
+    unreachable = True
 
 
 class IncompleteReply(ProviderError):

@@ -36,6 +36,10 @@ STORE_WAIT_FIRST = 0.2
 STORE_WAIT_CAP = 5.0
 STORE_LOG_EVERY = 30.0
 ERROR_TEXT_LIMIT = 160
+# workers that must have seen the provider down for an item before its retries count as usual
+MAX_DOWN_SEEN = 3
+# an item handed on waits this long on the queue (its worker, taking it back, does not spin on it)
+ELSEWHERE_SECONDS = 1.0
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,26 +85,33 @@ class ItemState:
     cuts: int = 0
     # attempts so far whose reply did not follow the request's JSON schema (their own budget)
     mismatches: int = 0
+    # the workers that could not reach the provider for it (each hands it to another once)
+    down: tuple[str, ...] = ()
 
     def to_kwargs(self) -> dict[str, Any]:
-        kwargs = {"attempt": self.attempt, "not_before": self.not_before, "spent": self.spent.to_list(),
-                  "cuts": self.cuts}
+        kwargs: dict[str, Any] = {"attempt": self.attempt, "not_before": self.not_before,
+                                  "spent": self.spent.to_list(), "cuts": self.cuts}
         if self.mismatches:
             kwargs["mismatches"] = self.mismatches
+        if self.down:
+            kwargs["down"] = list(self.down)
         return kwargs
 
     @classmethod
     def from_kwargs(cls, attempt: int = 1, not_before: float = 0.0, spent: list[int] | None = None,
-                    cuts: int = 0, mismatches: int = 0) -> ItemState:
-        return cls(int(attempt), float(not_before), Spent.from_list(spent), int(cuts), int(mismatches))
+                    cuts: int = 0, mismatches: int = 0, down: list[str] | None = None) -> ItemState:
+        return cls(int(attempt), float(not_before), Spent.from_list(spent), int(cuts), int(mismatches),
+                   tuple(str(node) for node in down or ()))
 
 
 @dataclass(frozen=True)
 class RunAgain:
-    """Run the item again in ``state`` (not before ``state.not_before``)."""
+    """Run the item again in ``state`` (not before ``state.not_before``); ``elsewhere``: as a
+    message on the queue, for any worker (this one cannot reach the provider)."""
 
     state: ItemState
     reason: str = ""
+    elsewhere: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,7 @@ def decide(request: ItemRequest, outcome: Attempt, state: ItemState, settings: S
         assert error is not None
         delay = backoff(state.attempt, settings, error.retry_after)
         again = ItemState(state.attempt + 1, now + delay, _spent_after(state.spent, request, outcome),
-                          state.cuts + cut)
+                          state.cuts + cut, state.mismatches, state.down)
         return Decision(again=RunAgain(again, f"retry in {delay:.1f} s: {text}"), error=text, pause=pause)
     result = _with_spent(to_result(request, outcome, state.attempt), state.spent)
     return Decision(result=result, error=text, pause=pause)
@@ -210,3 +221,18 @@ def _with_spent(result: ItemResult, spent: Spent) -> ItemResult:
     return replace(result, usage=Usage(last.prompt_tokens + spent.prompt_tokens,
                                        last.completion_tokens + spent.completion_tokens,
                                        last.estimated or spent.estimated))
+
+
+def hand_elsewhere(outcome: Attempt | None, state: ItemState, node: str, peers: int, now: float) -> RunAgain | None:
+    """An item worker ``node`` cannot reach the provider for (its call failed before any answer,
+    or, ``outcome`` None, its breaker is open), while ``peers`` workers live: hand it to the queue,
+    for a worker that has not seen the provider down (this attempt not counted). Once every live
+    worker (at most :data:`MAX_DOWN_SEEN`) saw it down, None: its retries run, and count, as usual."""
+    if outcome is not None and (outcome.error is None or not outcome.error.unreachable):
+        return None
+    seen = {*state.down, node}
+    if peers < 2 or len(seen) >= min(peers, MAX_DOWN_SEEN):
+        return None
+    again = replace(state, down=tuple(sorted(seen)), not_before=now + ELSEWHERE_SECONDS)
+    why = f" ({outcome.error})" if outcome is not None else ""
+    return RunAgain(again, f"handed to another worker: this one cannot reach the provider{why}", elsewhere=True)

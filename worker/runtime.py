@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -35,6 +36,7 @@ from jobs.queue import Publisher
 from jobs.reconcile import renew_messages
 from jobs.store import WORKER_RETRIES, BatchStore, ClaimOutcome, connect
 
+from .breaker import Breaker
 from .errors import Abandoned
 
 from .calls import ProviderCalls
@@ -156,6 +158,11 @@ class Runtime:
     # the lease renewal's store: a client of its own that fails fast
     probe: BatchStore | None = None
     contact: Contact | None = None
+    # whether the provider is in this worker's reach, per scope; this worker's name in items'
+    # state; the workers seen alive at the last sweep (this one included)
+    breaker: Breaker = field(default_factory=Breaker)
+    node: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    peers: int = 1
     _thread: threading.Thread | None = None
     _renewal: Any = None
 

@@ -10,8 +10,10 @@ when a lost message would otherwise stall it for good.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
+import time
 from typing import Any
 
 import redis
@@ -25,6 +27,8 @@ from jobs.queue import app as celery_app
 from jobs.reconcile import requeue_orphans, restore_stale_messages
 from jobs.records import BatchState
 from jobs.store import BatchStore, connect, is_out_of_memory
+
+from .runtime import Runtime, running
 
 logger = logging.getLogger(__name__)
 SWEEP_LOCK = keys.SWEEP_LOCK
@@ -82,11 +86,18 @@ def check_redis(url: str) -> None:
 
 
 def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str, held: int = 0,
-         note: str = "") -> None:
-    """One round of the sweeper thread: say this worker is alive (holding ``held`` claims), then sweep."""
+         note: str = "") -> int:
+    """One round of the sweeper thread: say this worker is alive (holding ``held`` claims, with
+    ``note``), then sweep. Returns how many workers were seen alive lately (this one included)."""
     clock.sync(store.redis)
+    alive = 1
     try:
         store.worker_heartbeat(node, held, note)
+        seen = store.workers()
+        alive = sum(1 for worker in seen if worker.age < PEER_SEEN_SWEEPS * settings.sweep_interval)
+        gone = [worker.name for worker in seen if worker.age > FORGET_WORKER_SECONDS]
+        if gone:
+            store.forget_workers(gone)
         sweep_once(store, publisher, settings.sweep_interval, settings.lease)
     except StoreFull:
         logger.warning("Redis is full (maxmemory): the sweep waits for memory to free")
@@ -94,9 +105,14 @@ def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str,
         if not is_out_of_memory(exc):
             raise
         logger.warning("Redis is full (maxmemory): the sweep waits for memory to free")
+    return max(alive, 1)
 
 
 SOCKET_TIMEOUT = 10.0
+# a worker whose heartbeat is younger than this many sweeps counts as alive (a peer)
+PEER_SEEN_SWEEPS = 3
+# a worker not seen for this long is no longer listed (a restarted worker is a new one)
+FORGET_WORKER_SECONDS = 24 * 3600
 
 
 class Outage:
@@ -118,12 +134,11 @@ class Outage:
         return f"sweep for lost messages works again ({failures} sweeps failed meanwhile)"
 
 
-def held_claims() -> int:
-    """The claims this process's runtime holds (0 before it starts)."""
-    from .runtime import running
-
-    runtime = running()
-    return len(runtime.leases) if runtime is not None else 0
+def what_to_say(runtime: Runtime | None) -> tuple[int, str]:
+    """A heartbeat's claims held and note (a provider out of reach) from this process's runtime."""
+    if runtime is None:
+        return 0, ""
+    return len(runtime.leases), runtime.breaker.note(time.monotonic())
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -144,7 +159,8 @@ class Sweeper(bootsteps.StartStopStep):
         store = BatchStore(connect(settings.redis_url, max_connections=2, retries=3, connect_timeout=SOCKET_TIMEOUT,
                                    socket_timeout=SOCKET_TIMEOUT), settings.result_ttl)
         publisher = Publisher(store.redis, parent.app)
-        node = str(getattr(parent, "hostname", None) or "celery")
+        # the process id too: two workers started with one name on one host are two workers
+        node = f"{getattr(parent, 'hostname', None) or 'celery'}/{os.getpid()}"
         outage = Outage()
 
         def loop() -> None:
@@ -153,8 +169,9 @@ class Sweeper(bootsteps.StartStopStep):
             except StoreUnavailable as exc:
                 logger.warning("heartbeat failed: %s", exc)
             while not self._stop.wait(settings.sweep_interval):
+                runtime = running()
                 try:
-                    beat(store, publisher, settings, node, held_claims())
+                    alive = beat(store, publisher, settings, node, *what_to_say(runtime))
                 except (StoreUnavailable, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                     message = outage.failed(exc)
                     if message:
@@ -165,6 +182,8 @@ class Sweeper(bootsteps.StartStopStep):
                     if message:
                         logger.exception("sweep for lost messages failed")
                     continue
+                if runtime is not None:
+                    runtime.peers = alive
                 message = outage.passed()
                 if message:
                     logger.warning("%s", message)

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import requests.utils
 
-from ..errors import IncompleteReply, ProviderError, ProviderTimeout
+from ..errors import ConnectTimeout, IncompleteReply, ProviderError, ProviderTimeout
 from .call import CompletionCall
 from .exchange import Head, connection_error, past_deadline, reason
 
@@ -40,7 +40,7 @@ class AiohttpTransport:
         except aiohttp.ConnectionTimeoutError as exc:
             if past_deadline(call):
                 raise ProviderTimeout("the item deadline passed while waiting for a connection") from exc
-            raise ProviderTimeout(f"connect timeout after {call.connect_timeout:g}s") from exc
+            raise ConnectTimeout(f"connect timeout after {call.connect_timeout:g}s") from exc
         except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
             raise ProviderTimeout(f"no reply within {read_timeout:g}s") from exc
         except aiohttp.ClientSSLError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
-from ..errors import IncompleteReply, ProviderError, ProviderTimeout
+from ..errors import ConnectTimeout, IncompleteReply, ProviderError, ProviderTimeout
 from .call import CompletionCall
 from .decoding import decode_utf8
 from .exchange import (
@@ -67,7 +67,7 @@ def post_stream(url: str, body: dict[str, Any], headers: dict[str, str], call: C
         response = session().post(url, data=encode_body(body), headers=request_headers(headers),
                                   stream=True, allow_redirects=False, timeout=(call.connect_timeout, timeout))
     except requests.exceptions.ConnectTimeout as exc:
-        raise ProviderTimeout(f"connect timeout after {call.connect_timeout:g}s") from exc
+        raise ConnectTimeout(f"connect timeout after {call.connect_timeout:g}s") from exc
     except requests.exceptions.ReadTimeout as exc:
         raise ProviderTimeout(f"no reply within {timeout:g}s") from exc
     except requests.exceptions.RequestException as exc:

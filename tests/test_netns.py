@@ -1,0 +1,251 @@
+"""The many-hosts tier: Redis, the provider and two workers each on a host of its own.
+
+Hosts are network namespaces on a private subnet (tests/netns.py); a partition drops packets
+between two of them. The lease is 6 s and the sweep runs every second, so that every scenario
+is short. Skipped where namespaces cannot be made (not root, no iproute2 or iptables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from aivvm_batch.embedded import redis_server_binary
+from aivvm_batch.workers import REDIS_URL_VARIABLE, worker_argv
+from jobs.config import Settings
+from jobs.queue import Publisher, celery_settings, configure
+from jobs.queue import app as celery_app
+from jobs.records import BatchOptions
+from jobs.store import BatchStore
+from jobs.submit import submit_file
+from tests import netns
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos,
+              pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
+ROOT = Path(__file__).resolve().parent.parent
+LEASE = 6.0
+SHUTDOWN_TIMEOUT = 8.0
+HOSTS_ENV = {
+    "AIVVM_BATCH_LEASE": str(LEASE), "AIVVM_BATCH_SWEEP_INTERVAL": "1",
+    "AIVVM_BATCH_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT), "AIVVM_BATCH_ITEM_DEADLINE": "60",
+    "AIVVM_BATCH_VISIBILITY_TIMEOUT": "300", "AIVVM_BATCH_CONNECT_TIMEOUT": "2",
+    "AIVVM_BATCH_READ_TIMEOUT": "10", "AIVVM_BATCH_BACKOFF_CAP": "2", "AIVVM_BATCH_BACKOFF_BASE": "0.2",
+}
+STUB_PORT = 8787
+
+
+class Hosts:
+    """The hosts of one test: Redis and the provider, and workers started on demand."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.net = netns.Net()
+        try:
+            self.redis_host = self.net.host("redis")
+            self.provider = self.net.host("prov")
+            self.worker_hosts = [self.net.host("w1"), self.net.host("w2")]
+            self.redis_url = f"redis://{self.redis_host.address}:6379/0"
+            self.net.start(self.redis_host, [redis_server_binary(), "--bind", self.redis_host.address,
+                                             "--port", "6379", "--save", "", "--appendonly", "no",
+                                             "--protected-mode", "no", "--dir", str(tmp_path)],
+                           dict(os.environ), tmp_path / "redis.log")
+            self.net.start(self.provider, [sys.executable, "-m", "aivvm_batch", "stub", "--host",
+                                           self.provider.address, "--port", str(STUB_PORT), "--latency", "1",
+                                           "--chunks", "4"], {**os.environ, "PYTHONPATH": str(ROOT)},
+                           tmp_path / "stub.log")
+            self.client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
+            self.settings = Settings.from_env(HOSTS_ENV, redis_url=self.redis_url)
+            self.store = BatchStore(self.client, self.settings.result_ttl)
+            configure(celery_app, self.settings)
+            self.publisher = Publisher(self.client, celery_app)
+            self._wait(lambda: self.client.ping(), "Redis")
+            self._wait(lambda: self.stats() is not None, "the stand-in")
+        except BaseException:
+            self.net.close()
+            raise
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.files = 0
+
+    @staticmethod
+    def _wait(ready: Any, what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ready():
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            assert time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.1)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.provider.address}:{STUB_PORT}"
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.base_url + "/__stub/stats", timeout=2) as reply:
+            return dict(json.loads(reply.read()))
+
+    def calls(self, prompts: list[str]) -> int:
+        by_prompt = self.stats()["by_prompt"]
+        return sum(by_prompt.get(prompt, 0) for prompt in prompts)
+
+    def log(self, name: str) -> str:
+        path = self.tmp_path / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_worker(self, index: int, concurrency: int = 16) -> subprocess.Popen[bytes]:
+        host = self.worker_hosts[index]
+        env = {**os.environ, **HOSTS_ENV, REDIS_URL_VARIABLE: self.redis_url, "PYTHONPATH": str(ROOT),
+               "AIVVM_BATCH_CONCURRENCY": str(concurrency)}
+        process = self.net.start(host, worker_argv(concurrency, name=f"{host.name}@%h"), env,
+                                 self.tmp_path / f"{host.name}.log")
+        self.workers[host.name] = process
+        self._wait(lambda: " ready." in self.log(host.name), f"worker {host.name}", timeout=60)
+        return process
+
+    def submit(self, prompts: list[str]) -> str:
+        self.files += 1
+        path = self.tmp_path / f"batch-{self.files}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"i{n}", "prompt": p}) + "\n" for n, p in enumerate(prompts)))
+        return submit_file(self.store, self.publisher, path, BatchOptions(base_url=self.base_url),
+                           self.settings).batch_id
+
+    def wait_finished(self, batch_id: str, timeout: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while not self.store.info(batch_id).finished:
+            assert time.monotonic() < deadline, self.tails()
+            time.sleep(0.2)
+        info = self.store.info(batch_id)
+        results = [json.loads(raw) for _, raw in self.store.iter_results(batch_id, info.total or 0) if raw]
+        assert len(results) == info.total
+        return results
+
+    def wait_late(self, batch_id: str, calls: int, timeout: float = 40.0) -> None:
+        """Until the batch counts ``calls`` late calls (a cut worker counts its own once it is back)."""
+        deadline = time.monotonic() + timeout
+        while self.store.info(batch_id).usage.get("late_calls", 0) < calls:
+            assert time.monotonic() < deadline, self.tails()
+            time.sleep(0.3)
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {name}\n{self.log(name)[-2500:]}" for name in ("w1", "w2"))
+
+    def close(self) -> None:
+        self.client.close()
+        self.net.close()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    saved = {key: celery_app.conf.get(key) for key in celery_settings(Settings())}
+    made = Hosts(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+        celery_app.conf.update(saved)
+
+
+def prompts(name: str, count: int) -> list[str]:
+    return [f"{name} {i}" for i in range(count)]
+
+
+@pytest.mark.timeout(120)
+def test_a_cut_from_redis_shorter_than_the_lease_pays_nothing_twice(hosts: Hosts) -> None:
+    hosts.start_worker(0)
+    hosts.start_worker(1)
+    asked = prompts("short cut", 96)
+    batch_id = hosts.submit(asked)
+    time.sleep(2)
+    w1 = hosts.worker_hosts[0]
+    hosts.net.cut(w1, hosts.redis_host)
+    time.sleep(LEASE / 2)
+    hosts.net.heal(w1, hosts.redis_host)
+    results = hosts.wait_finished(batch_id, timeout=90)
+    assert [r for r in results if r["status"] != "ok"][:2] == []
+    assert hosts.calls(asked) == len(asked)
+
+
+@pytest.mark.timeout(150)
+def test_a_cut_from_redis_longer_than_the_lease_pays_at_most_what_was_in_flight_and_counts_it(
+        hosts: Hosts) -> None:
+    concurrency = 16
+    hosts.start_worker(0, concurrency)
+    hosts.start_worker(1, concurrency)
+    asked = prompts("long cut", 96)
+    batch_id = hosts.submit(asked)
+    time.sleep(2)
+    w1 = hosts.worker_hosts[0]
+    hosts.net.cut(w1, hosts.redis_host)
+    time.sleep(3 * LEASE)
+    hosts.net.heal(w1, hosts.redis_host)
+    results = hosts.wait_finished(batch_id, timeout=90)
+    assert [r for r in results if r["status"] != "ok"][:2] == []
+    calls = hosts.calls(asked)
+    assert calls - len(asked) <= concurrency, f"{calls} calls for {len(asked)} items"
+    hosts.wait_late(batch_id, calls - len(asked))
+    results = hosts.wait_finished(batch_id, timeout=5)
+    assert sum(r["attempts"] for r in results) >= calls
+    log = hosts.log("w1")
+    assert log.count("Redis is out of reach") == 1, hosts.tails()
+    assert log.count("Redis is reachable again") == 1, hosts.tails()
+    assert "Traceback" not in log
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_cut_from_the_provider_fails_no_item(hosts: Hosts) -> None:
+    hosts.start_worker(0)
+    hosts.start_worker(1)
+    w1 = hosts.worker_hosts[0]
+    hosts.net.cut(w1, hosts.provider)
+    time.sleep(3)  # a sweep or two: each worker knows the other is alive
+    asked = prompts("provider cut", 64)
+    batch_id = hosts.submit(asked)
+    results = hosts.wait_finished(batch_id, timeout=100)
+    assert [r for r in results if r["status"] != "ok"][:2] == []
+    assert hosts.calls(asked) == len(asked)
+    assert "cannot reach the provider" in hosts.log("w1")
+    notes = {seen.name.split("@")[0]: seen.note for seen in hosts.store.workers()}
+    assert notes["w1"].startswith("provider unreachable for") and notes["w2"] == "", notes
+
+
+@pytest.mark.timeout(90)
+def test_a_warm_shutdown_with_redis_gone_ends_within_its_timeout_and_says_little(hosts: Hosts) -> None:
+    worker = hosts.start_worker(0)
+    hosts.submit(prompts("shutdown", 16))
+    time.sleep(1.5)  # items in flight
+    w1 = hosts.worker_hosts[0]
+    hosts.net.cut(w1, hosts.redis_host)
+    lines_before = len(hosts.log("w1").splitlines())
+    started = time.monotonic()
+    os.killpg(worker.pid, signal.SIGTERM)
+    worker.wait(SHUTDOWN_TIMEOUT + 20)
+    took = time.monotonic() - started
+    assert took < SHUTDOWN_TIMEOUT + 10, took
+    said = hosts.log("w1").splitlines()[lines_before:]
+    assert len(said) < 40, "\n".join(said)
+
+
+@pytest.mark.timeout(120)
+def test_a_healed_worker_takes_work_within_seconds(hosts: Hosts) -> None:
+    hosts.start_worker(0)
+    w1 = hosts.worker_hosts[0]
+    hosts.net.cut(w1, hosts.redis_host)
+    time.sleep(20)
+    hosts.net.heal(w1, hosts.redis_host)
+    healed = time.monotonic()
+    batch_id = hosts.submit(["[[stub latency=0]] after the heal"])
+    hosts.wait_finished(batch_id, timeout=30)
+    assert time.monotonic() - healed < 5 + 1, hosts.tails()
