@@ -87,3 +87,36 @@ def test_the_sweep_says_once_that_it_fails_and_once_that_it_works_again() -> Non
     said: list[Any] = [outage.failed("Connection refused") for _ in range(25)]
     assert said[0] is not None and "Connection refused" in said[0] and said[1:] == [None] * 24
     assert outage.passed() == "sweep for lost messages works again (25 sweeps failed meanwhile)"
+
+
+def test_a_breaker_opens_after_failures_in_a_row_probes_and_closes_at_an_answer() -> None:
+    from worker.breaker import OPEN_AFTER, PROBE_EVERY, Breaker
+
+    breaker = Breaker()
+    for n in range(OPEN_AFTER):
+        assert not breaker.is_open("openai|http://p/v1", 100.0 + n)
+        breaker.failed("openai|http://p/v1", 100.0 + n)
+    assert breaker.is_open("openai|http://p/v1", 102.0)
+    assert not breaker.is_open("aivvm|http://p", 102.0)  # per scope
+    assert not breaker.is_open("openai|http://p/v1", 101.0 + PROBE_EVERY + 1)  # one call probes
+    assert breaker.is_open("openai|http://p/v1", 101.0 + PROBE_EVERY + 2)
+    assert breaker.note(160.0) == "provider unreachable for 60 s (openai|http://p/v1)"
+    breaker.answered("openai|http://p/v1")
+    assert not breaker.is_open("openai|http://p/v1", 170.0) and breaker.note(170.0) == ""
+
+
+def test_an_item_goes_round_workers_that_cannot_reach_the_provider_until_every_one_has_tried() -> None:
+    from worker.completion import Attempt
+    from worker.errors import ConnectTimeout, ProviderHTTPError
+    from worker.item import ItemState, hand_elsewhere
+
+    down = Attempt("openai", "m", "", ConnectTimeout("connect timeout after 10s"), 10_000, None)
+    state = ItemState(attempt=2)
+    first = hand_elsewhere(down, state, "w1", peers=2, now=50.0)
+    assert first is not None and first.elsewhere and first.state.down == ("w1",)
+    assert first.state.attempt == 2 and first.state.not_before > 50.0  # not counted; not spun on
+    assert hand_elsewhere(down, first.state, "w2", peers=2, now=51.0) is None  # both saw it: retry as usual
+    assert hand_elsewhere(down, state, "w1", peers=1, now=50.0) is None  # alone: as before
+    refused = Attempt("openai", "m", "", ProviderHTTPError(503, "busy"), 5, None)
+    assert hand_elsewhere(refused, state, "w1", peers=2, now=50.0) is None  # it answered
+    assert ItemState.from_kwargs(**first.state.to_kwargs()) == first.state

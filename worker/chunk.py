@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 LATE = "late"
 # the end of an item whose stream this worker gave up, and that another worker has
 ABANDONED = "abandoned"
+# the end of an item whose claim lapsed while it waited, and that another worker has
+LOST = "lost"
 FENCED_RECHECK_SECONDS = 0.5
 # a claim's token names one attempt of one process: a random prefix, the process, a counter
 _TOKEN_PREFIX = os.urandom(6).hex()
@@ -181,12 +183,11 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
     else:
         held = (batch_id, seq, token)
         scope = _first_scope(options)
-        if rt.peers > 1 and rt.breaker.is_open(scope, time.monotonic()):
-            elsewhere = hand_elsewhere(None, state, rt.node, rt.peers, clock.now())
-            if elsewhere is not None:  # not said per item: the heartbeat says the provider is out of reach
-                slot.free()
-                await _release(rt, batch_id, seq, token)
-                return replace(elsewhere, reason="")
+        elsewhere = _left_to_others(rt, scope, state, None)
+        if elsewhere is not None:  # not said per item: the heartbeat says the provider is out of reach
+            slot.free()
+            await _release(rt, batch_id, seq, token)
+            return replace(elsewhere, reason="")
         try:
             if rt.fenced():  # Redis out of reach for most of the lease: the item may not be ours
                 await _until_reached(rt)
@@ -202,18 +203,14 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
             rt.leases.drop(batch_id, seq, token)
             logger.warning("%s: its claim lapsed while it waited for the rate limit (another worker may "
                            "hold it): not called here", where)
-            return Done("lost")
+            return Done(LOST)
         slot.free()
         if isinstance(outcome.error, Abandoned):
             return await _abandoned(rt, held, request, state, outcome)
-        if outcome.error is not None and outcome.error.unreachable:
-            rt.breaker.failed(outcome.scope or scope, time.monotonic())
-            elsewhere = hand_elsewhere(outcome, state, rt.node, rt.peers, clock.now())
-            if elsewhere is not None:
-                await _release(rt, batch_id, seq, token)
-                return elsewhere
-        elif outcome.scope:
-            rt.breaker.answered(outcome.scope)
+        elsewhere = _left_to_others(rt, outcome.scope or scope, state, outcome)
+        if elsewhere is not None:
+            await _release(rt, batch_id, seq, token)
+            return elsewhere
         decision = decide(request, outcome, state, settings, clock.now())
         if decision.error is not None:
             text = decision.error
@@ -305,6 +302,22 @@ async def still_ours(rt: Runtime, held: tuple[str, int, str]) -> None:
     claim = await wait_for_store(f"{where}: claim it again", lambda: rt.io.claim(held))
     if claim.outcome is not ClaimOutcome.CLAIMED:
         raise ClaimLost()
+
+
+def _left_to_others(rt: Runtime, scope: str, state: ItemState, outcome: Attempt | None) -> RunAgain | None:
+    """Before a call (``outcome`` None) or after it: whether this worker leaves the item to one that
+    can reach the provider, keeping its breaker of ``scope`` up to date with what the call said."""
+    now = time.monotonic()
+    if outcome is None:
+        if rt.peers < 2 or not rt.breaker.is_open(scope, now):
+            return None
+    elif outcome.error is not None and outcome.error.unreachable:
+        rt.breaker.failed(scope, now)
+    else:
+        if outcome.scope:
+            rt.breaker.answered(scope)
+        return None
+    return hand_elsewhere(outcome, state, rt.node, rt.peers, clock.now())
 
 
 def _first_scope(options: BatchOptions) -> str:
