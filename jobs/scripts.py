@@ -41,15 +41,16 @@ local function maybe_finish(ttl)
 end
 """
 
-RECORD_FIELDS = 7
+RECORD_FIELDS = 8
 
 # KEYS: batch..., claim_1..claim_n
-# ARGV: ttl, then per item: seq result status prompt_tokens completion_tokens estimated(0|1) token
+# ARGV: ttl, then per item: seq result status prompt_tokens completion_tokens estimated(0|1) token calls
 # -> per item 1 if recorded; 0 if the batch is gone, or the item has a result already (first wins)
 # and no token was given, or that result is this very one (a record sent again); 2 if it was paid
 # but is not the final result: the item has another result, or its claim is another token's (a
-# worker whose claim lapsed and passed on). Then its tokens and the call are counted as late
-# (the item's ``late`` entry, and the batch's usage): what the user paid, all of it, is counted.
+# worker whose claim lapsed and passed on). Then its tokens and its calls (the result's attempts)
+# are counted as late, once per token (the item's ``late`` entry, and the batch's usage): what the
+# user paid, all of it, is counted.
 # A batch's usage, and the calls paid for an item beyond its recorded result (its ``late`` entry).
 USAGE_FUNCTIONS = """
 local function count_usage(prompt_tokens, completion_tokens, estimated)
@@ -59,7 +60,10 @@ local function count_usage(prompt_tokens, completion_tokens, estimated)
     redis.call('HINCRBY', usage, 'estimated', estimated)
   end
 end
-local function count_late(seq, prompt_tokens, completion_tokens, estimated, calls)
+-- counted once per claim token (a marker "<seq>@<token>"): a write sent again after its reply was
+-- lost counts nothing more. A batch that finished keeps its TTL: what is counted late expires with it.
+local function count_late(seq, prompt_tokens, completion_tokens, estimated, calls, token)
+  if redis.call('HSETNX', late, seq .. '@' .. token, '1') == 0 then return end
   local p, c, n, e = 0, 0, 0, 0
   local old = redis.call('HGET', late, seq)
   if old then p, c, n, e = string.match(old, '(%d+) (%d+) (%d+) (%d+)') end
@@ -67,6 +71,11 @@ local function count_late(seq, prompt_tokens, completion_tokens, estimated, call
                                               n + calls, math.max(tonumber(e), estimated)))
   redis.call('HINCRBY', usage, 'late_calls', calls)
   count_usage(prompt_tokens, completion_tokens, 0)
+  local left = redis.call('PTTL', meta)
+  if left > 0 then
+    redis.call('PEXPIRE', late, left)
+    redis.call('PEXPIRE', usage, left)
+  end
 end
 """
 
@@ -78,7 +87,7 @@ for i = 1, #KEYS - first_item_key + 1 do
   local a = 2 + (i - 1) * {RECORD_FIELDS}
   local seq, result, status = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local prompt_tokens, completion_tokens = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local estimated, token = tonumber(ARGV[a + 5]), ARGV[a + 6]
+  local estimated, token, calls = tonumber(ARGV[a + 5]), ARGV[a + 6], tonumber(ARGV[a + 7])
   local claim = KEYS[first_item_key + i - 1]
   recorded[i] = 0
   if alive then
@@ -86,11 +95,11 @@ for i = 1, #KEYS - first_item_key + 1 do
     local existing = redis.call('HGET', res, seq)
     if existing then
       if token ~= '' and existing ~= result then
-        count_late(seq, prompt_tokens, completion_tokens, estimated, 1)
+        count_late(seq, prompt_tokens, completion_tokens, estimated, calls, token)
         recorded[i] = 2
       end
     elseif token ~= '' and holder and holder ~= token then
-      count_late(seq, prompt_tokens, completion_tokens, estimated, 1)
+      count_late(seq, prompt_tokens, completion_tokens, estimated, calls, token)
       recorded[i] = 2
     else
       redis.call('HSET', res, seq, result)
@@ -106,16 +115,17 @@ if alive then maybe_finish(ttl) end
 return recorded
 """
 
-LATE_FIELDS = 5
+LATE_FIELDS = 6
 
-# KEYS: batch... ; ARGV per item: seq prompt_tokens completion_tokens estimated(0|1) calls
+# KEYS: batch... ; ARGV per item: seq prompt_tokens completion_tokens estimated(0|1) calls token
 # -> how many entries were counted: calls paid for items whose result is another's (a stream
 # abandoned, or earlier attempts of a run whose item another worker recorded meanwhile)
 COUNT_LATE = BATCH + USAGE_FUNCTIONS + f"""
 if redis.call('EXISTS', meta) == 0 then return 0 end
 local counted = 0
 for a = 1, #ARGV, {LATE_FIELDS} do
-  count_late(ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
+  count_late(ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+             ARGV[a + 5])
   counted = counted + 1
 end
 return counted
@@ -211,6 +221,7 @@ for i = 2, #ARGV do
   local raw = redis.call('HGET', res, ARGV[i])
   if raw and cjson.decode(raw)['status'] == status then
     redis.call('HDEL', res, ARGV[i])
+    redis.call('HDEL', late, ARGV[i])
     redis.call('HINCRBY', counts, status, -1)
     table.insert(reset, ARGV[i])
   end

@@ -356,14 +356,14 @@ class BatchStore:
         return seen[0].age if seen else None
 
     @translated
-    def count_late(self, batch_id: str, calls: Sequence[tuple[int, Usage, int]]) -> int:
-        """Count calls paid for items ``(seq, their usage, how many calls)`` that another result
-        answers (a stream abandoned; earlier attempts of a run that found its item done)."""
+    def count_late(self, batch_id: str, calls: Sequence[tuple[int, Usage, int, str]]) -> int:
+        """Count calls paid for items ``(seq, their usage, how many calls, the claim's token)`` that
+        another result answers (a run whose claim passed on); once per token."""
         if not calls:
             return 0
         args: list[Any] = []
-        for seq, usage, count in calls:
-            args += [seq, usage.prompt_tokens, usage.completion_tokens, int(usage.estimated), count]
+        for seq, usage, count, token in calls:
+            args += [seq, usage.prompt_tokens, usage.completion_tokens, int(usage.estimated), count, token]
         return int(self._count_late(keys=keys.batch_keys(batch_id), args=args))
 
     @translated
@@ -590,7 +590,7 @@ class BatchStore:
             usage = result.usage
             args += [seq, result.to_json(), result.status.value, usage.prompt_tokens if usage else 0,
                      usage.completion_tokens if usage else 0, int(bool(usage and usage.estimated)),
-                     tokens[position] if tokens else ""]
+                     tokens[position] if tokens else "", max(1, result.attempts)]
         return self._record(keys=[*keys.batch_keys(batch_id), *(keys.claim(batch_id, seq) for seq, _ in results)],
                             args=args, client=pipe)
 

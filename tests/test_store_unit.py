@@ -6,6 +6,7 @@ Redis unnoticed. The fakeredis half is skipped where fakeredis[lua] is not insta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -278,12 +279,36 @@ def test_a_second_result_for_a_done_item_is_late_and_the_same_one_sent_again_is_
 
 def test_an_abandoned_call_is_counted_on_its_item(store: BatchStore) -> None:
     reqs = new_batch(store, "f4", 2)
-    assert store.count_late("f4", [(1, Usage(10, 2, estimated=True), 1), (1, Usage(10, 0, estimated=True), 2)]) == 2
+    calls = [(1, Usage(10, 2, estimated=True), 1, "tok-a"), (1, Usage(10, 0, estimated=True), 2, "tok-b")]
+    assert store.count_late("f4", calls) == 2
+    store.count_late("f4", calls[:1])  # sent again (its reply was lost): counted once
     store.record("f4", 1, ok(reqs[1]))
     result = ItemResult.from_json(store.results_of("f4", [1])[0] or b"")
     assert result.attempts == 4 and result.usage == Usage(20, 2, estimated=True)
     assert store.info("f4").usage["late_calls"] == 3
-    assert store.count_late("gone", [(0, Usage(1, 1, estimated=False), 1)]) == 0
+    assert store.count_late("gone", [(0, Usage(1, 1, estimated=False), 1, "t")]) == 0
+
+
+def test_a_late_record_sent_again_counts_once_and_counts_every_call_of_its_run(store: BatchStore) -> None:
+    reqs = new_batch(store, "f5", 1)
+    store.record_many("f5", [(0, ok(reqs[0], "winner", tokens=1))], ["tok-b"])
+    late = dataclasses.replace(ok(reqs[0], "loser", tokens=5), attempts=3)  # its run tried three times
+    assert store.record_many("f5", [(0, late)], ["tok-a"]) == [Recorded.LATE]
+    assert store.record_many("f5", [(0, late)], ["tok-a"]) == [Recorded.LATE]  # its reply was lost: sent again
+    result = ItemResult.from_json(store.results_of("f5", [0])[0] or b"")
+    assert result.attempts == 4 and result.usage == Usage(6, 6, estimated=True)
+    assert store.info("f5").usage["late_calls"] == 3
+    assert store.redis.ttl(keys.late("f5")) > 0  # counted after the batch finished: expires with it
+
+
+def test_a_reset_item_forgets_its_late_calls(store: BatchStore) -> None:
+    reqs = new_batch(store, "f6", 1)
+    failed = ItemResult(reqs[0].id, reqs[0].line, Status.FAILED, output="", attempts=1)
+    store.record_many("f6", [(0, failed)], ["tok-b"])
+    store.record_many("f6", [(0, ok(reqs[0], tokens=2))], ["tok-a"])
+    assert store.reset("f6", Status.FAILED) == [0]
+    store.record("f6", 0, ok(reqs[0], "again"))
+    assert ItemResult.from_json(store.results_of("f6", [0])[0] or b"").attempts == 1
 
 
 def test_heartbeats_are_aged_by_redis_s_clock(store: BatchStore) -> None:

@@ -32,6 +32,7 @@ from .item import (
     Done,
     ItemState,
     RunAgain,
+    Spent,
     best_effort,
     decide,
     given_up,
@@ -158,13 +159,6 @@ async def _not_claimed(rt: Runtime, batch_id: str, seq: int, claim: Claim, state
         return RunAgain(_later(state, BUSY_RECHECK_SECONDS))
     if claim.outcome is ClaimOutcome.PAUSED:
         return RunAgain(_later(state, claim.paused_seconds))
-    if claim.outcome is ClaimOutcome.DONE and state.attempt > 1:
-        # another run recorded the item meanwhile: this run's earlier attempts were calls all the same
-        spent = state.spent
-        calls = Usage(spent.prompt_tokens, spent.completion_tokens, spent.estimated)
-        await wait_for_store(f"batch {batch_id} item {seq}: count its earlier calls",
-                             lambda: rt.io.run(rt.store.count_late, batch_id, [(seq, calls, state.attempt - 1)]))
-        return Done(LATE)
     if claim.outcome is ClaimOutcome.CANCELLED and claim.request is not None:
         cancelled = cancelled_result(claim.request, state.attempt - 1)
         await wait_for_store(f"batch {batch_id} item {seq}: record",
@@ -203,6 +197,8 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
             rt.leases.drop(batch_id, seq, token)
             logger.warning("%s: its claim lapsed while it waited for the rate limit (another worker may "
                            "hold it): not called here", where)
+            if state.attempt > 1:  # its earlier attempts were paid all the same
+                await _count_late(rt, held, state.spent, state.attempt - 1)
             return Done(LOST)
         slot.free()
         if isinstance(outcome.error, Abandoned):
@@ -218,6 +214,11 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
         if decision.pause:
             await _pause(rt, batch_id, outcome.scope, decision.pause)
         if decision.again is not None:
+            if decision.again.state.spent != state.spent and await _passed_on(rt, held):
+                # a paid attempt whose claim passed to another worker meanwhile (this one was frozen
+                # or cut off): that worker has the item; what this run paid is counted on it
+                await _count_late(rt, held, decision.again.state.spent, state.attempt)
+                return Done(LATE)
             await _release(rt, batch_id, seq, token)
             return decision.again
         assert decision.result is not None
@@ -275,33 +276,54 @@ async def _abandoned(rt: Runtime, held: tuple[str, int, str], request: ItemReque
     paid. Once Redis is in reach, an item still (or again) ours runs again with that counted in
     its usage; else the call is counted as late on the item (whoever records it) and it ends here."""
     batch_id, seq, token = held
-    where = f"batch {batch_id} item {seq}"
-    paid = usage(request, outcome)
+    spent = state.spent.add(usage(request, outcome))
     await _until_reached(rt)
-    try:
-        await still_ours(rt, held)
-    except ClaimLost:
-        rt.leases.drop(batch_id, seq, token)
-        await wait_for_store(f"{where}: count its abandoned call",
-                             lambda: rt.io.run(rt.store.count_late, batch_id, [(seq, paid, 1)]))
-        logger.warning("%s: its stream was abandoned (%s) and the item passed to another worker; "
-                       "the call is counted in its usage", where, outcome.error)
+    if await _passed_on(rt, held):
+        await _count_late(rt, held, spent, state.attempt)
+        logger.warning("batch %s item %s: its stream was abandoned (%s) and the item passed to another worker; "
+                       "the call is counted in its usage", batch_id, seq, outcome.error)
         return Done(ABANDONED)
     await _release(rt, batch_id, seq, token)
-    spent = state.spent.add(paid)
     return RunAgain(replace(state, attempt=state.attempt + 1, not_before=clock.now(), spent=spent),
                     f"its stream was abandoned ({outcome.error}); it runs again")
 
 
+async def _passed_on(rt: Runtime, held: tuple[str, int, str]) -> bool:
+    """Whether the item's claim passed to another worker (or the item was recorded)."""
+    try:
+        await still_ours(rt, held)
+    except ClaimLost:
+        rt.leases.drop(*held)
+        return True
+    except RateLimited:  # paused or cancelled: still this run's to end
+        pass
+    return False
+
+
+async def _count_late(rt: Runtime, held: tuple[str, int, str], spent: Spent, calls: int) -> None:
+    """Count calls a run paid for an item another run records (once per claim token)."""
+    batch_id, seq, token = held
+    paid = Usage(spent.prompt_tokens, spent.completion_tokens, spent.estimated)
+    await wait_for_store(f"batch {batch_id} item {seq}: count its paid calls",
+                         lambda: rt.io.run(rt.store.count_late, batch_id, [(seq, paid, calls, token)]))
+
+
 async def still_ours(rt: Runtime, held: tuple[str, int, str]) -> None:
     """Raise :class:`ClaimLost` unless the claim ``held`` is this worker's, extended; a claim that
-    lapsed and that no one took is taken again (one round trip, coalesced with the others')."""
+    lapsed and that no one took is taken again (one round trip, coalesced with the others'). A
+    batch paused or cancelled meanwhile raises :class:`RateLimited`: the item runs again later,
+    and its next claim says what to do (wait, or record it cancelled)."""
     where = f"batch {held[0]} item {held[1]}"
     if await wait_for_store(f"{where}: check its claim", lambda: rt.io.keep(held)):
         return
     claim = await wait_for_store(f"{where}: claim it again", lambda: rt.io.claim(held))
-    if claim.outcome is not ClaimOutcome.CLAIMED:
-        raise ClaimLost()
+    if claim.outcome is ClaimOutcome.CLAIMED:
+        return
+    if claim.outcome is ClaimOutcome.PAUSED:
+        raise RateLimited(claim.paused_seconds)
+    if claim.outcome is ClaimOutcome.CANCELLED:
+        raise RateLimited(0.0)
+    raise ClaimLost()
 
 
 def _left_to_others(rt: Runtime, scope: str, state: ItemState, outcome: Attempt | None) -> RunAgain | None:

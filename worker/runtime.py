@@ -16,6 +16,7 @@ when Redis is back), and a claim found lapsed at a renewal is taken again or giv
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -165,6 +166,9 @@ class Runtime:
     peers: int = 1
     _thread: threading.Thread | None = None
     _renewal: Any = None
+    # the renewal's own thread: never queued behind the store's calls, which wait out a cut
+    _probe_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="aivvm-lease"))
 
     @classmethod
     def start(cls, settings: Settings, app: Celery, concurrency: int,
@@ -172,8 +176,9 @@ class Runtime:
         client = connect(settings.redis_url, max_connections=redis_pool_size(settings), retries=WORKER_RETRIES,
                          connect_timeout=SOCKET_TIMEOUT, socket_timeout=SOCKET_TIMEOUT)
         store = BatchStore(client, settings.result_ttl)
-        probe = BatchStore(connect(settings.redis_url, max_connections=2, connect_timeout=PROBE_TIMEOUT,
-                                   socket_timeout=PROBE_TIMEOUT), settings.result_ttl)
+        probe_timeout = min(PROBE_TIMEOUT, settings.lease / 4)  # a failure is seen well before the fence
+        probe = BatchStore(connect(settings.redis_url, max_connections=2, connect_timeout=probe_timeout,
+                                   socket_timeout=probe_timeout), settings.result_ttl)
         clock.sync(probe.redis)
         publisher = Publisher(client, app)
         loop = new_event_loop()
@@ -217,8 +222,8 @@ class Runtime:
         probe, contact = self.probe or self.store, self.contact
         held = self.leases.snapshot()
         try:
-            await self.io.run(clock.CLOCK.sync, probe.redis)
-            kept = await self.io.run(probe.keep_claims, held, self.settings.lease) if held else []
+            await self._probing(clock.CLOCK.sync, probe.redis)
+            kept = await self._probing(probe.keep_claims, held, self.settings.lease) if held else []
         except Exception as exc:  # the next renewal tries again
             message = contact.failed(time.monotonic(), exc) if contact is not None else None
             if message:
@@ -233,9 +238,13 @@ class Runtime:
         tags = self.held_messages()
         if tags:
             try:
-                await self.io.run(renew_messages, probe.redis, tags)
+                await self._probing(renew_messages, probe.redis, tags)
             except Exception as exc:  # includes a full Redis: then the sweep restores nothing either
                 logger.info("could not renew %d held messages: %s", len(tags), exc)
+
+    async def _probing(self, call: Callable[..., T], *args: Any) -> T:
+        """A call of the lease renewal, on its own thread."""
+        return await self.loop.run_in_executor(self._probe_thread, functools.partial(call, *args))
 
     async def _lapsed(self, probe: BatchStore, lapsed: list[Held]) -> None:
         """Claims that lapsed (this process was frozen or cut off): each is taken again if no one
@@ -243,10 +252,11 @@ class Runtime:
         lost = []
         for batch_id, seq, token in lapsed:
             try:
-                claim = (await self.io.run(probe.claim_many, batch_id, [(seq, token)], self.settings.lease))[0]
+                claim = (await self._probing(probe.claim_many, batch_id, [(seq, token)], self.settings.lease))[0]
             except Exception:  # noqa: BLE001 - unknown: the next renewal looks again
                 continue
-            if claim.outcome not in (ClaimOutcome.CLAIMED, ClaimOutcome.PAUSED):  # paused: no one can take it
+            # paused or cancelled: no one else can take it, and its run ends it
+            if claim.outcome not in (ClaimOutcome.CLAIMED, ClaimOutcome.PAUSED, ClaimOutcome.CANCELLED):
                 lost.append((batch_id, seq, token))
         self.leases.lost.update(lost)
         if lost:
@@ -268,6 +278,7 @@ class Runtime:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.io.executor.shutdown(wait=False)
+        self._probe_thread.shutdown(wait=False)
         self.client.close()
         if self.probe is not None:
             self.probe.redis.close()

@@ -8,10 +8,8 @@ as its ``created``.
 
 from __future__ import annotations
 
-import json
-
 from jobs.formats import openai_line
-from jobs.records import ItemResult, Status
+from jobs.records import ItemResult, Status, json_text
 
 EXPIRED = {"code": "batch_expired",
            "message": "This request could not be executed before the completion window expired."}
@@ -25,4 +23,4 @@ def api_line(result: ItemResult, *, expired: bool, created: int) -> tuple[bool, 
         line["response"] = None
         line["error"] = dict(EXPIRED if expired else CANCELLED)
     success = result.status is Status.OK
-    return success, json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return success, json_text(line).encode() + b"\n"
