@@ -8,6 +8,7 @@ second, so that the frozen worker's items pass to the other within the test.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 
@@ -20,6 +21,7 @@ HOSTS_ENV = {"AIVVM_BATCH_LEASE": "6", "AIVVM_BATCH_SWEEP_INTERVAL": "1", "AIVVM
              "AIVVM_BATCH_VISIBILITY_TIMEOUT": "300"}
 FROZEN_SECONDS = 14.0  # over twice the lease
 THAWED_SECONDS = 3.0  # its waits ran out while it was frozen: it acts at once
+RPM, LIMITER_LATENCY = 600, 0.2  # the frozen-in-the-limiter run: a call every 0.1 s, replies of 0.2 s
 
 
 def recorded(cluster: Cluster, batch_id: str, total: int) -> set[str]:
@@ -44,14 +46,14 @@ def paid_calls(cluster: Cluster, prompts: list[str], stats: dict[str, int]) -> i
 def test_a_worker_frozen_in_the_rate_limiter_calls_nothing_another_recorded(cluster: Cluster) -> None:
     """Items claimed by the frozen worker wait for the shared rate limit (--rpm: a call every
     tenth of a second); thawed, it checks each claim before calling: the items the other worker took and
-    recorded meanwhile are not called again. At most the one call in flight at the freeze is paid
-    twice, and it is counted."""
+    recorded meanwhile are not called again. Only the calls in flight at the freeze are paid twice
+    (a reply takes 0.2 s and a call starts every 0.1 s: at most three), and each is counted."""
     total = 24
-    stub = cluster.stub(latency=0.2, chunks=2)
+    stub = cluster.stub(latency=LIMITER_LATENCY, chunks=2)
     workers = cluster.start_workers(count=2, concurrency=12, env=HOSTS_ENV)
     prompts = [f"frozen limiter {i}" for i in range(total)]
     batch_id = cluster.submit([{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)],
-                              base_url=stub.base_url, rpm=600)
+                              base_url=stub.base_url, rpm=RPM)
     cluster.wait_done(batch_id, 1, timeout=30)  # the others wait for their slots in the limiter
     frozen = workers.processes[0]
     kill(frozen, signal.SIGSTOP)
@@ -67,7 +69,8 @@ def test_a_worker_frozen_in_the_rate_limiter_calls_nothing_another_recorded(clus
     results = cluster.results(batch_id, total)
     assert all(r["status"] == "ok" for r in results), [r for r in results if r["status"] != "ok"][:3]
     assert done_while_frozen > total // 2, "the other worker should have done the frozen one's items"
-    assert calls - total <= 1, f"{calls} calls for {total} items: the thawed worker called recorded items"
+    in_flight = math.ceil(LIMITER_LATENCY * RPM / 60) + 1
+    assert calls - total <= in_flight, f"{calls} calls for {total} items: the thawed worker called recorded items"
     assert sum(r["attempts"] for r in results) >= calls
 
 

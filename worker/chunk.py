@@ -214,9 +214,10 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
         if decision.pause:
             await _pause(rt, batch_id, outcome.scope, decision.pause)
         if decision.again is not None:
-            if decision.again.state.spent != state.spent and await _passed_on(rt, held):
-                # a paid attempt whose claim passed to another worker meanwhile (this one was frozen
-                # or cut off): that worker has the item; what this run paid is counted on it
+            if _may_have_lapsed(rt, outcome) and await _passed_on(rt, held):
+                # an attempt long enough for its claim to lapse (this worker was frozen or cut off)
+                # whose claim passed to another worker: that worker has the item; this run's calls
+                # are counted on it
                 await _count_late(rt, held, decision.again.state.spent, state.attempt)
                 return Done(LATE)
             await _release(rt, batch_id, seq, token)
@@ -286,6 +287,13 @@ async def _abandoned(rt: Runtime, held: tuple[str, int, str], request: ItemReque
     await _release(rt, batch_id, seq, token)
     return RunAgain(replace(state, attempt=state.attempt + 1, not_before=clock.now(), spent=spent),
                     f"its stream was abandoned ({outcome.error}); it runs again")
+
+
+def _may_have_lapsed(rt: Runtime, outcome: Attempt) -> bool:
+    """An attempt that reached the provider and lasted past a renewal: its claim may have lapsed
+    meanwhile (a claim lapses only when its worker misses renewals, every third of the lease)."""
+    reached = outcome.error is None or not outcome.error.unreachable
+    return reached and outcome.latency_ms >= rt.settings.lease * 1000 / 3
 
 
 async def _passed_on(rt: Runtime, held: tuple[str, int, str]) -> bool:

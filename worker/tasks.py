@@ -127,8 +127,10 @@ def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int
         # run_chunk hands every item on itself; if even that failed, the message goes back
         raise Reject(exc, requeue=True) from exc
     counts = Counter("retry" if isinstance(end, Handoff) else end.status for end in ends)
-    paid_elsewhere = counts[LATE] + counts[ABANDONED]
+    paid_elsewhere = [seq for seq, end in zip(dict.fromkeys(items), ends)
+                      if not isinstance(end, Handoff) and end.status in (LATE, ABANDONED)]
     if paid_elsewhere:
-        logger.warning("batch %s: %d replies paid here but not recorded: their claims had passed to another "
-                       "worker (counted in the items' usage)", batch_id, paid_elsewhere)
+        logger.warning("batch %s: %d replies paid here but not recorded (items %s): their claims had passed to "
+                       "another worker (counted in the items' usage)", batch_id, len(paid_elsewhere),
+                       ", ".join(map(str, paid_elsewhere)))
     return " ".join(f"{name}={n}" for name, n in sorted(counts.items()))
