@@ -17,7 +17,7 @@ LLAMA_CPP := llama-cpp-python[server]==0.3.36
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: demo test test-chaos bench llama clean
+.PHONY: demo test test-chaos bench bench-hosts llama clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ test-chaos: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BYTECODE)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## The same batch across hosts (network namespaces; root) with and without slow links, beside the raw client.
+bench-hosts: $(TEST_STAMP)
+	$(BYTECODE)
+	$(BIN)/python bench/slow_links.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LLAMA_VENV) .aivvm-batch results

@@ -19,6 +19,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 # an offset this large is worth one line in the log (once per process, and again if it changes much)
 SKEW_WORTH_SAYING = 2.0
+# the weight of the newest round trip in the mean kept (a link's delay, not one slow reply)
+ROUND_TRIP_SMOOTHING = 0.2
 
 
 def offset_of(server_seconds: int, server_micros: int, sent: float, received: float) -> float:
@@ -31,6 +33,7 @@ class SharedClock:
 
     def __init__(self) -> None:
         self.offset = 0.0
+        self.round_trip = 0.0  # seconds, an exponentially weighted mean of the syncs' round trips
         self.synced = False
         self._said: float | None = None
         self._lock = threading.Lock()
@@ -46,6 +49,8 @@ class SharedClock:
         received = time.time()
         offset = offset_of(int(seconds), int(micros), sent, received)
         with self._lock:
+            trip = max(0.0, received - sent)
+            self.round_trip = trip if not self.synced else self.round_trip + ROUND_TRIP_SMOOTHING * (trip - self.round_trip)
             self.offset, self.synced = offset, True
             if abs(offset) >= SKEW_WORTH_SAYING and (self._said is None or abs(offset - self._said) >= SKEW_WORTH_SAYING):
                 self._said = offset

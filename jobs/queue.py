@@ -53,8 +53,6 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings``, with the delivery guarantees we rely on."""
     transport = {
         "visibility_timeout": settings.visibility_timeout,
-        # scan for messages of dead workers at every 10 s sweep, not every tenth (kombu's default)
-        "unacked_restore_throttle": 1,
         # a cut link drops packets: without timeouts a broker call waits for TCP to give up (a
         # quarter of an hour), and a healed worker took new messages only 9-20 s later
         "socket_timeout": BROKER_SOCKET_TIMEOUT,

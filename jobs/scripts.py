@@ -352,15 +352,15 @@ end
 return math.max(0, until_ms - now)
 """
 
-# KEYS: unacked unacked_index queue ; ARGV: delivery_tag message
-# -> 1 if the unacknowledged message was put back on the queue (it is consumed next), 0 if it was
-# acknowledged meanwhile. The push comes first: a full Redis refuses it and nothing is lost.
 # KEYS: workers ; ARGV: name, then "<claims held> <note>" -> nothing. Seen at Redis's time.
 WORKER_BEAT = """
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], ARGV[1], t[1] .. '.' .. string.format('%06d', t[2]) .. ' ' .. ARGV[2])
 """
 
+# KEYS: unacked unacked_index queue ; ARGV: delivery_tag message
+# -> 1 if the unacknowledged message was put back on the queue (it is consumed next), 0 if it was
+# acknowledged meanwhile. The push comes first: a full Redis refuses it and nothing is lost.
 RESTORE_MESSAGE = """
 local unacked, unacked_index, queue = KEYS[1], KEYS[2], KEYS[3]
 local tag, message = ARGV[1], ARGV[2]
@@ -372,4 +372,31 @@ redis.call('RPUSH', queue, message)
 redis.call('HDEL', unacked, tag)
 redis.call('ZREM', unacked_index, tag)
 return 1
+"""
+
+# KEYS: unacked unacked_index, then the queue's lists (highest priority first) ; ARGV: count
+# -> up to count messages, each as its list's number (1: the first list) and the message, taken
+# from the end of its list (as BRPOP takes them) and recorded
+# as unacknowledged in the same step, as kombu records a message it delivered: the delivery tag
+# scored with Redis's time, and [message, exchange, routing key] under the tag.
+TAKE_MESSAGES = """
+local unacked, unacked_index = KEYS[1], KEYS[2]
+local wanted = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local taken = {}
+for i = 3, #KEYS do
+  while #taken < 2 * wanted do
+    local raw = redis.call('RPOP', KEYS[i])
+    if not raw then break end
+    local properties = cjson.decode(raw)['properties']
+    local tag, info = properties['delivery_tag'], properties['delivery_info']
+    redis.call('ZADD', unacked_index, now, tag)
+    redis.call('HSET', unacked, tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ','
+                                     .. cjson.encode(info['routing_key']) .. ']')
+    taken[#taken + 1] = i - 2
+    taken[#taken + 1] = raw
+  end
+end
+return taken
 """

@@ -227,6 +227,15 @@ class BatchStore:
         self._worker_beat = client.register_script(scripts.WORKER_BEAT)
 
     @translated
+    def load_scripts(self) -> None:
+        """Load the item path's scripts in one round trip (a worker, at its start): the first use
+        of each would otherwise be refused (NOSCRIPT) and sent again, a second on a slow link."""
+        pipe = self.redis.pipeline(transaction=False)
+        for script in (self._claim, self._record, self._touch, self._release, self._count_late):
+            pipe.script_load(script.script)
+        pipe.execute()
+
+    @translated
     def create(self, batch_id: str, source: str, options: BatchOptions) -> bool:
         """Record a new batch; False if one with this id is already there."""
         created = time.time()

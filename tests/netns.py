@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,22 @@ class Net:
     def heal(self, a: Host, b: Host | str) -> None:
         for chain, *rule in self._rules(a, b):
             a.iptables("-D", chain, *rule)
+
+    def slow(self, host: Host, delay: float, loss: float, log: Path) -> None:
+        """Every packet ``host`` sends to another host waits ``delay`` seconds (the NFQUEUE
+        delayer, tests/delayer.py, in its namespace), and a fraction ``loss`` of them is dropped."""
+        queue = self.hosts.index(host) + 1
+        self.start(host, [sys.executable, str(Path(__file__).with_name("delayer.py")), "--queue", str(queue),
+                          "--delay", str(delay)], dict(os.environ), log)
+        time.sleep(0.3)  # bound before any packet waits for it (--queue-bypass until then)
+        subnet = f"{self.subnet}.0/24"
+        host.iptables("-A", "OUTPUT", "-d", subnet, "-m", "statistic", "--mode", "random", "--probability",
+                      str(loss), "-j", "DROP")
+        host.iptables("-A", "OUTPUT", "-d", subnet, "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass")
+
+    def fast(self, host: Host) -> None:
+        """Undo :meth:`slow` (the delayer stays, idle)."""
+        host.iptables("-F", "OUTPUT")
 
     def close(self) -> None:
         for host in self.hosts:

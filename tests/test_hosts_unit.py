@@ -13,7 +13,7 @@ from aivvm_batch.embedded import EmbeddedRedis
 from jobs import clock, keys
 from jobs.clock import SharedClock, offset_of
 from jobs.reconcile import renew_messages, restore_stale_messages
-from worker.runtime import FENCE_SHARE, Contact
+from worker.runtime import FENCE_SHARE, WARN_SHARE, Contact
 from worker.sweeper import Outage
 
 
@@ -72,12 +72,14 @@ def test_contact_fences_at_most_of_a_lease_and_says_so_once_each_way() -> None:
     contact = Contact(lease=30.0, now=100.0)
     assert not contact.fenced(100.0 + FENCE_SHARE * 30 - 0.1)
     assert contact.fenced(100.0 + FENCE_SHARE * 30 + 0.1)
-    first = contact.failed(110.0, "Timeout reading from socket")
+    assert contact.failed(105.0, "one renewal lost on a lossy link") is None
+    assert contact.reached(106.0, lapsed=0) is None  # nothing was said: nothing to take back
+    first = contact.failed(106.0 + WARN_SHARE * 30 + 0.1, "Timeout reading from socket")
     assert first is not None and "out of reach" in first and "Timeout" in first
-    assert contact.failed(120.0, "again") is None
-    back = contact.reached(142.0, lapsed=3)
+    assert contact.failed(130.0, "again") is None
+    back = contact.reached(148.0, lapsed=3)
     assert back == "Redis is reachable again after 42 s (2 renewals failed meanwhile; 3 claims had lapsed)"
-    assert not contact.fenced(142.0)
+    assert not contact.fenced(148.0)
     assert contact.reached(150.0, lapsed=0) is None
 
 

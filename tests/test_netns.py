@@ -43,6 +43,9 @@ HOSTS_ENV = {
     "AIVVM_BATCH_READ_TIMEOUT": "10", "AIVVM_BATCH_BACKOFF_CAP": "2", "AIVVM_BATCH_BACKOFF_BASE": "0.2",
 }
 STUB_PORT = 8787
+SLOW_LINK_ITEMS, SLOW_LINK_DELAY, SLOW_LINK_LOSS = 512, 0.2, 0.01
+SLOW_LINK_SLOWDOWN = 3.5  # a floor against starvation, not a benchmark (see the test)
+SLOW_LINK_ENV = {"AIVVM_BATCH_LEASE": "15"}
 FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
 
@@ -106,12 +109,13 @@ class Hosts:
         path = self.tmp_path / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start_worker(self, index: int, concurrency: int = 16, clock_off: float = 0.0) -> subprocess.Popen[bytes]:
+    def start_worker(self, index: int, concurrency: int = 16, clock_off: float = 0.0,
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Worker ``index`` on its host; ``clock_off``: its host's clock is that many seconds off
         (libfaketime; monotonic time stays true, as NTP-less hosts drift in wall time)."""
         host = self.worker_hosts[index]
         env = {**os.environ, **HOSTS_ENV, REDIS_URL_VARIABLE: self.redis_url, "PYTHONPATH": str(ROOT),
-               "AIVVM_BATCH_CONCURRENCY": str(concurrency)}
+               "AIVVM_BATCH_CONCURRENCY": str(concurrency), **(env or {})}
         if clock_off:
             env.update(LD_PRELOAD=FAKETIME, FAKETIME=f"{clock_off:+.0f}s", DONT_FAKE_MONOTONIC="1")
         process = self.net.start(host, worker_argv(concurrency, name=f"{host.name}@%h"), env,
@@ -277,3 +281,41 @@ def test_workers_45_s_apart_never_take_each_other_for_dead(hosts: Hosts) -> None
         log = hosts.log(name)
         assert "it died" not in log, hosts.tails()
         assert "45.0 s" in log or "44.9 s" in log or "45.1 s" in log, log[-2000:]  # said once: the skew
+
+
+@pytest.mark.timeout(300)
+def test_slow_links_starve_no_worker_and_pay_nothing_twice(hosts: Hosts) -> None:
+    """200 ms one way and 1% loss between every two hosts (the NFQUEUE delayer): a batch of 2 s
+    replies with 64 in flight on each worker. Every item is called once; no claim lapses, no
+    live worker is taken for dead or out of reach; and the workers keep their slots busy (taking
+    messages ahead and acknowledging off the consumer's thread): the batch takes at most
+    :data:`SLOW_LINK_SLOWDOWN` times its time without the delay (6.4 times before; a raw
+    asyncio client itself takes twice as long there: `make bench-hosts` compares the two)."""
+    concurrency, count = 64, SLOW_LINK_ITEMS
+    # a lease of 15 s (its renewal's timeout 3 s): 6 s is too short for a round trip of 400 ms
+    # that a lost packet makes 1.5 s or more (RELIABILITY.md: the lease)
+    hosts.start_worker(0, concurrency, env=SLOW_LINK_ENV)
+    hosts.start_worker(1, concurrency, env=SLOW_LINK_ENV)
+
+    def seconds_for(name: str) -> float:
+        asked = [f"[[stub latency=2]] {name} {i}" for i in range(count)]
+        before = hosts.stats()["requests"]
+        started = time.monotonic()
+        batch_id = hosts.submit(asked)
+        results = hosts.wait_finished(batch_id, timeout=200)
+        took = time.monotonic() - started
+        assert [r for r in results if r["status"] != "ok"][:2] == []
+        assert hosts.stats()["requests"] - before == count
+        return took
+
+    undisturbed = seconds_for("near")
+    for host in hosts.net.hosts:
+        hosts.net.slow(host, SLOW_LINK_DELAY, SLOW_LINK_LOSS, hosts.tmp_path / f"delayer-{host.name}.log")
+    slowed = seconds_for("far")
+    print(f"\nfigure: {count} items of 2 s on 2 workers x {concurrency}: {undisturbed:.1f} s undisturbed, "
+          f"{slowed:.1f} s with {SLOW_LINK_DELAY * 1000:.0f} ms one way and {SLOW_LINK_LOSS:.0%} loss "
+          f"({undisturbed / slowed:.2f}x)")
+    for name in ("w1", "w2"):
+        for said in ("lapsed", "out of reach", "it died", "abandoned", "Traceback"):
+            assert said not in hosts.log(name), hosts.tails()
+    assert slowed <= SLOW_LINK_SLOWDOWN * undisturbed, hosts.tails()

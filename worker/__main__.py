@@ -112,7 +112,10 @@ def _serve(concurrency: int, hostname: str | None, loglevel: str) -> NoReturn:
     os.environ[f"{ENV_PREFIX}CONCURRENCY"] = str(concurrency)  # read by the runtime it builds
     node = app.Worker(pool_cls="threads", concurrency=celery_threads(concurrency),
                       loglevel=loglevel.upper(), queues=[keys.QUEUE], hostname=hostname,
-                      without_gossip=True, without_mingle=True, quiet=True)
+                      without_gossip=True, without_mingle=True, quiet=True,
+                      # Celery's heartbeat is a publish on the consumer's thread every 2 s, for Flower
+                      # (status reads the workers' own heartbeats)
+                      without_heartbeat=not app.conf.worker_send_task_events)
     gc.enable()
     node.start()
     # Celery has stopped and acknowledged its work: exit at once, with Celery's code (2 when

@@ -25,6 +25,7 @@ from jobs.records import BatchOptions, ItemRequest, Usage, cancelled_result
 from jobs.store import Claim, ClaimOutcome, Recorded
 
 from .completion import Attempt, request_tokens, usage
+from .credit import Pace
 from .errors import Abandoned, ClaimLost, RateLimited
 from .item import (
     BUSY_RECHECK_SECONDS,
@@ -66,14 +67,17 @@ class Handoff:
 async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemState,
                     on_end: Callable[[], None] | None = None) -> list[Done | Handoff]:
     """Every item of the chunk to its end for this message (a seq given twice runs once);
-    ``on_end`` is called as each item ends (its slot is free for the next message's items)."""
+    ``on_end`` is called once per item, as soon as it needs no slot any more (its call has
+    ended, its result may still be on its way to Redis; or it ended without a call): the next
+    message's items may start meanwhile."""
     unique = list(dict.fromkeys(seqs))
     loop = asyncio.get_running_loop()
-    runs = [loop.create_task(run_item(rt, batch_id, seq, state)) for seq in unique]
-    if on_end is not None:
-        ended = on_end
-        for run in runs:  # a callback, not a wrapping coroutine: one frame less at each wake-up
-            run.add_done_callback(lambda _: ended())
+    runs = []
+    for seq in unique:
+        freed = _Once(on_end)
+        run = loop.create_task(run_item(rt, batch_id, seq, state, freed))
+        run.add_done_callback(freed.on_done)  # a callback, not a wrapping coroutine: one frame less
+        runs.append(run)
     outcomes = await asyncio.gather(*runs, return_exceptions=True)
     ends: list[Done | Handoff] = []
     for seq, outcome in zip(unique, outcomes):
@@ -87,7 +91,23 @@ async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemStat
     return ends
 
 
-async def run_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Done | Handoff:
+class _Once:
+    """``call``, called at most once (None: nothing)."""
+
+    def __init__(self, call: Callable[[], None] | None) -> None:
+        self.call = call
+
+    def __call__(self) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            call()
+
+    def on_done(self, _: object) -> None:
+        self()
+
+
+async def run_item(rt: Runtime, batch_id: str, seq: int, state: ItemState,
+                   freed: Callable[[], None] = lambda: None) -> Done | Handoff:
     where = f"batch {batch_id} item {seq}"
     while True:
         wait = state.not_before - clock.now()
@@ -96,7 +116,7 @@ async def run_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Do
         if wait > 0:
             await asyncio.sleep(wait)
         try:
-            step = await attempt_item(rt, batch_id, seq, state)
+            step = await attempt_item(rt, batch_id, seq, state, freed)
         except Exception:
             logger.exception("%s: its run failed; it is put back in %.0f s", where, PUT_BACK_SECONDS)
             step = RunAgain(_later(replace(state, attempt=state.attempt + 1), PUT_BACK_SECONDS))
@@ -119,39 +139,46 @@ async def hand_on(rt: Runtime, batch_id: str, seq: int, again: RunAgain) -> Hand
 
 
 class _Slot:
-    """One of the process's slots (requests in flight), taken; given back as soon as the call has ended."""
+    """One of the process's slots (requests in flight), taken; given back as soon as the call has
+    ended (how long it was held goes to ``pace``; ``freed`` is told)."""
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
+    def __init__(self, slots: asyncio.Semaphore, pace: Pace, freed: Callable[[], None]) -> None:
         self.slots = slots
+        self.pace = pace
+        self.freed = freed
+        self.since = time.monotonic()
         self.held = True
 
     def free(self) -> None:
         if self.held:
             self.held = False
             self.slots.release()
+            self.pace.held(time.monotonic() - self.since)
+            self.freed()
 
 
-async def attempt_item(rt: Runtime, batch_id: str, seq: int, state: ItemState) -> Done | RunAgain:
+async def attempt_item(rt: Runtime, batch_id: str, seq: int, state: ItemState,
+                       freed: Callable[[], None] = lambda: None) -> Done | RunAgain:
     """Claim the item, call its provider, and record the result (or say when to run it again)."""
     where = f"batch {batch_id} item {seq}"
     token = f"{_TOKEN_PREFIX}{os.getpid():x}.{next(_attempts):x}"
-    await rt.slots.acquire()
-    slot = _Slot(rt.slots)
+    # claimed before a slot is free (the lease renewal keeps the claim meanwhile): a freed slot
+    # starts its next call without a round trip to Redis first
+    claim = await wait_for_store(f"{where}: claim", lambda: rt.io.claim((batch_id, seq, token)))
+    if claim.outcome is not ClaimOutcome.CLAIMED or claim.request is None or claim.options is None:
+        return await _not_claimed(rt, batch_id, seq, claim, state)
+    rt.leases.hold(batch_id, seq, token)
     try:
-        claim = await wait_for_store(f"{where}: claim", lambda: rt.io.claim((batch_id, seq, token)))
-        if claim.outcome is not ClaimOutcome.CLAIMED or claim.request is None or claim.options is None:
-            slot.free()
-            return await _not_claimed(rt, batch_id, seq, claim, state)
-        rt.leases.hold(batch_id, seq, token)
+        await rt.slots.acquire()
+        slot = _Slot(rt.slots, rt.pace, freed)
         try:
             return await _claimed(rt, batch_id, seq, token, claim.request, claim.options, state, slot)
-        except BaseException:
-            # whatever went wrong, the claim must not keep others from the item
+        finally:
             slot.free()
-            await _release(rt, batch_id, seq, token)
-            raise
-    finally:
-        slot.free()
+    except BaseException:
+        # whatever went wrong, the claim must not keep others from the item
+        await _release(rt, batch_id, seq, token)
+        raise
 
 
 async def _not_claimed(rt: Runtime, batch_id: str, seq: int, claim: Claim, state: ItemState) -> Done | RunAgain:

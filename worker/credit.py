@@ -3,15 +3,22 @@
 Celery's prefetch counts messages, and a message carries a chunk of items: with prefetch
 alone, the first worker to start reserves most of a batch and runs it in several rounds
 while the others idle. Here the process counts the items it holds (those of the messages
-it has taken and not yet acknowledged, less the items already ended) and takes another
+it has taken and not yet acknowledged, less the items that need no slot any more: their
+call has ended, though their results may still be on the way to Redis) and takes another
 message only while that message's items, guessed from the last one taken, fit in its slots.
 None waits in one process for a slot while another process has slots free: with a batch
 that exactly fills the slots twice, an item left waiting would cost a whole extra round.
 
+On a slow link to Redis a take costs round trips (BRPOP, the message's record, the take of
+the others that fit), during which freed slots would idle: the process then also holds
+:func:`reserve` items beyond its slots, as many as its slots end while a take is on its way
+(:class:`Pace` measures how long a slot is held; the round trip is the shared clock's). On a
+local network the reserve is none.
+
 The transport's QoS records each delivery (:meth:`Credit.took`) and acknowledgement
 (:meth:`Credit.settled`) and asks, for the messages its channel holds, whether another fits
 (:meth:`Credit.can_take`): a channel replaced after a lost connection starts from nothing.
-The event loop reports each item's end (:meth:`Credit.ended`); when a refused message would
+The event loop reports each item's freed slot (:meth:`Credit.ended`); when a refused message would
 now fit, :attr:`Credit.on_room` wakes the consumer to ask again (Celery's own loop sleeps
 until a socket or a timer wakes it). Calls come from Celery's consumer, its task threads and
 the loop, hence the lock.
@@ -20,8 +27,37 @@ the loop, hence the lock.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Iterable
+
+# round trips a take costs the consumer: BRPOP, kombu's record of the message, the take ahead
+TAKE_ROUND_TRIPS = 3
+# a round trip shorter than this (a local network) reserves nothing
+RESERVE_FROM_SECONDS = 0.005
+# the weight of the newest measure in an exponentially weighted mean
+SMOOTHING = 0.1
+
+
+def reserve(slots: int, round_trip: float, slot_seconds: float) -> int:
+    """Items to hold beyond ``slots``: those the slots end, each held ``slot_seconds``, while a
+    take of ``round_trip``-second round trips is on its way (at most as many as the slots)."""
+    if slots <= 0 or slot_seconds <= 0 or round_trip < RESERVE_FROM_SECONDS:
+        return 0
+    return min(slots, math.ceil(slots * TAKE_ROUND_TRIPS * round_trip / slot_seconds))
+
+
+class Pace:
+    """How long a slot is held, on average (an exponentially weighted mean; the event loop's)."""
+
+    def __init__(self) -> None:
+        self.slot_seconds = 0.0
+
+    def held(self, seconds: float) -> None:
+        if self.slot_seconds <= 0:
+            self.slot_seconds = seconds
+        else:
+            self.slot_seconds += SMOOTHING * (seconds - self.slot_seconds)
 
 
 def items_in(body: bytes | str | None) -> int:
@@ -38,6 +74,7 @@ class Credit:
 
     def __init__(self, slots: int = 0) -> None:
         self.slots = slots
+        self.ahead = 0  # items held beyond the slots (:func:`reserve`)
         self._lock = threading.Lock()
         self._by_tag: dict[str, int] = {}  # items held, by delivery tag
         self._tag_of_task: dict[str, str] = {}
@@ -61,11 +98,19 @@ class Credit:
             self._refused = self._refused or not fits
         return fits
 
+    def room(self, tags: Iterable[str]) -> int:
+        """How many more messages, each as large as the last one taken, fit in the slots beside
+        the messages ``tags`` (0 without slots: Celery's prefetch alone decides, one at a time)."""
+        if self.slots <= 0:
+            return 0
+        with self._lock:
+            return max(0, (self.slots + self.ahead - self._held(tags)) // self._last)
+
     def _held(self, tags: Iterable[str]) -> int:
         return sum(self._by_tag.get(tag, 0) for tag in tags)
 
     def _fits(self, held: int) -> bool:
-        return held == 0 or held + self._last <= self.slots
+        return held == 0 or held + self._last <= self.slots + self.ahead
 
     def took(self, tag: str, task_id: str | None, items: int) -> None:
         with self._lock:
@@ -76,7 +121,9 @@ class Credit:
             self._last = max(1, items)
 
     def ended(self, task_id: str | None) -> None:
-        """One item of the message of task ``task_id`` has ended (recorded or handed on)."""
+        """One item of the message of task ``task_id`` needs no slot any more: its call has ended
+        (its record may be on its way), or it ended without one. An item that runs again at once
+        takes a slot again: the slots, not the credit, bound what is in flight."""
         with self._lock:
             tag = self._tag_of_task.get(task_id or "")
             if tag is not None and self._by_tag.get(tag, 0) > 0:

@@ -33,6 +33,7 @@ from celery import Celery
 
 from jobs import clock
 from jobs.config import Settings
+from jobs.errors import BatchError
 from jobs.queue import Publisher
 from jobs.reconcile import renew_messages
 from jobs.store import WORKER_RETRIES, BatchStore, ClaimOutcome, connect
@@ -41,6 +42,7 @@ from .breaker import Breaker
 from .errors import Abandoned
 
 from .calls import ProviderCalls
+from .credit import CREDIT, Pace, reserve
 from .ratelimit import RateLimiter
 from .storeio import StoreIO
 
@@ -53,6 +55,8 @@ GC_THRESHOLD = 50_000
 # the share of a lease without reaching Redis after which this process starts no call and
 # abandons its streams: its claims lapse at the whole lease, and another worker takes its items
 FENCE_SHARE = 0.8
+# out of reach this share of the lease: one warning (a renewal lost on a lossy link says nothing)
+WARN_SHARE = 0.4
 # a reply of the workers' Redis that takes longer is a timeout (a cut link drops packets)
 SOCKET_TIMEOUT = 10.0
 # the lease renewal's own connection: fails fast, so that a cut is seen within seconds
@@ -78,40 +82,48 @@ class Leases:
     def snapshot(self) -> list[Held]:
         return list(self._held)
 
+    def holds(self, claim: Held) -> bool:
+        return claim in self._held
+
     def __len__(self) -> int:
         return len(self._held)
 
 
 class Contact:
     """When this process last reached Redis, and the one line to log when that changes (pure:
-    the caller gives the monotonic time)."""
+    the caller gives the monotonic time). A renewal that fails alone (a slow or lossy link) says
+    nothing: the warning comes once Redis has been out of reach for :data:`WARN_SHARE` of a lease."""
 
     def __init__(self, lease: float, now: float) -> None:
         self.lease = lease
         self.last_ok = now
         self.lost_since: float | None = None
         self.failures = 0
+        self.said = False
 
     def fenced(self, now: float) -> bool:
         """Out of reach for most of a lease: start nothing, abandon what streams."""
         return now - self.last_ok > FENCE_SHARE * self.lease
 
     def failed(self, now: float, error: object) -> str | None:
-        """A renewal failed; the warning to log when this is the first since Redis was last reached."""
+        """A renewal failed; the warning to log once Redis has been out of reach for a while."""
         self.failures += 1
-        if self.lost_since is not None:
+        if self.lost_since is None:
+            self.lost_since = self.last_ok
+        if self.said or now - self.last_ok < WARN_SHARE * self.lease:
             return None
-        self.lost_since = self.last_ok
+        self.said = True
         return (f"Redis is out of reach ({error}); this worker's claims lapse {self.lease:g} s after it "
                 f"was last reached, and it starts no call after {FENCE_SHARE * self.lease:.0f} s")
 
-    def reached(self, now: float, lapsed: int) -> str | None:
-        """A renewal went through; the line to log when Redis had been out of reach."""
-        self.last_ok = now
-        if self.lost_since is None:
+    def reached(self, sent: float, lapsed: int) -> str | None:
+        """A renewal sent at ``sent`` went through (its claims run a lease from then, at least);
+        the line to log when Redis had been said out of reach."""
+        self.last_ok = sent
+        said, gone, failures = self.said, sent - (self.lost_since or sent), self.failures
+        self.lost_since, self.failures, self.said = None, 0, False
+        if not said:
             return None
-        gone, failures = now - self.lost_since, self.failures
-        self.lost_since, self.failures = None, 0
         return (f"Redis is reachable again after {gone:.0f} s ({failures} renewals failed meanwhile; "
                 f"{lapsed} claims had lapsed)")
 
@@ -153,6 +165,8 @@ class Runtime:
     io: StoreIO
     calls: ProviderCalls
     slots: asyncio.Semaphore
+    # how long a slot is held (for the reserve of items beyond the slots: worker.credit)
+    pace: Pace = field(default_factory=Pace)
     leases: Leases = field(default_factory=Leases)
     # the delivery tags of the messages this process holds (renewed with the claims)
     held_messages: Callable[[], list[str]] = list
@@ -180,6 +194,10 @@ class Runtime:
         probe = BatchStore(connect(settings.redis_url, max_connections=2, connect_timeout=probe_timeout,
                                    socket_timeout=probe_timeout), settings.result_ttl)
         clock.sync(probe.redis)
+        try:
+            store.load_scripts()  # which also opens the first connection of the store's threads
+        except BatchError as exc:  # each script loads at its first use instead
+            logger.info("could not load the store's scripts ahead: %s", exc)
         publisher = Publisher(client, app)
         loop = new_event_loop()
         executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="aivvm-redis")
@@ -216,23 +234,30 @@ class Runtime:
 
         return check
 
-    async def renew(self) -> None:
+    async def renew(self) -> bool:
         """Extend the claims and the messages this process holds (a lease's renewal): through a
-        connection of its own that fails fast, which also tells whether Redis is in reach."""
+        connection of its own that fails fast, which also tells whether Redis is in reach.
+        Returns whether Redis was reached."""
         probe, contact = self.probe or self.store, self.contact
         held = self.leases.snapshot()
+        sent = time.monotonic()  # the claims run a lease from then, at least
         try:
-            await self._probing(clock.CLOCK.sync, probe.redis)
-            kept = await self._probing(probe.keep_claims, held, self.settings.lease) if held else []
+            if held:
+                kept = await self._probing(probe.keep_claims, held, self.settings.lease)
+                await self._probing(clock.sync, probe.redis)  # the clock is worth no failure
+            else:
+                kept = []
+                await self._probing(clock.CLOCK.sync, probe.redis)
         except Exception as exc:  # the next renewal tries again
             message = contact.failed(time.monotonic(), exc) if contact is not None else None
             if message:
                 logger.warning("%s", message)
-            return
-        lapsed = [claim for claim, ok in zip(held, kept) if not ok]
+            return False
+        # an item recorded (or released) while the renewal was on its way is no longer held: not lapsed
+        lapsed = [claim for claim, ok in zip(held, kept) if not ok and self.leases.holds(claim)]
         if lapsed:
             await self._lapsed(probe, lapsed)
-        message = contact.reached(time.monotonic(), len(lapsed)) if contact is not None else None
+        message = contact.reached(sent, len(lapsed)) if contact is not None else None
         if message:
             logger.warning("%s", message)
         tags = self.held_messages()
@@ -241,6 +266,7 @@ class Runtime:
                 await self._probing(renew_messages, probe.redis, tags)
             except Exception as exc:  # includes a full Redis: then the sweep restores nothing either
                 logger.info("could not renew %d held messages: %s", len(tags), exc)
+        return True
 
     async def _probing(self, call: Callable[..., T], *args: Any) -> T:
         """A call of the lease renewal, on its own thread."""
@@ -249,24 +275,39 @@ class Runtime:
     async def _lapsed(self, probe: BatchStore, lapsed: list[Held]) -> None:
         """Claims that lapsed (this process was frozen or cut off): each is taken again if no one
         else took it, else lost: its stream is abandoned, and no call starts for it here."""
-        lost = []
+        lost, taken = [], 0
+        by_batch: dict[str, list[tuple[int, str]]] = {}
         for batch_id, seq, token in lapsed:
+            by_batch.setdefault(batch_id, []).append((seq, token))
+        for batch_id, claims in by_batch.items():  # one round trip a batch: renewals wait meanwhile
             try:
-                claim = (await self._probing(probe.claim_many, batch_id, [(seq, token)], self.settings.lease))[0]
+                again = await self._probing(probe.claim_many, batch_id, claims, self.settings.lease)
             except Exception:  # noqa: BLE001 - unknown: the next renewal looks again
                 continue
             # paused or cancelled: no one else can take it, and its run ends it
-            if claim.outcome not in (ClaimOutcome.CLAIMED, ClaimOutcome.PAUSED, ClaimOutcome.CANCELLED):
-                lost.append((batch_id, seq, token))
+            for (seq, token), claim in zip(claims, again):
+                if claim.outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.PAUSED, ClaimOutcome.CANCELLED):
+                    continue
+                if self.leases.holds((batch_id, seq, token)):
+                    lost.append((batch_id, seq, token))
+                    # done: most often recorded here while the renewal was on its way; not worth a line
+                    taken += claim.outcome is not ClaimOutcome.DONE
         self.leases.lost.update(lost)
-        if lost:
-            logger.warning("%d claims of this worker lapsed and passed to another worker (or their items "
-                           "were done): their streams are abandoned", len(lost))
+        if taken:
+            logger.warning("%d claims of this worker lapsed and passed to another worker: their streams are "
+                           "abandoned", taken)
 
     async def _renew_forever(self) -> None:
+        """A renewal every third of the lease, counted from the start of the last one (its round
+        trips take a second on a slow link); after a failure, again soon."""
+        every = self.settings.lease / 3
+        wait = every
         while True:
-            await asyncio.sleep(self.settings.lease / 3)
-            await self.renew()
+            await asyncio.sleep(wait)
+            started = time.monotonic()
+            renewed = await self.renew()
+            CREDIT.ahead = reserve(CREDIT.slots, clock.CLOCK.round_trip, self.pace.slot_seconds)
+            wait = max(0.0, every - (time.monotonic() - started)) if renewed else every / 4
 
     def close(self) -> None:
         """Stop the loop (after the work handed to it has ended) and close the connections."""

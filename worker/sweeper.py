@@ -98,7 +98,8 @@ def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str,
         gone = [worker.name for worker in seen if worker.age > FORGET_WORKER_SECONDS]
         if gone:
             store.forget_workers(gone)
-        sweep_once(store, publisher, settings.sweep_interval, settings.lease)
+        # no live worker lets a held message go a lease, nor the visibility timeout, unrenewed
+        sweep_once(store, publisher, settings.sweep_interval, min(settings.lease, settings.visibility_timeout))
     except StoreFull:
         logger.warning("Redis is full (maxmemory): the sweep waits for memory to free")
     except redis.exceptions.ResponseError as exc:

@@ -12,14 +12,18 @@ reads to tell a dead worker's messages) with the host's own clock; here it is Re
 (:mod:`jobs.clock`), as every other liveness time is.
 
 A worker takes a message only while its items fit in the slots of its runtime
-(:mod:`worker.credit`), and it also keeps consuming when Redis is full (see :meth:`QoS.append`), and an acknowledgement
+(:mod:`worker.credit`); when kombu's BRPOP brings one, the others that fit come with it, in one
+round trip (:meth:`Channel._take_ahead`), and acknowledgements leave the consumer's thread
+(:mod:`worker.acks`): on a link of 200 ms each way, one message a BRPOP and a round trip an
+acknowledgement on that thread made a message a second, and a worker's 64 slots starved. It also keeps consuming when Redis is full (see :meth:`QoS.append`), and an acknowledgement
 made while the connection is being replaced does not kill the worker (:meth:`QoS.ack`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,13 +32,18 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from redis.exceptions import ResponseError
 
-from jobs import clock
+from jobs import clock, scripts
 from jobs.store import is_out_of_memory
 
+from .acks import Acknowledger
 from .credit import CREDIT, items_in
 
 logger = logging.getLogger(__name__)
 IDLE_BRPOP_SECONDS = 0.1
+# messages taken at most in one round trip beside the one BRPOP brought
+TAKE_AHEAD_MAX = 16
+# a closing channel waits this long at most for its queued acknowledgements to be sent
+ACKS_CLOSE_TIMEOUT = 2.0
 kombu_redis.time = clock.now  # type: ignore[attr-defined]  # the module's own `from time import time`
 # Celery reconnects to the broker with kombu's waits: 2 s, then 2 s more each time, up to 30 s;
 # a worker whose Redis came back waited up to half a minute. Here: 1 s, then up to 2 s.
@@ -52,12 +61,26 @@ Connection._ensure_connection = _ensure_connection_soon  # type: ignore[method-a
 
 
 class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # delivery tags of messages whose unacknowledged record their take wrote already
+        self.recorded: set[str] = set()
+
+    def _held(self) -> list[str]:
+        held = list(self._delivered)  # a copy: task threads acknowledge meanwhile
+        return [tag for tag in held if tag not in self._dirty]
+
     def can_consume(self) -> bool:
         """Celery's prefetch allows another message, and its items would find free slots."""
         if not super().can_consume():  # type: ignore[no-untyped-call]
             return False
-        held = list(self._delivered)  # a copy: task threads acknowledge meanwhile
-        return CREDIT.can_take(tag for tag in held if tag not in self._dirty)
+        return CREDIT.can_take(self._held())
+
+    def room(self) -> int:
+        """How many more messages Celery's prefetch and the slots allow now."""
+        held = self._held()
+        prefetch = self.prefetch_count - len(held) if self.prefetch_count else TAKE_AHEAD_MAX
+        return max(0, min(prefetch, CREDIT.room(held), TAKE_AHEAD_MAX))
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Record a delivered message as unacknowledged (and its items as held); in a full Redis,
@@ -69,6 +92,10 @@ class QoS(kombu_redis.QoS):
         acknowledging it, the workers' sweep enqueues the unfinished item again.
         """
         CREDIT.took(delivery_tag, (getattr(message, "headers", None) or {}).get("id"), items_in(message.body))
+        if delivery_tag in self.recorded:  # taken ahead: its take recorded it
+            self.recorded.discard(delivery_tag)
+            kombu_virtual.QoS.append(self, message, delivery_tag)
+            return
         try:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
         except ResponseError as exc:
@@ -79,13 +106,10 @@ class QoS(kombu_redis.QoS):
             kombu_virtual.QoS.append(self, message, delivery_tag)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
-        """Restore messages past the visibility timeout; in a full Redis, at a later sweep."""
-        try:
-            super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except ResponseError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            logger.warning("Redis is full (maxmemory): unacknowledged messages are restored later")
+        """Nothing: the workers' sweep puts back the messages no live worker renews, on a thread
+        of its own (:mod:`worker.sweeper`). kombu's scan takes a lock, reads and unlocks, three
+        round trips on the consumer's thread at each pass: on a link of 200 ms each way it held
+        the consumer most of every second, and the workers starved."""
 
     def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
         """Forget an acknowledged message without MULTI: a full Redis refuses every command
@@ -98,16 +122,11 @@ class QoS(kombu_redis.QoS):
                 .hdel(self.unacked_key, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
-        """Acknowledge; on a channel already closed by a lost connection, leave the message in
-        the unacked set: nobody renews it any more, so the sweep puts it back after a lease and
-        its items are found done (many threads acknowledge at once while Redis restarts)."""
+        """Acknowledge: the removal of the message's record is queued, and sent with the others
+        by the channel's thread (:mod:`worker.acks`), not on the consumer's."""
         CREDIT.settled(delivery_tag)
-        try:
-            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
-        except AttributeError:
-            if self.channel.connection is not None:
-                raise
-            logger.warning("broker connection gone: a message is acknowledged by the sweep instead")
+        self.channel.acks.ack(delivery_tag)
+        kombu_virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         CREDIT.settled(delivery_tag)
@@ -134,6 +153,7 @@ class Channel(kombu_redis.Channel):
         takes a fraction of a second (6.0 and later): closing the channel waits for the BRPOP in
         flight, so a worker's warm shutdown lasted up to kombu's second after its last task."""
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.acks = Acknowledger(self.conn_or_acquire, self.unacked_key, self.unacked_index_key)
         try:
             major = int(str(self.client.info("server").get("redis_version", "0")).split(".")[0])
         except Exception:  # noqa: BLE001 - an unknown version keeps kombu's whole second
@@ -141,12 +161,42 @@ class Channel(kombu_redis.Channel):
         if major >= 6:
             self.brpop_timeout = IDLE_BRPOP_SECONDS
 
+    def _brpop_read(self, **options: Any) -> bool:
+        """kombu's (a message that BRPOP brought), then those that fit beside it."""
+        delivered = bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
+        if delivered:
+            self._take_ahead()
+        return delivered
+
+    def _take_ahead(self) -> None:
+        """Take the messages that fit now, in one round trip that also records them as
+        unacknowledged (as kombu records each message it delivers, in a round trip of its own)."""
+        qos: QoS = self.qos
+        wanted = qos.room()
+        queues: Sequence[str] = sorted(self.active_queues)
+        if wanted <= 0 or not queues:
+            return
+        lists = [(self._q_for_pri(queue, pri), queue)  # type: ignore[no-untyped-call]
+                 for pri in self.priority_steps for queue in queues]
+        try:
+            with self.conn_or_acquire() as client:
+                taken = client.eval(scripts.TAKE_MESSAGES, 2 + len(lists), qos.unacked_key, qos.unacked_index_key,
+                                    *(key for key, _ in lists), wanted)
+        except Exception as exc:  # noqa: BLE001 - nothing was taken: BRPOP takes them as before
+            logger.debug("could not take messages ahead: %s", exc)
+            return
+        for number, raw in zip(taken[::2], taken[1::2]):
+            message = json.loads(raw)
+            qos.recorded.add(message["properties"]["delivery_tag"])
+            self.connection._deliver(message, lists[int(number) - 1][1])
+
     def close(self) -> None:
         """kombu's, without waiting out the BRPOP in flight: Redis is first asked to end it as its
         timeout would (CLIENT UNBLOCK). A message it took already is not lost: its reply is on the
         way, and kombu reads it as before."""
         if self._in_poll and not self.closed:
             self._unblock_brpop()
+        self.acks.close(ACKS_CLOSE_TIMEOUT)
         super().close()  # type: ignore[no-untyped-call]
 
     def _unblock_brpop(self) -> None:
