@@ -353,13 +353,11 @@ def info_dict(info: BatchInfo) -> dict[str, Any]:
 
 
 WORKERS_SHOWN = 20
-# a worker not seen for this long is shown as missing (heartbeats come every sweep, 10 s by default)
-WORKER_MISSING_SECONDS = 60.0
 
 
 def worker_dict(seen: WorkerSeen) -> dict[str, Any]:
     return {"name": seen.name, "last_seen_seconds": round(seen.age, 1), "claims_held": seen.held,
-            "note": seen.note or None, "missing": seen.age >= WORKER_MISSING_SECONDS}
+            "note": seen.note or None, "missing": seen.missing}
 
 
 def worker_lines(seen: list[WorkerSeen]) -> list[str]:
@@ -369,7 +367,7 @@ def worker_lines(seen: list[WorkerSeen]) -> list[str]:
     lines = ["workers:"]
     for worker in seen[:WORKERS_SHOWN]:
         age = "never" if worker.age == float("inf") else f"{worker.age:.0f} s ago"
-        state = "MISSING, " if worker.age >= WORKER_MISSING_SECONDS else ""
+        state = "MISSING, " if worker.missing else ""
         line = f"  {worker.name}: {state}seen {age}, {worker.held} items in hand"
         lines.append(line + (f"; {worker.note}" if worker.note else ""))
     if len(seen) > WORKERS_SHOWN:

@@ -11,6 +11,7 @@ Owners are opaque strings (a digest of an API key, never the key itself).
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,6 +50,10 @@ class StoredFile:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
                 "filename": self.filename, "purpose": self.purpose, "status": "processed",
                 "expires_at": None, "status_details": None}
+
+
+# what new_file_id makes: any other id names no file (and no other key of the store)
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 
 
 def new_file_id() -> str:
@@ -132,6 +137,8 @@ class FileStore:
     @translated
     def get(self, owner: str, file_id: str) -> StoredFile:
         """The file ``file_id`` if ``owner`` owns it, else :class:`FileNotFound`."""
+        if not FILE_ID.fullmatch(file_id):
+            raise FileNotFound(file_id)
         raw: Any = self.redis.hgetall(file_meta(file_id))
         meta = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
         if not meta or meta.get("owner") != owner:

@@ -132,6 +132,12 @@ def api_lease(batch_id: str) -> str:
     return f"{PREFIX}:api:batch:{batch_id}:lease"
 
 
+def api_idempotency(owner: str, digest: str) -> str:
+    """String with a TTL: "<batch id or 'pending'> <parameters' digest>" for one Idempotency-Key
+    (``digest``: its SHA-256) of one owner."""
+    return f"{PREFIX}:owner:{owner}:idempotency:{digest}"
+
+
 def owner_batches(owner: str) -> str:
     """Sorted set: API batch ids of one owner, scored by creation time (ms)."""
     return f"{PREFIX}:owner:{owner}:batches"

@@ -124,6 +124,14 @@ class WorkerSeen:
     held: int = 0
     note: str = ""
 
+    @property
+    def missing(self) -> bool:
+        return self.age >= WORKER_MISSING_SECONDS
+
+
+# a worker not seen for this long is shown as missing (heartbeats come every sweep, 10 s by default)
+WORKER_MISSING_SECONDS = 60.0
+
 
 def worker_seen(name: str, value: str, now: float) -> WorkerSeen:
     """A heartbeat as stored (``"<seen> <held> <note>"``; older workers wrote ``"<seen>"``)."""

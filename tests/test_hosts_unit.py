@@ -10,9 +10,11 @@ import pytest
 import redis
 
 from aivvm_batch.embedded import EmbeddedRedis
+from aivvm_batch.serve import page
 from jobs import clock, keys
 from jobs.clock import SharedClock, offset_of
 from jobs.reconcile import renew_messages, restore_stale_messages
+from jobs.store import WorkerSeen
 from worker.runtime import FENCE_SHARE, WARN_SHARE, Contact
 from worker.sweeper import Outage
 
@@ -122,3 +124,11 @@ def test_an_item_goes_round_workers_that_cannot_reach_the_provider_until_every_o
     refused = Attempt("openai", "m", "", ProviderHTTPError(503, "busy"), 5, None)
     assert hand_elsewhere(refused, state, "w1", peers=2, now=50.0) is None  # it answered
     assert ItemState.from_kwargs(**first.state.to_kwargs()) == first.state
+
+
+def test_the_page_counts_workers_without_naming_their_hosts() -> None:
+    seen = [WorkerSeen("w1@host-a", 2.0, 16), WorkerSeen("w2@host-b", 5.0, 0, "provider unreachable for 60 s"),
+            WorkerSeen("w3@host-c", 300.0)]
+    said = page.workers(seen)
+    assert said == {"live": 2, "holding": 16, "missing": 1, "notes": ["provider unreachable for 60 s"]}
+    assert "host" not in str(said)

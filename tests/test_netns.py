@@ -35,9 +35,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos,
               pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
 ROOT = Path(__file__).resolve().parent.parent
 LEASE = 6.0
+SWEEP = 1.0
 SHUTDOWN_TIMEOUT = 8.0
 HOSTS_ENV = {
-    "AIVVM_BATCH_LEASE": str(LEASE), "AIVVM_BATCH_SWEEP_INTERVAL": "1",
+    "AIVVM_BATCH_LEASE": str(LEASE), "AIVVM_BATCH_SWEEP_INTERVAL": str(SWEEP),
     "AIVVM_BATCH_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT), "AIVVM_BATCH_ITEM_DEADLINE": "60",
     "AIVVM_BATCH_VISIBILITY_TIMEOUT": "300", "AIVVM_BATCH_CONNECT_TIMEOUT": "2",
     "AIVVM_BATCH_READ_TIMEOUT": "10", "AIVVM_BATCH_BACKOFF_CAP": "2", "AIVVM_BATCH_BACKOFF_BASE": "0.2",
@@ -212,6 +213,28 @@ def test_a_cut_from_redis_longer_than_the_lease_pays_at_most_what_was_in_flight_
     assert log.count("Redis is out of reach") == 1, hosts.tails()
     assert log.count("Redis is reachable again") == 1, hosts.tails()
     assert "Traceback" not in log
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_has_its_items_done_by_the_other_within_two_leases_and_two_sweeps(hosts: Hosts) -> None:
+    """SIGKILL of one of two workers mid-batch: its claims lapse within a lease, the sweep puts its
+    messages back (no one renews them), and the other worker does its items; only what it was
+    streaming is called twice."""
+    concurrency = 16
+    victim = hosts.start_worker(0, concurrency)
+    hosts.start_worker(1, concurrency)
+    asked = prompts("killed", 96)  # three rounds of one-second replies on two workers
+    batch_id = hosts.submit(asked)
+    time.sleep(1.5)
+    os.killpg(victim.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    results = hosts.wait_finished(batch_id, timeout=90)
+    took = time.monotonic() - killed
+    calls = hosts.calls(asked)
+    print(f"\nfigure: a worker killed: the batch finished {took:.1f} s later, {calls} calls for {len(asked)} items")
+    assert [r for r in results if r["status"] != "ok"][:2] == []
+    assert took < 2 * LEASE + 2 * SWEEP + len(asked) / concurrency, hosts.tails()
+    assert calls - len(asked) <= concurrency
 
 
 @pytest.mark.timeout(120)

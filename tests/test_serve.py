@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,40 @@ def test_list_batches_pages_with_after_and_limit(server: Served, tmp_path: Path)
         assert wait_for(api, batch_id).status == "completed"
 
 
+def test_one_idempotency_key_makes_one_batch_and_listing_honours_order(server: Served, tmp_path: Path) -> None:
+    api = client(server, ALICE)
+    path = write_jsonl(tmp_path / "one.jsonl", [request_line("only", "hello")])
+    file_id = api.files.create(file=path.open("rb"), purpose="batch").id
+    before = len(list(api.batches.list(limit=100)))
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    headers = {"Authorization": f"Bearer {ALICE}", "Idempotency-Key": f"retry-{uuid.uuid4()}"}
+    made = {requests.post(server.api + "/batches", json=body, headers=headers, timeout=30).json()["id"]
+            for _ in range(3)}  # a client that retries
+    assert len(made) == 1 and len(list(api.batches.list(limit=100))) == before + 1
+    other = requests.post(server.api + "/batches", json={**body, "metadata": {"a": "b"}}, headers=headers, timeout=30)
+    assert other.status_code == 400 and other.json()["error"]["code"] == "idempotency_key_reused"
+    newest = [b.id for b in api.batches.list(limit=100)]
+    oldest = [b.id for b in api.batches.list(limit=100, extra_query={"order": "asc"})]
+    assert oldest == newest[::-1] and made.pop() == newest[0]
+
+
+def test_a_lone_surrogate_is_a_400_that_makes_nothing(server: Served, tmp_path: Path) -> None:
+    """`requests`' json= and JSON.stringify send one as the escape \\ud83d: before, the batch was made
+    and run, the answer was a 500 (a client that retries paid again), and the owner's listing
+    answered 500 for good."""
+    api = client(server, ALICE)
+    path = write_jsonl(tmp_path / "one.jsonl", [request_line("only", "hello")])
+    file_id = api.files.create(file=path.open("rb"), purpose="batch").id
+    before = [b.id for b in api.batches.list(limit=100)]
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
+            "metadata": {"note": "\ud83d"}}
+    reply = requests.post(server.api + "/batches", json=body, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "metadata.note"
+    assert [b.id for b in api.batches.list(limit=100)] == before
+    assert "Traceback" not in server.log_text()
+
+
 # -- who may see what -------------------------------------------------------------------------
 
 
@@ -293,6 +328,14 @@ def test_bad_input_answers_4xx_in_openai_form(server: Served, redis_client: redi
         ("GET", "/batches?after=batch_nope", {}, 404),
         ("GET", "/files?order=sideways", {}, 400),
         ("GET", "/batches/batch_nope", {}, 404),
+        ("GET", f"/batches/batch_{'0' * 24}:lease", {}, 404),  # another key of the store: not a batch
+        ("GET", f"/files/file-{'0' * 24}:data", {}, 404),
+        ("GET", "/batches?limit=\uff11\uff10", {}, 400),  # full-width digits
+        ("GET", "/batches?order=sideways", {}, 400),
+        ("POST", "/files", {"data": b"--x\r\n", "headers": {
+            "content-type": "multipart/form-data; boundary=" + "b" * 300}}, 400),
+        ("POST", "/batches", {"data": b'{"input_file_id": "file-x", "endpoint": "/v1/chat/completions", '
+                                      b'"completion_window": "24h", "metadata": {"note": "\\ud83d"}}'}, 400),
         ("POST", "/files", {"files": {"file": ("a.jsonl", jsonl)}, "data": {"purpose": "fine-tune"}}, 400),
         ("POST", "/files", {"data": {"purpose": "batch"}}, 400),
         ("POST", "/files", {"data": b"plain body", "headers": {"content-type": "text/plain"}}, 400),

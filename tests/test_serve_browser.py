@@ -63,6 +63,7 @@ class Rows(HTMLParser):
         self.current: dict[str, object] | None = None
         self.body: dict[str, str | None] = {}
         self.forms: dict[str, bool] = {}
+        self.workers: dict[str, str | None] = {}
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -70,6 +71,8 @@ class Rows(HTMLParser):
             self.body = a
         if tag == "form":
             self.forms[a.get("id") or ""] = "hidden" in a
+        if tag == "p" and a.get("id") == "workers":
+            self.workers = a
         if tag == "tr" and (a.get("id") or "").startswith("batch-"):
             self.current = {"status": a.get("data-status"), "text": [], "links": [], "bar": None}
             self.rows[(a["id"] or "")[len("batch-"):]] = self.current
@@ -153,6 +156,7 @@ def test_page_shows_progress_counts_errors_and_downloads(server: Served, tmp_pat
     try:
         page = dump(tmp_path, f"{server.base}/#key={ALICE}")
         assert int(page.body.get("data-refreshes") or 0) >= 2, "the page polls while a batch runs"
+        assert int(page.workers.get("data-live") or 0) >= 1 and "hidden" not in page.workers, page.workers
         row = page.rows[running.id]
         assert row["status"] == "in_progress"
         bar: Any = row["bar"]

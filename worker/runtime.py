@@ -195,7 +195,7 @@ class Runtime:
                                    socket_timeout=probe_timeout), settings.result_ttl)
         clock.sync(probe.redis)
         try:
-            store.load_scripts()  # which also opens the first connection of the store's threads
+            probe.load_scripts()  # the probe fails fast (the store's connections retry for minutes)
         except BatchError as exc:  # each script loads at its first use instead
             logger.info("could not load the store's scripts ahead: %s", exc)
         publisher = Publisher(client, app)

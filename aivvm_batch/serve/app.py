@@ -19,7 +19,8 @@ import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as StarletteJSON
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from jobs.endpoints import Endpoint
@@ -41,7 +42,16 @@ Handler = Callable[[Request, str], Awaitable[Response]]
 ENDPOINTS = tuple(e.value for e in Endpoint)
 WINDOWS = ("24h",)
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+MAX_IDEMPOTENCY_KEY = 255
 PAGE_BATCHES = 50
+
+
+class JSONResponse(StarletteJSON):
+    """Starlette's, with every character beyond ASCII escaped: a string that holds a lone surrogate
+    (stored before such text was refused) still renders, where UTF-8 cannot encode it (a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -89,12 +99,10 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
     async def list_files(request: Request, owner: str) -> Response:
         q = request.query_params
         limit = _int_param(q.get("limit"), "limit", 1, 10_000, 10_000)
-        order = q.get("order", "desc")
-        if order not in ("asc", "desc"):
-            raise BadRequest("order must be 'asc' or 'desc'", param="order")
         try:
             found, more = await blocking(partial(ctx.files.list_files, owner, after=q.get("after"), limit=limit,
-                                                 newest_first=order == "desc", purpose=q.get("purpose")))
+                                                 newest_first=_order(q.get("order")) == "desc",
+                                                 purpose=q.get("purpose")))
         except FileNotFound as exc:
             raise NotFound(str(exc), param="after") from exc
         return JSONResponse(_page([f.to_api() for f in found], more))
@@ -143,15 +151,17 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
         if stored.purpose != "batch":
             raise BadRequest(f"the file {input_file_id} was not uploaded with purpose 'batch'",
                              param="input_file_id")
-        batch = await blocking(ctx.records.create, owner, input_file_id, endpoint_, window,
-                               ctx.limits.window_seconds, metadata, ctx.driver.config.options)
+        batch = await blocking(partial(ctx.records.create, owner, input_file_id, endpoint_, window,
+                                       ctx.limits.window_seconds, metadata, ctx.driver.config.options,
+                                       idempotency_key=_idempotency_key(request)))
         ctx.driver.wake.set()
         return JSONResponse(batch.to_api(None))
 
     async def list_batches(request: Request, owner: str) -> Response:
         q = request.query_params
         limit = _int_param(q.get("limit"), "limit", 1, 100, 20)
-        found, more = await blocking(ctx.records.list_batches, owner, q.get("after"), limit)
+        found, more = await blocking(ctx.records.list_batches, owner, q.get("after"), limit,
+                                     _order(q.get("order")) == "desc")
         return JSONResponse(_page([b.to_api(i) for b, i in await blocking(_with_infos, found)], more))
 
     async def get_batch(request: Request, owner: str) -> Response:
@@ -190,7 +200,7 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
         rows = []
         for batch, info in await blocking(_with_infos, found, True):
             rows.append(page.row(batch.to_api(info), info))
-        return JSONResponse({"batches": rows})
+        return JSONResponse({"batches": rows, "workers": page.workers(await blocking(ctx.store.workers))})
 
     async def health(request: Request, owner: str) -> Response:
         return JSONResponse({"status": "ok"})
@@ -236,13 +246,27 @@ def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
             "last_id": data[-1]["id"] if data else None, "has_more": more}
 
 
+def _order(raw: str | None) -> str:
+    order = raw or "desc"
+    if order not in ("asc", "desc"):
+        raise BadRequest("order must be 'asc' or 'desc'", param="order")
+    return order
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isascii() and key.isprintable()):
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+                         param="Idempotency-Key")
+    return key
+
+
 def _int_param(raw: str | None, name: str, low: int, high: int, default: int) -> int:
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer, got {raw!r}", param=name) from None
+    if not (raw.isascii() and raw.isdigit()):  # int() also takes "１０" and " 10_0 "
+        raise BadRequest(f"{name} must be an integer, got {raw!r}", param=name)
+    value = int(raw)
     if not low <= value <= high:
         raise BadRequest(f"{name} must be between {low} and {high}, got {value}", param=name)
     return value
@@ -275,4 +299,36 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    where = _lone_surrogate(data, "")
+    if where is not None:  # before anything is written: the text could not be stored or answered
+        raise BadRequest(f"the request body holds a lone surrogate (text that is not Unicode) at {where or 'a key'}",
+                         param=where or None)
     return data
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) in ``value`` that UTF-8 cannot encode, else None."""
+    if isinstance(value, str):
+        return None if value.isascii() or _encodes(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = path + "." + key if path else key
+            if not _encodes(key):
+                return (path + "." if path else "") + ascii(key)
+            found = _lone_surrogate(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

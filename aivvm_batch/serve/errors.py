@@ -5,6 +5,7 @@
     ├── Unauthorized         401 invalid_api_key
     ├── Forbidden            403 (a cross-site request, a host that is not loopback)
     ├── NotFound             404 (also another key's object)
+    ├── Conflict             409 a request with the same Idempotency-Key still under way
     └── TooLarge             413 a body or an upload over its limit
 """
 
@@ -51,6 +52,12 @@ class NotFound(APIError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class Conflict(APIError):
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_conflict"
 
 
 class TooLarge(APIError):

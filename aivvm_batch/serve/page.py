@@ -1,4 +1,6 @@
-"""``GET /``: the batches a key owns, with progress, counts by status, frequent errors, downloads.
+"""``GET /``: the batches a key owns, with progress, counts by status, frequent errors, downloads,
+and a line on the workers (how many work, how many are missing, what they say; not their names,
+which name the hosts).
 
 The page is static; its script reads the key from the address's fragment
 (``/#key=...``, never sent to the server) or asks for it, keeps it in the tab's
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from jobs.records import BatchInfo, Status
+from jobs.store import WorkerSeen
 
 TOP_ERRORS = 5
 REFRESH_MS = 1000
@@ -33,6 +36,14 @@ def row(batch: dict[str, Any], info: BatchInfo | None) -> dict[str, Any]:
             "errors": [{"text": text, "count": count} for text, count in errors]}
 
 
+def workers(seen: list[WorkerSeen]) -> dict[str, Any]:
+    """What the page says of the workers: how many were seen lately, the items they hold, how many
+    are missing, and their notes (``provider unreachable for 60 s``)."""
+    live = [w for w in seen if not w.missing]
+    return {"live": len(live), "holding": sum(w.held for w in live), "missing": len(seen) - len(live),
+            "notes": sorted({w.note for w in live if w.note})}
+
+
 HTML = """<!doctype html>
 <html lang="en">
 <head>
@@ -44,6 +55,7 @@ HTML = """<!doctype html>
 </head>
 <body>
 <header><h1>aivvm-batch</h1><span id="state">loading…</span></header>
+<p id="workers" hidden></p>
 <form id="login" hidden>
   <label>API key <input id="key" type="password" autocomplete="off"></label>
   <button type="submit">Show my batches</button>
@@ -193,11 +205,24 @@ async function refresh() {
   if (!reply.ok) { setState("error " + reply.status); return schedule(); }
   const data = await reply.json();
   render(data.batches);
+  renderWorkers(data.workers);
   const running = data.batches.filter((row) => !TERMINAL.has(row.batch.status)).length;
   setState(running ? running + " running, updated " + new Date().toLocaleTimeString()
                    : "all batches ended, updated " + new Date().toLocaleTimeString());
   document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
   schedule();
+}
+
+function renderWorkers(seen) {
+  const line = document.getElementById("workers");
+  line.dataset.live = String(seen.live);
+  line.dataset.missing = String(seen.missing);
+  let text = seen.live ? "workers: " + seen.live + " working, " + seen.holding + " items in hand"
+                       : "no worker seen lately: batches wait for one";
+  if (seen.missing) text += "; " + seen.missing + " missing";
+  if (seen.notes.length) text += " (" + seen.notes.join("; ") + ")";
+  line.textContent = text;
+  line.hidden = false;
 }
 
 function schedule() {

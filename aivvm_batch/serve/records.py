@@ -8,20 +8,30 @@ script, so several ``serve`` replicas and a concurrent cancel cannot both win.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import redis
 
-from jobs.keys import API_ACTIVE, api_batch, owner_batches
+from jobs.keys import API_ACTIVE, api_batch, api_idempotency, owner_batches
 from jobs.records import BatchInfo, BatchOptions, Status
 from jobs.store import translated
 
-from .errors import NotFound
+from .errors import BadRequest, Conflict, NotFound
+
+# what new_batch_ids makes: any other id names no batch (and no other key of the store)
+BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
+# a request's Idempotency-Key names its batch this long; "pending" while the request is under way
+IDEMPOTENCY_SECONDS = 24 * 3600
+PENDING_SECONDS = 60
+PENDING = "pending"
 
 class ApiStatus(str, Enum):
     VALIDATING = "validating"
@@ -135,8 +145,40 @@ class BatchRecords:
     @translated
     def create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                window_seconds: int, metadata: dict[str, str] | None,
-               options: BatchOptions | None = None) -> ApiBatch:
-        """A new batch, run with ``options`` (the creating server's provider and base URL)."""
+               options: BatchOptions | None = None, idempotency_key: str | None = None) -> ApiBatch:
+        """A new batch, run with ``options`` (the creating server's provider and base URL); with
+        ``idempotency_key`` (a client's Idempotency-Key header), the batch that key made already
+        (its retry), made once whatever the retries: the key and the batch are written together."""
+        if idempotency_key is None:
+            return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata,
+                                options, lambda pipe, batch_id: None)
+        key = api_idempotency(owner, hashlib.sha256(idempotency_key.encode()).hexdigest())
+        asked = hashlib.sha256(json.dumps([input_file_id, endpoint, completion_window, metadata],
+                                          sort_keys=True).encode()).hexdigest()
+        if not self.redis.set(key, f"{PENDING} {asked}", nx=True, ex=PENDING_SECONDS):
+            return self._made_by(owner, key, asked)
+        try:
+            return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata, options,
+                                lambda pipe, batch_id: pipe.set(key, f"{batch_id} {asked}", ex=IDEMPOTENCY_SECONDS))
+        except BaseException:
+            self.redis.delete(key)
+            raise
+
+    def _made_by(self, owner: str, key: str, asked: str) -> ApiBatch:
+        """The batch an Idempotency-Key made already (the parameters must be the same)."""
+        raw: Any = self.redis.get(key)
+        made, _, digest = (raw or b"").decode().partition(" ")
+        if not made:
+            raise Conflict("a request with this Idempotency-Key has just failed; send it again")
+        if digest != asked:
+            raise BadRequest("this Idempotency-Key was sent with other parameters", code="idempotency_key_reused")
+        if made == PENDING:
+            raise Conflict("a request with this Idempotency-Key is under way; send it again in a moment")
+        return self.get(owner, made)
+
+    def _create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str, window_seconds: int,
+                metadata: dict[str, str] | None, options: BatchOptions | None,
+                also: Callable[[Any, str], None]) -> ApiBatch:
         batch_id, store_id = new_batch_ids()
         now = int(time.time())
         batch = ApiBatch(id=batch_id, owner=owner, store_id=store_id, input_file_id=input_file_id,
@@ -151,11 +193,14 @@ class BatchRecords:
             "options": json.dumps(options.__dict__ if options else None)})
         pipe.zadd(owner_batches(owner), {batch_id: time.time() * 1000})
         pipe.sadd(API_ACTIVE, batch_id)
+        also(pipe, batch_id)
         pipe.execute()
         return batch
 
     @translated
     def load(self, batch_id: str) -> ApiBatch | None:
+        if not BATCH_ID.fullmatch(batch_id):
+            return None
         raw: Any = self.redis.hgetall(api_batch(batch_id))
         return _from_hash(batch_id, raw) if raw else None
 
@@ -167,16 +212,18 @@ class BatchRecords:
         return batch
 
     @translated
-    def list_batches(self, owner: str, after: str | None, limit: int) -> tuple[list[ApiBatch], bool]:
-        """Newest first: up to ``limit`` batches after the batch ``after``, and whether more follow."""
+    def list_batches(self, owner: str, after: str | None, limit: int,
+                     newest_first: bool = True) -> tuple[list[ApiBatch], bool]:
+        """Newest first (else oldest first): up to ``limit`` batches after the batch ``after``, and
+        whether more follow."""
         index = owner_batches(owner)
         start = 0
         if after:
-            rank: Any = self.redis.zrevrank(index, after)
+            rank: Any = (self.redis.zrevrank if newest_first else self.redis.zrank)(index, after)
             if rank is None:
                 raise NotFound(f"No batch found with id '{after}'.", param="after")
             start = int(rank) + 1
-        replies: Any = self.redis.zrevrange(index, start, start + limit)
+        replies: Any = (self.redis.zrevrange if newest_first else self.redis.zrange)(index, start, start + limit)
         ids = [i.decode() for i in replies]
         found = [b for b in (self.load(i) for i in ids[:limit]) if b is not None]
         return found, len(ids) > limit

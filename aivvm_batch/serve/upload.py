@@ -23,6 +23,8 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 16
 # room for the multipart framing and the small fields around the file
 FRAMING_SLACK = 64 * 1024
+# RFC 2046 §5.1.1: a boundary is 1 to 70 characters (python-multipart fails on longer ones)
+MAX_BOUNDARY = 70
 PURPOSES = ("batch",)
 
 
@@ -108,6 +110,8 @@ async def receive_upload(request: Request, files: FileStore, owner: str, max_byt
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise BadRequest("upload a file as multipart/form-data with the fields 'file' and 'purpose'")
+    if not 1 <= len(params[b"boundary"]) <= MAX_BOUNDARY:
+        raise BadRequest(f"the multipart boundary must be 1 to {MAX_BOUNDARY} characters (RFC 2046)")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes + FRAMING_SLACK:
         raise TooLarge(f"the file is larger than this server's limit of {max_bytes} bytes "
