@@ -9,8 +9,10 @@ makes cancel and expiry deterministic.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -453,6 +455,53 @@ def test_without_keys_serve_refuses_other_hosts(redis_url: str, tmp_path: Path) 
         forged = requests.post(served.api + "/files", headers={"Origin": "http://evil.example"},
                                files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"}, timeout=10)
         assert forged.status_code == 403
+
+
+def stalled_upload(served: Served, key: str, sent: int) -> socket.socket:
+    """An upload whose client sends its headers and ``sent`` bytes of a larger file, then nothing."""
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n")
+    connection = socket.create_connection(("127.0.0.1", served.port), timeout=30)
+    connection.sendall(b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key.encode()
+                       + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: "
+                       + str(len(head) + 2 * sent).encode() + b"\r\n\r\n" + head + b"{}\n" * (sent // 3))
+    return connection
+
+
+def test_a_stalled_upload_is_closed_and_a_key_has_few_under_way(redis_url: str, tmp_path: Path,
+                                                                 redis_client: redis.Redis) -> None:
+    """Before: 100 uploads stalled after 1 MB kept every connection open past a minute (serve grew
+    102 MB) and each dropped one logged an 82-line traceback."""
+    files_before = set(redis_client.keys("aivb:file:*"))
+    env = {**KEYS_ENV, "AIVVM_BATCH_CLIENT_IDLE_SECONDS": "2", "AIVVM_BATCH_UPLOADS_PER_KEY": "1"}
+    with serving("--redis-url", redis_url, env=env, log_dir=tmp_path) as served:
+        stalled = stalled_upload(served, ALICE, 1024 * 1024)
+        time.sleep(0.5)
+        refused = requests.post(served.api + "/files", headers={"Authorization": f"Bearer {ALICE}"},
+                                files={"file": ("b.jsonl", b"{}\n")}, data={"purpose": "batch"}, timeout=10)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "5"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        other = requests.post(served.api + "/files", headers={"Authorization": f"Bearer {BOB}"},
+                              files={"file": ("b.jsonl", b"{}\n")}, data={"purpose": "batch"}, timeout=10)
+        assert other.status_code == 200  # another key's uploads are its own
+        started = time.monotonic()
+        answer = stalled.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert time.monotonic() - started < 5
+        stalled.settimeout(5)
+        while stalled.recv(65536):  # the server closes the connection
+            pass
+        gone = stalled_upload(served, ALICE, 64 * 1024)  # the slot is free again; this client goes away
+        time.sleep(0.5)
+        gone.close()
+        time.sleep(1)
+        assert requests.get(served.api + "/files", headers={"Authorization": f"Bearer {ALICE}"}, timeout=10).ok
+        assert requests.delete(served.api + "/files/" + other.json()["id"],
+                               headers={"Authorization": f"Bearer {BOB}"}, timeout=10).ok
+        log = served.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert log.count("the client sent nothing for 2 s") == 1 and log.count("the client went away") == 1, log
+    assert set(redis_client.keys("aivb:file:*")) == files_before  # nothing kept of the dropped uploads
 
 
 def test_two_replicas_share_one_redis_and_no_disk(server: Served, redis_url: str, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse as StarletteJSON
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -30,8 +30,9 @@ from jobs.records import BatchInfo
 
 from . import page
 from .auth import check_host, check_origin
+from .clients import UploadSlots, idle_limited
 from .context import ServeContext
-from .errors import APIError, BadRequest, NotFound, TooLarge, Unavailable
+from .errors import APIError, BadRequest, NotFound, TimedOut, TooLarge, Unavailable
 from .records import ApiBatch, ApiStatus
 from .upload import receive_upload
 
@@ -55,7 +56,7 @@ class JSONResponse(StarletteJSON):
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 async def blocking(func: Callable[..., T], *args: Any) -> T:
@@ -63,6 +64,7 @@ async def blocking(func: Callable[..., T], *args: Any) -> T:
 
 
 def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
+    uploads = UploadSlots(ctx.limits.uploads_per_key)
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if run_driver:
@@ -80,7 +82,15 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
                     check_host(request.headers.get("host"))
                 check_origin(request.headers.get("origin"), request.headers.get("host"))
                 owner = ctx.keys.owner(request.headers.get("authorization")) if authenticated else ""
+                request = Request(request.scope, idle_limited(request.receive, ctx.limits.client_idle_seconds))
                 return await handler(request, owner)
+            except TimedOut as exc:
+                log.warning("%s %s: %s", request.method, request.url.path, exc)
+                return error_response(exc)
+            except ClientDisconnect:
+                log.warning("%s %s: the client went away before its request was whole", request.method,
+                            request.url.path)
+                return Response(status_code=400)  # nobody reads it
             except APIError as exc:
                 return error_response(exc)
             except StoreUnavailable as exc:
@@ -93,7 +103,8 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
     # -- files -----------------------------------------------------------------------------
 
     async def upload_file(request: Request, owner: str) -> Response:
-        stored = await receive_upload(request, ctx.files, owner, ctx.limits.max_upload_bytes)
+        async with uploads.hold(owner):
+            stored = await receive_upload(request, ctx.files, owner, ctx.limits.max_upload_bytes)
         return JSONResponse(stored.to_api())
 
     async def list_files(request: Request, owner: str) -> Response:

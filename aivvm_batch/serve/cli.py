@@ -23,7 +23,8 @@ from jobs.store import BatchStore, connect
 
 from ..options import base_url_option, concurrency_option, env, handle_errors, provider_option
 from .auth import is_loopback, load_keys
-from .context import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_WINDOW_SECONDS, ServeContext, ServeLimits
+from .context import (DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UPLOAD_BYTES,
+                      DEFAULT_UPLOADS_PER_KEY, DEFAULT_WINDOW_SECONDS, ServeContext, ServeLimits)
 from .driver import Driver, DriverConfig
 from .records import BatchRecords
 
@@ -56,12 +57,21 @@ KEYS_VARIABLE = env("API_KEYS")
 @click.option("--completion-window-seconds", envvar=env("COMPLETION_WINDOW_SECONDS"), show_envvar=True,
               type=click.IntRange(min=1), default=DEFAULT_WINDOW_SECONDS, show_default=True,
               help="How long the completion window '24h' lasts before unfinished items expire.")
+@click.option("--client-idle-seconds", envvar=env("CLIENT_IDLE_SECONDS"), show_envvar=True,
+              type=click.FloatRange(min=0.1), default=DEFAULT_CLIENT_IDLE_SECONDS, show_default=True,
+              help="A request whose body sends nothing this long is closed (408).")
+@click.option("--uploads-per-key", envvar=env("UPLOADS_PER_KEY"), show_envvar=True, type=click.IntRange(min=1),
+              default=DEFAULT_UPLOADS_PER_KEY, show_default=True,
+              help="Uploads under way at once per API key (beyond: 429).")
+@click.option("--max-connections", envvar=env("MAX_CONNECTIONS"), show_envvar=True, type=click.IntRange(min=1),
+              default=DEFAULT_MAX_CONNECTIONS, show_default=True, help="Connections at once (beyond: 503).")
 @click.option("--stub", is_flag=True, envvar=env("STUB"), show_envvar=True,
               help="Start the local stand-in provider (not a model) and use it.")
 @handle_errors
 def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: str | None,
           concurrency: int, worker_count: int, state_dir: Path, api_keys_file: Path | None,
-          max_upload_bytes: int, completion_window_seconds: int, stub: bool) -> None:
+          max_upload_bytes: int, completion_window_seconds: int, client_idle_seconds: float,
+          uploads_per_key: int, max_connections: int, stub: bool) -> None:
     """Serve OpenAI's files and batches API (and a page at /) over the queue.
 
     Each API key (AIVVM_BATCH_API_KEYS, comma-separated, or --api-keys-file) sees
@@ -84,8 +94,10 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
                                    + ("/v1" if provider.startswith("openai") else ""))
         if redis_url is None:
             redis_url = _private(stack, state_dir, worker_count, concurrency, options.base_url)
-        ctx = _context(redis_url, options, keys, ServeLimits(max_upload_bytes=max_upload_bytes,
-                                                             window_seconds=completion_window_seconds))
+        ctx = _context(redis_url, options, keys, ServeLimits(
+            max_upload_bytes=max_upload_bytes, window_seconds=completion_window_seconds,
+            client_idle_seconds=client_idle_seconds, uploads_per_key=uploads_per_key,
+            max_connections=max_connections))
         _run(ctx, host, port)
 
 
@@ -146,5 +158,6 @@ def _run(ctx: ServeContext, host: str, port: int) -> None:
     click.echo(f"aivvm-batch serve: OpenAI API at http://{shown}:{port}/v1, page at http://{shown}:{port}/",
                err=True)
     config = uvicorn.Config(build_app(ctx), host=host.strip("[]"), port=port, log_level="warning",
-                            access_log=False, server_header=False, lifespan="on")
+                            access_log=False, server_header=False, lifespan="on",
+                            limit_concurrency=ctx.limits.max_connections)
     uvicorn.Server(config).run()

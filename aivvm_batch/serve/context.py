@@ -14,6 +14,9 @@ from .records import BatchRecords
 DEFAULT_MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_WINDOW_SECONDS = 24 * 3600
+DEFAULT_CLIENT_IDLE_SECONDS = 30.0
+DEFAULT_UPLOADS_PER_KEY = 4
+DEFAULT_MAX_CONNECTIONS = 256
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,11 @@ class ServeLimits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # what the only accepted completion window, "24h", lasts (shorter in tests)
     window_seconds: int = DEFAULT_WINDOW_SECONDS
+    # a request's body that sends nothing this long ends it (408)
+    client_idle_seconds: float = DEFAULT_CLIENT_IDLE_SECONDS
+    uploads_per_key: int = DEFAULT_UPLOADS_PER_KEY
+    # connections at once (uvicorn answers 503 beyond)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 @dataclass(frozen=True)

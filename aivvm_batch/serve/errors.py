@@ -5,8 +5,10 @@
     ├── Unauthorized         401 invalid_api_key
     ├── Forbidden            403 (a cross-site request, a host that is not loopback)
     ├── NotFound             404 (also another key's object)
+    ├── TimedOut             408 a body that stopped arriving
     ├── Conflict             409 a request with the same Idempotency-Key still under way
-    └── TooLarge             413 a body or an upload over its limit
+    ├── TooLarge             413 a body or an upload over its limit
+    └── TooManyRequests      429 over a per-key limit (with Retry-After)
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {}
 
 
 class BadRequest(APIError):
@@ -54,6 +59,15 @@ class NotFound(APIError):
     code = "not_found"
 
 
+class TimedOut(APIError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}
+
+
 class Conflict(APIError):
     status = 409
     type = "invalid_request_error"
@@ -70,3 +84,18 @@ class Unavailable(APIError):
     status = 503
     type = "server_error"
     code = "unavailable"
+
+
+class TooManyRequests(APIError):
+    """OpenAI's form of a rate limit (``type`` "requests", ``code`` "rate_limit_exceeded")."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
