@@ -26,6 +26,9 @@ from .store import translated
 
 CHUNK_BYTES = 1024 * 1024
 PENDING_TTL = 3600
+# a file's ``expires_after`` (OpenAI's bounds), and the default of batch files (OpenAI's too)
+MIN_TTL, MAX_TTL = 3600, 30 * 24 * 3600
+BATCH_FILE_TTL = MAX_TTL
 
 
 class FileNotFound(BatchError):
@@ -44,12 +47,13 @@ class StoredFile:
     purpose: str
     bytes: int
     created_at: int
+    expires_at: int | None = None
 
     def to_api(self) -> dict[str, Any]:
         """The OpenAI ``FileObject``."""
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
                 "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "expires_at": None, "status_details": None}
+                "expires_at": self.expires_at, "status_details": None}
 
 
 # what new_file_id makes: any other id names no file (and no other key of the store)
@@ -64,8 +68,9 @@ class FileWriter:
     """Appends an upload's content to Redis a chunk at a time; ``commit`` makes it a file."""
 
     def __init__(self, files: FileStore, owner: str, filename: str, purpose: str,
-                 file_id: str | None = None) -> None:
+                 file_id: str | None = None, ttl: int | None = None) -> None:
         self.files = files
+        self.ttl = ttl  # seconds the file lives from its creation (None: until deleted)
         self.id = file_id or new_file_id()
         self.owner = owner
         self.filename = filename
@@ -97,7 +102,9 @@ class FileWriter:
         if self._buffer:
             self.files.append_chunk(self.id, bytes(self._buffer))
             self._buffer.clear()
-        stored = StoredFile(self.id, self.owner, self.filename, self.purpose, self.size, int(time.time()))
+        created = int(time.time())
+        stored = StoredFile(self.id, self.owner, self.filename, self.purpose, self.size, created,
+                            created + self.ttl if self.ttl else None)
         self.files.commit(stored)
         return stored
 
@@ -125,8 +132,12 @@ class FileStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(file_meta(stored.id), mapping={
             "owner": stored.owner, "filename": stored.filename, "purpose": stored.purpose,
-            "bytes": stored.bytes, "created_at": stored.created_at})
-        pipe.persist(file_data(stored.id))
+            "bytes": stored.bytes, "created_at": stored.created_at, "expires_at": stored.expires_at or ""})
+        if stored.expires_at:  # the file's keys go at its time (the owner's index forgets it when listed)
+            pipe.expireat(file_meta(stored.id), stored.expires_at)
+            pipe.expireat(file_data(stored.id), stored.expires_at)
+        else:
+            pipe.persist(file_data(stored.id))
         pipe.zadd(owner_files(stored.owner), {stored.id: time.time() * 1000})
         pipe.execute()
 
@@ -143,8 +154,10 @@ class FileStore:
         meta = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
         if not meta or meta.get("owner") != owner:
             raise FileNotFound(file_id)
+        expires = meta.get("expires_at", "")
         return StoredFile(file_id, owner, meta.get("filename", ""), meta.get("purpose", ""),
-                          int(meta.get("bytes", 0)), int(meta.get("created_at", 0)))
+                          int(meta.get("bytes", 0)), int(meta.get("created_at", 0)),
+                          int(expires) if expires.isdigit() else None)
 
     @translated
     def list_files(self, owner: str, *, after: str | None = None, limit: int = 100,

@@ -35,7 +35,7 @@ from aivvm_batch.workers import WorkerProcesses
 from aivvm_batch.serve.driver import Driver, DriverConfig
 from aivvm_batch.serve.records import BatchRecords
 from jobs.files import CHUNK_BYTES, FileStore
-from jobs.keys import API_ACTIVE, file_data, file_meta
+from jobs.keys import API_ACTIVE, api_batch, file_data, file_meta
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.records import BatchOptions, ItemError, ItemResult, Status, Usage
@@ -261,6 +261,44 @@ def test_one_idempotency_key_makes_one_batch_and_listing_honours_order(server: S
     newest = [b.id for b in api.batches.list(limit=100)]
     oldest = [b.id for b in api.batches.list(limit=100, extra_query={"order": "asc"})]
     assert oldest == newest[::-1] and made.pop() == newest[0]
+
+
+def test_files_and_batches_expire_as_asked_and_an_ended_batch_can_be_deleted(
+        server: Served, tmp_path: Path, redis_client: redis.Redis) -> None:
+    api = client(server, BOB)
+    path = write_jsonl(tmp_path / "one.jsonl", [request_line("only", "hello")])
+    hour = api.files.create(file=path.open("rb"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 3600})
+    assert hour.expires_at == hour.created_at + 3600
+    assert all(3500 < redis_client.ttl(key) <= 3600 for key in (file_meta(hour.id), file_data(hour.id)))
+    default = api.files.create(file=path.open("rb"), purpose="batch")
+    assert default.expires_at == default.created_at + 30 * 24 * 3600  # OpenAI's default for batch files
+    with pytest.raises(openai.BadRequestError):
+        api.files.create(file=path.open("rb"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 60})
+    with pytest.raises(openai.BadRequestError):
+        api.batches.create(input_file_id=hour.id, endpoint="/v1/chat/completions", completion_window="24h",
+                           output_expires_after={"anchor": "created_at", "seconds": 10})
+    made = api.batches.create(input_file_id=hour.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              output_expires_after={"anchor": "created_at", "seconds": 7200})
+    done = wait_for(api, made.id)
+    assert done.status == "completed" and done.output_file_id
+    output = api.files.retrieve(done.output_file_id)
+    assert output.expires_at == output.created_at + 7200
+    assert 7000 < redis_client.ttl(file_meta(output.id)) <= 7200
+    assert 7000 < redis_client.ttl(api_batch(made.id)) <= 7200  # the record goes with its files
+
+    auth = {"Authorization": f"Bearer {BOB}"}
+    deleted = requests.delete(f"{server.api}/batches/{made.id}", headers=auth, timeout=10)
+    assert deleted.json() == {"id": made.id, "object": "batch.deleted", "deleted": True}
+    assert requests.get(f"{server.api}/batches/{made.id}", headers=auth, timeout=10).status_code == 404
+    assert not redis_client.exists(file_meta(output.id), file_data(output.id))
+    assert made.id not in [b.id for b in api.batches.list(limit=100)]
+
+    for key in (file_meta(default.id), file_data(default.id)):  # its time has come
+        redis_client.pexpire(key, 1)
+    time.sleep(0.1)
+    assert default.id not in [f.id for f in api.files.list()]
+    index = [k for k in redis_client.keys("aivb:owner:*:files") if redis_client.zscore(k, hour.id) is not None]
+    assert len(index) == 1 and redis_client.zscore(index[0], default.id) is None  # nothing of it remains
 
 
 def test_a_lone_surrogate_is_a_400_that_makes_nothing(server: Served, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from jobs.endpoints import Endpoint
 from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
-from jobs.files import FileNotFound
+from jobs.files import BATCH_FILE_TTL, MAX_TTL, MIN_TTL, FileNotFound
 from jobs.records import BatchInfo
 
 from . import page
@@ -155,6 +155,7 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
         if window not in WINDOWS:
             raise BadRequest(f"completion_window must be '24h', got {window!r}", param="completion_window")
         metadata = _metadata(body.get("metadata"))
+        output_ttl = _output_ttl(body.get("output_expires_after"))
         try:
             stored = await blocking(ctx.files.get, owner, input_file_id)
         except FileNotFound as exc:
@@ -164,7 +165,7 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
                              param="input_file_id")
         batch = await blocking(partial(ctx.records.create, owner, input_file_id, endpoint_, window,
                                        ctx.limits.window_seconds, metadata, ctx.driver.config.options,
-                                       idempotency_key=_idempotency_key(request)))
+                                       idempotency_key=_idempotency_key(request), output_ttl=output_ttl))
         ctx.driver.wake.set()
         return JSONResponse(batch.to_api(None))
 
@@ -178,6 +179,22 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
     async def get_batch(request: Request, owner: str) -> Response:
         batch = await blocking(ctx.records.get, owner, request.path_params["batch_id"])
         return JSONResponse(batch.to_api(await blocking(_info, batch)))
+
+    async def delete_batch(request: Request, owner: str) -> Response:
+        """An ended batch goes, with its output and error files (as Anthropic's DELETE of a batch)."""
+        batch_id = request.path_params["batch_id"]
+        batch = await blocking(ctx.records.get, owner, batch_id)
+        if not batch.status.terminal:
+            raise BadRequest(f"Cannot delete a batch with status '{batch.status.value}': cancel it first.",
+                             param="batch_id", code="invalid_status")
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if file_id:
+                try:
+                    await blocking(ctx.files.delete, owner, file_id)
+                except FileNotFound:
+                    pass
+        await blocking(ctx.records.delete, owner, batch_id)
+        return JSONResponse({"id": batch_id, "object": "batch.deleted", "deleted": True})
 
     async def cancel_batch(request: Request, owner: str) -> Response:
         batch_id = request.path_params["batch_id"]
@@ -235,6 +252,7 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
         Route("/v1/batches", endpoint(create_batch), methods=["POST"]),
         Route("/v1/batches", endpoint(list_batches), methods=["GET"]),
         Route("/v1/batches/{batch_id}", endpoint(get_batch), methods=["GET"]),
+        Route("/v1/batches/{batch_id}", endpoint(delete_batch), methods=["DELETE"]),
         Route("/v1/batches/{batch_id}/cancel", endpoint(cancel_batch), methods=["POST"]),
     ]
 
@@ -255,6 +273,21 @@ def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
 def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
+def _output_ttl(value: Any) -> int:
+    """Seconds the output and error files live: ``output_expires_after`` (OpenAI's bounds), by
+    default 30 days."""
+    if value is None:
+        return BATCH_FILE_TTL
+    seconds = value.get("seconds") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or value.get("anchor") != "created_at":
+        raise BadRequest("output_expires_after must be {\"anchor\": \"created_at\", \"seconds\": N}",
+                         param="output_expires_after")
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not MIN_TTL <= seconds <= MAX_TTL:
+        raise BadRequest(f"output_expires_after.seconds must be a whole number from {MIN_TTL} to {MAX_TTL}",
+                         param="output_expires_after.seconds")
+    return seconds
 
 
 def _order(raw: str | None) -> str:

@@ -164,6 +164,7 @@ class Driver:
                                 {"failed_at": int(time.time()), "errors": json.dumps(errors),
                                  "submitted": "1"})
         self.records.deactivate(batch.id)
+        self.records.expire_with_files(batch.id, batch.output_ttl)
         return self._reload(batch)
 
     def _reload(self, batch: ApiBatch) -> ApiBatch:
@@ -192,6 +193,7 @@ class Driver:
                                 ApiStatus.FAILED, {"failed_at": int(time.time()), "errors": json.dumps(
                                     [{"code": "batch_lost", "line": None, "param": None, "message": message}])})
         self.records.deactivate(batch.id)
+        self.records.expire_with_files(batch.id, batch.output_ttl)
 
     def _finish(self, batch: ApiBatch, info: BatchInfo) -> None:
         if batch.status is ApiStatus.CANCELLING:
@@ -212,14 +214,15 @@ class Driver:
         allowed = (ApiStatus.FINALIZING,) if final is ApiStatus.COMPLETED else (batch.status,)
         if self.records.transition(batch.id, allowed, final, fields):
             self.records.deactivate(batch.id)
+            self.records.expire_with_files(batch.id, batch.output_ttl)
         else:
             for file_id in (output, error):
                 if file_id:
                     self.files.delete(batch.owner, file_id)
 
     def _write_results(self, batch: ApiBatch, info: BatchInfo, *, expired: bool) -> tuple[str | None, str | None]:
-        output = FileWriter(self.files, batch.owner, f"{batch.id}_output.jsonl", "batch_output")
-        error = FileWriter(self.files, batch.owner, f"{batch.id}_error.jsonl", "batch_output")
+        output = FileWriter(self.files, batch.owner, f"{batch.id}_output.jsonl", "batch_output", ttl=batch.output_ttl)
+        error = FileWriter(self.files, batch.owner, f"{batch.id}_error.jsonl", "batch_output", ttl=batch.output_ttl)
         created = int(info.created)
         try:
             for _, raw in self.store.iter_results(batch.store_id, info.total or 0):

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from jobs.files import BATCH_FILE_TTL
 from jobs.keys import API_ACTIVE, api_batch, api_idempotency, owner_batches
 from jobs.records import BatchInfo, BatchOptions, Status
 from jobs.store import translated
@@ -90,6 +91,8 @@ class ApiBatch:
     final_usage: dict[str, int] | None = None
     # provider and base URL of the server that accepted the batch (never a secret)
     options: BatchOptions | None = None
+    # how long its output and error files live (``output_expires_after``); the record goes with them
+    output_ttl: int = BATCH_FILE_TTL
 
     def to_api(self, info: BatchInfo | None) -> dict[str, Any]:
         """The OpenAI ``Batch`` object, with counts and usage from ``info`` while the batch runs."""
@@ -145,20 +148,22 @@ class BatchRecords:
     @translated
     def create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                window_seconds: int, metadata: dict[str, str] | None,
-               options: BatchOptions | None = None, idempotency_key: str | None = None) -> ApiBatch:
+               options: BatchOptions | None = None, idempotency_key: str | None = None,
+               output_ttl: int = BATCH_FILE_TTL) -> ApiBatch:
         """A new batch, run with ``options`` (the creating server's provider and base URL); with
         ``idempotency_key`` (a client's Idempotency-Key header), the batch that key made already
         (its retry), made once whatever the retries: the key and the batch are written together."""
         if idempotency_key is None:
             return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata,
-                                options, lambda pipe, batch_id: None)
+                                options, output_ttl, lambda pipe, batch_id: None)
         key = api_idempotency(owner, hashlib.sha256(idempotency_key.encode()).hexdigest())
-        asked = hashlib.sha256(json.dumps([input_file_id, endpoint, completion_window, metadata],
+        asked = hashlib.sha256(json.dumps([input_file_id, endpoint, completion_window, metadata, output_ttl],
                                           sort_keys=True).encode()).hexdigest()
         if not self.redis.set(key, f"{PENDING} {asked}", nx=True, ex=PENDING_SECONDS):
             return self._made_by(owner, key, asked)
         try:
             return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata, options,
+                                output_ttl,
                                 lambda pipe, batch_id: pipe.set(key, f"{batch_id} {asked}", ex=IDEMPOTENCY_SECONDS))
         except BaseException:
             self.redis.delete(key)
@@ -177,20 +182,20 @@ class BatchRecords:
         return self.get(owner, made)
 
     def _create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str, window_seconds: int,
-                metadata: dict[str, str] | None, options: BatchOptions | None,
+                metadata: dict[str, str] | None, options: BatchOptions | None, output_ttl: int,
                 also: Callable[[Any, str], None]) -> ApiBatch:
         batch_id, store_id = new_batch_ids()
         now = int(time.time())
         batch = ApiBatch(id=batch_id, owner=owner, store_id=store_id, input_file_id=input_file_id,
                          endpoint=endpoint, completion_window=completion_window, created_at=now,
                          expires_at=now + window_seconds, status=ApiStatus.VALIDATING, metadata=metadata,
-                         options=options)
+                         options=options, output_ttl=output_ttl)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(api_batch(batch_id), mapping={
             "owner": owner, "store_id": store_id, "input_file_id": input_file_id, "endpoint": endpoint,
             "completion_window": completion_window, "created_at": now, "expires_at": batch.expires_at,
             "status": ApiStatus.VALIDATING.value, "metadata": json.dumps(metadata),
-            "options": json.dumps(options.__dict__ if options else None)})
+            "options": json.dumps(options.__dict__ if options else None), "output_ttl": output_ttl})
         pipe.zadd(owner_batches(owner), {batch_id: time.time() * 1000})
         pipe.sadd(API_ACTIVE, batch_id)
         also(pipe, batch_id)
@@ -225,8 +230,28 @@ class BatchRecords:
             start = int(rank) + 1
         replies: Any = (self.redis.zrevrange if newest_first else self.redis.zrange)(index, start, start + limit)
         ids = [i.decode() for i in replies]
-        found = [b for b in (self.load(i) for i in ids[:limit]) if b is not None]
+        found = []
+        for batch_id in ids[:limit]:
+            batch = self.load(batch_id)
+            if batch is None:  # expired with its files, or deleted: the index forgets it
+                self.redis.zrem(index, batch_id)
+            else:
+                found.append(batch)
         return found, len(ids) > limit
+
+    @translated
+    def expire_with_files(self, batch_id: str, seconds: int) -> None:
+        """The ended batch's record lives as long as its output and error files."""
+        self.redis.expire(api_batch(batch_id), seconds)
+
+    @translated
+    def delete(self, owner: str, batch_id: str) -> None:
+        """Forget an ended batch's record (its files are deleted by the caller)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(api_batch(batch_id))
+        pipe.zrem(owner_batches(owner), batch_id)
+        pipe.srem(API_ACTIVE, batch_id)
+        pipe.execute()
 
     @translated
     def transition(self, batch_id: str, allowed: tuple[ApiStatus, ...], to: ApiStatus | None,
@@ -266,6 +291,7 @@ def _from_hash(batch_id: str, raw: dict[bytes, bytes]) -> ApiBatch:
         final_counts=json.loads(m["final_counts"]) if "final_counts" in m else None,
         final_usage=json.loads(m["final_usage"]) if "final_usage" in m else None,
         options=_options(m.get("options")),
+        output_ttl=int(m["output_ttl"]) if m.get("output_ttl", "").isdigit() else BATCH_FILE_TTL,
     )
 
 

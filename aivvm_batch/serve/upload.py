@@ -15,7 +15,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from jobs.files import FileStore, FileWriter, StoredFile
+from jobs.files import BATCH_FILE_TTL, MAX_TTL, MIN_TTL, FileStore, FileWriter, StoredFile
 
 from .errors import BadRequest, TooLarge
 
@@ -132,6 +132,7 @@ async def receive_upload(request: Request, files: FileStore, owner: str, max_byt
         purpose = collector.fields.get("purpose")
         if purpose not in PURPOSES:
             raise BadRequest(f"purpose must be 'batch', got {purpose!r}", param="purpose")
+        writer.ttl = expires_after(collector.fields)
         return await anyio.to_thread.run_sync(writer.commit)
     except FormParserError as exc:
         await _abort(collector)
@@ -139,6 +140,20 @@ async def receive_upload(request: Request, files: FileStore, owner: str, max_byt
     except (Exception, ClientDisconnect):
         await _abort(collector)
         raise
+
+
+def expires_after(fields: dict[str, str]) -> int:
+    """Seconds a batch file lives: its form's ``expires_after`` (as the SDK sends it:
+    ``expires_after[anchor]``, ``expires_after[seconds]``), by default 30 days, as OpenAI's."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return BATCH_FILE_TTL
+    if anchor != "created_at":
+        raise BadRequest(f"expires_after[anchor] must be 'created_at', got {anchor!r}", param="expires_after.anchor")
+    if seconds is None or not (seconds.isascii() and seconds.isdigit()) or not MIN_TTL <= int(seconds) <= MAX_TTL:
+        raise BadRequest(f"expires_after[seconds] must be a whole number from {MIN_TTL} to {MAX_TTL}, got {seconds!r}",
+                         param="expires_after.seconds")
+    return int(seconds)
 
 
 async def _abort(collector: _Collector) -> None:
