@@ -26,6 +26,7 @@ from .options import (
     provider_option,
     redis_url_option,
     request_defaults_options,
+    priority_option,
     rpm_option,
     tpm_option,
 )
@@ -47,13 +48,14 @@ input_argument = click.argument(
 @base_url_option
 @rpm_option
 @tpm_option
+@priority_option
 @request_defaults_options
 @click.option("--dry-run", is_flag=True, envvar=env("DRY_RUN"), show_envvar=True,
               help="Check every line and report, as `validate` does: nothing is submitted, "
               "no Redis is needed.")
 @handle_errors
 def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm: int | None,
-           tpm: int | None, defaults: RequestDefaults, dry_run: bool) -> None:
+           tpm: int | None, priority: int, defaults: RequestDefaults, dry_run: bool) -> None:
     """Record FILE as a batch, enqueue its items, print the batch id.
 
     FILE is JSON Lines; - reads standard input.
@@ -73,7 +75,7 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm:
         store = open_store(redis_url)
         configure(celery_app, settings)
         publisher = Publisher(store.redis, celery_app)
-        options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
+        options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm, priority=priority)
         try:
             report = submit_file(store, publisher, path, options, settings, defaults=defaults)
         except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import click
 
 from jobs.config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
 from jobs.errors import BatchError, ConfigError
+from jobs.records import MAX_PRIORITY
 from jobs.formats import ResultFormat
 from jobs.records import BatchInfo, RequestDefaults, Status
 
@@ -134,6 +135,10 @@ base_url_option = click.option(
     "worker's environment, else the provider's own).")
 rpm_option = click.option("--rpm", envvar=env("RPM"), show_envvar=True, type=click.IntRange(min=1),
                           default=None, help="Requests per minute for the batch, shared by all workers.")
+priority_option = click.option(
+    "--priority", envvar=env("PRIORITY"), show_envvar=True, type=click.IntRange(1, MAX_PRIORITY), default=1,
+    show_default=True, help="The batch's share of the workers beside other batches on the same Redis: "
+    "3 gives it three times the window of messages of a batch of priority 1.")
 tpm_option = click.option("--tpm", envvar=env("TPM"), show_envvar=True, type=click.IntRange(min=1),
                           default=None, help="Estimated tokens per minute for the batch, shared by all workers.")
 format_option = click.option(

@@ -28,6 +28,20 @@ def meta(batch_id: str) -> str:
     return f"{PREFIX}:{{{batch_id}}}:meta"
 
 
+def held(batch_id: str) -> str:
+    """List: the batch's messages not yet on the queue (its window: :mod:`jobs.window`)."""
+    return f"{PREFIX}:{{{batch_id}}}:held"
+
+
+def out(batch_id: str) -> str:
+    """String: how many of the batch's messages are on the queue or being worked on."""
+    return f"{PREFIX}:{{{batch_id}}}:out"
+
+
+# String with a TTL: the slots of the workers seen lately, together (the windows' measure)
+SLOTS = f"{PREFIX}:workers:slots"
+
+
 def requests(batch_id: str) -> str:
     """Hash: item seq -> request JSON (valid lines only)."""
     return f"{PREFIX}:{{{batch_id}}}:req"

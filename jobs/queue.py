@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from . import keys
+from . import keys, scripts
 from .config import Settings
 
 TASK_NAME = "worker.tasks.complete_item"
@@ -32,6 +32,10 @@ _MARKERS = (_TASK_ID, _ARGSREPR, _KWARGSREPR, _BODY, _TAG, _ETA)
 # A batch is cut into at least this many messages, of at most CHUNK_MAX items each (chunk_size).
 MESSAGES_PER_BATCH = 64
 CHUNK_MAX = 64
+# a windowed message carries this (its end releases the batch's next one); retries do not
+WINDOWED = {"window": 1}
+# held messages of a batch that no one releases (it was deleted) go after this long
+HELD_TTL = 7 * 24 * 3600
 # the broker connection's timeouts (seconds): see celery_settings
 BROKER_SOCKET_TIMEOUT = 10.0
 BROKER_CONNECT_TIMEOUT = 5.0
@@ -119,8 +123,10 @@ class Publisher:
     task id, the arguments, the countdown (``eta``) and the delivery tag change, spliced in as text.
     """
 
-    def __init__(self, client: redis.Redis, app: Celery) -> None:
+    def __init__(self, client: redis.Redis, app: Celery, held_ttl: int = HELD_TTL) -> None:
         self.redis = client
+        self.held_ttl = held_ttl
+        self._release = client.register_script(scripts.RELEASE_WINDOW)
         template = app.amqp.as_task_v2(_TASK_ID, TASK_NAME, args=("", [0]), kwargs={})
         headers = dict(template.headers, argsrepr=_ARGSREPR, eta=_ETA, kwargsrepr=_KWARGSREPR)
         properties = dict(
@@ -158,15 +164,29 @@ class Publisher:
         return "".join(values.get(part, part) for part in self._parts)
 
     def publish(self, batch_id: str, seqs: Sequence[int], pipe: Any = None, *, chunk: int | None = None) -> None:
-        """Enqueue ``seqs`` in messages of ``chunk`` items (default: :func:`chunk_size` of their count)."""
+        """Enqueue ``seqs`` in messages of ``chunk`` items (default: :func:`chunk_size` of their count),
+        behind the batch's window: they wait in its held list, and go on the queue as its earlier
+        messages end (:meth:`release`), so that every batch has its turn on the one queue."""
         if not seqs:
             return
         size = chunk if chunk is not None else chunk_size(len(seqs))
         own = pipe is None
         pipe = self.redis.pipeline(transaction=False) if own else pipe
-        pipe.lpush(keys.QUEUE, *(self.message(batch_id, part) for part in chunks(seqs, size)))
+        held = keys.held(batch_id)
+        pipe.rpush(held, *(self.message(batch_id, part, WINDOWED) for part in chunks(seqs, size)))
+        pipe.expire(held, self.held_ttl)
+        self.release(batch_id, 0, size, pipe=pipe)
         if own:
             pipe.execute()
+
+    def release(self, batch_id: str, ended: int, chunk: int, *, reset: bool = False, pipe: Any = None) -> int:
+        """``ended`` of the batch's messages (of about ``chunk`` items) have ended: move its next
+        ones to the queue while its window has room (``reset``: count none out). Returns how many
+        moved (with ``pipe``: nothing yet)."""
+        moved = self._release(keys=[keys.held(batch_id), keys.out(batch_id), keys.meta(batch_id), keys.SLOTS,
+                                    keys.QUEUE],
+                              args=[ended, max(1, chunk), int(reset), self.held_ttl], client=pipe)
+        return 0 if pipe is not None else int(moved)
 
     def publish_retry(self, batch_id: str, seq: int, kwargs: dict[str, Any], countdown: float,
                       pipe: Any = None) -> None:

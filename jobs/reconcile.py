@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import redis
 
 from . import clock, keys, scripts
-from .queue import Publisher, message_items
+from .queue import Publisher, chunk_size, message_items
 from .records import BatchInfo
 from .store import BatchStore
 
@@ -61,8 +61,30 @@ def orphans(store: BatchStore, info: BatchInfo) -> list[int]:
     pending = pending_items(store)
     if pending is None:
         return []
+    held = set(held_items(store, batch_id))
     claimed = store.claimed(batch_id, unfinished)
-    return [seq for seq in unfinished if seq not in claimed and (batch_id, seq) not in pending]
+    return [seq for seq in unfinished if seq not in claimed and seq not in held and (batch_id, seq) not in pending]
+
+
+def held_items(store: BatchStore, batch_id: str) -> list[int]:
+    """The seqs of the batch's messages still held behind its window."""
+    seqs: list[int] = []
+    for raw in store.redis.lrange(keys.held(batch_id), 0, -1):
+        found = message_items(raw)
+        if found is not None:
+            seqs += found[1]
+    return seqs
+
+
+def release_stalled(store: BatchStore, publisher: Publisher, info: BatchInfo) -> int:
+    """A stalled batch with messages held and none of its items queued or held unacknowledged: its
+    window lost count (a message lost, an end not counted); its next messages go out."""
+    if not store.redis.llen(keys.held(info.id)):
+        return 0
+    pending = pending_items(store)
+    if pending is None or any(batch_id == info.id for batch_id, _ in pending):
+        return 0
+    return publisher.release(info.id, 0, chunk_size(info.total or 1), reset=True)
 
 
 def requeue_orphans(store: BatchStore, publisher: Publisher, info: BatchInfo) -> list[int]:

@@ -333,6 +333,10 @@ def cancelled_result(request: ItemRequest, attempts: int = 0) -> ItemResult:
     )
 
 
+# a batch's priority: its share of the workers beside other batches (1, the default, to this)
+MAX_PRIORITY = 10
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """What a batch was submitted with; never holds a secret."""
@@ -341,6 +345,8 @@ class BatchOptions:
     base_url: str | None = None
     rpm: int | None = None
     tpm: int | None = None
+    # its share of the workers beside other batches: a window this many times as large
+    priority: int = 1
 
     def providers(self) -> tuple[str, ...]:
         return _provider_names(self.provider)

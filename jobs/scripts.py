@@ -400,3 +400,36 @@ for i = 3, #KEYS do
 end
 return taken
 """
+
+# KEYS: held out meta slots queue ; ARGV: ended, chunk, reset, ttl -> messages moved to the queue.
+# ``ended`` of the batch's messages have ended (0 when publishing); the batch may have a window of
+# messages out: enough to keep twice the workers' slots busy (at least WINDOW_MIN_ITEMS items), times
+# its priority. ``reset``: the sweep found the batch stalled with nothing out (a message was lost).
+# A batch that is gone (deleted) or finished keeps nothing held and counts nothing out.
+# (no worker seen for three sweeps: slots unknown, a window as for 64 slots; a worker says its own
+# at its start)
+WINDOW_MIN_ITEMS, WINDOW_UNKNOWN_SLOTS = 64, 64
+RELEASE_WINDOW = """
+local held, out, meta, slots, queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+if redis.call('EXISTS', meta) == 0 or redis.call('HEXISTS', meta, 'finished_at') == 1 then
+  redis.call('DEL', held, out)  -- deleted, or finished: nothing of it waits (a retry starts afresh)
+  return 0
+end
+local ended, chunk, reset, ttl = tonumber(ARGV[1]), math.max(1, tonumber(ARGV[2])), ARGV[3] == '1', tonumber(ARGV[4])
+local n = 0
+if not reset then n = math.max(0, tonumber(redis.call('GET', out) or '0') - ended) end
+local workers = tonumber(redis.call('GET', slots) or '""" + str(WINDOW_UNKNOWN_SLOTS) + """')
+local priority = math.max(1, tonumber(redis.call('HGET', meta, 'priority') or '1') or 1)
+local items = math.max(""" + str(WINDOW_MIN_ITEMS) + """, 2 * workers) * priority
+local window = math.max(2, math.ceil(items / chunk))
+local moved = 0
+while n < window do
+  local message = redis.call('LPOP', held)
+  if not message then break end
+  redis.call('LPUSH', queue, message)
+  n = n + 1
+  moved = moved + 1
+end
+redis.call('SET', out, n, 'EX', ttl)
+return moved
+"""

@@ -123,6 +123,7 @@ class WorkerSeen:
     age: float
     held: int = 0
     note: str = ""
+    slots: int = 0  # its requests in flight at most (0: not said)
 
     @property
     def missing(self) -> bool:
@@ -134,14 +135,16 @@ WORKER_MISSING_SECONDS = 60.0
 
 
 def worker_seen(name: str, value: str, now: float) -> WorkerSeen:
-    """A heartbeat as stored (``"<seen> <held> <note>"``; older workers wrote ``"<seen>"``)."""
+    """A heartbeat as stored (``"<seen> <held>/<slots> <note>"``; older workers wrote ``"<seen>"``
+    or ``"<seen> <held> <note>"``)."""
     parts = value.split(" ", 2)
     try:
         seen = float(parts[0])
-        held = int(parts[1]) if len(parts) > 1 else 0
+        held, _, slots = (parts[1] if len(parts) > 1 else "0").partition("/")
+        held_n, slots_n = int(held), int(slots or 0)
     except ValueError:
         return WorkerSeen(name, float("inf"))
-    return WorkerSeen(name, max(0.0, now - seen), held, parts[2] if len(parts) > 2 else "")
+    return WorkerSeen(name, max(0.0, now - seen), held_n, parts[2] if len(parts) > 2 else "", slots_n)
 
 
 class Recorded(IntEnum):
@@ -252,6 +255,7 @@ class BatchStore:
             "created": repr(created),
             "state": BatchState.SUBMITTING.value,
             "options": json.dumps(options.__dict__),
+            "priority": options.priority,
         }
         if not self.redis.hsetnx(keys.meta(batch_id), "created", fields["created"]):
             return False
@@ -344,10 +348,15 @@ class BatchStore:
         pipe.execute()
 
     @translated
-    def worker_heartbeat(self, name: str, held: int = 0, note: str = "") -> None:
-        """Say that worker ``name`` is alive now (Redis's time), holding ``held`` claims; ``note``:
-        what it wants known (``provider unreachable for 60 s``)."""
-        self._worker_beat(keys=[keys.WORKERS], args=[name, f"{held} {note}".strip()])
+    def worker_heartbeat(self, name: str, held: int = 0, note: str = "", slots: int = 0) -> None:
+        """Say that worker ``name`` is alive now (Redis's time), holding ``held`` claims of its
+        ``slots``; ``note``: what it wants known (``provider unreachable for 60 s``)."""
+        self._worker_beat(keys=[keys.WORKERS], args=[name, f"{held}/{slots} {note}".strip()])
+
+    @translated
+    def set_slots(self, total: int, ttl: float) -> None:
+        """The slots of the workers seen lately, together: how large the batches' windows are."""
+        self.redis.set(keys.SLOTS, total, px=max(1, int(ttl * 1000)))
 
     @translated
     def workers(self) -> list[WorkerSeen]:
@@ -508,7 +517,7 @@ class BatchStore:
         """
         self.redis.delete(keys.meta(batch_id))
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(*keys.batch_keys(batch_id), keys.errors(batch_id))
+        pipe.delete(*keys.batch_keys(batch_id), keys.errors(batch_id), keys.held(batch_id), keys.out(batch_id))
         pipe.zrem(keys.BATCH_INDEX, batch_id)
         pipe.hdel(keys.SWEEP_SEEN, batch_id)
         pipe.execute()

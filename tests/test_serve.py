@@ -372,6 +372,8 @@ def test_bad_input_answers_4xx_in_openai_form(server: Served, redis_client: redi
         ("GET", f"/files/file-{'0' * 24}:data", {}, 404),
         ("GET", "/batches?limit=\uff11\uff10", {}, 400),  # full-width digits
         ("GET", "/batches?order=sideways", {}, 400),
+        ("POST", "/batches", {"json": {"input_file_id": "file-x", "endpoint": "/v1/chat/completions",
+                                       "completion_window": "24h", "metadata": {"priority": "11"}}}, 400),
         ("POST", "/files", {"data": b"--x\r\n", "headers": {
             "content-type": "multipart/form-data; boundary=" + "b" * 300}}, 400),
         ("POST", "/batches", {"data": b'{"input_file_id": "file-x", "endpoint": "/v1/chat/completions", '

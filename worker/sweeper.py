@@ -24,10 +24,11 @@ from jobs.errors import ConfigError, StoreFull, StoreUnavailable
 from jobs.queue import Publisher
 from jobs.config import Settings
 from jobs.queue import app as celery_app
-from jobs.reconcile import requeue_orphans, restore_stale_messages
+from jobs.reconcile import release_stalled, requeue_orphans, restore_stale_messages
 from jobs.records import BatchState
-from jobs.store import BatchStore, connect, is_out_of_memory
+from jobs.store import BatchStore, WorkerSeen, connect, is_out_of_memory
 
+from .credit import CREDIT
 from .runtime import Runtime, running
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ def sweep_once(store: BatchStore, publisher: Publisher, interval: float,
             continue
         previous = store.redis.hget(SWEEP_SEEN, info.id)
         if previous is not None and int(previous) == info.done:
+            if release_stalled(store, publisher, info):
+                logger.warning("batch %s: its window had lost count; its next messages are on the queue", info.id)
+                store.redis.hset(SWEEP_SEEN, info.id, info.done)
+                continue
             seqs = requeue_orphans(store, publisher, info)
             if seqs:
                 logger.warning("batch %s: enqueued again %d items whose message was lost", info.id, len(seqs))
@@ -92,9 +97,9 @@ def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str,
     clock.sync(store.redis)
     alive = 1
     try:
-        store.worker_heartbeat(node, held, note)
+        store.worker_heartbeat(node, held, note, CREDIT.slots)
         seen = store.workers()
-        alive = sum(1 for worker in seen if worker.age < PEER_SEEN_SWEEPS * settings.sweep_interval)
+        alive = say_slots(store, seen, settings)
         gone = [worker.name for worker in seen if worker.age > FORGET_WORKER_SECONDS]
         if gone:
             store.forget_workers(gone)
@@ -135,6 +140,15 @@ class Outage:
         return f"sweep for lost messages works again ({failures} sweeps failed meanwhile)"
 
 
+def say_slots(store: BatchStore, seen: list[WorkerSeen], settings: Settings) -> int:
+    """Store the slots of the workers seen lately, together (the batches' windows are sized by
+    them: :mod:`jobs.queue`); returns how many workers that is."""
+    lately = [worker for worker in seen if worker.age < PEER_SEEN_SWEEPS * settings.sweep_interval]
+    if any(worker.slots for worker in lately):
+        store.set_slots(sum(worker.slots for worker in lately), PEER_SEEN_SWEEPS * settings.sweep_interval)
+    return len(lately)
+
+
 def what_to_say(runtime: Runtime | None) -> tuple[int, str]:
     """A heartbeat's claims held and note (a provider out of reach) from this process's runtime."""
     if runtime is None:
@@ -166,7 +180,8 @@ class Sweeper(bootsteps.StartStopStep):
 
         def loop() -> None:
             try:
-                store.worker_heartbeat(node)
+                store.worker_heartbeat(node, slots=CREDIT.slots)
+                say_slots(store, store.workers(), settings)
             except StoreUnavailable as exc:
                 logger.warning("heartbeat failed: %s", exc)
             while not self._stop.wait(settings.sweep_interval):

@@ -19,8 +19,10 @@ from typing import Any
 from celery import Task, bootsteps
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
+from redis.exceptions import RedisError
 
 from jobs.config import Settings
+from jobs.errors import BatchError
 from jobs.queue import TASK_NAME, app
 
 from .chunk import ABANDONED, LATE, Handoff, run_chunk
@@ -104,6 +106,15 @@ def _wake_on_signals(hub: Any) -> None:
     _wakers[:] = [reader, writer]  # kept open for the life of the process
 
 
+def _release_next(rt: Runtime, batch_id: str, chunk: int) -> None:
+    """A message of the batch's window has ended: its next one goes on the queue (behind the other
+    batches' messages). Missed (Redis away), the sweep releases it once the batch stalls."""
+    try:
+        rt.publisher.release(batch_id, 1, chunk)
+    except (RedisError, BatchError) as exc:
+        logger.info("batch %s: could not release its next message: %s", batch_id, exc)
+
+
 def _recheck() -> None:
     """A tick of the consumer's loop: kombu asks each channel again whether it may consume."""
 
@@ -116,7 +127,7 @@ app.steps["worker"].add(Sweeper)
           acks_late=True, reject_on_worker_lost=True)
 def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int = 1,
                   not_before: float = 0.0, spent: list[int] | None = None, cuts: int = 0,
-                  mismatches: int = 0, down: list[str] | None = None) -> str:
+                  mismatches: int = 0, down: list[str] | None = None, window: int = 0) -> str:
     rt = runtime()
     items = [seqs] if isinstance(seqs, int) else [int(s) for s in seqs]
     state = ItemState.from_kwargs(attempt, not_before, spent, cuts, mismatches, down)
@@ -126,6 +137,8 @@ def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int
     except Exception as exc:
         # run_chunk hands every item on itself; if even that failed, the message goes back
         raise Reject(exc, requeue=True) from exc
+    if window:
+        _release_next(rt, batch_id, len(items))
     counts = Counter("retry" if isinstance(end, Handoff) else end.status for end in ends)
     paid_elsewhere = [seq for seq, end in zip(dict.fromkeys(items), ends)
                       if not isinstance(end, Handoff) and end.status in (LATE, ABANDONED)]

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from jobs.endpoints import Endpoint
 from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
 from jobs.files import BATCH_FILE_TTL, MAX_TTL, MIN_TTL, FileNotFound
-from jobs.records import BatchInfo
+from jobs.records import MAX_PRIORITY, BatchInfo
 
 from . import page
 from .auth import check_host, check_origin
@@ -325,6 +325,10 @@ def _metadata(value: Any) -> dict[str, str] | None:
         if not isinstance(item, str) or len(key) > MAX_METADATA_KEY or len(item) > MAX_METADATA_VALUE:
             raise BadRequest(f"metadata keys are strings of at most {MAX_METADATA_KEY} characters and values "
                              f"strings of at most {MAX_METADATA_VALUE}", param="metadata")
+    priority = value.get("priority")
+    if priority is not None and not (priority.isascii() and priority.isdigit() and 1 <= int(priority) <= MAX_PRIORITY):
+        raise BadRequest(f"metadata.priority is the batch's share of the workers: a whole number from 1 to "
+                         f"{MAX_PRIORITY}, got {priority!r}", param="metadata.priority")
     return dict(value)
 
 

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from jobs.config import Settings
@@ -26,7 +26,7 @@ from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
 from jobs.files import FileNotFound, FileStore, FileWriter
 from jobs.keys import api_lease
 from jobs.queue import Publisher
-from jobs.records import BatchInfo, BatchOptions, ItemResult, RequestDefaults, Status
+from jobs.records import MAX_PRIORITY, BatchInfo, BatchOptions, ItemResult, RequestDefaults, Status
 from jobs.store import BatchStore
 from jobs.submit import submit_file
 
@@ -126,7 +126,7 @@ class Driver:
             except FileNotFound:
                 return self._fail(batch, [{"code": "file_not_found", "line": None, "param": "input_file_id",
                                            "message": f"the input file {batch.input_file_id} was deleted"}])
-            options = batch.options or self.config.options
+            options = replace(batch.options or self.config.options, priority=priority_of(batch.metadata))
             self.store.create(batch.store_id, f"{batch.input_file_id} ({batch.id})", options)
             try:
                 submit_file(self.store, self.publisher, path, options, self.config.settings,
@@ -236,3 +236,9 @@ class Driver:
             error.abort()
             raise
         return ids[0], ids[1]
+
+
+def priority_of(metadata: dict[str, str] | None) -> int:
+    """A batch's priority on ``serve``: its ``metadata["priority"]`` (checked when it was created)."""
+    raw = (metadata or {}).get("priority", "1")
+    return int(raw) if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_PRIORITY else 1
