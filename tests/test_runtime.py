@@ -198,6 +198,7 @@ class Bench:
         self.stub = stub
         self.store = BatchStore(self.client)
         self.files = 0
+        self.batches: list[str] = []
 
     def settings(self, **env: str) -> Settings:
         return Settings.from_env({**FAST, **env}, redis_url=self.url)
@@ -210,21 +211,25 @@ class Bench:
         configure(celery_app, settings)
         report = submit_file(self.store, Publisher(self.client, celery_app), path,
                              BatchOptions(base_url=self.stub.base_url), settings)
+        self.batches.append(report.batch_id)
         return report.batch_id
 
     def queued(self) -> list[tuple[str, list[int], dict[str, Any]]]:
+        """Every message of the queue and of the batches' windows (held ones wait their turn)."""
         found = []
-        for raw in self.client.lrange(keys.QUEUE, 0, -1):
+        lists = [keys.QUEUE, *(keys.held(batch_id) for batch_id in self.batches)]
+        for raw in (raw for name in lists for raw in self.client.lrange(name, 0, -1)):
             items = message_items(raw)
             assert items is not None
             kwargs = json.loads(base64.b64decode(json.loads(raw)["body"]))[1]
+            kwargs.pop("window", None)
             found.append((items[0], items[1], kwargs))
         return found
 
     def drain(self, runtime: Runtime) -> list[Done | Handoff]:
         """Run every queued message's chunk on the runtime at once, as a worker's threads would."""
         messages = self.queued()
-        self.client.delete(keys.QUEUE)
+        self.client.delete(keys.QUEUE, *(keys.held(batch_id) for batch_id in self.batches))
 
         async def all_chunks() -> list[Done | Handoff]:
             ends = await asyncio.gather(*(run_chunk(runtime, b, seqs, ItemState.from_kwargs(**kw))
