@@ -59,6 +59,7 @@ test-chaos: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BYTECODE)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/pace.py $(BENCH_ARGS)
 
 ## The same batch across hosts (network namespaces; root) with and without slow links, beside the raw client.
 bench-hosts: $(TEST_STAMP)

@@ -219,8 +219,15 @@ def batches(redis_url: str, as_json: bool) -> None:
               default=None, help="Pad every reply to this many bytes (long replies).")
 @click.option("--backlog", envvar=env("STUB_BACKLOG"), show_envvar=True, type=click.IntRange(min=1),
               default=4096, show_default=True, help="Listen queue, for thousands of connections at once.")
+@click.option("--rpm", envvar=env("STUB_RPM"), show_envvar=True, type=click.IntRange(min=1), default=None,
+              help="Admit this many OpenAI requests a minute (a token bucket, stated in x-ratelimit-* "
+                   "headers; beyond it a 429 with retry-after).")
+@click.option("--burst", envvar=env("STUB_BURST"), show_envvar=True, type=click.IntRange(min=1), default=None,
+              help="With --rpm: requests admitted at once at most [default: a second's worth].")
+@click.option("--tpm", envvar=env("STUB_TPM"), show_envvar=True, type=click.IntRange(min=1), default=None,
+              help="With --rpm: tokens a minute (a prompt's length / 4, plus one).")
 def stub(host: str, port: int, latency: float, chunks: int, api_key: str | None,
-         reply_bytes: int | None, backlog: int) -> None:
+         reply_bytes: int | None, backlog: int, rpm: int | None, burst: int | None, tpm: int | None) -> None:
     """Serve a local STAND-IN provider (not a model) for trying the tool and testing.
 
     It answers the Aivvm protocol at /api/chat and the OpenAI protocol at
@@ -231,10 +238,13 @@ def stub(host: str, port: int, latency: float, chunks: int, api_key: str | None,
     429, cut, stall, badbytes, split, empty, reset, badjson, notjson, refusal,
     failed, bytes=N.
     """
+    from .stub import RateLimit
     from .stub import serve as serve_stand_in
 
+    if (burst or tpm) and not rpm:
+        raise click.UsageError("--burst and --tpm need --rpm")
     serve_stand_in(host, port, latency=latency, chunks=chunks, api_key=api_key,
-                   reply_bytes=reply_bytes, backlog=backlog,
+                   reply_bytes=reply_bytes, backlog=backlog, rate_limit=RateLimit(rpm, burst, tpm) if rpm else None,
                    ready=lambda url: click.echo(f"stand-in provider (not a model) on {url}", err=True))
 
 

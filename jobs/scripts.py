@@ -313,15 +313,17 @@ maybe_finish(tonumber(ARGV[2]))
 return 1
 """
 
-# KEYS: request_slot token_slot pause (keys.rate_keys) ; ARGV: ms_per_request ms_per_token tokens max_wait_ms
-# -> ms to wait for the reserved slot, or minus the wait when it is too far to reserve
-# (generic cell rate algorithm: each slot key holds the theoretical arrival time of the next call)
+# KEYS: request_slot token_slot pause (keys.rate_keys) ; ARGV: ms_per_request ms_per_token tokens
+# max_wait_ms [burst_ms] -> ms to wait for the reserved slot, or minus the wait when it is too far
+# to reserve (generic cell rate algorithm: each slot key holds the theoretical arrival time of the
+# next call; a request may go burst_ms ahead of it)
 RATE_ACQUIRE = NOW_MS + """
 local request_slot, token_slot, pause = KEYS[1], KEYS[2], KEYS[3]
 local now = now_ms()
 local start = now
+local ahead = {[request_slot] = tonumber(ARGV[5] or '0')}
 for _, key in ipairs({request_slot, token_slot, pause}) do
-  local tat = tonumber(redis.call('GET', key) or '0')
+  local tat = tonumber(redis.call('GET', key) or '0') - (ahead[key] or 0)
   if tat > start then start = tat end
 end
 local wait = start - now

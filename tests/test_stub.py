@@ -400,7 +400,8 @@ def test_stats_and_reset(fresh: StubServer) -> None:
     settled(fresh)
     resp = requests.post(f"{fresh.base_url}/__stub/reset", timeout=5)
     assert resp.status_code == 204
-    assert fresh.stats() == {"requests": 0, "by_prompt": {}, "times": [], "in_flight": 0, "peak_in_flight": 0}
+    assert fresh.stats() == {"requests": 0, "by_prompt": {}, "times": [], "in_flight": 0, "peak_in_flight": 0,
+                             "rate_limited": 0}
     # fault bookkeeping reset too: the times=1 fault fires again
     assert post_aivvm(fresh, "[[stub fault=status times=1]] gamma").status_code == 500
 

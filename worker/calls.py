@@ -20,6 +20,7 @@ from . import completion
 from .completion import Attempt, Guard
 from .providers import AbstractProvider, CompletionCall
 from .providers.credentials import KeyChooser
+from .providers.exchange import OnHead
 
 AsyncBeforeCall = Callable[[type[AbstractProvider], CompletionCall], Coroutine[Any, Any, None]]
 
@@ -38,9 +39,10 @@ def _async_http() -> Any:
 class ProviderCalls:
     """Attempts at items, at most ``concurrency`` at once (the runtime's slots bound them)."""
 
-    def __init__(self, settings: Settings, concurrency: int) -> None:
+    def __init__(self, settings: Settings, concurrency: int, on_head: OnHead | None = None) -> None:
         self.settings = settings
         self.concurrency = concurrency
+        self.on_head = on_head
         self._http_class = _async_http()
         self._http: Any = None
         self._keys = KeyChooser(settings.allowed_base_urls)
@@ -56,7 +58,7 @@ class ProviderCalls:
         frame less at each of its wake-ups); ``guard`` may give its stream up (:class:`Abandoned`)."""
         if self._http_class is not None:
             if self._http is None:
-                self._http = self._http_class(max_connections=self.concurrency)
+                self._http = self._http_class(max_connections=self.concurrency, on_head=self.on_head)
             return completion.attempt_async(
                 request, options.providers(), options.base_url, self.settings, self._http, before_call, self._keys,
                 guard)

@@ -276,17 +276,23 @@ async def _pause(rt: Runtime, batch_id: str, scope: str, seconds: float) -> None
 
 def _rate_gate(rt: Runtime, request: ItemRequest, options: BatchOptions,  # type: ignore[no-untyped-def]
                held: tuple[str, int, str]):
-    """Wait for the shared rate limit before each provider call of this item, if the batch has one;
-    then make sure the item's claim (``held``) is still this worker's: the wait may have outlasted
-    it (a frozen or cut-off process), and another worker may have the item by now."""
+    """Before each provider call of this item: keep to the provider's pace (learned from its
+    answers: :mod:`worker.provider_pace`) and the batch's ``--rpm``/``--tpm``, through the
+    limiter every worker shares; then make sure the item's claim (``held``) is still this
+    worker's: the wait may have outlasted it (a frozen or cut-off process), and another worker
+    may have the item by now."""
     rpm = options.rpm or rt.settings.rpm
     tpm = options.tpm or rt.settings.tpm
-    if not (rpm or tpm):
-        return None
-    tokens = request_tokens(request)
+    pace = rt.provider_pace
 
     async def before_call(provider: type[AbstractProvider], call: CompletionCall) -> None:
-        await rt.limiter.acquire_async(provider.scope(call.base_url), rt.io.run, rpm=rpm, tpm=tpm, tokens=tokens)
+        scope = provider.scope(call.base_url)
+        await pace.first(scope)
+        limits = pace.limits(scope, rpm, tpm)
+        if not limits.any:
+            return
+        await rt.limiter.acquire_async(scope, rt.io.run, rpm=limits.rpm, tpm=limits.tpm,
+                                       tokens=request_tokens(request) if limits.tpm else 0, burst=limits.burst)
         await still_ours(rt, held)
 
     return before_call

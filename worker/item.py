@@ -38,6 +38,11 @@ STORE_LOG_EVERY = 30.0
 ERROR_TEXT_LIMIT = 160
 # workers that must have seen the provider down for an item before its retries count as usual
 MAX_DOWN_SEEN = 3
+# 429s that say when to come back an item waits out before they count as attempts (a provider
+# that keeps refusing ends it all the same)
+MAX_RATE_WAITS = 200
+# such a wait is stretched by up to this share, so that the refused do not come back at once
+RATE_WAIT_JITTER = 0.2
 # an item handed on waits this long on the queue (its worker, taking it back, does not spin on it)
 ELSEWHERE_SECONDS = 1.0
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -87,6 +92,8 @@ class ItemState:
     mismatches: int = 0
     # the workers that could not reach the provider for it (each hands it to another once)
     down: tuple[str, ...] = ()
+    # 429s that said when to come back, waited out (not attempts: see MAX_RATE_WAITS)
+    waits: int = 0
 
     def to_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"attempt": self.attempt, "not_before": self.not_before,
@@ -95,13 +102,15 @@ class ItemState:
             kwargs["mismatches"] = self.mismatches
         if self.down:
             kwargs["down"] = list(self.down)
+        if self.waits:
+            kwargs["waits"] = self.waits
         return kwargs
 
     @classmethod
     def from_kwargs(cls, attempt: int = 1, not_before: float = 0.0, spent: list[int] | None = None,
-                    cuts: int = 0, mismatches: int = 0, down: list[str] | None = None) -> ItemState:
+                    cuts: int = 0, mismatches: int = 0, down: list[str] | None = None, waits: int = 0) -> ItemState:
         return cls(int(attempt), float(not_before), Spent.from_list(spent), int(cuts), int(mismatches),
-                   tuple(str(node) for node in down or ()))
+                   tuple(str(node) for node in down or ()), int(waits))
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,11 @@ def decide(request: ItemRequest, outcome: Attempt, state: ItemState, settings: S
     if isinstance(error, ProviderHTTPError) and error.status == 429 and error.retry_after:
         pause = error.retry_after
     cut = error is not None and error.kind == IncompleteReply.kind  # also a fallback's combined error
+    if pause is not None and outcome.transient and state.waits < MAX_RATE_WAITS:
+        # the provider said when to come back: a wait, not a failed attempt
+        delay = pause * random.uniform(1.0, 1.0 + RATE_WAIT_JITTER)
+        again = replace(state, not_before=now + delay, waits=state.waits + 1)
+        return Decision(again=RunAgain(again, f"rate limited: again in {delay:.1f} s"), error=text, pause=pause)
     if isinstance(error, SchemaMismatch) and state.mismatches < settings.schema_retries:
         again = replace(state, attempt=state.attempt + 1, not_before=now,
                         spent=_spent_after(state.spent, request, outcome), mismatches=state.mismatches + 1)
@@ -153,9 +167,10 @@ def decide(request: ItemRequest, outcome: Attempt, state: ItemState, settings: S
         assert error is not None
         delay = backoff(state.attempt, settings, error.retry_after)
         again = ItemState(state.attempt + 1, now + delay, _spent_after(state.spent, request, outcome),
-                          state.cuts + cut, state.mismatches, state.down)
+                          state.cuts + cut, state.mismatches, state.down, state.waits)
         return Decision(again=RunAgain(again, f"retry in {delay:.1f} s: {text}"), error=text, pause=pause)
-    result = _with_spent(to_result(request, outcome, state.attempt), state.spent)
+    # attempts as the provider saw them: the 429s waited out too
+    result = _with_spent(to_result(request, outcome, state.attempt + state.waits), state.spent)
     return Decision(result=result, error=text, pause=pause)
 
 

@@ -32,14 +32,15 @@ class RateLimiter:
         self._acquire = client.register_script(scripts.RATE_ACQUIRE)
         self._pause = client.register_script(scripts.RATE_PAUSE)
 
-    def reserve(self, scope: str, *, rpm: int = 0, tpm: int = 0, tokens: int = 0) -> float:
-        """Reserve this call's slot and return the seconds until it; :class:`RateLimited` if too far."""
+    def reserve(self, scope: str, *, rpm: float = 0, tpm: float = 0, tokens: int = 0, burst: int = 0) -> float:
+        """Reserve this call's slot and return the seconds until it; :class:`RateLimited` if too far.
+        ``burst``: requests that may go at once ahead of the even spacing."""
         ms_per_request = 60000.0 / rpm if rpm > 0 else 0.0
         ms_per_token = 60000.0 / tpm if tpm > 0 else 0.0
         try:
             reply = int(self._acquire(keys=keys.rate_keys(scope),
                                       args=[ms_per_request, ms_per_token, max(tokens, 0),
-                                            int(self.max_wait * 1000)]))
+                                            int(self.max_wait * 1000), int(ms_per_request * max(burst - 1, 0))]))
         except ResponseError as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -63,12 +64,12 @@ class RateLimiter:
         return waited
 
     async def acquire_async(self, scope: str, run: Callable[[Callable[[], float]], Awaitable[float]], *,
-                            rpm: int = 0, tpm: int = 0, tokens: int = 0) -> float:
+                            rpm: float = 0, tpm: float = 0, tokens: int = 0, burst: int = 0) -> float:
         """:meth:`acquire` on an event loop: ``run(f)`` makes each Redis call off the loop, and the
         waits are ``asyncio.sleep``: the loop is never blocked. A Redis that is away or full
         says come back later (:class:`RateLimited`), as a full one does to :meth:`acquire`."""
         try:
-            waited = await run(functools.partial(self.reserve, scope, rpm=rpm, tpm=tpm, tokens=tokens))
+            waited = await run(functools.partial(self.reserve, scope, rpm=rpm, tpm=tpm, tokens=tokens, burst=burst))
             await asyncio.sleep(waited)
             while (paused := await run(functools.partial(self._paused, scope, 0.0))) > 0:
                 if paused > self.max_wait:

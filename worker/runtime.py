@@ -43,6 +43,7 @@ from .errors import Abandoned
 
 from .calls import ProviderCalls
 from .credit import CREDIT, Pace, reserve
+from .provider_pace import ProviderPace
 from .ratelimit import RateLimiter
 from .storeio import StoreIO
 
@@ -167,6 +168,8 @@ class Runtime:
     slots: asyncio.Semaphore
     # how long a slot is held (for the reserve of items beyond the slots: worker.credit)
     pace: Pace = field(default_factory=Pace)
+    # what the providers' answers said of their rate limits
+    provider_pace: ProviderPace = field(default_factory=ProviderPace)
     leases: Leases = field(default_factory=Leases)
     # the delivery tags of the messages this process holds (renewed with the claims)
     held_messages: Callable[[], list[str]] = list
@@ -201,11 +204,13 @@ class Runtime:
         publisher = Publisher(client, app)
         loop = new_event_loop()
         executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="aivvm-redis")
+        provider_pace = ProviderPace()
         runtime = cls(
             settings=settings, concurrency=concurrency, client=client, store=store,
             limiter=RateLimiter(client), publisher=publisher, loop=loop,
             io=StoreIO(store, publisher, executor, loop, settings.lease),
-            calls=ProviderCalls(settings, concurrency), slots=asyncio.Semaphore(concurrency),
+            calls=ProviderCalls(settings, concurrency, on_head=provider_pace.heard),
+            slots=asyncio.Semaphore(concurrency), provider_pace=provider_pace,
             held_messages=held_messages, probe=probe, contact=Contact(settings.lease, time.monotonic()),
         )
         runtime._thread = threading.Thread(target=loop.run_forever, name="aivvm-loop", daemon=True)

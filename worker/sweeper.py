@@ -150,10 +150,12 @@ def say_slots(store: BatchStore, seen: list[WorkerSeen], settings: Settings) -> 
 
 
 def what_to_say(runtime: Runtime | None) -> tuple[int, str]:
-    """A heartbeat's claims held and note (a provider out of reach) from this process's runtime."""
+    """A heartbeat's claims held and note (a provider out of reach, the pace a provider allows)
+    from this process's runtime."""
     if runtime is None:
         return 0, ""
-    return len(runtime.leases), runtime.breaker.note(time.monotonic())
+    notes = (runtime.breaker.note(time.monotonic()), runtime.provider_pace.note())
+    return len(runtime.leases), "; ".join(note for note in notes if note)
 
 
 class Sweeper(bootsteps.StartStopStep):

@@ -127,10 +127,10 @@ app.steps["worker"].add(Sweeper)
           acks_late=True, reject_on_worker_lost=True)
 def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int = 1,
                   not_before: float = 0.0, spent: list[int] | None = None, cuts: int = 0,
-                  mismatches: int = 0, down: list[str] | None = None, window: int = 0) -> str:
+                  mismatches: int = 0, down: list[str] | None = None, window: int = 0, waits: int = 0) -> str:
     rt = runtime()
     items = [seqs] if isinstance(seqs, int) else [int(s) for s in seqs]
-    state = ItemState.from_kwargs(attempt, not_before, spent, cuts, mismatches, down)
+    state = ItemState.from_kwargs(attempt, not_before, spent, cuts, mismatches, down, waits)
     task_id = self.request.id
     try:
         ends = rt.run(run_chunk(rt, batch_id, items, state, on_end=lambda: CREDIT.ended(task_id)))

@@ -118,6 +118,7 @@ from .openai_wire import (
 )
 from .responses import ResponsesRequest, parse_responses_request, responses_stream_parts
 from .schema import example_value, violating_value
+from .ratelimit import RateLimit
 from .server import (
     DEFAULT_BACKLOG,
     StubServer,
@@ -148,6 +149,7 @@ from .text import (
 )
 
 __all__ = [
+    "RateLimit",
     "StubServer",
     "serve",
     "FaultPlan",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import socket
 import struct
 import time
@@ -22,6 +23,7 @@ from .completions import completion_object, completion_stream_parts, parse_compl
 from .embeddings import embeddings_body, parse_embedding_request
 from .faults import FaultPlan
 from .http import MAX_BODY_BYTES, RequestHead, body_length, chunk_frame, parse_chunk_size, response_head
+from .ratelimit import go_duration
 from .openai_wire import (
     DONE_EVENT,
     openai_completion,
@@ -78,6 +80,7 @@ class _Exchange:
         self.writer = writer
         self.head = head
         self.close = head is None or not head.keep_alive
+        self.limit_headers: list[tuple[str, str]] = []  # the rate limit's, on every answer
 
     # -- routing ---------------------------------------------------------
 
@@ -166,6 +169,8 @@ class _Exchange:
             await self._send_error_reply(400, f"Bad request: {exc}", openai=openai)
             return
         state.record_prompt(request.prompt)
+        if openai and await self._refused(request.prompt):
+            return
         plan = request.plan
         if plan.fault and plan.times is not None and not state.consume_fault(request.key, plan.times):
             plan = replace(plan, fault=None)
@@ -180,6 +185,17 @@ class _Exchange:
             await self._reply_openai(request, plan)
         else:
             await self._reply_chat_features(request, plan, request.options or ChatOptions())
+
+    async def _refused(self, prompt: str) -> bool:
+        """Beyond the rate limit (when the stand-in has one): a 429 saying when to come back."""
+        limiter = self.state.limiter
+        if limiter is None:
+            return False
+        wait, self.limit_headers = limiter.take(math.ceil(len(prompt) / 4) + 1)
+        if wait:
+            message = f"Rate limit reached for requests. Please try again in {go_duration(wait)}."
+            await self._send_error_reply(429, message, openai=True, retry_after=None)
+        return bool(wait)
 
     def _authorized(self) -> bool:
         key = self.state.api_key
@@ -257,6 +273,8 @@ class _Exchange:
             await self._send_error_reply(400, f"Bad request: {exc}", openai=True)
             return None
         state.record_prompt(request.prompt)
+        if await self._refused(request.prompt):
+            return None
         plan = request.plan
         if plan.fault and plan.times is not None and not state.consume_fault(request.key, plan.times):
             plan = replace(plan, fault=None)
@@ -335,13 +353,15 @@ class _Exchange:
                 ("Date", self.core.http_date()),
                 ("x-request-id", self.state.next_request_id()),
                 *headers,
+                *self.limit_headers,
                 *closing,
             ),
         )
 
-    async def _send_error_reply(self, status: int, message: str, *, openai: bool, retry_after: int = 1) -> None:
+    async def _send_error_reply(self, status: int, message: str, *, openai: bool,
+                                retry_after: int | None = 1) -> None:
         """Aivvm: ``message`` as text/plain; OpenAI: the JSON error form."""
-        headers = [("Retry-After", str(retry_after))] if status == 429 else []
+        headers = [("Retry-After", str(retry_after))] if status == 429 and retry_after is not None else []
         if not openai:
             await self.send_text(status, message, headers)
         else:

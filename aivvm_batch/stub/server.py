@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .exchange import _Exchange
 from .http import MAX_HEAD_BYTES, parse_request_head
+from .ratelimit import RateLimit
 from .state import _StubState
 
 DEFAULT_BACKLOG = 4096
@@ -87,6 +88,10 @@ class _Core:
                     return
         except OSError:
             return  # the client went away
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():
+                raise
+            # shut down: ends quietly (Python 3.11's stream callback logs a cancelled task as an error)
         finally:
             self.writers.discard(writer)
             if task is not None:
@@ -128,6 +133,7 @@ class StubServer:
         api_key: str | None = None,
         reply_bytes: int | None = None,
         backlog: int = DEFAULT_BACKLOG,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         if not math.isfinite(latency) or latency < 0:
             raise ValueError("latency must be a finite number >= 0")
@@ -137,7 +143,8 @@ class StubServer:
             raise ValueError("reply_bytes must be >= 0")
         if backlog < 1:
             raise ValueError("backlog must be >= 1")
-        self._state = _StubState(latency=latency, chunks=chunks, api_key=api_key, reply_bytes=reply_bytes)
+        self._state = _StubState(latency=latency, chunks=chunks, api_key=api_key, reply_bytes=reply_bytes,
+                                 rate_limit=rate_limit)
         self._sock = _listening_socket(host, port, backlog)
         self._address: tuple[str, int] = self._sock.getsockname()[:2]
         self._backlog = backlog
@@ -263,6 +270,7 @@ def serve(
     api_key: str | None,
     reply_bytes: int | None = None,
     backlog: int = DEFAULT_BACKLOG,
+    rate_limit: RateLimit | None = None,
     ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the stand-in provider until KeyboardInterrupt or SIGTERM (blocking).
@@ -274,7 +282,8 @@ def serve(
     restore = _install_sigterm(stop)
     try:
         with StubServer(
-            host, port, latency=latency, chunks=chunks, api_key=api_key, reply_bytes=reply_bytes, backlog=backlog
+            host, port, latency=latency, chunks=chunks, api_key=api_key, reply_bytes=reply_bytes, backlog=backlog,
+            rate_limit=rate_limit,
         ) as server:
             if ready is not None:
                 ready(server.base_url)

@@ -8,14 +8,18 @@ import threading
 import time
 from typing import Any
 
+from .ratelimit import Limiter, RateLimit
+
 TIMES_WINDOW = 100_000
 
 
 class _StubState:
     """Knobs, counters and fault bookkeeping; read by other threads through :meth:`snapshot`."""
 
-    def __init__(self, *, latency: float, chunks: int, api_key: str | None, reply_bytes: int | None) -> None:
+    def __init__(self, *, latency: float, chunks: int, api_key: str | None, reply_bytes: int | None,
+                 rate_limit: RateLimit | None = None) -> None:
         self.latency = latency
+        self.limiter = Limiter(rate_limit) if rate_limit is not None else None
         self.chunks = chunks
         self.api_key = api_key
         self.reply_bytes = reply_bytes
@@ -73,6 +77,7 @@ class _StubState:
                 "times": list(self._times),
                 "in_flight": self._in_flight,
                 "peak_in_flight": self._peak,
+                "rate_limited": self.limiter.refused if self.limiter is not None else 0,
             }
 
     def reset(self) -> None:
@@ -83,3 +88,5 @@ class _StubState:
             self._times.clear()
             self._fault_uses.clear()
             self._peak = self._in_flight
+        if self.limiter is not None:
+            self.limiter.refused = 0

@@ -23,6 +23,7 @@ from .exchange import (
     ErrorBody,
     ErrorParser,
     Head,
+    OnHead,
     OnReply,
     encode_body,
     http_error,
@@ -56,24 +57,28 @@ class Transport(Protocol):
 class AsyncHTTP:
     """Streaming POSTs on the running event loop, through one pool of ``max_connections``."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, on_head: OnHead | None = None) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.max_connections = max_connections
+        self.on_head = on_head
         self._transport: Transport = AiohttpTransport(max_connections)
 
     async def open_stream(self, url: str, body: dict[str, Any], headers: dict[str, str], call: CompletionCall,
-                          parse_error: ErrorParser, on_reply: OnReply | None = None) -> Response:
+                          parse_error: ErrorParser, on_reply: OnReply | None = None, scope: str = "") -> Response:
         """POST ``body`` and return a 200 whose head has arrived, its raw (still encoded) body
         to read (:meth:`Response.read`; then :meth:`Response.close`, on every path).
 
         A 3xx raises ``RedirectError``, another non-200 the provider's HTTP error (from
-        the start of its body); ``on_reply`` is told the 200's head before its first byte.
+        the start of its body); ``on_reply`` is told the 200's head before its first byte, the
+        pool's ``on_head`` every head, with the provider's ``scope`` (its rate limits are learned).
         """
         timeout = read_timeout(call)
         response = await self._transport.open(url, encode_body(body), request_headers(headers), call, timeout)
         try:
             head = response.head
+            if self.on_head is not None:
+                self.on_head(scope, head)
             if 300 <= head.status < 400:
                 raise redirect_error(head, call)
             if head.status != 200:

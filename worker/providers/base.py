@@ -101,7 +101,7 @@ class AbstractProvider(ABC):
         request = cls.http_request(call)
         reader = cls.reply_reader(call)
         response = await http.open_stream(request.url, request.body, request.headers, call, cls.parse_error,
-                                          on_reply=reader.start)
+                                          on_reply=reader.start, scope=cls.scope(call.base_url))
         try:
             while data := await response.read():
                 for item in reader.feed(data):

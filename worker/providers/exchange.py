@@ -29,6 +29,7 @@ from ..errors import (
 from .call import CompletionCall
 from .credentials import redact, withheld_hint
 from .decoding import BodyDecoder
+from .ratelimits import RateHeaders, parse_rate_headers, retry_after_ms
 
 READ_SIZE = 65536
 ERROR_BODY_LIMIT = 4096  # decoded bytes of an error body kept
@@ -59,6 +60,9 @@ class Head:
     location: str | None = None
     retry_after: str | None = None
     request_id: str | None = None
+    retry_after_ms: str | None = None
+    # what the headers said of the provider's rate limits (worker.provider_pace learns from them)
+    limits: RateHeaders | None = None
 
     @classmethod
     def of(cls, status: int, reason: str | None, headers: Mapping[str, str]) -> Head:
@@ -66,7 +70,18 @@ class Head:
         request_id = headers.get("x-request-id")
         return cls(status, reason or "", headers.get("content-type"), headers.get("content-encoding"),
                    headers.get("location"), headers.get("retry-after"),
-                   one_line(request_id)[:200] if request_id else None)
+                   one_line(request_id)[:200] if request_id else None, headers.get("retry-after-ms"),
+                   parse_rate_headers(headers, time.time()))
+
+    def wait(self) -> float | None:
+        """When the server asks to be called again: ``retry-after-ms``, ``Retry-After``, else (a
+        429 that said neither) when its rate limit resets."""
+        seconds = retry_after_ms(self.retry_after_ms)
+        if seconds is None:
+            seconds = retry_after(self.retry_after)
+        if seconds is None and self.status == 429 and self.limits is not None:
+            seconds = self.limits.wait()
+        return seconds
 
     @property
     def media_type(self) -> str:
@@ -74,6 +89,7 @@ class Head:
 
 
 OnReply = Callable[[Head], None]  # told the head of a 200 before its first byte
+OnHead = Callable[[str, Head], None]  # told every head, with the provider's scope
 
 
 def encode_body(body: dict[str, Any]) -> bytes:
@@ -119,7 +135,7 @@ def http_error(head: Head, body_text: str, call: CompletionCall, parse_error: Er
     """
     raw = redact(body_text, [call.api_key])
     text = one_line(raw) or redact(head.reason, [call.api_key])
-    error = parse_error(head.status, text, retry_after(head.retry_after))
+    error = parse_error(head.status, text, head.wait())
     error.kind = redact(error.kind, [call.api_key])
     body = verbatim(raw)
     if call.api_key and call.api_key in json.dumps(body, ensure_ascii=False):
