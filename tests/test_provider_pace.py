@@ -109,7 +109,9 @@ def test_the_stated_limit_is_the_pace_under_the_users_ceiling() -> None:
     assert not pace.limits("p").any  # nothing learned: no pace of its own
     pace.learn("p", 200, stated(1200, remaining=100))
     assert pace.limits("p").rpm == 1200 and pace.limits("p", rpm=600).rpm == 600
-    assert pace.limits("p").burst == 20  # a second's worth, at most half of what remains
+    assert pace.limits("p").burst == 20  # a second's worth at most
+    pace.learn("p", 200, stated(1200, remaining=6))
+    assert pace.limits("p").burst == 5  # what remains but one
     assert pace.describe("p") == "pace 20.0/s, limited by the provider"
 
 
@@ -120,13 +122,16 @@ def test_a_429_cuts_the_pace_once_a_second_and_answers_bring_it_back() -> None:
     now[0] = 5.0
     pace.learn("p", 429, stated(1000))
     pace.learn("p", 429, stated(1000))  # the same second: one cut
-    assert pace.limits("p").rpm == pytest.approx(700) and pace.limits("p").burst == 0
+    assert pace.limits("p").rpm == pytest.approx(850) and pace.limits("p").burst == 0
     now[0] = 6.5
     pace.learn("p", 429, None)
-    assert pace.limits("p").rpm == pytest.approx(490)
-    for _ in range(100):
-        pace.learn("p", 200, None)
-    assert pace.limits("p").rpm == 1000  # never past what was stated
+    assert pace.limits("p").rpm == pytest.approx(722.5)
+    now[0] = 8.5
+    pace.learn("p", 200, None)
+    assert pace.limits("p").rpm == pytest.approx(722.5 + 2 * 40)  # 4% of what was stated a second
+    now[0] = 30.0
+    pace.learn("p", 200, None)
+    assert pace.limits("p").rpm == 1000  # never past it
 
 
 def test_a_few_calls_go_before_the_first_answer_and_the_rest_wait_for_it() -> None:

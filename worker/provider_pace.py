@@ -9,9 +9,9 @@ own answers; the schedule they share is what divides them.
 - Before the first answer of a base URL only a few calls go out (the others wait for it, at
   most a few seconds): a limit cannot be learned before anything was asked.
 - A 429 all the same (the limit is shared with other clients, or counted otherwise) cuts the
-  pace by a factor, at most once a second; each answer admitted brings it back up by a step
-  (additive increase, multiplicative decrease), never past what the headers state.
-- ``remaining`` lets a burst of up to a second's worth of requests go at once.
+  pace by 15%, at most once a second; answers admitted bring it back up by 4% of the stated
+  limit a second (additive increase, multiplicative decrease), never past what the headers state.
+- What ``remaining`` says lets a burst of up to a second's worth of requests go at once.
 - A user's ``--rpm``/``--tpm`` stay ceilings.
 """
 
@@ -29,10 +29,10 @@ from .providers.ratelimits import RateHeaders
 FIRST_CALLS = 4
 # seconds the others wait for that answer at most
 FIRST_ANSWER_WAIT = 3.0
-CUT_FACTOR = 0.7
+CUT_FACTOR = 0.85
 CUT_INTERVAL = 1.0
-# an admitted answer raises the pace by this share of the stated limit
-STEP_SHARE = 0.01
+# admitted answers raise the pace by this share of the stated limit a second (from the last cut)
+STEP_SHARE_PER_SECOND = 0.04
 LOWEST_SHARE = 0.05
 
 
@@ -57,6 +57,7 @@ class _Learned:
     share: float = 1.0  # of the stated limits, after 429s
     remaining: float | None = None
     cut_at: float = 0.0
+    raised_at: float = 0.0
     refused: int = 0
     started: int = 0
     answered: asyncio.Event = field(default_factory=asyncio.Event)
@@ -107,9 +108,11 @@ class ProviderPace:
             now = self.clock()
             if now - learned.cut_at >= CUT_INTERVAL:
                 learned.share = max(LOWEST_SHARE, learned.share * CUT_FACTOR)
-                learned.cut_at = now
+                learned.cut_at = learned.raised_at = now
         elif 200 <= status < 300 and learned.share < 1.0:
-            learned.share = min(1.0, learned.share + STEP_SHARE)
+            now = self.clock()
+            learned.share = min(1.0, learned.share + STEP_SHARE_PER_SECOND * (now - learned.raised_at))
+            learned.raised_at = now
 
     def limits(self, scope: str, rpm: int = 0, tpm: int = 0) -> PaceLimits:
         """The limits a call must keep to: what was learned, under the user's ``rpm``/``tpm``."""
@@ -120,7 +123,7 @@ class ProviderPace:
         paced_tpm = _lower(tpm, learned.stated_tpm * learned.share)
         burst = 0
         if learned.remaining and learned.share >= 1.0 and paced_rpm:
-            burst = int(min(learned.remaining / 2, paced_rpm / 60))
+            burst = int(min(learned.remaining - 1, paced_rpm / 60))
         return PaceLimits(paced_rpm, paced_tpm, burst)
 
     def describe(self, scope: str) -> str | None:
