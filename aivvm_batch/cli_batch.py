@@ -17,6 +17,7 @@ from jobs.lines import Validation, open_input, validate_lines
 from jobs.records import BatchOptions, RequestDefaults
 from .options import (
     base_url_option,
+    cache_option,
     env,
     exit_for,
     format_option,
@@ -49,13 +50,14 @@ input_argument = click.argument(
 @rpm_option
 @tpm_option
 @priority_option
+@cache_option
 @request_defaults_options
 @click.option("--dry-run", is_flag=True, envvar=env("DRY_RUN"), show_envvar=True,
               help="Check every line and report, as `validate` does: nothing is submitted, "
               "no Redis is needed.")
 @handle_errors
 def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm: int | None,
-           tpm: int | None, priority: int, defaults: RequestDefaults, dry_run: bool) -> None:
+           tpm: int | None, priority: int, cache: bool, defaults: RequestDefaults, dry_run: bool) -> None:
     """Record FILE as a batch, enqueue its items, print the batch id.
 
     FILE is JSON Lines; - reads standard input.
@@ -75,15 +77,16 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm:
         store = open_store(redis_url)
         configure(celery_app, settings)
         publisher = Publisher(store.redis, celery_app)
-        options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm, priority=priority)
+        options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm, priority=priority,
+                               cache=cache)
         try:
             report = submit_file(store, publisher, path, options, settings, defaults=defaults)
         except KeyboardInterrupt:
             interrupted("the batch was removed: none of its items runs")
     click.echo(report.batch_id)
-    note = report.invalid_note()
-    if note:
-        click.echo(note, err=True)
+    for note in (report.invalid_note(), report.cache_note()):
+        if note:
+            click.echo(note, err=True)
 
 
 @click.command()

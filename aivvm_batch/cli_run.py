@@ -20,6 +20,7 @@ from .options import (
     interrupted,
     provider_option,
     request_defaults_options,
+    cache_option,
     rpm_option,
     tpm_option,
 )
@@ -55,12 +56,13 @@ if TYPE_CHECKING:
               help="Start the local stand-in provider (not a model) and use it.")
 @rpm_option
 @tpm_option
+@cache_option
 @format_option
 @request_defaults_options
 @handle_errors
 def run(file: str, output: str, provider: str, base_url: str | None, concurrency: int,
         worker_count: int | None, fresh: bool, redis_url: str | None, state_dir: Path, stub: bool,
-        rpm: int | None, tpm: int | None, fmt: str, defaults: RequestDefaults) -> None:
+        rpm: int | None, tpm: int | None, cache: bool, fmt: str, defaults: RequestDefaults) -> None:
     """Submit FILE (- for standard input), work it and collect OUTPUT in one command.
 
     With no --redis-url it needs no server: it starts a private Redis with its
@@ -79,7 +81,7 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
                 from . import runner
                 from .progress import Progress, summary
 
-            options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm)
+            options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm, cache=cache)
             plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults, redis_url=redis_url,
                                   state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
             try:

@@ -139,6 +139,11 @@ priority_option = click.option(
     "--priority", envvar=env("PRIORITY"), show_envvar=True, type=click.IntRange(1, MAX_PRIORITY), default=1,
     show_default=True, help="The batch's share of the workers beside other batches on the same Redis: "
     "3 gives it three times the window of messages of a batch of priority 1.")
+cache_option = click.option(
+    "--cache", is_flag=True, envvar=env("CACHE"), show_envvar=True,
+    help="Reuse the answer of any request asked and answered ok before on this Redis (same provider, "
+    "base URL and request) instead of paying for it again; this batch's answers are kept for later "
+    "ones (AIVVM_BATCH_CACHE_TTL seconds, 7 days by default).")
 tpm_option = click.option("--tpm", envvar=env("TPM"), show_envvar=True, type=click.IntRange(min=1),
                           default=None, help="Estimated tokens per minute for the batch, shared by all workers.")
 format_option = click.option(

@@ -183,9 +183,9 @@ def _submit(store: BatchStore, publisher: Publisher, checked: Checked, plan: Run
     progress.note(f"aivvm-batch: batch {batch_id}: {report.total} lines from {checked.display}{where}")
     if earlier is not None:
         progress.note(f"aivvm-batch: {resume_message(earlier, report, options, plan.fresh)}")
-    note = report.invalid_note()
-    if note:
-        progress.note(f"aivvm-batch: {note}")
+    for note in (report.invalid_note(), report.cache_note()):
+        if note:
+            progress.note(f"aivvm-batch: {note}")
     return report
 
 
@@ -198,7 +198,7 @@ def resume_message(earlier: BatchInfo, report: SubmitReport, options: BatchOptio
         return (f"batch {earlier.id} of the previous run used provider {earlier.options.provider} at "
                 f"{earlier.options.base_url or 'its default URL'}; now {options.provider} at "
                 f"{options.base_url or 'its default URL'}: nothing kept, all {valid} items run again")
-    to_run = valid - report.kept
+    to_run = valid - report.kept - report.cached
     earlier_all_ok = earlier.finished and earlier.counts.get(Status.OK.value, 0) + earlier.counts.get(
         Status.INVALID.value, 0) == earlier.total
     if earlier_all_ok:

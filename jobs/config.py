@@ -57,6 +57,8 @@ class Settings:
     # a warm shutdown (SIGTERM) that has not ended after this long exits the process; its items
     # come back through their leases (a worker whose Redis is gone cannot acknowledge anything)
     shutdown_timeout: float = 60.0
+    # how long an answer stays in the cache for batches submitted with --cache (jobs/cache.py)
+    cache_ttl: int = 7 * 24 * 3600
 
     def __post_init__(self) -> None:
         if self.backoff_cap >= self.visibility_timeout / 2:

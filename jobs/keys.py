@@ -117,6 +117,11 @@ def rate_keys(scope: str) -> list[str]:
     return [bucket + ":req", bucket + ":tok", bucket + ":pause"]
 
 
+def cache(digest: str) -> str:
+    """String with a TTL: an ``ok`` result kept under the digest of what was asked (jobs/cache.py)."""
+    return f"{PREFIX}:cache:{digest}"
+
+
 def file_meta(file_id: str) -> str:
     """Hash: owner, filename, purpose, bytes, created_at, status (``serve``'s uploaded files)."""
     return f"{PREFIX}:file:{file_id}:meta"

@@ -256,6 +256,8 @@ class ItemResult:
     # the rest of what an OpenAI-compatible server answered (tool calls, logprobs, its ids, the
     # body of another endpoint): its keys are added to the line (jobs/answers.py)
     answer: Answer | None = None
+    # an answer asked and paid for before, reused from the cache (jobs/cache.py)
+    cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The stored result; ``created``, ``metadata``, ``body``... only when there are some."""
@@ -279,6 +281,8 @@ class ItemResult:
             d["metadata"] = dict(self.metadata)
         if self.answer is not None:
             d.update(self.answer.to_fields())
+        if self.cached:
+            d["cached"] = True
         return d
 
     def to_json(self) -> str:
@@ -311,6 +315,7 @@ class ItemResult:
             created=d.get("created"),
             metadata=tuple(sorted((d.get("metadata") or {}).items())),
             answer=Answer.from_fields(d),
+            cached=bool(d.get("cached")),
         )
 
 
@@ -347,6 +352,9 @@ class BatchOptions:
     tpm: int | None = None
     # its share of the workers beside other batches: a window this many times as large
     priority: int = 1
+    # answers asked before (by any batch on this Redis, in this namespace) are reused: jobs/cache.py
+    cache: bool = False
+    cache_scope: str = ""
 
     def providers(self) -> tuple[str, ...]:
         return _provider_names(self.provider)

@@ -26,6 +26,8 @@ from redis.retry import Retry as RedisRetry
 from redis.typing import EncodableT, FieldT
 
 from . import keys, scripts
+from .cache import cache_key, reused
+from .cache import entry as cache_entry
 from .errors import BatchNotFound, ConfigError, StoreFull, StoreUnavailable
 from .records import (
     BatchInfo,
@@ -210,6 +212,7 @@ class ChunkOutcome:
     enqueued: list[int]
     kept: int = 0
     changed: int = 0
+    cached: int = 0  # answered from the cache
 
 
 @dataclass(frozen=True)
@@ -417,7 +420,7 @@ class BatchStore:
     @translated
     def add_chunk(self, batch_id: str, entries: Sequence[ChunkEntry], *, resume: bool,
                   enqueue: Callable[[Any, list[int]], None], reuse: Reuse | None = None,
-                  send: Callable[[Any], None] | None = None) -> ChunkOutcome:
+                  send: Callable[[Any], None] | None = None, cache: BatchOptions | None = None) -> ChunkOutcome:
         """Store a chunk of lines in two round trips and enqueue its items in the second.
 
         Duplicate ids become ``invalid`` results. With ``resume``, items that
@@ -425,13 +428,15 @@ class BatchStore:
         With ``reuse``, an item whose request equals the earlier batch's at the same
         seq, and whose result there is ``ok``, gets that result instead of a message.
         ``send`` sends the second round trip (a pipeline) instead of executing it here
-        (:class:`jobs.submit.OneAhead`); nothing in it is read back.
+        (:class:`jobs.submit.OneAhead`); nothing in it is read back. With ``cache`` (the batch's
+        options, asking for it), an item whose very request was answered ``ok`` before gets that
+        answer (:mod:`jobs.cache`).
         """
         valid = [(e.seq, e.parsed) for e in entries if isinstance(e.parsed, ItemRequest)]
         seqs = [seq for seq, _ in valid]
         pipe = self.redis.pipeline(transaction=False)
         nothing: list[Any] = [None] * len(valid)
-        owners, finished, old_requests, old_results = seqs, nothing, nothing, nothing
+        owners, finished, old_requests, old_results, answers = seqs, nothing, nothing, nothing, nothing
         if valid:
             # every id and seq in two arguments (scripts.OWN_IDS): packing thousands costs more
             ids = scripts.SEP.join([request.id.encode() for _, request in valid]) + scripts.SEP
@@ -441,6 +446,8 @@ class BatchStore:
             if reuse is not None:
                 pipe.hmget(keys.requests(reuse.batch_id), seqs)
                 pipe.hmget(keys.results(reuse.batch_id), seqs)
+            if cache is not None:
+                pipe.mget([keys.cache(cache_key(cache, request)) for _, request in valid])
             replies = iter(pipe.execute())
             taken = next(replies)
             if taken:  # ids already owned by another seq: duplicates
@@ -450,14 +457,17 @@ class BatchStore:
             finished = next(replies) if resume else nothing
             if reuse is not None:
                 old_requests, old_results = next(replies), next(replies)
+            if cache is not None:
+                answers = next(replies)
         earlier = list(zip(old_requests, old_results))
 
         results: dict[int, ItemResult] = {e.seq: e.parsed for e in entries if isinstance(e.parsed, ItemResult)}
         stored_seqs: list[int] = []
         stored: list[str] = []
         to_enqueue: list[int] = []
-        kept = changed = 0
-        for (seq, request), owner, done, (old_request, old_result) in zip(valid, owners, finished, earlier):
+        kept = changed = from_cache = 0
+        for (seq, request), owner, done, (old_request, old_result), answer in zip(valid, owners, finished, earlier,
+                                                                                  answers):
             if owner != seq:
                 results[seq] = invalid_result(
                     request.line,
@@ -476,6 +486,11 @@ class BatchStore:
                 kept += 1
                 continue
             changed += old_request is not None or old_result is not None
+            hit = reused(answer, request) if answer is not None else None
+            if hit is not None:
+                results[seq] = hit
+                from_cache += 1
+                continue
             to_enqueue.append(seq)
         pipe = self.redis.pipeline(transaction=False)
         if stored:
@@ -490,7 +505,7 @@ class BatchStore:
             pipe.execute()
         else:
             send(pipe)
-        return ChunkOutcome(to_enqueue, kept, changed)
+        return ChunkOutcome(to_enqueue, kept, changed, from_cache)
 
     @translated
     def run_batch(self, source_key: str) -> str | None:
@@ -613,12 +628,21 @@ class BatchStore:
                    tokens: Sequence[str] | None = None) -> Any:
         args: list[Any] = [self.result_ttl]
         for position, (seq, result) in enumerate(results):
-            usage = result.usage
+            usage = None if result.cached else result.usage  # a reused answer costs the batch nothing
             args += [seq, result.to_json(), result.status.value, usage.prompt_tokens if usage else 0,
                      usage.completion_tokens if usage else 0, int(bool(usage and usage.estimated)),
                      tokens[position] if tokens else "", max(1, result.attempts)]
         return self._record(keys=[*keys.batch_keys(batch_id), *(keys.claim(batch_id, seq) for seq, _ in results)],
                             args=args, client=pipe)
+
+    @translated
+    def keep_answer(self, options: BatchOptions, request: ItemRequest, result: ItemResult, ttl: int) -> bool:
+        """Keep an ``ok`` result in the cache for later batches that ask the same (jobs/cache.py)."""
+        text = cache_entry(result)
+        if text is None:
+            return False
+        self.redis.set(keys.cache(cache_key(options, request)), text, ex=max(1, ttl))
+        return True
 
     @translated
     def finished_since(self, batch_id: str, offset: int, limit: int = READ_CHUNK) -> list[int]:

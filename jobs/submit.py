@@ -44,6 +44,14 @@ class SubmitReport:
     changed: int = 0
     # why the first invalid line is (file, line, field), to show beside the count
     first_invalid: str | None = None
+    # valid lines answered from the cache (``BatchOptions.cache``), not enqueued
+    cached: int = 0
+
+    def cache_note(self) -> str | None:
+        """One line for the terminal: how many answers the cache gave."""
+        if not self.cached:
+            return None
+        return f"{self.cached} of {self.total} lines answered from the cache (asked before; not paid again)"
 
     def invalid_note(self) -> str | None:
         """One line for the terminal: how many lines are invalid, and why the first is."""
@@ -158,7 +166,7 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
             defaults: RequestDefaults, ahead: OneAhead, hold: Callable[[], bool] | None) -> SubmitReport:
     if resume:
         store.update_options(batch_id, options)
-    total = invalid = enqueued = kept = changed = 0
+    total = invalid = enqueued = kept = changed = cached = 0
     first_invalid: str | None = None
     expected = lines_expected(stream) or 0
     chunk: list[ChunkEntry] = []
@@ -184,15 +192,17 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
         if len(chunk) >= CHUNK_LINES:
             size = chunk_size(max(total, expected))
             if len(chunk) % size == 0:  # a block ends on a whole message: none part-filled mid-batch
-                outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, size, ahead, hold)
+                outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, size, ahead, hold, options)
                 enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
+                cached += outcome.cached
                 chunk = []
     outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected)), ahead,
-                     hold)
+                     hold, options)
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
+    cached += outcome.cached
     ahead.wait()  # every block is stored before the batch is finalized
     store.finalize(batch_id, total)
-    return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed, first_invalid)
+    return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed, first_invalid, cached)
 
 
 def _reuse(store: BatchStore, earlier_id: str | None, options: BatchOptions) -> Reuse | None:
@@ -215,7 +225,7 @@ def _abandon(store: BatchStore, batch_id: str) -> None:
 
 def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[ChunkEntry],
            resume: bool, reuse: Reuse | None, size: int, ahead: OneAhead,
-           hold: Callable[[], bool] | None) -> ChunkOutcome:
+           hold: Callable[[], bool] | None, options: BatchOptions) -> ChunkOutcome:
     """Store a block of lines; its items go out in messages of ``size`` items (sized to the
     batch's lines: of a regular file, counted from the start; of a pipe, those read so far)."""
     if not chunk:
@@ -225,4 +235,5 @@ def _flush(store: BatchStore, publisher: Publisher, batch_id: str, chunk: list[C
         if hold is None or not hold():
             publisher.publish(batch_id, seqs, pipe, chunk=size)
 
-    return store.add_chunk(batch_id, chunk, resume=resume, reuse=reuse, send=ahead, enqueue=enqueue)
+    return store.add_chunk(batch_id, chunk, resume=resume, reuse=reuse, send=ahead, enqueue=enqueue,
+                           cache=options if options.cache else None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from jobs import clock
 from jobs.errors import StoreUnavailable
-from jobs.records import BatchOptions, ItemRequest, Usage, cancelled_result
+from jobs.records import BatchOptions, ItemRequest, Status, Usage, cancelled_result
 from jobs.store import Claim, ClaimOutcome, Recorded
 
 from .completion import Attempt, request_tokens, usage
@@ -256,6 +256,9 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
     rt.leases.drop(batch_id, seq, token)
     if recorded is Recorded.LATE:
         return Done(LATE)
+    if options.cache and recorded is Recorded.RECORDED and final.status is Status.OK:
+        await best_effort(f"{where}: keep the answer", lambda: rt.io.run(
+            rt.store.keep_answer, options, request, final, settings.cache_ttl))
     return Done(final.status.value)
 
 

@@ -67,11 +67,14 @@ KEYS_VARIABLE = env("API_KEYS")
               default=DEFAULT_MAX_CONNECTIONS, show_default=True, help="Connections at once (beyond: 503).")
 @click.option("--stub", is_flag=True, envvar=env("STUB"), show_envvar=True,
               help="Start the local stand-in provider (not a model) and use it.")
+@click.option("--cache", is_flag=True, envvar=env("CACHE"), show_envvar=True,
+              help="Reuse the answer of a request a tenant's earlier batch asked and got ok (never "
+              "another tenant's) instead of paying for it again.")
 @handle_errors
 def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: str | None,
           concurrency: int, worker_count: int, state_dir: Path, api_keys_file: Path | None,
           max_upload_bytes: int, completion_window_seconds: int, client_idle_seconds: float,
-          uploads_per_key: int, max_connections: int, stub: bool) -> None:
+          uploads_per_key: int, max_connections: int, stub: bool, cache: bool) -> None:
     """Serve OpenAI's files and batches API (and a page at /) over the queue.
 
     Each API key (AIVVM_BATCH_API_KEYS, comma-separated, or --api-keys-file) sees
@@ -85,13 +88,13 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
     _check_port(host, port)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with ExitStack() as stack:
-        options = BatchOptions(provider=provider, base_url=base_url)
+        options = BatchOptions(provider=provider, base_url=base_url, cache=cache)
         if stub:
             from ..stub import StubServer
 
             stand_in = stack.enter_context(StubServer())
             options = BatchOptions(provider=provider, base_url=stand_in.base_url
-                                   + ("/v1" if provider.startswith("openai") else ""))
+                                   + ("/v1" if provider.startswith("openai") else ""), cache=cache)
         if redis_url is None:
             redis_url = _private(stack, state_dir, worker_count, concurrency, options.base_url)
         ctx = _context(redis_url, options, keys, ServeLimits(
