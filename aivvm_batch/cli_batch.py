@@ -23,6 +23,8 @@ from .options import (
     format_option,
     handle_errors,
     interrupted,
+    max_requests_option,
+    max_tokens_total_option,
     open_store,
     provider_option,
     redis_url_option,
@@ -51,13 +53,16 @@ input_argument = click.argument(
 @tpm_option
 @priority_option
 @cache_option
+@max_tokens_total_option
+@max_requests_option
 @request_defaults_options
 @click.option("--dry-run", is_flag=True, envvar=env("DRY_RUN"), show_envvar=True,
               help="Check every line and report, as `validate` does: nothing is submitted, "
               "no Redis is needed.")
 @handle_errors
 def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm: int | None,
-           tpm: int | None, priority: int, cache: bool, defaults: RequestDefaults, dry_run: bool) -> None:
+           tpm: int | None, priority: int, cache: bool, max_tokens_total: int | None, max_requests: int | None,
+           defaults: RequestDefaults, dry_run: bool) -> None:
     """Record FILE as a batch, enqueue its items, print the batch id.
 
     FILE is JSON Lines; - reads standard input.
@@ -78,7 +83,7 @@ def submit(file: Path, redis_url: str, provider: str, base_url: str | None, rpm:
         configure(celery_app, settings)
         publisher = Publisher(store.redis, celery_app)
         options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm, priority=priority,
-                               cache=cache)
+                               cache=cache, max_tokens_total=max_tokens_total, max_requests=max_requests)
         try:
             report = submit_file(store, publisher, path, options, settings, defaults=defaults)
         except KeyboardInterrupt:

@@ -13,14 +13,16 @@ from jobs.records import BatchOptions, RequestDefaults, Status
 from .imports import without_collector
 from .options import (
     base_url_option,
+    cache_option,
     env,
     exit_for,
     format_option,
     handle_errors,
     interrupted,
+    max_requests_option,
+    max_tokens_total_option,
     provider_option,
     request_defaults_options,
-    cache_option,
     rpm_option,
     tpm_option,
 )
@@ -57,12 +59,15 @@ if TYPE_CHECKING:
 @rpm_option
 @tpm_option
 @cache_option
+@max_tokens_total_option
+@max_requests_option
 @format_option
 @request_defaults_options
 @handle_errors
 def run(file: str, output: str, provider: str, base_url: str | None, concurrency: int,
         worker_count: int | None, fresh: bool, redis_url: str | None, state_dir: Path, stub: bool,
-        rpm: int | None, tpm: int | None, cache: bool, fmt: str, defaults: RequestDefaults) -> None:
+        rpm: int | None, tpm: int | None, cache: bool, max_tokens_total: int | None, max_requests: int | None,
+        fmt: str, defaults: RequestDefaults) -> None:
     """Submit FILE (- for standard input), work it and collect OUTPUT in one command.
 
     With no --redis-url it needs no server: it starts a private Redis with its
@@ -81,7 +86,8 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
                 from . import runner
                 from .progress import Progress, summary
 
-            options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm, cache=cache)
+            options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm, cache=cache,
+                                   max_tokens_total=max_tokens_total, max_requests=max_requests)
             plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults, redis_url=redis_url,
                                   state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
             try:
@@ -94,6 +100,9 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
             workers.kill()  # run stops them on every path it reaches; these are the others
     click.echo(f"results: {'standard output' if output == '-' else output}", err=True)
     click.echo(f"summary: {summary(result.info)}", err=True)
+    budget = runner.budget_text(result.info)
+    if budget:
+        click.echo(f"budget spent: {budget}", err=True)
     if result.stopped:
         click.echo(f"aivvm-batch: stopped early: {result.stopped}; fix the cause and run the same "
                    "command again (the failed and cancelled items are sent again)", err=True)

@@ -144,6 +144,13 @@ cache_option = click.option(
     help="Reuse the answer of any request asked and answered ok before on this Redis (same provider, "
     "base URL and request) instead of paying for it again; this batch's answers are kept for later "
     "ones (AIVVM_BATCH_CACHE_TTL seconds, 7 days by default).")
+max_tokens_total_option = click.option(
+    "--max-tokens-total", envvar=env("MAX_TOKENS_TOTAL"), show_envvar=True, type=click.IntRange(min=1),
+    default=None, help="Budget: once the batch has paid this many tokens, no new item starts (those in "
+    "flight finish); the rest end cancelled with budget_exhausted.")
+max_requests_option = click.option(
+    "--max-requests", envvar=env("MAX_REQUESTS"), show_envvar=True, type=click.IntRange(min=1), default=None,
+    help="Budget: once the batch has made this many provider requests, no new item starts.")
 tpm_option = click.option("--tpm", envvar=env("TPM"), show_envvar=True, type=click.IntRange(min=1),
                           default=None, help="Estimated tokens per minute for the batch, shared by all workers.")
 format_option = click.option(

@@ -11,6 +11,7 @@ base URL are unchanged; then the previous batch is deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import time
@@ -280,8 +281,7 @@ def _with_stub(stack: ExitStack, plan: RunPlan) -> BatchOptions:
     port_file.write_text(str(stub.port))
     options = plan.options
     suffix = "/v1" if options.providers()[0] == "openai" else ""
-    return BatchOptions(provider=options.provider, base_url=stub.base_url + suffix,
-                        rpm=options.rpm, tpm=options.tpm)
+    return dataclasses.replace(options, base_url=stub.base_url + suffix)
 
 
 def _pin_base_url(options: BatchOptions) -> BatchOptions:
@@ -292,8 +292,7 @@ def _pin_base_url(options: BatchOptions) -> BatchOptions:
     from worker.providers import PROVIDERS
 
     first = PROVIDERS[options.providers()[0]]
-    return BatchOptions(provider=options.provider, base_url=first.base_url(None),
-                        rpm=options.rpm, tpm=options.tpm)
+    return dataclasses.replace(options, base_url=first.base_url(None))
 
 
 def _forget_unfinished_work(store: BatchStore, publisher: Publisher) -> None:
@@ -348,8 +347,22 @@ def info_dict(info: BatchInfo) -> dict[str, Any]:
             "completion_tokens": info.usage.get("completion_tokens", 0),
             "items_estimated": info.usage.get("estimated", 0),
             "late_calls": info.usage.get("late_calls", 0),
+            "requests_started": info.usage.get("started", 0),
         },
+        "budget": {"max_tokens_total": info.options.max_tokens_total, "max_requests": info.options.max_requests},
     }
+
+
+def budget_text(info: BatchInfo) -> str | None:
+    """``"1,204 of 5,000 tokens, 37 of 100 requests"``: what the batch paid of its budget."""
+    options, usage = info.options, info.usage
+    parts = []
+    if options.max_tokens_total is not None:
+        spent = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        parts.append(f"{spent:,} of {options.max_tokens_total:,} tokens")
+    if options.max_requests is not None:
+        parts.append(f"{usage.get('started', 0):,} of {options.max_requests:,} requests")
+    return ", ".join(parts) or None
 
 
 WORKERS_SHOWN = 20
@@ -387,6 +400,9 @@ def info_table(info: BatchInfo) -> str:
     rows += [("prompt tokens", str(info.usage.get("prompt_tokens", 0))),
              ("completion tokens", str(info.usage.get("completion_tokens", 0))
               + (f" ({estimated} items estimated)" if estimated else ""))]
+    budget = budget_text(info)
+    if budget:
+        rows.append(("budget spent", budget))
     late = info.usage.get("late_calls", 0)
     if late:
         rows.append(("calls paid twice", f"{late} (a worker's claim lapsed; counted in the tokens above "

@@ -338,6 +338,16 @@ def cancelled_result(request: ItemRequest, attempts: int = 0) -> ItemResult:
     )
 
 
+def budget_result(request: ItemRequest, attempts: int = 0) -> ItemResult:
+    """An item that did not start: what its batch paid had reached its budget."""
+    return ItemResult(
+        id=request.id, line=request.line, status=Status.CANCELLED, model=request.model,
+        attempts=attempts, metadata=request.metadata,
+        error=ItemError("budget_exhausted", "the batch's budget (--max-tokens-total / --max-requests) "
+                                            "was spent before this item started"),
+    )
+
+
 # a batch's priority: its share of the workers beside other batches (1, the default, to this)
 MAX_PRIORITY = 10
 
@@ -355,6 +365,9 @@ class BatchOptions:
     # answers asked before (by any batch on this Redis, in this namespace) are reused: jobs/cache.py
     cache: bool = False
     cache_scope: str = ""
+    # once what the batch paid reaches one of these, no new item starts: the rest end cancelled
+    max_tokens_total: int | None = None
+    max_requests: int | None = None
 
     def providers(self) -> tuple[str, ...]:
         return _provider_names(self.provider)

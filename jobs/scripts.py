@@ -135,13 +135,19 @@ return counted
 # -> {'gone'} or {'batch', options, paused_ms, outcome_1, request_1, ..., outcome_n, request_n}
 # An item is claimed for its token unless it is done, cancelled, paused or held by another token.
 CLAIM = NOW_MS + """
-local meta, req, res = KEYS[1], KEYS[2], KEYS[3]
-local first_claim = 4
+local meta, req, res, usage = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local first_claim = 5
 local ttl_ms = ARGV[1]
 if redis.call('EXISTS', meta) == 0 then return {'gone'} end
-local m = redis.call('HMGET', meta, 'state', 'options', 'paused_until')
+local m = redis.call('HMGET', meta, 'state', 'options', 'paused_until', 'budget_tokens', 'budget_requests')
 local paused = 0
 if m[3] then paused = math.max(0, tonumber(m[3]) - now_ms()) end
+local spent = false
+if m[4] or m[5] then
+  local u = redis.call('HMGET', usage, 'prompt_tokens', 'completion_tokens', 'started')
+  local tokens = tonumber(u[1] or '0') + tonumber(u[2] or '0')
+  spent = (m[4] and tokens >= tonumber(m[4])) or (m[5] and tonumber(u[3] or '0') >= tonumber(m[5])) or false
+end
 local reply = {'batch', m[2] or false, paused}
 for i = 1, #KEYS - first_claim + 1 do
   local claim, seq, token = KEYS[first_claim + i - 1], ARGV[2 * i], ARGV[2 * i + 1]
@@ -152,6 +158,9 @@ for i = 1, #KEYS - first_claim + 1 do
     -- an execution still holding the item will record its own result: a duplicate must not cancel it
     local holder = redis.call('GET', claim)
     if not holder or holder == token then outcome, request = 'cancelled', redis.call('HGET', req, seq) end
+  elseif spent then
+    local holder = redis.call('GET', claim)
+    if not holder or holder == token then outcome, request = 'budget', redis.call('HGET', req, seq) end
   elseif paused > 0 then
     outcome = 'paused'
   elseif redis.call('SET', claim, token, 'NX', 'PX', ttl_ms) then
@@ -164,6 +173,23 @@ for i = 1, #KEYS - first_claim + 1 do
   reply[#reply + 1] = request
 end
 return reply
+"""
+
+# KEYS: meta usage (of a batch with a budget) -> 1 if a provider call may start (counted in the
+# usage's 'started' against budget_requests), 0 if what the batch paid reached its budget
+SPEND = """
+local b = redis.call('HMGET', KEYS[1], 'budget_tokens', 'budget_requests')
+if b[1] then
+  local u = redis.call('HMGET', KEYS[2], 'prompt_tokens', 'completion_tokens')
+  if tonumber(u[1] or '0') + tonumber(u[2] or '0') >= tonumber(b[1]) then return 0 end
+end
+if b[2] then
+  if redis.call('HINCRBY', KEYS[2], 'started', 1) > tonumber(b[2]) then
+    redis.call('HINCRBY', KEYS[2], 'started', -1)
+    return 0
+  end
+end
+return 1
 """
 
 # KEYS: claim_1..claim_n ; ARGV: ttl_ms token_1..token_n

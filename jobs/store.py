@@ -163,6 +163,7 @@ class ClaimOutcome(str, Enum):
     BUSY = "busy"
     PAUSED = "paused"
     CANCELLED = "cancelled"
+    BUDGET = "budget"  # what the batch paid reached its budget: the item does not start
     GONE = "gone"
 
 
@@ -229,6 +230,7 @@ class BatchStore:
         self.result_ttl = result_ttl
         self._record = client.register_script(scripts.RECORD)
         self._claim = client.register_script(scripts.CLAIM)
+        self._spend = client.register_script(scripts.SPEND)
         self._pause = client.register_script(scripts.PAUSE)
         self._release = client.register_script(scripts.RELEASE)
         self._touch = client.register_script(scripts.TOUCH)
@@ -260,6 +262,10 @@ class BatchStore:
             "options": json.dumps(options.__dict__),
             "priority": options.priority,
         }
+        if options.max_tokens_total is not None:
+            fields["budget_tokens"] = options.max_tokens_total
+        if options.max_requests is not None:
+            fields["budget_requests"] = options.max_requests
         if not self.redis.hsetnx(keys.meta(batch_id), "created", fields["created"]):
             return False
         pipe = self.redis.pipeline()
@@ -555,7 +561,7 @@ class BatchStore:
         for seq, token in held:
             args += [seq, token]
         reply = self._claim(
-            keys=[keys.meta(batch_id), keys.requests(batch_id), keys.results(batch_id),
+            keys=[keys.meta(batch_id), keys.requests(batch_id), keys.results(batch_id), keys.usage(batch_id),
                   *(keys.claim(batch_id, seq) for seq, _ in held)],
             args=args,
         )
@@ -571,6 +577,11 @@ class BatchStore:
             claims.append(Claim(outcome, request, options if request is not None else None,
                                 paused if outcome is ClaimOutcome.PAUSED else 0.0))
         return claims
+
+    @translated
+    def spend(self, batch_id: str) -> bool:
+        """Before a provider call of a batch with a budget: may it start? (counted if so)"""
+        return bool(self._spend(keys=[keys.meta(batch_id), keys.usage(batch_id)]))
 
     @translated
     def keep_claim(self, batch_id: str, seq: int, token: str, ttl_seconds: float) -> bool:

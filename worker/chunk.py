@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from jobs import clock
 from jobs.errors import StoreUnavailable
-from jobs.records import BatchOptions, ItemRequest, Status, Usage, cancelled_result
+from jobs.records import BatchOptions, ItemRequest, Status, Usage, budget_result, cancelled_result
 from jobs.store import Claim, ClaimOutcome, Recorded
 
 from .completion import Attempt, request_tokens, usage
@@ -41,6 +41,7 @@ from .item import (
     wait_for_store,
 )
 from .providers import PROVIDERS, AbstractProvider, CompletionCall
+from .ratelimit import FULL_RETRY_SECONDS
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -186,8 +187,9 @@ async def _not_claimed(rt: Runtime, batch_id: str, seq: int, claim: Claim, state
         return RunAgain(_later(state, BUSY_RECHECK_SECONDS))
     if claim.outcome is ClaimOutcome.PAUSED:
         return RunAgain(_later(state, claim.paused_seconds))
-    if claim.outcome is ClaimOutcome.CANCELLED and claim.request is not None:
-        cancelled = cancelled_result(claim.request, state.attempt - 1)
+    if claim.outcome in (ClaimOutcome.CANCELLED, ClaimOutcome.BUDGET) and claim.request is not None:
+        cancelled = (cancelled_result if claim.outcome is ClaimOutcome.CANCELLED else budget_result)(
+            claim.request, state.attempt - 1)
         await wait_for_store(f"batch {batch_id} item {seq}: record",
                              lambda: rt.io.record((batch_id, seq, cancelled, "")))
     return Done(claim.outcome.value)
@@ -287,8 +289,11 @@ def _rate_gate(rt: Runtime, request: ItemRequest, options: BatchOptions,  # type
     rpm = options.rpm or rt.settings.rpm
     tpm = options.tpm or rt.settings.tpm
     pace = rt.provider_pace
+    budgeted = options.max_tokens_total is not None or options.max_requests is not None
 
     async def before_call(provider: type[AbstractProvider], call: CompletionCall) -> None:
+        if budgeted and not await _may_spend(rt, held[0]):
+            raise RateLimited(0.0)  # spent: its next claim records it cancelled (budget_exhausted)
         scope = provider.scope(call.base_url)
         await pace.first(scope)
         limits = pace.limits(scope, rpm, tpm)
@@ -299,6 +304,14 @@ def _rate_gate(rt: Runtime, request: ItemRequest, options: BatchOptions,  # type
         await still_ours(rt, held)
 
     return before_call
+
+
+async def _may_spend(rt: Runtime, batch_id: str) -> bool:
+    """Whether a call of a batch with a budget may start (a Redis away: not now)."""
+    try:
+        return await rt.io.run(rt.store.spend, batch_id)
+    except StoreUnavailable as exc:
+        raise RateLimited(FULL_RETRY_SECONDS) from exc
 
 
 async def _until_reached(rt: Runtime) -> None:
@@ -365,7 +378,7 @@ async def still_ours(rt: Runtime, held: tuple[str, int, str]) -> None:
         return
     if claim.outcome is ClaimOutcome.PAUSED:
         raise RateLimited(claim.paused_seconds)
-    if claim.outcome is ClaimOutcome.CANCELLED:
+    if claim.outcome in (ClaimOutcome.CANCELLED, ClaimOutcome.BUDGET):
         raise RateLimited(0.0)
     raise ClaimLost()
 

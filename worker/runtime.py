@@ -289,9 +289,10 @@ class Runtime:
                 again = await self._probing(probe.claim_many, batch_id, claims, self.settings.lease)
             except Exception:  # noqa: BLE001 - unknown: the next renewal looks again
                 continue
-            # paused or cancelled: no one else can take it, and its run ends it
+            # paused, cancelled or out of budget: no one else can take it, and its run ends it
             for (seq, token), claim in zip(claims, again):
-                if claim.outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.PAUSED, ClaimOutcome.CANCELLED):
+                if claim.outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.PAUSED, ClaimOutcome.CANCELLED,
+                                     ClaimOutcome.BUDGET):
                     continue
                 if self.leases.holds((batch_id, seq, token)):
                     lost.append((batch_id, seq, token))

@@ -126,9 +126,9 @@ class Driver:
             except FileNotFound:
                 return self._fail(batch, [{"code": "file_not_found", "line": None, "param": "input_file_id",
                                            "message": f"the input file {batch.input_file_id} was deleted"}])
-            # a tenant's answers are cached for that tenant alone
-            options = replace(batch.options or self.config.options, priority=priority_of(batch.metadata),
-                              cache_scope=batch.owner)
+            options = replace(batch.options or self.config.options, priority=priority_of(batch.metadata))
+            if options.cache:  # a tenant's answers are cached for that tenant alone
+                options = replace(options, cache_scope=batch.owner)
             self.store.create(batch.store_id, f"{batch.input_file_id} ({batch.id})", options)
             try:
                 submit_file(self.store, self.publisher, path, options, self.config.settings,
