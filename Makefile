@@ -1,4 +1,6 @@
 # The two commands a new user runs: `make demo` and `make test`. Needs Python 3.10+ and make.
+# (PYTHONWARNINGS=ignore on installs: setuptools' boxed "Editable installation" notice is for
+# developers of setuptools, not for someone trying the demo)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,11 +24,11 @@ LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=O
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e .
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
 $(LLAMA_STAMP):
@@ -44,6 +46,7 @@ llama: $(LLAMA_STAMP)
 ## Run the bundled sample batch on a private Redis against the local stand-in provider.
 demo: $(STAMP)
 	$(BYTECODE)
+	mkdir -p results
 	$(BIN)/aivvm-batch run samples/simple.jsonl -o results/simple.results.jsonl --stub
 
 ## Type-check (mypy --strict, configured in pyproject.toml), then the whole test suite (starts its own Redis unless REDIS_URL is set).

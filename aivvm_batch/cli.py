@@ -16,7 +16,7 @@ from jobs.errors import StoreUnavailable
 from jobs.records import Status
 
 from .imports import imported
-from .options import concurrency_option, env, fail, handle_errors, open_store, redis_url_option
+from .options import concurrency_option, counted, env, fail, handle_errors, open_store, redis_url_option
 
 
 class Commands(MutableMapping[str, click.Command]):
@@ -159,7 +159,7 @@ def cancel(batch_id: str, redis_url: str) -> None:
     store = open_store(redis_url)
     cancelled = store.cancel(batch_id)
     info = store.info(batch_id)
-    message = f"{batch_id}: {cancelled} items cancelled"
+    message = f"{batch_id}: {counted(cancelled, 'item')} cancelled"
     if info.total is None:
         message += "; the lines still being submitted will end cancelled too"
     elif not info.finished:
@@ -185,7 +185,7 @@ def retry(batch_id: str, status_: str, redis_url: str) -> None:
     configure(celery_app, settings)
     seqs = store.reset(batch_id, Status(status_))
     Publisher(store.redis, celery_app).publish(batch_id, seqs)
-    click.echo(f"{batch_id}: {len(seqs)} items enqueued again", err=True)
+    click.echo(f"{batch_id}: {counted(len(seqs), 'item')} enqueued again", err=True)
 
 
 @main.command()

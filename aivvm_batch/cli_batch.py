@@ -111,6 +111,13 @@ def validate(file: Path, provider: str, defaults: RequestDefaults) -> None:
         _report_and_exit(path, file, settings, defaults, provider)
 
 
+def dry_run(file: Path, provider: str, defaults: RequestDefaults) -> NoReturn:
+    """``--dry-run`` of submit and run: every line checked and reported, as ``validate`` does."""
+    with spooled(file) as path:
+        check_input(path, shown=_input_name(file))
+        _report_and_exit(path, file, Settings.from_env(), defaults, provider)
+
+
 def _report_and_exit(path: Path, shown: Path, settings: Settings, defaults: RequestDefaults,
                      provider: str) -> NoReturn:
     with open_input(path) as stream:
@@ -173,10 +180,10 @@ def collect(batch_id: str, output: Path, wait: bool, follow: bool, timeout: floa
         store = open_store(redis_url)
         store.info(batch_id)
         check_output(output)
+        progress = Progress()  # the idle warning goes through it: never into the middle of its bar
         watch = Watch(store, timeout=timeout, idle_warning=idle_warning or None,
-                      on_idle=lambda message: click.echo(f"aivvm-batch: {message}", err=True))
+                      on_idle=lambda message: progress.note(f"aivvm-batch: {message}"))
         if follow:
-            progress = Progress()
             try:
                 with open_output(output) as out:
                     info = follow_results(store, batch_id, out, ResultFormat(fmt), progress.update,
@@ -186,7 +193,6 @@ def collect(batch_id: str, output: Path, wait: bool, follow: bool, timeout: floa
             click.echo(f"{name}: {summary(info)} (completion order)", err=True)
             exit_for(info)
         if wait:
-            progress = Progress()
             try:
                 wait_until_finished(store, batch_id, progress.update, watch=watch)
             finally:

@@ -14,6 +14,7 @@ from .imports import without_collector
 from .options import (
     base_url_option,
     cache_option,
+    counted,
     env,
     exit_for,
     format_option,
@@ -27,6 +28,7 @@ from .options import (
     tpm_option,
 )
 from .signals import Interrupts
+from .streams import unbroken_stderr
 from .watch import default_workers, split_concurrency
 from .workers import WorkerProcesses
 
@@ -63,11 +65,13 @@ if TYPE_CHECKING:
 @max_requests_option
 @format_option
 @request_defaults_options
+@click.option("--dry-run", is_flag=True, envvar=env("DRY_RUN"), show_envvar=True,
+              help="Check every line and report, as `validate` does: nothing runs, no Redis or worker starts.")
 @handle_errors
 def run(file: str, output: str, provider: str, base_url: str | None, concurrency: int,
         worker_count: int | None, fresh: bool, redis_url: str | None, state_dir: Path, stub: bool,
         rpm: int | None, tpm: int | None, cache: bool, max_tokens_total: int | None, max_requests: int | None,
-        fmt: str, defaults: RequestDefaults) -> None:
+        fmt: str, defaults: RequestDefaults, dry_run: bool) -> None:
     """Submit FILE (- for standard input), work it and collect OUTPUT in one command.
 
     With no --redis-url it needs no server: it starts a private Redis with its
@@ -77,6 +81,11 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
     Ctrl-C once: no new item starts, and those in flight finish and are recorded;
     Ctrl-C twice: abandon them (they are sent again by the next run).
     """
+    unbroken_stderr()
+    if dry_run:
+        from .cli_batch import dry_run as report_lines
+
+        report_lines(Path(file), provider, defaults)
     worker_count = worker_count or default_workers()
     with Interrupts() as interrupts:
         # the workers import theirs while this process imports the rest of run and checks its input
@@ -93,9 +102,9 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
             try:
                 result = runner.run(plan, Progress(), interrupts, workers)
             except runner.Interrupted as stop:
-                interrupted(_interrupted_message(stop.info, stop.abandoned))
+                interrupted(_interrupted_message(stop.info, stop.abandoned, output, state_dir))
         except KeyboardInterrupt:
-            interrupted(_interrupted_message(None, 0))
+            interrupted(_interrupted_message(None, 0, output, state_dir))
         finally:
             workers.kill()  # run stops them on every path it reaches; these are the others
     click.echo(f"results: {'standard output' if output == '-' else output}", err=True)
@@ -109,13 +118,15 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
     exit_for(result.info)
 
 
-def _interrupted_message(info: BatchInfo | None, abandoned: int) -> str:
+def _interrupted_message(info: BatchInfo | None, abandoned: int, output: str, state_dir: Path) -> str:
     text = ""
     if info is not None:
         ok = info.counts.get(Status.OK.value, 0)
-        text += f"{ok} of {info.total if info.total is not None else '?'} items ok; "
+        text += (f"{ok} of {info.total if info.total is not None else '?'} items ok, kept in {state_dir} "
+                 f"({'standard output' if output == '-' else output} is written whole, once every item has "
+                 "ended); ")
     if abandoned:
-        text += f"{abandoned} items in flight were abandoned and will be sent again; "
+        text += f"{counted(abandoned, 'item')} in flight abandoned, to be sent again; "
     return text + "run the same command again to continue"
 
 

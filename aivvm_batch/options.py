@@ -48,6 +48,11 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 item``, ``0 items``, ``2 items``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def interrupted(message: str) -> NoReturn:
     """Ctrl-C: one line, exit 130 (128 + SIGINT), as shells report it; not click's ``Aborted!``."""
     click.echo(f"\naivvm-batch: interrupted; {message}", err=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ from jobs.store import BatchStore, WorkerSeen, connect
 from jobs.submit import SubmitReport, new_batch_id, submit_file
 
 from .embedded import EmbeddedRedis
-from .options import masked_url
+from .options import counted, masked_url
 from .preflight import Checked, preflight, prune_spool
 from .progress import Progress, summary
 from .signals import Interrupts
@@ -180,7 +181,8 @@ def _submit(store: BatchStore, publisher: Publisher, checked: Checked, plan: Run
     if previous is not None:
         store.delete(previous)
     where = (f" on the private Redis {private_url} (while this run lasts: "
-             f"aivvm-batch status {batch_id} --redis-url {private_url})") if private_url else ""
+             f"aivvm-batch status {batch_id} --redis-url {private_url}; afterwards it is kept in "
+             f"{plan.state_dir}, where the next run of this input resumes it)") if private_url else ""
     progress.note(f"aivvm-batch: batch {batch_id}: {report.total} lines from {checked.display}{where}")
     if earlier is not None:
         progress.note(f"aivvm-batch: {resume_message(earlier, report, options, plan.fresh)}")
@@ -203,7 +205,7 @@ def resume_message(earlier: BatchInfo, report: SubmitReport, options: BatchOptio
     earlier_all_ok = earlier.finished and earlier.counts.get(Status.OK.value, 0) + earlier.counts.get(
         Status.INVALID.value, 0) == earlier.total
     if earlier_all_ok:
-        detail = f"{report.changed} line{'s' if report.changed != 1 else ''} changed"
+        detail = f"{counted(report.changed, 'line')} changed"
         if to_run > report.changed:
             detail += f", {to_run - report.changed} new"
     else:
@@ -273,15 +275,32 @@ def _with_stub(stack: ExitStack, plan: RunPlan) -> BatchOptions:
     from .stub import StubServer
 
     port_file = plan.state_dir / "stub.port"
+    knobs = _stub_knobs()
     try:
-        stub = StubServer(port=int(port_file.read_text()))
+        stub = StubServer(port=int(port_file.read_text()), **knobs)
     except (OSError, ValueError):
-        stub = StubServer()
+        stub = StubServer(**knobs)
     stack.enter_context(stub)
     port_file.write_text(str(stub.port))
     options = plan.options
     suffix = "/v1" if options.providers()[0] == "openai" else ""
     return dataclasses.replace(options, base_url=stub.base_url + suffix)
+
+
+def _stub_knobs() -> dict[str, Any]:
+    """The stand-in's latency and chunks from the environment, as `aivvm-batch stub` reads them."""
+    knobs: dict[str, Any] = {}
+    for name, kind, key in (("LATENCY", float, "latency"), ("CHUNKS", int, "chunks")):
+        raw = os.environ.get(f"AIVVM_BATCH_STUB_{name}", "").strip()
+        if raw:
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"AIVVM_BATCH_STUB_{name}={raw!r} is not a number") from None
+            if not (math.isfinite(value) and value >= (0 if key == "latency" else 1)):
+                raise ConfigError(f"AIVVM_BATCH_STUB_{name}={raw!r} is out of range")
+            knobs[key] = value
+    return knobs
 
 
 def _pin_base_url(options: BatchOptions) -> BatchOptions:

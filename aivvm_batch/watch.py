@@ -34,10 +34,12 @@ def short(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
 
 
 def attempts_warning(info: BatchInfo) -> str | None:
-    """``12 of 12 attempts failed: <error>`` while no item is ok and the first attempts fail.
+    """``12 of 12 attempts failed: <error>`` while no item is ok and the first attempts fail,
+    all in the same way.
 
-    Said once the first few attempts have all failed, long before the retries of
-    a systematic failure (server down, wrong base URL, missing key) run out.
+    Said once the first few attempts have all failed alike, long before the retries of
+    a systematic failure (server down, wrong base URL, missing key) run out. Failures that
+    differ are no sign of one (each item's own trouble): nothing is said.
     """
     valid = valid_items(info)
     failed = failed_attempts(info)
@@ -47,9 +49,9 @@ def attempts_warning(info: BatchInfo) -> str | None:
     assert top is not None
     text, count = top
     attempts = failed + info.counts.get(Status.OK.value, 0)
-    if count == failed:
-        return f"{failed} of {attempts} attempts failed: {short(text)}"
-    return f"{failed} of {attempts} attempts failed; the most frequent error ({count}): {short(text)}"
+    if count != failed:
+        return None
+    return f"{failed} of {attempts} attempts failed: {short(text)}"
 
 
 def systematic_failure(info: BatchInfo) -> str | None:

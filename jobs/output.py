@@ -109,6 +109,8 @@ def check_output(path: str | Path, input_path: str | Path | None = None) -> None
     directory = _nearest_existing(target.path.parent)
     if not directory.is_dir():
         raise ConfigError(f"cannot write {path}: {directory} is not a directory")
+    if directory != target.path.parent:  # as cp and curl -o: a missing folder is a typo more often than not
+        raise ConfigError(f"cannot write {path}: the folder {target.path.parent} does not exist (create it first)")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write {path}: no permission to create files in {directory}")
     if target.path.parent.is_dir():
@@ -159,7 +161,6 @@ def write_atomically(path: str | Path, chunks: Iterable[bytes]) -> None:
                 stream.write(chunk)
         return
     final = target.path
-    final.parent.mkdir(parents=True, exist_ok=True)
     mode = _mode_for(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     try:
@@ -188,7 +189,6 @@ def open_output(path: str | Path) -> Iterator[BinaryIO]:
         with _open_in_place(target) as stream:
             yield stream
         return
-    target.path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(target.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     with os.fdopen(fd, "wb") as stream:
         yield stream

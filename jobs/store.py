@@ -214,6 +214,7 @@ class ChunkOutcome:
     kept: int = 0
     changed: int = 0
     cached: int = 0  # answered from the cache
+    duplicates: int = 0  # lines whose id an earlier line has: invalid
 
 
 @dataclass(frozen=True)
@@ -471,15 +472,18 @@ class BatchStore:
         stored_seqs: list[int] = []
         stored: list[str] = []
         to_enqueue: list[int] = []
-        kept = changed = from_cache = 0
+        kept = changed = from_cache = duplicates = 0
+        first_lines = self._lines_of(batch_id, [owner for (seq, _), owner in zip(valid, owners) if owner != seq],
+                                     {seq: request.line for seq, request in valid})
         for (seq, request), owner, done, (old_request, old_result), answer in zip(valid, owners, finished, earlier,
                                                                                   answers):
             if owner != seq:
+                first = f"line {first_lines[owner]}" if owner in first_lines else "an earlier line"
                 results[seq] = invalid_result(
-                    request.line,
-                    f"line {request.line}: duplicate id {request.id!r} (first used on an earlier line)",
+                    request.line, f"line {request.line}: duplicate id {request.id!r} (first used on {first})",
                     request.id,
                 )
+                duplicates += 1
                 continue
             request_json = request.to_json()
             stored_seqs.append(seq)
@@ -511,7 +515,17 @@ class BatchStore:
             pipe.execute()
         else:
             send(pipe)
-        return ChunkOutcome(to_enqueue, kept, changed, from_cache)
+        return ChunkOutcome(to_enqueue, kept, changed, from_cache, duplicates)
+
+    def _lines_of(self, batch_id: str, seqs: list[int], known: dict[int, int]) -> dict[int, int]:
+        """The input line of each seq: from ``known`` (this chunk), else from its stored request."""
+        lines = {seq: known[seq] for seq in seqs if seq in known}
+        stored = sorted({seq for seq in seqs if seq not in known})
+        if stored:
+            for seq, raw in zip(stored, self.redis.hmget(keys.requests(batch_id), stored)):
+                if raw is not None:
+                    lines[seq] = int(json.loads(raw)["line"])
+        return lines
 
     @translated
     def run_batch(self, source_key: str) -> str | None:

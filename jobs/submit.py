@@ -194,12 +194,12 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id:
             if len(chunk) % size == 0:  # a block ends on a whole message: none part-filled mid-batch
                 outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, size, ahead, hold, options)
                 enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
-                cached += outcome.cached
+                cached, invalid = cached + outcome.cached, invalid + outcome.duplicates
                 chunk = []
     outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected)), ahead,
                      hold, options)
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
-    cached += outcome.cached
+    cached, invalid = cached + outcome.cached, invalid + outcome.duplicates
     ahead.wait()  # every block is stored before the batch is finalized
     store.finalize(batch_id, total)
     return SubmitReport(batch_id, total, invalid, enqueued, resume, kept, changed, first_invalid, cached)

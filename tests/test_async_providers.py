@@ -248,7 +248,7 @@ def test_connection_refused_is_a_transient_transport_error() -> None:
     _, error = acomplete(Aivvm, call(closed_port_url(), "hi"))
     assert isinstance(error, ProviderTransportError)
     assert error.transient is True and error.kind == "connection_error"
-    assert "cannot reach" in str(error)
+    assert str(error).startswith("connection refused: cannot reach http://127.0.0.1:")  # the cause first
 
 
 # --------------------------------------------------------------------------

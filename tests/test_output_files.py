@@ -65,7 +65,8 @@ def test_check_output_refuses_a_directory_and_an_unusable_parent(tmp_path: Path)
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="(?i)not a directory"):
         check_output(blocker / "sub" / "out.jsonl")
-    check_output(tmp_path / "new" / "deeper" / "out.jsonl")
+    with pytest.raises(ConfigError, match="the folder .*new/deeper does not exist"):  # as cp and curl -o
+        check_output(tmp_path / "new" / "deeper" / "out.jsonl")
     assert not (tmp_path / "new").exists(), "checking creates nothing"
 
 

@@ -347,7 +347,7 @@ def test_cancel_says_how_many_it_cancelled_and_how_many_are_still_in_flight(
     done_before = store.info(batch_id).done
     proc = cli("cancel", batch_id, redis_url=redis_url)
     assert proc.returncode == 0, proc.stderr
-    found = re.fullmatch(rf"{batch_id}: (\d+) items cancelled; (\d+) in flight will finish "
+    found = re.fullmatch(rf"{batch_id}: (\d+) items? cancelled; (\d+) in flight will finish "
                          r"\(those that would be retried end cancelled instead\)\n", proc.stderr)
     assert found, proc.stderr
     cancelled, in_flight = int(found[1]), int(found[2])

@@ -167,6 +167,8 @@ def test_a_429_that_says_when_is_waited_out_without_spending_an_attempt() -> Non
     assert spent.again is not None and spent.again.state.attempt == 3  # a provider that never lets go
     unsaid = decide(request, refused(None), ItemState(), settings, now=NOW)
     assert unsaid.again is not None and unsaid.again.state.attempt == 2
+    for_the_day = decide(request, refused(3600.0), ItemState(), settings, now=NOW)
+    assert for_the_day.again is not None and for_the_day.again.state.attempt == 2  # past the backoff's cap
 
 
 # -- against Redis and a rate-limited stand-in -----------------------------------------------

@@ -241,7 +241,7 @@ def test_ctrl_c_lets_the_items_in_flight_finish_and_nothing_is_paid_twice(tmp_pa
     url = first.read_until("on the private Redis")
     wait_for(lambda: calls(stub) >= total // 3, what="a third of the calls")
     # the private Redis is reachable while the run lasts, with the command it printed
-    private = re.search(r"--redis-url (redis://\S+)\)", url)
+    private = re.search(r"--redis-url (redis://[^\s;]+);", url)
     assert private, url
     batch_id = re.search(r"batch (b[0-9a-f]{15})", url).group(1)  # type: ignore[union-attr]
     status = subprocess.run([sys.executable, "-m", "aivvm_batch", "status", batch_id, "--redis-url",
@@ -256,6 +256,7 @@ def test_ctrl_c_lets_the_items_in_flight_finish_and_nothing_is_paid_twice(tmp_pa
     code, err = first.finish()
     assert code == 130, err
     assert "run the same command again to continue" in err and "Traceback" not in err
+    assert f"kept in {state} ({out} is written whole, once every item has ended)" in err  # where they are
     assert first.children() == []
     assert not out.exists()
     paid = calls(stub)
@@ -383,7 +384,8 @@ def test_a_server_that_is_down_is_said_at_once_and_the_run_stops(tmp_path: Path)
     down = run(str(source), "-o", str(out), "--base-url", "http://127.0.0.1:9", "--concurrency", "4",
                "--workers", "1", state=tmp_path / "state")
     assert down.returncode == 1, down.stderr
-    assert re.search(r"\d+ of \d+ attempts failed: connection_error: cannot reach http://127.0.0.1:9/api/chat",
+    assert re.search(r"\d+ of \d+ attempts failed: connection_error: connection refused: cannot reach "
+                     r"http://127.0.0.1:9/api/chat",
                      down.stderr), down.stderr
     assert "stopped early: the first" in down.stderr
     assert re.search(r"failed attempts: \d+, most often \d+× connection_error", down.stderr)  # progress line

@@ -175,7 +175,8 @@ def test_page_shows_progress_counts_errors_and_downloads(server: Served, tmp_pat
         errors = next(r["errors"] for r in shown["batches"] if r["batch"]["id"] == finished.id)
         assert errors, "the retried 503 is counted among the batch's errors"
         for error in errors:
-            assert f"{error['count']} × {error['text']}" in text
+            noun = "attempt" if error["count"] == 1 else "attempts"
+            assert f"{error['count']} {noun}: {error['text']}" in text  # attempts, beside counts of items
 
         shot = tmp_path / "page.png"
         chromium(tmp_path, f"--screenshot={shot}", f"{server.base}/#key={ALICE}")

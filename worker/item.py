@@ -153,8 +153,9 @@ def decide(request: ItemRequest, outcome: Attempt, state: ItemState, settings: S
     if isinstance(error, ProviderHTTPError) and error.status == 429 and error.retry_after:
         pause = error.retry_after
     cut = error is not None and error.kind == IncompleteReply.kind  # also a fallback's combined error
-    if pause is not None and outcome.transient and state.waits < MAX_RATE_WAITS:
-        # the provider said when to come back: a wait, not a failed attempt
+    if pause is not None and outcome.transient and pause <= settings.backoff_cap and state.waits < MAX_RATE_WAITS:
+        # the provider said when to come back, soon: a wait, not a failed attempt (a wait longer
+        # than the backoff's cap, a quota spent for the day, counts as one)
         delay = pause * random.uniform(1.0, 1.0 + RATE_WAIT_JITTER)
         again = replace(state, not_before=now + delay, waits=state.waits + 1)
         return Decision(again=RunAgain(again, f"rate limited: again in {delay:.1f} s"), error=text, pause=pause)
@@ -217,7 +218,16 @@ def error_text(kind: str, message: str) -> str:
     kind = _LONE_SURROGATE.sub("\ufffd", kind)
     message = re.sub(r"\b\d+ (bytes? read|more expected)", r"N \1", message)
     message = re.sub(r": b?(['\"]).*$", "", message)
-    return f"{kind}: {message}"[:ERROR_TEXT_LIMIT]
+    return shortened(f"{kind}: {message}", ERROR_TEXT_LIMIT)
+
+
+def shortened(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters at a word's end, with an ellipsis (never mid-word)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "…"
 
 
 def _spent_after(spent: Spent, request: ItemRequest, outcome: Attempt) -> Spent:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import socket
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,7 +22,7 @@ from jobs.queue import app as celery_app
 from jobs.records import BatchOptions
 from jobs.store import BatchStore, connect
 
-from ..options import base_url_option, concurrency_option, env, handle_errors, provider_option
+from ..options import base_url_option, concurrency_option, env, handle_errors, interrupted, provider_option
 from .auth import is_loopback, load_keys
 from .context import (DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UPLOAD_BYTES,
                       DEFAULT_UPLOADS_PER_KEY, DEFAULT_WINDOW_SECONDS, ServeContext, ServeLimits)
@@ -87,6 +88,26 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
                           "so that clients must present a key")
     _check_port(host, port)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # uvicorn raises the signal that stopped it again once it has shut down: SIGTERM must then end
+    # this process through its cleanup (the private Redis and workers), Ctrl-C as `run` ends (130)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _serve(host, port, provider, base_url, redis_url, concurrency, worker_count, state_dir, stub, cache, keys,
+               ServeLimits(max_upload_bytes=max_upload_bytes, window_seconds=completion_window_seconds,
+                           client_idle_seconds=client_idle_seconds, uploads_per_key=uploads_per_key,
+                           max_connections=max_connections))
+    except KeyboardInterrupt:
+        interrupted("serve stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _serve(host: str, port: int, provider: str, base_url: str | None, redis_url: str | None, concurrency: int,
+           worker_count: int, state_dir: Path, stub: bool, cache: bool, keys: Any, limits: ServeLimits) -> None:
     with ExitStack() as stack:
         options = BatchOptions(provider=provider, base_url=base_url, cache=cache)
         if stub:
@@ -97,11 +118,7 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
                                    + ("/v1" if provider.startswith("openai") else ""), cache=cache)
         if redis_url is None:
             redis_url = _private(stack, state_dir, worker_count, concurrency, options.base_url)
-        ctx = _context(redis_url, options, keys, ServeLimits(
-            max_upload_bytes=max_upload_bytes, window_seconds=completion_window_seconds,
-            client_idle_seconds=client_idle_seconds, uploads_per_key=uploads_per_key,
-            max_connections=max_connections))
-        _run(ctx, host, port)
+        _run(_context(redis_url, options, keys, limits), host, port)
 
 
 def _context(redis_url: str, options: BatchOptions, keys: Any, limits: ServeLimits) -> ServeContext:

@@ -62,7 +62,7 @@ HTML = """<!doctype html>
 </form>
 <p id="empty" hidden>No batches yet. Create one with the OpenAI SDK: <code>client.batches.create(...)</code>.</p>
 <table id="batches" hidden>
-  <thead><tr><th>batch</th><th>status</th><th>progress</th><th>by status</th><th>most frequent errors</th>
+  <thead><tr><th>batch</th><th>status</th><th>progress</th><th>by status</th><th>most frequent errors of attempts</th>
   <th>files</th></tr></thead>
   <tbody></tbody>
 </table>
@@ -171,7 +171,7 @@ function render(rows) {
     tr.append(counts);
     const errors = el("td");
     const list = el("ul", null, "errors");
-    for (const e of row.errors) list.append(el("li", e.count + " × " + e.text));
+    for (const e of row.errors) list.append(el("li", e.count + (e.count === 1 ? " attempt: " : " attempts: ") + e.text));
     if (b.errors && b.errors.data) {
       for (const e of b.errors.data.slice(0, 5)) list.append(el("li", (e.line ? "line " + e.line + ": " : "") + e.message));
     }

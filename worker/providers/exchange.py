@@ -9,8 +9,10 @@ to connect are permanent (an untrusted certificate) or transient (anything else)
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -235,7 +237,34 @@ def connection_error(url: str, exc: BaseException, tls: bool = False) -> Provide
     if (tls or cause is not None) and not isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return TLSError(f"TLS error with {url}: {_tls_reason(cause, exc)} "
                         "(a certificate or TLS failure is not retried)")
+    said = os_cause(exc)
+    if said is not None:  # the cause first: a progress line cuts the end of a long message
+        return ProviderTransportError(f"{said}: cannot reach {url}")
     return ProviderTransportError(f"cannot reach {url}: {reason(exc)}")
+
+
+def os_cause(exc: BaseException) -> str | None:
+    """``connection refused``, ``name not resolved``...: the operating system's word for a failure to
+    connect, found under a transport's exception (aiohttp's and requests' texts bury it)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return "name not resolved"
+        if isinstance(current, OSError) and current.errno in _OS_CAUSES:
+            return _OS_CAUSES[current.errno]
+        todo += [current.__cause__, current.__context__, getattr(current, "os_error", None),
+                 getattr(current, "reason", None), *current.args]
+    return None
+
+
+_OS_CAUSES = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "connection reset",
+              errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable",
+              errno.ETIMEDOUT: "connect timed out"}
 
 
 def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
