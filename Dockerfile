@@ -5,11 +5,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY jobs ./jobs
 COPY worker ./worker
 COPY aivvm_batch ./aivvm_batch
-RUN pip install . && useradd --create-home --uid 10001 aivvm
+RUN pip install --no-deps . && useradd --create-home --uid 10001 aivvm
 COPY samples ./samples
 
 USER aivvm

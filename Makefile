@@ -19,17 +19,36 @@ LLAMA_CPP := llama-cpp-python[server]==0.3.36
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: demo test test-chaos bench bench-hosts llama clean
+.PHONY: demo test test-chaos test-latest bench bench-hosts llama lock clean
 
-$(STAMP): pyproject.toml
+# Installs come from the locks (every version pinned, every file hashed: `make lock` writes them
+# from pyproject.toml's ranges); `make test-latest` tries the newest versions the ranges allow.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-$(TEST_STAMP): $(STAMP)
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test]'
+$(TEST_STAMP): $(STAMP) requirements-test.lock
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-test.lock
 	touch $@
+
+## Write requirements.lock and requirements-test.lock from pyproject.toml (uv, for every Python from 3.10).
+lock:
+	$(PYTHON) -m venv .venv-uv && .venv-uv/bin/python -m pip install --quiet uv
+	.venv-uv/bin/uv pip compile pyproject.toml --universal --python-version 3.10 --generate-hashes -q -o requirements.lock
+	.venv-uv/bin/uv pip compile pyproject.toml --extra test --universal --python-version 3.10 --generate-hashes -q \
+		-o requirements-test.lock
+
+## The tests against the newest versions pyproject.toml allows (not the locks'): what a future install would meet.
+test-latest: $(LLAMA_STAMP)
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	PYTHONWARNINGS=ignore .venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(celery|kombu|redis|aiohttp|starlette|uvicorn)=='
+	.venv-latest/bin/python -m mypy
+	.venv-latest/bin/python -m pytest -q
 
 $(LLAMA_STAMP):
 	$(PYTHON) -m venv $(LLAMA_VENV)
@@ -70,4 +89,4 @@ bench-hosts: $(TEST_STAMP)
 	$(BIN)/python bench/slow_links.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LLAMA_VENV) .aivvm-batch results
+	rm -rf $(VENV) $(LLAMA_VENV) .venv-latest .venv-uv .aivvm-batch results

@@ -86,6 +86,10 @@ def test_write_atomically_through_a_symlink_keeps_the_link(tmp_path: Path) -> No
 def test_write_atomically_to_a_dangling_link_creates_its_target(tmp_path: Path) -> None:
     link = tmp_path / "link.jsonl"
     link.symlink_to(tmp_path / "sub" / "made.jsonl")
+    with pytest.raises(ConfigError, match="sub does not exist"):  # its folder is not made
+        check_output(link)
+    (tmp_path / "sub").mkdir()
+    check_output(link)
     write_atomically(link, [b"x\n"])
     assert link.is_symlink()
     assert (tmp_path / "sub" / "made.jsonl").read_text() == "x\n"

@@ -317,7 +317,7 @@ def test_a_second_ctrl_c_abandons_the_items_in_flight_at_once(tmp_path: Path, st
     # far sooner than the 60 s the items in flight would take
     assert time.monotonic() - started < 30
     assert code == 130, err
-    assert "4 items in flight were abandoned and will be sent again" in err
+    assert "4 items in flight abandoned, to be sent again" in err
     assert "Traceback" not in err
     assert session.children() == []
 
