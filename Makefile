@@ -19,7 +19,7 @@ LLAMA_CPP := llama-cpp-python[server]==0.3.36
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: demo test test-chaos test-latest bench bench-hosts llama lock clean
+.PHONY: demo test test-unit test-chaos test-latest bench bench-hosts llama lock clean
 
 # Installs come from the locks (every version pinned, every file hashed: `make lock` writes them
 # from pyproject.toml's ranges); `make test-latest` tries the newest versions the ranges allow.
@@ -72,7 +72,11 @@ demo: $(STAMP)
 test: $(TEST_STAMP) $(LLAMA_STAMP)
 	$(BYTECODE)
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+## The fast tier: every test that needs no redis-server, no worker process (seconds).
+test-unit: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" -p no:cacheprovider
 
 test-chaos: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m chaos

@@ -26,6 +26,18 @@ from jobs.records import BatchInfo, BatchOptions
 from jobs.store import BatchStore
 from jobs.submit import submit_file
 
+# the fixtures that start or use the private Redis: a test that asks for one is an integration test
+REDIS_FIXTURES = frozenset({"redis_url", "redis_client", "settings", "store", "publisher", "workers", "batches"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a redis-server ``integration``, whether its module says so or not
+    (``make test-unit`` runs the rest, without one)."""
+    for item in items:
+        if REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 # Fast retries and short timeouts, so fault tests finish in seconds.
 WORKER_ENV = {
     "AIVVM_BATCH_MAX_RETRIES": "3",

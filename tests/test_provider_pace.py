@@ -210,3 +210,16 @@ def test_without_the_pace_the_same_run_would_have_failed_items(tmp_path: Path) -
                                json={"model": "m", "messages": [{"role": "user", "content": f"raw {i}"}]}).status_code
                  for i in range(20)]
     assert codes.count(429) >= 10, codes
+
+
+def test_the_heartbeat_says_the_pace_learned_beside_the_breakers_note() -> None:
+    from types import SimpleNamespace
+
+    from worker.breaker import Breaker
+    from worker.sweeper import what_to_say
+
+    pace = ProviderPace()
+    runtime = SimpleNamespace(leases=[1, 2], breaker=Breaker(), provider_pace=pace)
+    assert what_to_say(runtime) == (2, "")  # type: ignore[arg-type]
+    pace.learn("openai|http://p/v1", 200, stated(1200))
+    assert what_to_say(runtime) == (2, "pace 20.0/s, limited by the provider")  # type: ignore[arg-type]

@@ -572,6 +572,7 @@ async def _read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 CONNECTIONS = 2000
 
 
+@pytest.mark.integration  # a load of 2,000 connections: not for the fast tier
 def test_two_thousand_concurrent_paced_streams() -> None:
     """2,000 streams at once, each 10 chunks over 1 s, on one server thread: all complete, exactly."""
     stub_module.raise_open_file_limit()
@@ -595,6 +596,7 @@ def test_two_thousand_concurrent_paced_streams() -> None:
     assert 1 <= stats["peak_in_flight"] <= CONNECTIONS
 
 
+@pytest.mark.integration  # a load of 2,000 connections: not for the fast tier
 def test_peak_in_flight_counts_two_thousand_held_streams() -> None:
     """Held streams (stall) are in flight together; reset restarts the peak from them; stop ends them."""
     stub_module.raise_open_file_limit()
