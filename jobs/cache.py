@@ -30,9 +30,10 @@ def cache_key(options: BatchOptions, request: ItemRequest) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def entry(result: ItemResult) -> str | None:
-    """What the cache keeps of a result: an ``ok`` one, small enough, else ``None``."""
-    if result.status is not Status.OK or result.cached:
+def entry(result: ItemResult, options: BatchOptions) -> str | None:
+    """What the cache keeps of a result: an ``ok`` one of the batch's first provider (a fallback's
+    base URL is the worker's, not in the key), small enough; else ``None``."""
+    if result.status is not Status.OK or result.cached or result.provider != options.providers()[0]:
         return None
     text = result.to_json()
     return text if len(text.encode("utf-8", "surrogatepass")) <= MAX_ENTRY_BYTES else None

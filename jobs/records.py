@@ -339,12 +339,13 @@ def cancelled_result(request: ItemRequest, attempts: int = 0) -> ItemResult:
 
 
 def budget_result(request: ItemRequest, attempts: int = 0) -> ItemResult:
-    """An item that did not start: what its batch paid had reached its budget."""
+    """An item whose next call did not start: what its batch paid had reached its budget."""
+    when = "its next attempt" if attempts else "this item started"
     return ItemResult(
         id=request.id, line=request.line, status=Status.CANCELLED, model=request.model,
         attempts=attempts, metadata=request.metadata,
         error=ItemError("budget_exhausted", "the batch's budget (--max-tokens-total / --max-requests) "
-                                            "was spent before this item started"),
+                                            f"was spent before {when}"),
     )
 
 

@@ -663,7 +663,7 @@ class BatchStore:
     @translated
     def keep_answer(self, options: BatchOptions, request: ItemRequest, result: ItemResult, ttl: int) -> bool:
         """Keep an ``ok`` result in the cache for later batches that ask the same (jobs/cache.py)."""
-        text = cache_entry(result)
+        text = cache_entry(result, options)
         if text is None:
             return False
         self.redis.set(keys.cache(cache_key(options, request)), text, ex=max(1, ttl))

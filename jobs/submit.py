@@ -139,6 +139,9 @@ def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, optio
     half-submitted batch; with ``resume`` the batch is kept, to be resumed.
     A Redis that may evict keys is refused first (:meth:`BatchStore.check_server`).
     """
+    if options.cache and not options.base_url:
+        raise ConfigError("--cache needs --base-url: answers are kept under the server that gave them, and "
+                          "without one each worker asks the server its own environment names")
     store.check_server()
     batch_id = batch_id or new_batch_id()
     with open_input(path) as stream:

@@ -46,16 +46,19 @@ def test_another_provider_url_or_namespace_is_another_request(options: BatchOpti
 
 
 def test_only_ok_answers_of_bounded_size_are_kept_and_reused_as_cached() -> None:
-    ok = ItemResult(id="a", line=1, status=Status.OK, output="hello", attempts=2, usage=Usage(3, 4, False))
-    kept = entry(ok)
+    ok = ItemResult(id="a", line=1, status=Status.OK, output="hello", attempts=2, usage=Usage(3, 4, False),
+                    provider="openai")
+    kept = entry(ok, OPTIONS)
     assert kept is not None
     again = reused(kept.encode(), request(id="z", line=7))
     assert again is not None and (again.id, again.line, again.output, again.attempts, again.cached) == \
         ("z", 7, "hello", 0, True)
     assert again.metadata == (("k", "v"),) and json.loads(again.to_json())["cached"] is True
-    assert entry(dataclasses.replace(ok, status=Status.FAILED)) is None
-    assert entry(again) is None  # a reused answer is not kept again
-    assert entry(dataclasses.replace(ok, output="x" * MAX_ENTRY_BYTES)) is None
+    assert entry(dataclasses.replace(ok, status=Status.FAILED), OPTIONS) is None
+    assert entry(again, OPTIONS) is None  # a reused answer is not kept again
+    assert entry(dataclasses.replace(ok, output="x" * MAX_ENTRY_BYTES), OPTIONS) is None
+    fallback = dataclasses.replace(OPTIONS, provider="openai,aivvm")
+    assert entry(dataclasses.replace(ok, provider="aivvm"), fallback) is None  # a fallback's server is not keyed
     assert reused(b"not json", request()) is None
 
 
@@ -124,3 +127,17 @@ def test_serve_caches_a_tenants_answers_for_that_tenant_alone(tmp_path: Path) ->
         assert batch_of(alice, "a1.jsonl", "a") == 5
         assert batch_of(bob, "b1.jsonl", "b") == 5  # another tenant: never answered from alice's
         assert batch_of(alice, "a2.jsonl", "again") == 0
+
+
+def test_cache_needs_the_base_url_it_is_keyed_by(redis_url: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.test_run import ENV, ROOT
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(lines([("a", "hi")]))
+    proc = subprocess.run([sys.executable, "-m", "aivvm_batch", "submit", str(path), "--provider", "openai", "--cache",
+                           "--redis-url", redis_url], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--cache needs --base-url" in proc.stderr

@@ -126,12 +126,31 @@ def test_a_429_cuts_the_pace_once_a_second_and_answers_bring_it_back() -> None:
     now[0] = 6.5
     pace.learn("p", 429, None)
     assert pace.limits("p").rpm == pytest.approx(722.5)
-    now[0] = 8.5
-    pace.learn("p", 200, None)
-    assert pace.limits("p").rpm == pytest.approx(722.5 + 2 * 40)  # 4% of what was stated a second
-    now[0] = 30.0
-    pace.learn("p", 200, None)
+    for _ in range(10):
+        pace.learn("p", 200, None)
+    assert pace.limits("p").rpm == pytest.approx(722.5 + 10 * 3)  # 0.3% of what was stated an answer
+    for _ in range(200):
+        pace.learn("p", 200, None)
     assert pace.limits("p").rpm == 1000  # never past it
+
+
+def test_a_429_for_tokens_scales_the_token_estimate_not_the_requests_pace() -> None:
+    pace = ProviderPace()
+    limits = RateHeaders(Limit(1200, 30, 1.0), Limit(6000, 0, 2.0))
+    pace.learn("p", 200, RateHeaders(Limit(1200, 30, 1.0), Limit(6000, 500, 2.0)))
+    pace.learn("p", 429, limits)
+    assert pace.limits("p").rpm == 1200 and pace.limits("p").tpm == pytest.approx(6000 / 1.1)
+    for _ in range(100):
+        pace.learn("p", 200, None)
+    assert pace.limits("p").tpm == pytest.approx(6000 / 1.05)  # eased back by the answers admitted
+
+
+def test_a_limit_too_small_to_mean_anything_is_not_believed() -> None:
+    pace = ProviderPace()
+    pace.learn("p", 200, RateHeaders(Limit(1e-320, 5, 1.0), Limit(1e-9)))
+    assert not pace.limits("p").any  # not a wait of forever
+    assert parse_rate_headers({"ratelimit-limit": "5", "ratelimit-reset": "99999999999"}, NOW) == \
+        RateHeaders(Limit(5, None, 3600.0))  # a reset past an hour is not believed either
 
 
 def test_a_few_calls_go_before_the_first_answer_and_the_rest_wait_for_it() -> None:
@@ -165,8 +184,8 @@ def test_a_429_that_says_when_is_waited_out_without_spending_an_attempt() -> Non
     assert ItemState.from_kwargs(**state.to_kwargs()) == state  # carried by the retry message
     spent = decide(request, refused(0.5), ItemState(attempt=2, waits=MAX_RATE_WAITS), settings, now=NOW)
     assert spent.again is not None and spent.again.state.attempt == 3  # a provider that never lets go
-    unsaid = decide(request, refused(None), ItemState(), settings, now=NOW)
-    assert unsaid.again is not None and unsaid.again.state.attempt == 2
+    unsaid = decide(request, refused(None), ItemState(), settings, now=NOW)  # a backoff of its own, not counted
+    assert unsaid.again is not None and (unsaid.again.state.attempt, unsaid.again.state.waits) == (1, 1)
     for_the_day = decide(request, refused(3600.0), ItemState(), settings, now=NOW)
     assert for_the_day.again is not None and for_the_day.again.state.attempt == 2  # past the backoff's cap
 

@@ -189,7 +189,7 @@ async def _not_claimed(rt: Runtime, batch_id: str, seq: int, claim: Claim, state
         return RunAgain(_later(state, claim.paused_seconds))
     if claim.outcome in (ClaimOutcome.CANCELLED, ClaimOutcome.BUDGET) and claim.request is not None:
         cancelled = (cancelled_result if claim.outcome is ClaimOutcome.CANCELLED else budget_result)(
-            claim.request, state.attempt - 1)
+            claim.request, state.attempt - 1 + state.waits)
         await wait_for_store(f"batch {batch_id} item {seq}: record",
                              lambda: rt.io.record((batch_id, seq, cancelled, "")))
     return Done(claim.outcome.value)

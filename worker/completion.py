@@ -322,7 +322,8 @@ def _texts(value: Any) -> str:
 
 def request_tokens(request: ItemRequest) -> int:
     """What a request may cost in tokens, for a tokens-per-minute limit: prompt plus max_tokens."""
-    max_tokens = dict(request.params).get("max_tokens")
+    params = dict(request.params)
+    max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
     return estimate_tokens(prompt_text(request)) + (max_tokens if isinstance(max_tokens, int) else 0)
 
 

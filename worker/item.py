@@ -153,10 +153,12 @@ def decide(request: ItemRequest, outcome: Attempt, state: ItemState, settings: S
     if isinstance(error, ProviderHTTPError) and error.status == 429 and error.retry_after:
         pause = error.retry_after
     cut = error is not None and error.kind == IncompleteReply.kind  # also a fallback's combined error
-    if pause is not None and outcome.transient and pause <= settings.backoff_cap and state.waits < MAX_RATE_WAITS:
-        # the provider said when to come back, soon: a wait, not a failed attempt (a wait longer
-        # than the backoff's cap, a quota spent for the day, counts as one)
-        delay = pause * random.uniform(1.0, 1.0 + RATE_WAIT_JITTER)
+    refused = isinstance(error, ProviderHTTPError) and error.status == 429 and outcome.transient
+    wait = pause if pause is not None else backoff(state.waits + 1, settings, None)
+    if refused and wait <= settings.backoff_cap and state.waits < MAX_RATE_WAITS:
+        # rate limited: a wait (the provider's, else a backoff of its own), not a failed attempt; a
+        # wait longer than the backoff's cap (a quota spent for the day) counts as one
+        delay = wait * random.uniform(1.0, 1.0 + RATE_WAIT_JITTER)
         again = replace(state, not_before=now + delay, waits=state.waits + 1)
         return Decision(again=RunAgain(again, f"rate limited: again in {delay:.1f} s"), error=text, pause=pause)
     if isinstance(error, SchemaMismatch) and state.mismatches < settings.schema_retries:

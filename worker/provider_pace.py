@@ -9,8 +9,8 @@ own answers; the schedule they share is what divides them.
 - Before the first answer of a base URL only a few calls go out (the others wait for it, at
   most a few seconds): a limit cannot be learned before anything was asked.
 - A 429 all the same (the limit is shared with other clients, or counted otherwise) cuts the
-  pace by 15%, at most once a second; answers admitted bring it back up by 4% of the stated
-  limit a second (additive increase, multiplicative decrease), never past what the headers state.
+  pace by 15%, at most once a second; each answer admitted brings it back up by 0.3% of the
+  stated limit (additive increase, multiplicative decrease), never past what the headers state.
 - What ``remaining`` says lets a burst of up to a second's worth of requests go at once.
 - A user's ``--rpm``/``--tpm`` stay ceilings.
 """
@@ -31,8 +31,17 @@ FIRST_CALLS = 4
 FIRST_ANSWER_WAIT = 3.0
 CUT_FACTOR = 0.85
 CUT_INTERVAL = 1.0
-# admitted answers raise the pace by this share of the stated limit a second (from the last cut)
-STEP_SHARE_PER_SECOND = 0.04
+# each admitted answer raises the pace by this share of the stated limit: a cut is made good over
+# some 50 answers, however slow the pace (a step by the second drew a 429 a second at 30/min)
+STEP_SHARE = 0.003
+# a 429 for tokens (our estimate of a request's tokens, length / 4, is the provider's count only
+# roughly): the estimate is scaled up by this, at most once a second, up to MAX_TOKEN_SCALE; each
+# admitted answer brings it back down by TOKEN_SCALE_EASE
+TOKEN_SCALE_STEP = 1.1
+MAX_TOKEN_SCALE = 4.0
+TOKEN_SCALE_EASE = 0.0005
+# a stated limit below this many a minute is not believed (1e-320 would make a call wait forever)
+LOWEST_STATED = 1.0
 LOWEST_SHARE = 0.05
 
 
@@ -55,9 +64,9 @@ class _Learned:
     stated_rpm: float = 0.0
     stated_tpm: float = 0.0
     share: float = 1.0  # of the stated limits, after 429s
+    token_scale: float = 1.0  # how much more a request costs than its estimate, after 429s for tokens
     remaining: float | None = None
     cut_at: float = 0.0
-    raised_at: float = 0.0
     refused: int = 0
     started: int = 0
     answered: asyncio.Event = field(default_factory=asyncio.Event)
@@ -98,21 +107,23 @@ class ProviderPace:
         learned = self._of(scope)
         learned.answered.set()
         if limits is not None:
-            if limits.requests.per_minute:
-                learned.stated_rpm = limits.requests.per_minute
-            if limits.tokens.per_minute:
-                learned.stated_tpm = limits.tokens.per_minute
+            if (limits.requests.per_minute or 0) >= LOWEST_STATED:
+                learned.stated_rpm = limits.requests.per_minute or 0.0
+            if (limits.tokens.per_minute or 0) >= LOWEST_STATED:
+                learned.stated_tpm = limits.tokens.per_minute or 0.0
             learned.remaining = limits.requests.remaining
         if status == 429:
             learned.refused += 1
             now = self.clock()
             if now - learned.cut_at >= CUT_INTERVAL:
-                learned.share = max(LOWEST_SHARE, learned.share * CUT_FACTOR)
-                learned.cut_at = learned.raised_at = now
-        elif 200 <= status < 300 and learned.share < 1.0:
-            now = self.clock()
-            learned.share = min(1.0, learned.share + STEP_SHARE_PER_SECOND * (now - learned.raised_at))
-            learned.raised_at = now
+                if _tokens_spent(limits) and learned.stated_tpm:
+                    learned.token_scale = min(MAX_TOKEN_SCALE, learned.token_scale * TOKEN_SCALE_STEP)
+                else:
+                    learned.share = max(LOWEST_SHARE, learned.share * CUT_FACTOR)
+                learned.cut_at = now
+        elif 200 <= status < 300:
+            learned.share = min(1.0, learned.share + STEP_SHARE)
+            learned.token_scale = max(1.0, learned.token_scale - TOKEN_SCALE_EASE)
 
     def limits(self, scope: str, rpm: int = 0, tpm: int = 0) -> PaceLimits:
         """The limits a call must keep to: what was learned, under the user's ``rpm``/``tpm``."""
@@ -120,7 +131,7 @@ class ProviderPace:
         if learned is None or not (learned.stated_rpm or learned.stated_tpm):
             return PaceLimits(rpm, tpm)
         paced_rpm = _lower(rpm, learned.stated_rpm * learned.share)
-        paced_tpm = _lower(tpm, learned.stated_tpm * learned.share)
+        paced_tpm = _lower(tpm, learned.stated_tpm * learned.share / learned.token_scale)
         burst = 0
         if learned.remaining and learned.share >= 1.0 and paced_rpm:
             burst = int(min(learned.remaining - 1, paced_rpm / 60))
@@ -137,6 +148,13 @@ class ProviderPace:
         """What a heartbeat says (from another thread): the paces learned."""
         said = (self.describe(scope) for scope in list(self._by_url))
         return "; ".join(sorted({text for text in said if text}))
+
+
+def _tokens_spent(limits: RateHeaders | None) -> bool:
+    """A refusal for tokens: the tokens' limit is spent, the requests' is not."""
+    if limits is None or limits.tokens.remaining is None or limits.tokens.remaining >= 1:
+        return False
+    return limits.requests.remaining is None or limits.requests.remaining >= 1
 
 
 def _lower(ceiling: float, learned: float) -> float:

@@ -35,8 +35,8 @@ class RateLimiter:
     def reserve(self, scope: str, *, rpm: float = 0, tpm: float = 0, tokens: int = 0, burst: int = 0) -> float:
         """Reserve this call's slot and return the seconds until it; :class:`RateLimited` if too far.
         ``burst``: requests that may go at once ahead of the even spacing."""
-        ms_per_request = 60000.0 / rpm if rpm > 0 else 0.0
-        ms_per_token = 60000.0 / tpm if tpm > 0 else 0.0
+        ms_per_request = 60000.0 / rpm if rpm >= 1e-3 else 0.0  # a rate too small to mean one: none
+        ms_per_token = 60000.0 / tpm if tpm >= 1e-3 else 0.0
         try:
             reply = int(self._acquire(keys=keys.rate_keys(scope),
                                       args=[ms_per_request, ms_per_token, max(tokens, 0),

@@ -116,7 +116,8 @@ def _ietf(headers: Mapping[str, str]) -> Limit:
     window = _WINDOW.search(headers.get("ratelimit-policy") or "")
     seconds = float(window.group(1)) if window else 60.0
     per_minute = limit * 60.0 / seconds if limit is not None and seconds > 0 else None
-    return Limit(per_minute, _number(headers.get("ratelimit-remaining")), _number(headers.get("ratelimit-reset")))
+    reset = _number(headers.get("ratelimit-reset"))
+    return Limit(per_minute, _number(headers.get("ratelimit-remaining")), None if reset is None else _seconds(reset))
 
 
 def _first(*limits: Limit) -> Limit:
