@@ -242,3 +242,12 @@ def test_the_heartbeat_says_the_pace_learned_beside_the_breakers_note() -> None:
     assert what_to_say(runtime) == (2, "")  # type: ignore[arg-type]
     pace.learn("openai|http://p/v1", 200, stated(1200))
     assert what_to_say(runtime) == (2, "pace 20.0/s, limited by the provider")  # type: ignore[arg-type]
+
+
+def test_a_provider_that_states_no_limit_costs_no_gate_once_it_answered() -> None:
+    pace = ProviderPace()
+    assert pace.watching("p")  # not heard from yet: its first calls are counted
+    pace.learn("p", 200, None)
+    assert not pace.watching("p")
+    pace.learn("q", 200, stated(600))
+    assert pace.watching("q")

@@ -215,7 +215,7 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
             if rt.fenced():  # Redis out of reach for most of the lease: the item may not be ours
                 await _until_reached(rt)
                 await still_ours(rt, held)
-            gate = _rate_gate(rt, request, options, held)
+            gate = _rate_gate(rt, request, options, held, scope)
             outcome = await rt.calls.attempt(request, options, gate, rt.guard(held))
         except RateLimited as refused:
             slot.free()
@@ -280,16 +280,19 @@ async def _pause(rt: Runtime, batch_id: str, scope: str, seconds: float) -> None
 
 
 def _rate_gate(rt: Runtime, request: ItemRequest, options: BatchOptions,  # type: ignore[no-untyped-def]
-               held: tuple[str, int, str]):
+               held: tuple[str, int, str], scope: str):
     """Before each provider call of this item: keep to the provider's pace (learned from its
     answers: :mod:`worker.provider_pace`) and the batch's ``--rpm``/``--tpm``, through the
     limiter every worker shares; then make sure the item's claim (``held``) is still this
     worker's: the wait may have outlasted it (a frozen or cut-off process), and another worker
-    may have the item by now."""
+    may have the item by now. None (no cost an item) when there is nothing to keep to: no budget,
+    no ``--rpm``/``--tpm``, and the first provider (``scope``) answered without stating limits."""
     rpm = options.rpm or rt.settings.rpm
     tpm = options.tpm or rt.settings.tpm
     pace = rt.provider_pace
     budgeted = options.max_tokens_total is not None or options.max_requests is not None
+    if not (budgeted or rpm or tpm or pace.watching(scope)):
+        return None
 
     async def before_call(provider: type[AbstractProvider], call: CompletionCall) -> None:
         if budgeted and not await _may_spend(rt, held[0]):

@@ -85,6 +85,12 @@ class ProviderPace:
             learned = self._by_url[scope] = _Learned()
         return learned
 
+    def watching(self, scope: str) -> bool:
+        """Whether calls on ``scope`` must go through :meth:`first` and :meth:`limits`: its first
+        answer is still awaited, or it stated limits."""
+        learned = self._by_url.get(scope)
+        return learned is None or not learned.answered.is_set() or bool(learned.stated_rpm or learned.stated_tpm)
+
     async def first(self, scope: str) -> None:
         """Before a call: wait for the base URL's first answer if a few calls are out already."""
         learned = self._of(scope)

@@ -15,7 +15,7 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -73,7 +73,7 @@ class Head:
         return cls(status, reason or "", headers.get("content-type"), headers.get("content-encoding"),
                    headers.get("location"), headers.get("retry-after"),
                    one_line(request_id)[:200] if request_id else None, headers.get("retry-after-ms"),
-                   parse_rate_headers(headers, time.time()))
+                   parse_rate_headers(headers))
 
     def wait(self) -> float | None:
         """When the server asks to be called again: ``retry-after-ms``, ``Retry-After``, else (a
@@ -246,19 +246,11 @@ def connection_error(url: str, exc: BaseException, tls: bool = False) -> Provide
 def os_cause(exc: BaseException) -> str | None:
     """``connection refused``, ``name not resolved``...: the operating system's word for a failure to
     connect, found under a transport's exception (aiohttp's and requests' texts bury it)."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        current = todo.pop()
-        if not isinstance(current, BaseException) or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _under(exc):
         if isinstance(current, socket.gaierror):
             return "name not resolved"
         if isinstance(current, OSError) and current.errno in _OS_CAUSES:
             return _OS_CAUSES[current.errno]
-        todo += [current.__cause__, current.__context__, getattr(current, "os_error", None),
-                 getattr(current, "reason", None), *current.args]
     return None
 
 
@@ -269,6 +261,14 @@ _OS_CAUSES = {errno.ECONNREFUSED: "connection refused", errno.ECONNRESET: "conne
 
 def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
     """The ``ssl`` error somewhere under a transport's exception, if any."""
+    for current in _under(exc):
+        if isinstance(current, ssl.SSLError) and type(current).__module__ == "ssl":
+            return current  # the ssl module's own error, not a transport's subclass of it
+    return None
+
+
+def _under(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps: causes, contexts, the transports' own fields, arguments."""
     seen: set[int] = set()
     todo: list[object] = [exc]
     while todo:
@@ -276,12 +276,10 @@ def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
         if not isinstance(current, BaseException) or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, ssl.SSLError) and type(current).__module__ == "ssl":
-            return current  # the ssl module's own error, not a transport's subclass of it
+        yield current
         todo += [current.__cause__, current.__context__, getattr(current, "reason", None),
                  getattr(current, "os_error", None), getattr(current, "certificate_error", None),
                  *current.args]
-    return None
 
 
 def _tls_reason(cause: ssl.SSLError | None, exc: BaseException) -> str:

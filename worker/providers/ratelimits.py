@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,10 @@ MAX_SECONDS = 3600.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _WINDOW = re.compile(r";\s*w\s*=\s*(\d+)")
+_ANY_OF_THEM = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
+                "anthropic-ratelimit-requests-limit", "anthropic-ratelimit-tokens-limit", "ratelimit-limit",
+                "ratelimit-remaining")
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,12 @@ def retry_after_ms(value: str | None) -> float | None:
     return None if number is None else _seconds(number / 1000)
 
 
-def parse_rate_headers(headers: Mapping[str, str], now: float) -> RateHeaders | None:
-    """The limits an answer's headers state (case-insensitive mapping), or ``None`` if none."""
+def parse_rate_headers(headers: Mapping[str, str], now: float | None = None) -> RateHeaders | None:
+    """The limits an answer's headers state (case-insensitive mapping), or ``None`` if none;
+    ``now``: epoch seconds, for Anthropic's resets (default: the clock)."""
+    if not any(name in headers for name in _ANY_OF_THEM):  # most answers: a few lookups, nothing built
+        return None
+    now = time.time() if now is None else now
     found = RateHeaders(
         _first(_openai(headers, "requests"), _anthropic(headers, "requests", now), _ietf(headers)),
         _first(_openai(headers, "tokens"), _anthropic(headers, "tokens", now)),
