@@ -67,7 +67,6 @@ class _Learned:
     token_scale: float = 1.0  # how much more a request costs than its estimate, after 429s for tokens
     remaining: float | None = None
     cut_at: float = 0.0
-    refused: int = 0
     started: int = 0
     answered: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -119,7 +118,6 @@ class ProviderPace:
                 learned.stated_tpm = limits.tokens.per_minute or 0.0
             learned.remaining = limits.requests.remaining
         if status == 429:
-            learned.refused += 1
             now = self.clock()
             if now - learned.cut_at >= CUT_INTERVAL:
                 if _tokens_spent(limits) and learned.stated_tpm:
