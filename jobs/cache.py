@@ -18,7 +18,6 @@ from .records import BatchOptions, ItemRequest, ItemResult, Status
 
 # an answer larger than this is not kept (its Redis cost would outweigh a saved call of its kind)
 MAX_ENTRY_BYTES = 256 * 1024
-DEFAULT_TTL = 7 * 24 * 3600
 
 
 def cache_key(options: BatchOptions, request: ItemRequest) -> str:

@@ -661,13 +661,15 @@ class BatchStore:
                             args=args, client=pipe)
 
     @translated
-    def keep_answer(self, options: BatchOptions, request: ItemRequest, result: ItemResult, ttl: int) -> bool:
-        """Keep an ``ok`` result in the cache for later batches that ask the same (jobs/cache.py)."""
-        text = cache_entry(result, options)
-        if text is None:
-            return False
-        self.redis.set(keys.cache(cache_key(options, request)), text, ex=max(1, ttl))
-        return True
+    def keep_answers(self, answers: Sequence[tuple[BatchOptions, ItemRequest, ItemResult]], ttl: int) -> None:
+        """Keep ``ok`` results in the cache for later batches that ask the same (jobs/cache.py), in
+        one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for options, request, result in answers:
+            text = cache_entry(result, options)
+            if text is not None:
+                pipe.set(keys.cache(cache_key(options, request)), text, ex=max(1, ttl))
+        pipe.execute()
 
     @translated
     def finished_since(self, batch_id: str, offset: int, limit: int = READ_CHUNK) -> list[int]:

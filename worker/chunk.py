@@ -259,8 +259,7 @@ async def _claimed(rt: Runtime, batch_id: str, seq: int, token: str, request: It
     if recorded is Recorded.LATE:
         return Done(LATE)
     if options.cache and recorded is Recorded.RECORDED and final.status is Status.OK:
-        await best_effort(f"{where}: keep the answer", lambda: rt.io.run(
-            rt.store.keep_answer, options, request, final, settings.cache_ttl))
+        await best_effort(f"{where}: keep the answer", lambda: rt.io.keep_answer((options, request, final)))
     return Done(final.status.value)
 
 

@@ -38,8 +38,8 @@ STORE_LOG_EVERY = 30.0
 ERROR_TEXT_LIMIT = 160
 # workers that must have seen the provider down for an item before its retries count as usual
 MAX_DOWN_SEEN = 3
-# 429s that say when to come back an item waits out before they count as attempts (a provider
-# that keeps refusing ends it all the same)
+# 429s an item waits out before they count as attempts (a provider that keeps refusing ends it
+# all the same)
 MAX_RATE_WAITS = 200
 # such a wait is stretched by up to this share, so that the refused do not come back at once
 RATE_WAIT_JITTER = 0.2
@@ -92,7 +92,7 @@ class ItemState:
     mismatches: int = 0
     # the workers that could not reach the provider for it (each hands it to another once)
     down: tuple[str, ...] = ()
-    # 429s that said when to come back, waited out (not attempts: see MAX_RATE_WAITS)
+    # 429s waited out (not attempts: see MAX_RATE_WAITS)
     waits: int = 0
 
     def to_kwargs(self) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def decide(request: ItemRequest, outcome: Attempt, state: ItemState, settings: S
         pause = error.retry_after
     cut = error is not None and error.kind == IncompleteReply.kind  # also a fallback's combined error
     refused = isinstance(error, ProviderHTTPError) and error.status == 429 and outcome.transient
-    wait = pause if pause is not None else backoff(state.waits + 1, settings, None)
+    wait = (pause if pause is not None else backoff(state.waits + 1, settings, None)) if refused else 0.0
     if refused and wait <= settings.backoff_cap and state.waits < MAX_RATE_WAITS:
         # rate limited: a wait (the provider's, else a backoff of its own), not a failed attempt; a
         # wait longer than the backoff's cap (a quota spent for the day) counts as one

@@ -208,7 +208,7 @@ class Runtime:
         runtime = cls(
             settings=settings, concurrency=concurrency, client=client, store=store,
             limiter=RateLimiter(client), publisher=publisher, loop=loop,
-            io=StoreIO(store, publisher, executor, loop, settings.lease),
+            io=StoreIO(store, publisher, executor, loop, settings.lease, settings.cache_ttl),
             calls=ProviderCalls(settings, concurrency, on_head=provider_pace.heard),
             slots=asyncio.Semaphore(concurrency), provider_pace=provider_pace,
             held_messages=held_messages, probe=probe, contact=Contact(settings.lease, time.monotonic()),

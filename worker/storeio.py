@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
 
 from jobs.queue import Publisher
-from jobs.records import ItemResult
+from jobs.records import BatchOptions, ItemRequest, ItemResult
 from jobs.store import BatchStore, Claim, Recorded, translated
 
 A = TypeVar("A")
@@ -83,8 +83,9 @@ class StoreIO:
     """The store as the event loop sees it: awaitable, coalesced, never blocking the loop."""
 
     def __init__(self, store: BatchStore, publisher: Publisher, executor: Executor,
-                 loop: asyncio.AbstractEventLoop, claim_ttl: float) -> None:
+                 loop: asyncio.AbstractEventLoop, claim_ttl: float, cache_ttl: int) -> None:
         self.store = store
+        self.cache_ttl = cache_ttl
         self.publisher = publisher
         self.executor = executor
         self.loop = loop
@@ -96,6 +97,9 @@ class StoreIO:
         self.note_error = Coalescer[tuple[str, str], None](self._notes, self._in_thread)
         self.publish_retry = Coalescer[tuple[str, int, dict[str, Any], float], None](self._retries,
                                                                                   self._in_thread)
+        # the ok answers of --cache batches, kept for later ones (jobs/cache.py)
+        self.keep_answer = Coalescer[tuple[BatchOptions, ItemRequest, ItemResult], None](self._answers,
+                                                                                      self._in_thread)
 
     def _in_thread(self, call: Callable[[], R]) -> asyncio.Future[R]:
         return self.loop.run_in_executor(self.executor, call)
@@ -139,6 +143,10 @@ class StoreIO:
 
     def _notes(self, args: list[tuple[str, str]]) -> list[None | BaseException]:
         self.store.note_attempt_errors(args)
+        return [None] * len(args)
+
+    def _answers(self, args: list[tuple[BatchOptions, ItemRequest, ItemResult]]) -> list[None | BaseException]:
+        self.store.keep_answers(args, self.cache_ttl)
         return [None] * len(args)
 
     def _retries(self, args: list[tuple[str, int, dict[str, Any], float]]) -> list[None | BaseException]:

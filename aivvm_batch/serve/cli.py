@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,7 @@ def _serve(host: str, port: int, provider: str, base_url: str | None, redis_url:
             from ..stub import StubServer
 
             stand_in = stack.enter_context(StubServer())
-            options = BatchOptions(provider=provider, base_url=stand_in.base_url
-                                   + ("/v1" if provider.startswith("openai") else ""), cache=cache)
+            options = replace(options, base_url=stand_in.base_url + ("/v1" if provider.startswith("openai") else ""))
         if redis_url is None:
             redis_url = _private(stack, state_dir, worker_count, concurrency, options.base_url)
         _run(_context(redis_url, options, keys, limits), host, port)
