@@ -203,7 +203,8 @@ def request_defaults_options(func: F) -> F:
 
 
 def open_store(redis_url: str) -> BatchStore:
-    from jobs.store import BatchStore, connect
+    from jobs.connection import connect
+    from jobs.store import BatchStore
 
     check_redis_url(redis_url)
     settings = Settings.from_env(redis_url=redis_url)

@@ -26,14 +26,16 @@ from typing import Any
 from jobs import keys
 from jobs.collect import views
 from jobs.config import Settings
+from jobs.connection import connect
 from jobs.errors import ConfigError
 from jobs.formats import ResultFormat, render
+from jobs.heartbeats import WorkerSeen
 from jobs.output import write_atomically
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.queue import configure
 from jobs.records import BatchInfo, BatchOptions, BatchState, RequestDefaults, Status
-from jobs.store import BatchStore, WorkerSeen, connect
+from jobs.store import BatchStore
 from jobs.submit import SubmitReport, new_batch_id, submit_file
 
 from .embedded import EmbeddedRedis

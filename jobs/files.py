@@ -20,9 +20,9 @@ from typing import Any
 
 import redis
 
+from .connection import translated
 from .errors import BatchError
 from .keys import file_data, file_meta, owner_files
-from .store import translated
 
 CHUNK_BYTES = 1024 * 1024
 PENDING_TTL = 3600

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .config import Settings
+from .connection import translated
 from .errors import BatchError, BatchNotFound, ConfigError, InvalidLine, StoreFull
+from .intake import ChunkEntry, ChunkOutcome, Reuse
 from .lines import lines_expected, numbered_lines, open_input, parse_data
 from .queue import Publisher, chunk_size
 from .records import BatchOptions, ItemRequest, ItemResult, RequestDefaults, invalid_result
-from .store import BatchStore, ChunkEntry, ChunkOutcome, Reuse, translated
+from .store import BatchStore
 
 CHUNK_LINES = 2000
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from aivvm_batch.embedded import EmbeddedRedis
 from aivvm_batch.serve import page
 from jobs import clock, keys
 from jobs.clock import SharedClock, offset_of
+from jobs.heartbeats import WorkerSeen
 from jobs.reconcile import renew_messages, restore_stale_messages
-from jobs.store import WorkerSeen
 from worker.runtime import FENCE_SHARE, WARN_SHARE, Contact
 from worker.sweeper import Outage
 

@@ -17,6 +17,10 @@ import redis
 from aivvm_batch.embedded import EmbeddedRedis
 
 from jobs import keys
+from jobs.claims import Claim, ClaimOutcome
+from jobs.heartbeats import worker_seen
+from jobs.intake import ChunkEntry, Reuse
+from jobs.recording import Recorded
 from jobs.records import (
     BatchOptions,
     BatchState,
@@ -27,7 +31,7 @@ from jobs.records import (
     Usage,
     invalid_result,
 )
-from jobs.store import BatchStore, ChunkEntry, Claim, ClaimOutcome, Recorded, Reuse, worker_seen
+from jobs.store import BatchStore
 
 
 
@@ -321,3 +325,4 @@ def test_heartbeats_are_aged_by_redis_s_clock(store: BatchStore) -> None:
     age = store.last_worker_age()
     assert age is not None and seen[0].age <= age < 5
     assert worker_seen("x", "garbage", 10.0).age == float("inf")
+

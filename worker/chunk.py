@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from jobs import clock
+from jobs.claims import Claim, ClaimOutcome
 from jobs.errors import StoreUnavailable
+from jobs.recording import Recorded
 from jobs.records import BatchOptions, ItemRequest, Status, Usage, budget_result, cancelled_result
-from jobs.store import Claim, ClaimOutcome, Recorded
 
 from .completion import Attempt, request_tokens, usage
 from .credit import Pace

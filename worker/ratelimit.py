@@ -19,7 +19,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from jobs import keys, scripts
-from jobs.store import is_out_of_memory
+from jobs.connection import is_out_of_memory
 
 from .errors import RateLimited
 

@@ -32,11 +32,13 @@ import redis
 from celery import Celery
 
 from jobs import clock
+from jobs.claims import ClaimOutcome
 from jobs.config import Settings
+from jobs.connection import WORKER_RETRIES, connect
 from jobs.errors import BatchError
 from jobs.queue import Publisher
 from jobs.reconcile import renew_messages
-from jobs.store import WORKER_RETRIES, BatchStore, ClaimOutcome, connect
+from jobs.store import BatchStore
 
 from .breaker import Breaker
 from .errors import Abandoned

@@ -18,9 +18,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
 
+from jobs.claims import Claim
+from jobs.connection import translated
 from jobs.queue import Publisher
+from jobs.recording import Recorded
 from jobs.records import BatchOptions, ItemRequest, ItemResult
-from jobs.store import BatchStore, Claim, Recorded, translated
+from jobs.store import BatchStore
 
 A = TypeVar("A")
 R = TypeVar("R")

@@ -20,13 +20,15 @@ import redis
 from celery import bootsteps
 
 from jobs import clock, keys
+from jobs.connection import connect, is_out_of_memory
 from jobs.errors import ConfigError, StoreFull, StoreUnavailable
+from jobs.heartbeats import WorkerSeen
 from jobs.queue import Publisher
 from jobs.config import Settings
 from jobs.queue import app as celery_app
 from jobs.reconcile import release_stalled, requeue_orphans, restore_stale_messages
 from jobs.records import BatchState
-from jobs.store import BatchStore, WorkerSeen, connect, is_out_of_memory
+from jobs.store import BatchStore
 
 from .credit import CREDIT
 from .runtime import Runtime, running

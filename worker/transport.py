@@ -33,7 +33,7 @@ from kombu.transport import virtual as kombu_virtual
 from redis.exceptions import ResponseError
 
 from jobs import clock, scripts
-from jobs.store import is_out_of_memory
+from jobs.connection import is_out_of_memory
 
 from .acks import Acknowledger
 from .credit import CREDIT, items_in

@@ -16,12 +16,13 @@ import click
 import redis
 
 from jobs.config import Settings
+from jobs.connection import connect
 from jobs.errors import ConfigError, StoreUnavailable
 from jobs.files import FileStore
 from jobs.queue import Publisher, configure
 from jobs.queue import app as celery_app
 from jobs.records import BatchOptions
-from jobs.store import BatchStore, connect
+from jobs.store import BatchStore
 
 from ..options import base_url_option, concurrency_option, env, handle_errors, interrupted, provider_option
 from .auth import is_loopback, load_keys

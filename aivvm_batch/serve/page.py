@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobs.heartbeats import WorkerSeen
 from jobs.records import BatchInfo, Status
-from jobs.store import WorkerSeen
 
 TOP_ERRORS = 5
 REFRESH_MS = 1000

@@ -20,10 +20,10 @@ from typing import Any
 
 import redis
 
+from jobs.connection import translated
 from jobs.files import BATCH_FILE_TTL
 from jobs.keys import API_ACTIVE, api_batch, api_idempotency, owner_batches
 from jobs.records import BatchInfo, BatchOptions, Status
-from jobs.store import translated
 
 from .errors import BadRequest, Conflict, NotFound
 
