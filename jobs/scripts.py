@@ -193,7 +193,8 @@ return 1
 """
 
 # KEYS: claim_1..claim_n ; ARGV: ttl_ms token_1..token_n
-# -> per claim 1 if it is still that token's and was extended (PEXPIRE works in a full Redis)
+# -> per claim 1 if it is still that token's and was extended (PEXPIRE works in a full Redis);
+# also renews serve's one-key lease of a batch (aivvm_batch/serve/lease.py)
 TOUCH = """
 local ttl_ms = ARGV[1]
 local kept = {}
@@ -204,7 +205,8 @@ end
 return kept
 """
 
-# KEYS: claim_1..claim_n ; ARGV: token_1..token_n -> how many were released (only a holder's own)
+# KEYS: claim_1..claim_n ; ARGV: token_1..token_n -> how many were released (only a holder's own);
+# also releases serve's one-key lease of a batch (aivvm_batch/serve/lease.py)
 RELEASE = """
 local released = 0
 for i, claim in ipairs(KEYS) do

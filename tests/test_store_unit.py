@@ -326,3 +326,21 @@ def test_heartbeats_are_aged_by_redis_s_clock(store: BatchStore) -> None:
     assert age is not None and seen[0].age <= age < 5
     assert worker_seen("x", "garbage", 10.0).age == float("inf")
 
+
+def test_serve_s_lease_is_held_by_one_renewed_and_released_only_by_its_holder(store: BatchStore) -> None:
+    import time
+
+    from aivvm_batch.serve.lease import Lease
+
+    client = store.redis
+    with Lease(client, "lease:a", ttl_seconds=1.0) as held:
+        assert held
+        with Lease(client, "lease:a") as other:
+            assert not other
+        time.sleep(1.5)  # past its TTL: renewed meanwhile
+        assert client.get("lease:a") is not None
+    assert not client.exists("lease:a")
+    with Lease(client, "lease:b") as held:
+        assert held
+        client.set("lease:b", "another holder")
+    assert client.get("lease:b") == b"another holder"

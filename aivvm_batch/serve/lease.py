@@ -8,14 +8,7 @@ from types import TracebackType
 
 import redis
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
+from jobs import scripts
 
 
 class Lease:
@@ -26,6 +19,9 @@ class Lease:
         self.key = key
         self.ttl_ms = int(ttl_seconds * 1000)
         self.token = uuid.uuid4().hex
+        # an item's claim and this lease are alike: a key holding its holder's token, with a TTL
+        self._renew_script = client.register_script(scripts.TOUCH)
+        self._release_script = client.register_script(scripts.RELEASE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -39,7 +35,7 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_ms / 3000):
             try:
-                if not self.redis.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
+                if not self._renew_script(keys=[self.key], args=[self.ttl_ms, self.token])[0]:
                     return
             except redis.RedisError:
                 continue
@@ -51,6 +47,6 @@ class Lease:
         self._stop.set()
         self._thread.join()
         try:
-            self.redis.eval(_RELEASE, 1, self.key, self.token)
+            self._release_script(keys=[self.key], args=[self.token])
         except redis.RedisError:
             pass
