@@ -30,7 +30,7 @@ class WaitTimeout(BatchError):
 
 
 class BatchNotFound(BatchError):
-    """``hint`` says why the Redis may have lost the batch (see ``BatchStore._data_loss_hint``)."""
+    """``hint`` says why the Redis may have lost the batch (see ``jobs.redis_health.RedisHealth.data_loss_hint``)."""
 
     def __init__(self, batch_id: str, hint: str = "") -> None:
         message = (f"batch {batch_id!r} not found: it never existed on this Redis, "

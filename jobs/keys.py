@@ -1,7 +1,7 @@
 """Every Redis key the project writes, in one place.
 
 Per-batch keys share the hash tag ``{batch_id}`` so they live in one cluster slot,
-which the Lua scripts of :mod:`jobs.store` rely on.
+which the Lua scripts of :mod:`jobs.scripts` rely on.
 """
 
 from __future__ import annotations
