@@ -10,7 +10,6 @@ from collections.abc import Iterator, MutableMapping
 
 import click
 
-from jobs import keys
 from jobs.config import Settings
 from jobs.errors import StoreUnavailable
 from jobs.records import Status
