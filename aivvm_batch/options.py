@@ -161,6 +161,8 @@ format_option = click.option(
     "--format", "fmt", envvar=env("FORMAT"), show_envvar=True,
     type=click.Choice([f.value for f in ResultFormat]), default=ResultFormat.NATIVE.value,
     show_default=True, help="native result lines, or OpenAI's Batch output form.")
+# one worker process's requests in flight (``worker``, ``serve``); run's --concurrency is a total
+# shared by its processes (``total_concurrency``)
 concurrency_option = click.option(
     "--concurrency", envvar=env("CONCURRENCY"), show_envvar=True, type=click.IntRange(min=1),
     default=128, show_default=True, help="Requests in flight per worker process.")
