@@ -14,7 +14,7 @@ from jobs.config import Settings
 from jobs.errors import StoreUnavailable
 from jobs.records import Status
 
-from .imports import imported
+from .deferred_imports import imported
 from .options import concurrency_option, counted, env, fail, handle_errors, open_store, redis_url_option
 
 

@@ -11,7 +11,7 @@ from jobs.formats import ResultFormat
 from jobs.records import BatchOptions, RequestDefaults, Status
 
 from .batch_status import budget_text
-from .imports import without_collector
+from .deferred_imports import without_collector
 from .options import (
     base_url_option,
     cache_option,

@@ -34,13 +34,13 @@ from jobs.records import BatchInfo, BatchOptions, BatchState, Status
 from jobs.store import BatchStore, connect
 from jobs.submit import SubmitReport, new_batch_id, submit_file
 
-from .embedded import EmbeddedRedis
+from .failure_signs import attempts_warning, systematic_failure
 from .options import counted, masked_url
 from .plan import RunPlan
 from .preflight import Checked, preflight, prune_spool
+from .private_redis import EmbeddedRedis
 from .progress import Progress, summary
 from .signals import Interrupts
-from .watch import attempts_warning, systematic_failure
 from .workers import WorkerProcesses, trusting
 
 POLL_SECONDS = 0.05  # the end of a batch is seen at once; a view costs one pipelined read
@@ -64,8 +64,8 @@ class Interrupted(Exception):
 
 
 @dataclass
-class _Watch:
-    """What the watch loop knows, kept where an abandoning Ctrl-C can still read it."""
+class _Supervision:
+    """What :func:`_supervise` knows, kept where an abandoning Ctrl-C can still read it."""
 
     info: BatchInfo | None = None
     stopped: str | None = None
@@ -81,7 +81,7 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts, workers: Work
     Redis (:meth:`WorkerProcesses.prestart`); once they work they are stopped before Redis, on
     every way out; before that, stopping them is the caller's.
     """
-    state = _Watch()
+    state = _Supervision()
     with ExitStack() as stack:
         try:
             checked = preflight(plan, progress)
@@ -115,7 +115,7 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts, workers: Work
             info = store.info(report.batch_id)
             if not info.finished:
                 try:
-                    info = _watch(store, report.batch_id, workers, progress, interrupts, state)
+                    info = _supervise(store, report.batch_id, workers, progress, interrupts, state)
                 finally:
                     progress.close()
             if info.finished:
@@ -199,8 +199,8 @@ def resume_message(earlier: BatchInfo, report: SubmitReport, options: BatchOptio
     return f"resuming batch {earlier.id}: {report.kept} of {valid} results kept, {detail}"
 
 
-def _watch(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress: Progress,
-           interrupts: Interrupts, state: _Watch) -> BatchInfo:
+def _supervise(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress: Progress,
+               interrupts: Interrupts, state: _Supervision) -> BatchInfo:
     """Show progress until the batch finishes; stop taking items on Ctrl-C or a systematic failure."""
     for info in views(store, batch_id, POLL_SECONDS, RECONNECT_SECONDS):
         state.info = info

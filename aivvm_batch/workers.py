@@ -198,7 +198,7 @@ class WorkerProcesses:
         try:
             self._forker.stdin.write(json.dumps(order).encode() + b"\n")
             self._forker.stdin.close()
-        except OSError:  # it died meanwhile: no worker is adopted, and the watch says so
+        except OSError:  # it died meanwhile: no worker is adopted, and run says so
             pass
         return self
 
