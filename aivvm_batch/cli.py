@@ -10,12 +10,11 @@ from collections.abc import Iterator, MutableMapping
 
 import click
 
-from jobs import keys
 from jobs.config import Settings
 from jobs.errors import StoreUnavailable
 from jobs.records import Status
 
-from .imports import imported
+from .deferred_imports import imported
 from .options import concurrency_option, counted, env, fail, handle_errors, open_store, redis_url_option
 
 
@@ -124,7 +123,7 @@ def worker(redis_url: str, concurrency: int, pool: str, loglevel: str, name: str
 @handle_errors
 def status(batch_id: str, redis_url: str, as_json: bool) -> None:
     """Print a batch's counts by status and its progress."""
-    from . import runner
+    from .batch_status import WORKERS_SHOWN, info_dict, info_table, worker_dict, worker_lines
 
     store = open_store(redis_url)
     info = store.info(batch_id)
@@ -133,17 +132,17 @@ def status(batch_id: str, redis_url: str, as_json: bool) -> None:
     top = info.top_error
     if as_json:
         click.echo(json.dumps({
-            **runner.info_dict(info),
+            **info_dict(info),
             "top_error": {"error": top[0], "count": top[1]} if top else None,
             "redis_memory": {"used_memory": memory.used, "maxmemory": memory.maxmemory,
                              "maxmemory_policy": memory.policy, "full": memory.full},
-            "workers": [runner.worker_dict(w) for w in seen[:runner.WORKERS_SHOWN]],
+            "workers": [worker_dict(w) for w in seen[:WORKERS_SHOWN]],
         }))
         return
-    click.echo(runner.info_table(info))
+    click.echo(info_table(info))
     if top:
         click.echo(f"most frequent error ({top[1]} attempts): {top[0]}")
-    for line in runner.worker_lines(seen):
+    for line in worker_lines(seen):
         click.echo(line)
     if memory.full:
         click.echo(f"Redis is full: {memory.describe()}; workers hold their replies and wait "
@@ -195,12 +194,12 @@ def retry(batch_id: str, status_: str, redis_url: str) -> None:
 @handle_errors
 def batches(redis_url: str, as_json: bool) -> None:
     """List the batches on this Redis, newest first."""
-    from . import runner
+    from .batch_status import info_dict
     from .progress import summary
 
     for info in open_store(redis_url).list_batches():
         if as_json:
-            click.echo(json.dumps(runner.info_dict(info)))
+            click.echo(json.dumps(info_dict(info)))
         else:
             click.echo(f"{info.id}  {info.state.value:<10}  {summary(info)}  {info.source}")
 

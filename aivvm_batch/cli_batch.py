@@ -169,7 +169,7 @@ def collect(batch_id: str, output: Path, wait: bool, follow: bool, timeout: floa
     Nothing is written or truncated until the batch is found and OUTPUT is known
     to be writable. Progress and the summary go to stderr.
     """
-    from jobs.collect import Watch, follow_results, wait_until_finished, write_results
+    from jobs.collect import WaitGuard, follow_results, wait_until_finished, write_results
     from jobs.formats import ResultFormat
     from jobs.output import check_output, is_stdio, open_output
 
@@ -181,20 +181,20 @@ def collect(batch_id: str, output: Path, wait: bool, follow: bool, timeout: floa
         store.info(batch_id)
         check_output(output)
         progress = Progress()  # the idle warning goes through it: never into the middle of its bar
-        watch = Watch(store, timeout=timeout, idle_warning=idle_warning or None,
+        guard = WaitGuard(store, timeout=timeout, idle_warning=idle_warning or None,
                       on_idle=lambda message: progress.note(f"aivvm-batch: {message}"))
         if follow:
             try:
                 with open_output(output) as out:
                     info = follow_results(store, batch_id, out, ResultFormat(fmt), progress.update,
-                                          watch=watch)
+                                          guard=guard)
             finally:
                 progress.close()
             click.echo(f"{name}: {summary(info)} (completion order)", err=True)
             exit_for(info)
         if wait:
             try:
-                wait_until_finished(store, batch_id, progress.update, watch=watch)
+                wait_until_finished(store, batch_id, progress.update, guard=guard)
             finally:
                 progress.close()
         info = write_results(store, batch_id, output, ResultFormat(fmt))

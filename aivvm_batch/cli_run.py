@@ -10,7 +10,8 @@ import click
 from jobs.formats import ResultFormat
 from jobs.records import BatchOptions, RequestDefaults, Status
 
-from .imports import without_collector
+from .batch_status import budget_text
+from .deferred_imports import without_collector
 from .options import (
     base_url_option,
     cache_option,
@@ -27,10 +28,10 @@ from .options import (
     rpm_option,
     tpm_option,
 )
+from .plan import RunPlan
 from .signals import Interrupts
 from .streams import unbroken_stderr
-from .watch import default_workers, split_concurrency
-from .workers import WorkerProcesses
+from .workers import WorkerProcesses, default_workers, split_concurrency
 
 if TYPE_CHECKING:
     from jobs.records import BatchInfo
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
               help="Results file; - writes them to standard output.")
 @provider_option
 @base_url_option
-@click.option("--concurrency", envvar=env("CONCURRENCY"), show_envvar=True, type=click.IntRange(min=1),
-              default=128, show_default=True,
+@click.option("--concurrency", "total_concurrency", envvar=env("CONCURRENCY"), show_envvar=True,
+              type=click.IntRange(min=1), default=128, show_default=True,
               help="Requests in flight in all, shared by the worker processes.")
 @click.option("--workers", "worker_count", envvar=env("WORKERS"), show_envvar=True,
               type=click.IntRange(min=1), default=None, show_default="one per core",
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
 @click.option("--dry-run", is_flag=True, envvar=env("DRY_RUN"), show_envvar=True,
               help="Check every line and report, as `validate` does: nothing runs, no Redis or worker starts.")
 @handle_errors
-def run(file: str, output: str, provider: str, base_url: str | None, concurrency: int,
+def run(file: str, output: str, provider: str, base_url: str | None, total_concurrency: int,
         worker_count: int | None, fresh: bool, redis_url: str | None, state_dir: Path, stub: bool,
         rpm: int | None, tpm: int | None, cache: bool, max_tokens_total: int | None, max_requests: int | None,
         fmt: str, defaults: RequestDefaults, dry_run: bool) -> None:
@@ -89,7 +90,7 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
     worker_count = worker_count or default_workers()
     with Interrupts() as interrupts:
         # the workers import theirs while this process imports the rest of run and checks its input
-        workers = _prestarted(split_concurrency(concurrency, worker_count), state_dir)
+        workers = _prestarted(split_concurrency(total_concurrency, worker_count), state_dir)
         try:
             with without_collector():
                 from . import runner
@@ -97,8 +98,8 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
 
             options = BatchOptions(provider=provider, base_url=base_url, rpm=rpm, tpm=tpm, cache=cache,
                                    max_tokens_total=max_tokens_total, max_requests=max_requests)
-            plan = runner.RunPlan(file=file, output=output, options=options, defaults=defaults, redis_url=redis_url,
-                                  state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
+            plan = RunPlan(file=file, output=output, options=options, defaults=defaults, redis_url=redis_url,
+                           state_dir=state_dir, use_stub=stub, fmt=ResultFormat(fmt), fresh=fresh)
             try:
                 result = runner.run(plan, Progress(), interrupts, workers)
             except runner.Interrupted as stop:
@@ -109,7 +110,7 @@ def run(file: str, output: str, provider: str, base_url: str | None, concurrency
             workers.kill()  # run stops them on every path it reaches; these are the others
     click.echo(f"results: {'standard output' if output == '-' else output}", err=True)
     click.echo(f"summary: {summary(result.info)}", err=True)
-    budget = runner.budget_text(result.info)
+    budget = budget_text(result.info)
     if budget:
         click.echo(f"budget spent: {budget}", err=True)
     if result.stopped:

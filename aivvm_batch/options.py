@@ -13,9 +13,8 @@ import click
 
 from jobs.config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
 from jobs.errors import BatchError, ConfigError
-from jobs.records import MAX_PRIORITY
 from jobs.formats import ResultFormat
-from jobs.records import BatchInfo, RequestDefaults, Status
+from jobs.records import MAX_PRIORITY, BatchInfo, RequestDefaults, Status
 
 if TYPE_CHECKING:
     from jobs.store import BatchStore
@@ -121,8 +120,8 @@ def parse_providers(value: str) -> str:
 
 
 def _providers_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    # the default is a provider (tests/test_submit_cli.py): it needs no look-up in the
-    # registry, whose import (the workers' HTTP code) would cost every submit
+    # the default is a provider: it needs no look-up in the registry, whose import (the
+    # workers' HTTP code) would cost every submit
     return value if value == DEFAULT_PROVIDER else parse_providers(value)
 
 
@@ -162,6 +161,8 @@ format_option = click.option(
     "--format", "fmt", envvar=env("FORMAT"), show_envvar=True,
     type=click.Choice([f.value for f in ResultFormat]), default=ResultFormat.NATIVE.value,
     show_default=True, help="native result lines, or OpenAI's Batch output form.")
+# one worker process's requests in flight (``worker``, ``serve``); run's --concurrency is a total
+# shared by its processes (``total_concurrency``)
 concurrency_option = click.option(
     "--concurrency", envvar=env("CONCURRENCY"), show_envvar=True, type=click.IntRange(min=1),
     default=128, show_default=True, help="Requests in flight per worker process.")
@@ -209,11 +210,6 @@ def open_store(redis_url: str) -> BatchStore:
     check_redis_url(redis_url)
     settings = Settings.from_env(redis_url=redis_url)
     return BatchStore(connect(redis_url, connect_timeout=5), settings.result_ttl)
-
-
-def interrupt(signum: int, frame: object) -> NoReturn:
-    """SIGTERM stops `run` the way Ctrl-C does: cleanly, resumable."""
-    raise KeyboardInterrupt
 
 
 def exit_for(info: BatchInfo) -> NoReturn:

@@ -13,7 +13,6 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from jobs.config import Settings
 from jobs.errors import ConfigError
@@ -24,10 +23,8 @@ from worker.providers import PROVIDERS
 from worker.providers.checks import check_base_url
 
 from .options import check_redis_url
+from .plan import RunPlan
 from .progress import Progress
-
-if TYPE_CHECKING:
-    from .runner import RunPlan
 
 
 @dataclass(frozen=True)

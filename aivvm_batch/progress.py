@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from jobs.records import BatchInfo, Status
 
-from .watch import error_brief
+from .failure_signs import error_brief
 
 PLAIN_INTERVAL_SECONDS = 5.0
 

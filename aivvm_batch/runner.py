@@ -15,13 +15,11 @@ import dataclasses
 import fcntl
 import math
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
 
 from jobs import keys
 from jobs.collect import views
@@ -34,33 +32,21 @@ from jobs.output import write_atomically
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.queue import configure
-from jobs.records import BatchInfo, BatchOptions, BatchState, RequestDefaults, Status
+from jobs.records import BatchInfo, BatchOptions, BatchState, Status
 from jobs.store import BatchStore
 from jobs.submit import SubmitReport, new_batch_id, submit_file
 
-from .embedded import EmbeddedRedis
+from .failure_signs import attempts_warning, systematic_failure
 from .options import counted, masked_url
+from .plan import RunPlan
 from .preflight import Checked, preflight, prune_spool
+from .private_redis import EmbeddedRedis
 from .progress import Progress, summary
 from .signals import Interrupts
-from .watch import attempts_warning, systematic_failure
 from .workers import WorkerProcesses, trusting
 
 POLL_SECONDS = 0.05  # the end of a batch is seen at once; a view costs one pipelined read
 RECONNECT_SECONDS = 120.0
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    file: str
-    output: str
-    options: BatchOptions
-    defaults: RequestDefaults = RequestDefaults()
-    redis_url: str | None = None
-    state_dir: Path = Path(".aivvm-batch")
-    use_stub: bool = False
-    fmt: ResultFormat = ResultFormat.NATIVE
-    fresh: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,8 +66,8 @@ class Interrupted(Exception):
 
 
 @dataclass
-class _Watch:
-    """What the watch loop knows, kept where an abandoning Ctrl-C can still read it."""
+class _Supervision:
+    """What :func:`_supervise` knows, kept where an abandoning Ctrl-C can still read it."""
 
     info: BatchInfo | None = None
     stopped: str | None = None
@@ -97,7 +83,7 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts, workers: Work
     Redis (:meth:`WorkerProcesses.prestart`); once they work they are stopped before Redis, on
     every way out; before that, stopping them is the caller's.
     """
-    state = _Watch()
+    state = _Supervision()
     with ExitStack() as stack:
         try:
             checked = preflight(plan, progress)
@@ -131,7 +117,7 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts, workers: Work
             info = store.info(report.batch_id)
             if not info.finished:
                 try:
-                    info = _watch(store, report.batch_id, workers, progress, interrupts, state)
+                    info = _supervise(store, report.batch_id, workers, progress, interrupts, state)
                 finally:
                     progress.close()
             if info.finished:
@@ -215,8 +201,8 @@ def resume_message(earlier: BatchInfo, report: SubmitReport, options: BatchOptio
     return f"resuming batch {earlier.id}: {report.kept} of {valid} results kept, {detail}"
 
 
-def _watch(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress: Progress,
-           interrupts: Interrupts, state: _Watch) -> BatchInfo:
+def _supervise(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress: Progress,
+               interrupts: Interrupts, state: _Supervision) -> BatchInfo:
     """Show progress until the batch finishes; stop taking items on Ctrl-C or a systematic failure."""
     for info in views(store, batch_id, POLL_SECONDS, RECONNECT_SECONDS):
         state.info = info
@@ -350,83 +336,3 @@ class _state_lock:
 
     def __exit__(self, *exc: object) -> None:
         self.file.close()
-
-
-def info_dict(info: BatchInfo) -> dict[str, Any]:
-    return {
-        "id": info.id,
-        "state": info.state.value,
-        "source": info.source,
-        "created": info.created,
-        "provider": info.options.provider,
-        "base_url": info.options.base_url,
-        "total": info.total,
-        "done": info.done,
-        "counts": {s.value: info.counts.get(s.value, 0) for s in Status},
-        "usage": {
-            "prompt_tokens": info.usage.get("prompt_tokens", 0),
-            "completion_tokens": info.usage.get("completion_tokens", 0),
-            "items_estimated": info.usage.get("estimated", 0),
-            "late_calls": info.usage.get("late_calls", 0),
-            "requests_started": info.usage.get("started", 0),
-        },
-        "budget": {"max_tokens_total": info.options.max_tokens_total, "max_requests": info.options.max_requests},
-    }
-
-
-def budget_text(info: BatchInfo) -> str | None:
-    """``"1,204 of 5,000 tokens, 37 of 100 requests"``: what the batch paid of its budget."""
-    options, usage = info.options, info.usage
-    parts = []
-    if options.max_tokens_total is not None:
-        spent = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
-        parts.append(f"{spent:,} of {options.max_tokens_total:,} tokens")
-    if options.max_requests is not None:
-        parts.append(f"{usage.get('started', 0):,} of {options.max_requests:,} requests")
-    return ", ".join(parts) or None
-
-
-WORKERS_SHOWN = 20
-
-
-def worker_dict(seen: WorkerSeen) -> dict[str, Any]:
-    return {"name": seen.name, "last_seen_seconds": round(seen.age, 1), "claims_held": seen.held,
-            "note": seen.note or None, "missing": seen.missing}
-
-
-def worker_lines(seen: list[WorkerSeen]) -> list[str]:
-    """The workers as ``status`` shows them: when each was last seen, what it holds, its note."""
-    if not seen:
-        return ["workers: none has ever been seen on this Redis: start one with aivvm-batch worker"]
-    lines = ["workers:"]
-    for worker in seen[:WORKERS_SHOWN]:
-        age = "never" if worker.age == float("inf") else f"{worker.age:.0f} s ago"
-        state = "MISSING, " if worker.missing else ""
-        line = f"  {worker.name}: {state}seen {age}, {worker.held} items in hand"
-        lines.append(line + (f"; {worker.note}" if worker.note else ""))
-    if len(seen) > WORKERS_SHOWN:
-        lines.append(f"  ... and {len(seen) - WORKERS_SHOWN} more")
-    return lines
-
-
-def info_table(info: BatchInfo) -> str:
-    total = info.total
-    percent = f"{100 * info.done / total:.1f}%" if total else "-"
-    rows = [("batch", info.id), ("state", info.state.value), ("source", info.source),
-            ("provider", info.options.provider), ("created", time.strftime(
-                "%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
-            ("progress", f"{info.done}/{total if total is not None else '?'} ({percent})")]
-    rows += [(s.value, str(info.counts.get(s.value, 0))) for s in Status]
-    estimated = info.usage.get("estimated", 0)
-    rows += [("prompt tokens", str(info.usage.get("prompt_tokens", 0))),
-             ("completion tokens", str(info.usage.get("completion_tokens", 0))
-              + (f" ({estimated} items estimated)" if estimated else ""))]
-    budget = budget_text(info)
-    if budget:
-        rows.append(("budget spent", budget))
-    late = info.usage.get("late_calls", 0)
-    if late:
-        rows.append(("calls paid twice", f"{late} (a worker's claim lapsed; counted in the tokens above "
-                                          "and in the items' attempts)"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -58,6 +58,23 @@ def worker_argv(concurrency: int, *, pool: str = "threads", loglevel: str = "INF
             *([f"--hostname={name}"] if name else [])]
 
 
+def split_concurrency(total: int, workers: int) -> list[int]:
+    """``total`` requests in flight shared by at most ``workers`` processes, summing to ``total``.
+
+    A worker gets at least one slot, so there are never more workers than slots.
+    """
+    if total < 1 or workers < 1:
+        raise ValueError("concurrency and workers must be at least 1")
+    count = min(total, workers)
+    base, extra = divmod(total, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+def default_workers() -> int:
+    """One worker process per core."""
+    return max(1, os.cpu_count() or 1)
+
+
 def trusting(base_url: str | None) -> dict[str, str]:
     """Environment for workers started by the owner of the keys (``run``, a private ``serve``):
     their own ``--base-url`` may receive the keys, as if it were in AIVVM_BATCH_ALLOWED_BASE_URLS."""
@@ -181,7 +198,7 @@ class WorkerProcesses:
         try:
             self._forker.stdin.write(json.dumps(order).encode() + b"\n")
             self._forker.stdin.close()
-        except OSError:  # it died meanwhile: no worker is adopted, and the watch says so
+        except OSError:  # it died meanwhile: no worker is adopted, and run says so
             pass
         return self
 

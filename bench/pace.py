@@ -28,7 +28,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aivvm_batch.embedded import free_port  # noqa: E402
+from aivvm_batch.private_redis import free_port  # noqa: E402
 from bench.run import clean_env, cli_args, end, stub_reset, stub_stats, write_prompts  # noqa: E402
 from bench.serve_bench import wait_until_healthy  # noqa: E402
 

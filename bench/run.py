@@ -47,7 +47,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aivvm_batch.embedded import EmbeddedRedis, free_port  # noqa: E402
+from aivvm_batch.private_redis import EmbeddedRedis, free_port  # noqa: E402
 from bench.serve_bench import wait_until_healthy  # noqa: E402
 
 ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "embeddings", "tools", "memory", "submit", "collect",

@@ -26,7 +26,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aivvm_batch.embedded import free_port  # noqa: E402
+from aivvm_batch.private_redis import free_port  # noqa: E402
 
 KEY = "sk-bench"
 TERMINAL = ("completed", "failed", "expired", "cancelled")

@@ -19,7 +19,7 @@ DEFAULT_IDLE_WARNING_SECONDS = 60.0
 
 
 @dataclass
-class Watch:
+class WaitGuard:
     """Ends a wait after ``timeout`` seconds, and says once when no worker seems to be working.
 
     ``on_idle`` gets one line when the batch has not progressed for ``idle_warning``
@@ -52,7 +52,6 @@ class Watch:
         self.on_idle(f"no worker has taken an item for {self.idle_warning:g} s: "
                       "start one with aivvm-batch worker")
 
-
     def check_deadline(self, batch_id: str, state: str) -> None:
         if self.timeout is not None and time.monotonic() - self._started >= self.timeout:
             raise WaitTimeout(f"batch {batch_id} did not finish within {self.timeout:g} s "
@@ -65,19 +64,19 @@ def _total(info: BatchInfo) -> str:
 
 def wait_until_finished(store: BatchStore, batch_id: str, on_progress: ProgressCallback | None = None,
                         poll_seconds: float = 0.5, reconnect_seconds: float = 120.0,
-                        watch: Watch | None = None) -> BatchInfo:
+                        guard: WaitGuard | None = None) -> BatchInfo:
     """Poll the batch's counters until every item has a final result.
 
     A Redis that goes away while we wait (a restart) is waited for, up to
-    ``reconnect_seconds``; then :class:`StoreUnavailable` is raised. ``watch``
+    ``reconnect_seconds``; then :class:`StoreUnavailable` is raised. ``guard``
     may end the wait (:class:`WaitTimeout`) and warns when no worker is working.
     """
     def unreachable() -> None:
-        if watch is not None:
-            watch.check_deadline(batch_id, "Redis is unreachable")
+        if guard is not None:
+            guard.check_deadline(batch_id, "Redis is unreachable")
 
     for info in views(store, batch_id, poll_seconds, reconnect_seconds,
-                      observe=watch.observe if watch is not None else None, on_unreachable=unreachable):
+                      observe=guard.observe if guard is not None else None, on_unreachable=unreachable):
         if on_progress is not None:
             on_progress(info)
         if info.finished:
@@ -139,7 +138,7 @@ def _lines(store: BatchStore, info: BatchInfo, fmt: ResultFormat) -> Iterator[by
 
 def follow_results(store: BatchStore, batch_id: str, out: BinaryIO,
                    fmt: ResultFormat = ResultFormat.NATIVE, on_progress: ProgressCallback | None = None,
-                   poll_seconds: float = 0.5, watch: Watch | None = None) -> BatchInfo:
+                   poll_seconds: float = 0.5, guard: WaitGuard | None = None) -> BatchInfo:
     """Write results as they are recorded (completion order), until the batch finishes.
 
     An item run again by ``retry`` is written again when its new result arrives.
@@ -157,6 +156,6 @@ def follow_results(store: BatchStore, batch_id: str, out: BinaryIO,
             out.flush()
         if info.finished:
             return info
-        if watch is not None:
-            watch.observe(info)
+        if guard is not None:
+            guard.observe(info)
         time.sleep(poll_seconds)

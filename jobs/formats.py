@@ -1,4 +1,4 @@
-"""Result line formats: ours (DESIGN.md), and OpenAI's Batch output form.
+"""Result line formats: ours (README.md's Results), and OpenAI's Batch output form.
 
 The OpenAI form follows the per-line object of OpenAI's batch output and error
 files (``BatchRequestOutput``): ``{id, custom_id, response, error}``. A request

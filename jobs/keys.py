@@ -29,7 +29,7 @@ def meta(batch_id: str) -> str:
 
 
 def held(batch_id: str) -> str:
-    """List: the batch's messages not yet on the queue (its window: :mod:`jobs.window`)."""
+    """List: the batch's messages not yet on the queue (the window of :mod:`jobs.queue`)."""
     return f"{PREFIX}:{{{batch_id}}}:held"
 
 

@@ -1,6 +1,6 @@
 """Reading the input file and turning each line into an :class:`ItemRequest`.
 
-Both line forms of DESIGN.md are accepted, mixed freely. Parsing is pure: a bad
+Both line forms of README.md's Input are accepted, mixed freely. Parsing is pure: a bad
 line raises :class:`InvalidLine` with a message naming the line and the field.
 A line without an id gets ``line-N`` (its line number), a form no given id is
 expected to take, so it cannot collide with an id such as ``"3"`` given elsewhere.

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from aivvm_batch.embedded import free_port
+from aivvm_batch.private_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ("completed", "failed", "expired", "cancelled")

@@ -54,7 +54,7 @@ def test_a_token_budget_counts_what_the_provider_said_it_charged(tmp_path: Path)
 
 
 def test_status_says_what_was_spent_of_the_budget() -> None:
-    from aivvm_batch.runner import budget_text, info_dict
+    from aivvm_batch.batch_status import budget_text, info_dict
     from jobs.records import BatchInfo, BatchOptions, BatchState
 
     info = BatchInfo("b1", "in.jsonl", 0.0, BatchState.RUNNING, BatchOptions(max_tokens_total=5000, max_requests=100),

@@ -198,7 +198,7 @@ def aivvm_batch(*args: str, env: dict[str, str] | None = None, timeout: float = 
 @pytest.fixture
 def lonely_redis(tmp_path: Path) -> Iterator[str]:
     """A private Redis that no worker serves."""
-    from aivvm_batch.embedded import EmbeddedRedis
+    from aivvm_batch.private_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "lonely-redis", persistent=False).start()
     yield server.url

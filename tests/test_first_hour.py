@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from aivvm_batch.failure_signs import attempts_warning
 from aivvm_batch.options import counted
 from aivvm_batch.progress import Progress
-from aivvm_batch.watch import attempts_warning
 from jobs.records import BatchInfo, BatchOptions, BatchState
 from tests.test_run import ENV, ROOT, prompts, results, run
 from worker.item import error_text, shortened

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from aivvm_batch.embedded import EmbeddedRedis
+from aivvm_batch.private_redis import EmbeddedRedis
 from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
 from jobs import keys

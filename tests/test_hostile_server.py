@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import pytest
 import redis
 
-from aivvm_batch.embedded import EmbeddedRedis
+from aivvm_batch.private_redis import EmbeddedRedis
 from aivvm_batch.workers import WorkerProcesses
 from jobs.config import Settings
 from jobs.queue import Publisher, configure

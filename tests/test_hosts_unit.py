@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from aivvm_batch.embedded import EmbeddedRedis
+from aivvm_batch.private_redis import EmbeddedRedis
 from aivvm_batch.serve import page
 from jobs import clock, keys
 from jobs.clock import SharedClock, offset_of

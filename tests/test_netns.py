@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from aivvm_batch.embedded import redis_server_binary
+from aivvm_batch.private_redis import redis_server_binary
 from aivvm_batch.workers import REDIS_URL_VARIABLE, worker_argv
 from jobs.config import Settings
 from jobs.queue import Publisher, celery_settings, configure

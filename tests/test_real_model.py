@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import requests
 
-from aivvm_batch.embedded import free_port
+from aivvm_batch.private_redis import free_port
 
 from .breadth_checks import (
     answered_directly,

@@ -23,7 +23,7 @@ from openai import OpenAI
 from openai.types import Batch
 from openai.types.chat import ChatCompletion
 
-from aivvm_batch.embedded import free_port
+from aivvm_batch.private_redis import free_port
 
 from .serve_helpers import serving, write_jsonl
 

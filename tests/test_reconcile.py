@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from aivvm_batch.embedded import EmbeddedRedis
+from aivvm_batch.private_redis import EmbeddedRedis
 from jobs import keys
 from jobs.config import Settings
 from jobs.queue import Publisher, configure, message_items

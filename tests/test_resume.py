@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from aivvm_batch.embedded import EmbeddedRedis
+from aivvm_batch.private_redis import EmbeddedRedis
 from aivvm_batch.stub import StubServer
 from jobs import keys
 from jobs.config import Settings

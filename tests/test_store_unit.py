@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from aivvm_batch.embedded import EmbeddedRedis
+from aivvm_batch.private_redis import EmbeddedRedis
 
 from jobs import keys
 from jobs.claims import Claim, ClaimOutcome

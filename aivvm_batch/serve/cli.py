@@ -142,7 +142,7 @@ def _context(redis_url: str, options: BatchOptions, keys: Any, limits: ServeLimi
 
 def _private(stack: ExitStack, state_dir: Path, worker_count: int, concurrency: int,
              base_url: str | None) -> str:
-    from ..embedded import EmbeddedRedis
+    from ..private_redis import EmbeddedRedis
     from ..workers import WorkerProcesses, trusting
 
     state_dir.mkdir(parents=True, exist_ok=True)

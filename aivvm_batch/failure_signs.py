@@ -6,8 +6,6 @@ Redis or workers.
 
 from __future__ import annotations
 
-import os
-
 from jobs.records import BatchInfo, Status
 
 # A warning needs this many failed attempts (or one per item, if fewer items)...
@@ -78,20 +76,3 @@ def error_brief(info: BatchInfo, limit: int = 60) -> str:
         return ""
     text, count = top
     return f"{count}× {short(text, limit)}"
-
-
-def split_concurrency(total: int, workers: int) -> list[int]:
-    """``total`` requests in flight shared by at most ``workers`` processes, summing to ``total``.
-
-    A worker gets at least one slot, so there are never more workers than slots.
-    """
-    if total < 1 or workers < 1:
-        raise ValueError("concurrency and workers must be at least 1")
-    count = min(total, workers)
-    base, extra = divmod(total, count)
-    return [base + (1 if i < extra else 0) for i in range(count)]
-
-
-def default_workers() -> int:
-    """One worker process per core."""
-    return max(1, os.cpu_count() or 1)
