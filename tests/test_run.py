@@ -431,8 +431,16 @@ def command_lines() -> Iterator[tuple[int, list[bytes]]]:
 
 
 def prestarted_workers() -> list[int]:
-    """Processes of ``python -m worker --fork-from-stdin`` (started by a run, before its Redis)."""
-    return [pid for pid, args in command_lines() if b"--fork-from-stdin" in args]
+    """Processes of ``python -m worker --fork-from-stdin`` started by a run of this checkout (the
+    runs here start in ROOT and their workers keep it; another checkout's tests are not ours)."""
+    return [pid for pid, args in command_lines() if b"--fork-from-stdin" in args and cwd_of(pid) == ROOT]
+
+
+def cwd_of(pid: int) -> Path | None:
+    try:
+        return Path(f"/proc/{pid}/cwd").resolve(strict=True)
+    except OSError:
+        return None
 
 
 @pytest.mark.timeout(120)
