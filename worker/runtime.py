@@ -38,11 +38,10 @@ from jobs.queue import Publisher
 from jobs.reconcile import renew_messages
 from jobs.store import WORKER_RETRIES, BatchStore, ClaimOutcome, connect
 
+from .attempt import ProviderCalls
 from .breaker import Breaker
-from .errors import Abandoned
-
-from .calls import ProviderCalls
 from .credit import CREDIT, Pace, reserve
+from .errors import Abandoned
 from .provider_pace import ProviderPace
 from .ratelimit import RateLimiter
 from .storeio import StoreIO

@@ -25,10 +25,11 @@ from jobs.config import Settings
 from jobs.errors import BatchError
 from jobs.queue import TASK_NAME, app
 
-from .chunk import ABANDONED, LATE, Handoff, run_chunk
 from . import shutdown  # noqa: F401 - connects the bound on a warm shutdown
+from .chunk import run_chunk
 from .credit import CREDIT
-from .item import ItemState
+from .decision import ItemState
+from .item import ABANDONED, LATE, Handoff
 from .runtime import Runtime, collect_for_work, current
 from .sweeper import Sweeper
 
