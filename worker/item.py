@@ -11,9 +11,7 @@ with nothing to finish it.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -41,9 +39,6 @@ ABANDONED = "abandoned"
 # the end of an item whose claim lapsed while it waited, and that another worker has
 LOST = "lost"
 FENCED_RECHECK_SECONDS = 0.5
-# a claim's token names one attempt of one process: a random prefix, the process, a counter
-_TOKEN_PREFIX = os.urandom(6).hex()
-_attempts = itertools.count()
 BUSY_RECHECK_SECONDS = 5.0
 # an item whose run failed in an unexpected way is put back this long after
 PUT_BACK_SECONDS = 2.0
@@ -112,7 +107,7 @@ async def attempt_item(rt: Runtime, batch_id: str, seq: int, state: ItemState,
                        freed: Callable[[], None] = lambda: None) -> Done | RunAgain:
     """Claim the item, call its provider, and record the result (or say when to run it again)."""
     where = f"batch {batch_id} item {seq}"
-    token = f"{_TOKEN_PREFIX}{os.getpid():x}.{next(_attempts):x}"
+    token = rt.claim_token()
     # claimed before a slot is free (the lease renewal keeps the claim meanwhile): a freed slot
     # starts its next call without a round trip to Redis first
     claim = await wait_for_store(f"{where}: claim", lambda: rt.io.claim((batch_id, seq, token)))
