@@ -5,7 +5,7 @@ reply to its end, and checks its text, with at most N requests in flight:
 
   raw-aiohttp    one aiohttp session and a semaphore, nothing else (the baseline)
   raw-httpx      one httpx AsyncClient and a semaphore, nothing else
-  aivvm          worker.completion.attempt_async through worker.providers.aio.AsyncHTTP: the
+  aivvm          worker.attempt.attempt through worker.providers.aio.AsyncHTTP: the
                  product's whole protocol path (bounded decoding, UTF-8, errors, key choice)
 
 AsyncHTTP ran on both aiohttp and httpx while they were compared; httpx was dropped
@@ -192,7 +192,7 @@ async def run_raw_httpx(base: str, items: int, in_flight: int) -> int:
 async def run_aivvm(base: str, items: int, in_flight: int) -> int:
     from jobs.config import Settings
     from jobs.records import ChatMessage, ItemRequest
-    from worker.completion import attempt_async
+    from worker.attempt import attempt
     from worker.providers.aio import AsyncHTTP
     settings = Settings(connect_timeout=30.0, read_timeout=60.0, item_deadline=600.0)
     semaphore = asyncio.Semaphore(in_flight)
@@ -201,7 +201,7 @@ async def run_aivvm(base: str, items: int, in_flight: int) -> int:
             request = ItemRequest(id=f"q{index}", line=index, model="gpt-3.5-turbo", system_message="Be brief.",
                                   messages=(ChatMessage("user", f"item {index}"),))
             async with semaphore:
-                outcome = await attempt_async(request, ("aivvm",), base, settings, http)
+                outcome = await attempt(request, ("aivvm",), base, settings, http)
             return outcome.error is None and outcome.text == expected(index)
         return await gather(fetch, items)
 

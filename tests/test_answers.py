@@ -14,9 +14,9 @@ from jobs.config import Settings
 from jobs.endpoints import Endpoint
 from jobs.formats import ResultFormat, openai_line, render
 from jobs.records import ChatMessage, ItemRequest, ItemResult, Status
-from worker.completion import Attempt, checked, to_result
+from worker.attempt import Attempt, checked
+from worker.decision import ItemState, decide, to_result
 from worker.errors import SchemaMismatch
-from worker.item import ItemState, decide
 from worker.providers.call import StreamEnd
 from worker.providers.exchange import Head, http_error, verbatim
 from worker.providers.openai import OpenAI
@@ -232,7 +232,7 @@ def test_unique_items_of_a_long_array_are_not_judged() -> None:
 
 def test_a_key_a_server_echoes_in_a_200_is_cleared_from_text_body_and_request_id(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.completion import _Streamed
+    from worker.attempt import _Streamed
     from worker.providers import PROVIDERS
 
     secret = "sk-echoed-secret-0123456789"

@@ -1,4 +1,4 @@
-"""The asynchronous provider path over real HTTP on 127.0.0.1: AsyncHTTP, acomplete, attempt_async.
+"""The asynchronous provider path over real HTTP on 127.0.0.1: AsyncHTTP, acomplete, attempt.
 
 The same semantics as the synchronous path (requests) are checked by running both on the
 same faults of the stand-in and comparing; the pool limit, cancellation, keep-alive and
@@ -21,7 +21,7 @@ import pytest
 from aivvm_batch.stub import StubServer
 from jobs.config import Settings
 from jobs.records import ChatMessage, ItemRequest
-from worker.completion import attempt, attempt_async
+from worker.attempt import attempt
 from worker.errors import (
     ProviderError,
     ProviderTimeout,
@@ -263,7 +263,7 @@ def test_the_server_never_sees_more_connections_than_the_pool(counting: Counting
     async def go() -> list[str]:
         async with AsyncHTTP(5) as http:
             outcomes = await asyncio.gather(*(
-                attempt_async(item(f"n{i}"), ("aivvm",), counting.base_url, SETTINGS, http) for i in range(40)))
+                attempt(item(f"n{i}"), ("aivvm",), counting.base_url, SETTINGS, http) for i in range(40)))
         return [o.text for o in outcomes]
 
     texts = asyncio.run(go())
@@ -278,7 +278,7 @@ def test_a_cancelled_stream_gives_its_connection_back(counting: Counting) -> Non
 
     async def go() -> str:
         async with AsyncHTTP(2) as http:
-            slow = [asyncio.create_task(attempt_async(item(f"slow{i}"), ("aivvm",), counting.base_url, SETTINGS,
+            slow = [asyncio.create_task(attempt(item(f"slow{i}"), ("aivvm",), counting.base_url, SETTINGS,
                                                       http)) for i in range(2)]
             while counting.open < 2:
                 await asyncio.sleep(0.01)
@@ -287,7 +287,7 @@ def test_a_cancelled_stream_gives_its_connection_back(counting: Counting) -> Non
             await asyncio.gather(*slow, return_exceptions=True)
             assert await asyncio.to_thread(counting.wait_closed) == 0  # closed, not left hanging
             counting.delay = 0.0
-            outcome = await attempt_async(item("after"), ("aivvm",), counting.base_url, SETTINGS, http)
+            outcome = await attempt(item("after"), ("aivvm",), counting.base_url, SETTINGS, http)
             return outcome.text
 
     assert asyncio.run(go()) == "re: after"
@@ -314,18 +314,25 @@ def test_a_pool_of_no_connections_is_refused() -> None:
 
 
 # --------------------------------------------------------------------------
-# attempt_async: the same fallback as attempt
+# attempt: one item's attempt, falling back across providers
 # --------------------------------------------------------------------------
 
 
 def run_async(request: ItemRequest, providers: tuple[str, ...], base_url: str | None, **kwargs: Any) -> Any:
     async def go() -> Any:
         async with AsyncHTTP(4) as http:
-            return await attempt_async(request, providers, base_url, SETTINGS, http, **kwargs)
+            return await attempt(request, providers, base_url, SETTINGS, http, **kwargs)
     return asyncio.run(go())
 
 
-def test_attempt_async_falls_back_while_nothing_streamed(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attempt_with_one_provider(stub: StubServer) -> None:
+    outcome = run_async(item("hi"), ("aivvm",), stub.base_url)
+    assert outcome.error is None and outcome.provider == "aivvm"
+    assert outcome.text == "Stand-in reply to: hi"
+    assert outcome.first_chunk_ms is not None
+
+
+def test_attempt_falls_back_while_nothing_streamed(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", stub.base_url + "/v1")
     outcome = run_async(item("hi"), ("aivvm", "openai"), closed_port_url())
     assert outcome.error is None and outcome.provider == "openai"
@@ -333,7 +340,7 @@ def test_attempt_async_falls_back_while_nothing_streamed(stub: StubServer, monke
     assert outcome.end is not None and outcome.end.finish_reason == "stop"
 
 
-def test_attempt_async_does_not_fall_back_after_a_chunk(stub: StubServer, counting: Counting,
+def test_attempt_does_not_fall_back_after_a_chunk(stub: StubServer, counting: Counting,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", counting.base_url + "/v1")
     outcome = run_async(item("[[stub fault=cut]] hi"), ("aivvm", "openai"), stub.base_url)
@@ -342,16 +349,15 @@ def test_attempt_async_does_not_fall_back_after_a_chunk(stub: StubServer, counti
     assert counting.connections == 0
 
 
-def test_attempt_async_every_provider_failing_is_one_combined_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attempt_every_provider_failing_is_one_combined_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", closed_port_url() + "/v1")
-    synchronous = attempt(item("hi"), ("aivvm", "openai"), closed_port_url(), SETTINGS)
     outcome = run_async(item("hi"), ("aivvm", "openai"), closed_port_url())
-    assert outcome.error is not None and synchronous.error is not None
-    assert outcome.error.kind == synchronous.error.kind == "connection_error"
+    assert outcome.error is not None and outcome.error.kind == "connection_error"
+    assert outcome.transient is True and outcome.text == ""
     assert "aivvm:" in str(outcome.error) and "openai:" in str(outcome.error)
 
 
-def test_attempt_async_scrubs_the_workers_keys(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attempt_scrubs_the_workers_keys(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     key = "sk-scrub-me-0123456789"
     monkeypatch.setenv("AIVVM_API_KEY", key)
     outcome = run_async(item(f"[[stub fault=status code=500]] {key}"), ("aivvm",), stub.base_url)
@@ -359,7 +365,7 @@ def test_attempt_async_scrubs_the_workers_keys(stub: StubServer, monkeypatch: py
     assert key not in str(outcome.error)
 
 
-def test_attempt_async_awaits_before_call_and_passes_rate_limits_up(counting: Counting) -> None:
+def test_attempt_awaits_before_call_and_passes_rate_limits_up(counting: Counting) -> None:
     seen: list[tuple[str, str | None]] = []
 
     async def before_call(provider: type[AbstractProvider], completion: CompletionCall) -> None:
@@ -375,7 +381,7 @@ def test_attempt_async_awaits_before_call_and_passes_rate_limits_up(counting: Co
     assert counting.connections == 1
 
 
-def test_attempt_async_turns_a_bug_into_an_internal_error(counting: Counting) -> None:
+def test_attempt_turns_a_bug_into_an_internal_error(counting: Counting) -> None:
     async def before_call(provider: type[AbstractProvider], completion: CompletionCall) -> None:
         raise KeyError("oops")
 
@@ -384,7 +390,7 @@ def test_attempt_async_turns_a_bug_into_an_internal_error(counting: Counting) ->
     assert "KeyError" in str(outcome.error)
 
 
-def test_attempt_async_refuses_an_unsupported_model_before_any_request(counting: Counting) -> None:
+def test_attempt_refuses_an_unsupported_model_before_any_request(counting: Counting) -> None:
     outcome = run_async(item("hi", model="gpt-5"), ("aivvm",), counting.base_url)
     assert outcome.error is not None and outcome.error.kind == "unsupported_model"
     assert counting.connections == 0

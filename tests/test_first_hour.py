@@ -20,7 +20,7 @@ from aivvm_batch.options import counted
 from aivvm_batch.progress import Progress
 from jobs.records import BatchInfo, BatchOptions, BatchState
 from tests.test_run import ENV, ROOT, prompts, results, run
-from worker.item import error_text, shortened
+from worker.decision import error_text, shortened
 from worker.providers.exchange import connection_error, os_cause
 
 COMMAND = [sys.executable, "-m", "aivvm_batch"]

@@ -8,12 +8,13 @@ sent to the provider twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -277,11 +278,14 @@ def test_the_rate_limiter_in_a_full_redis_says_come_back_later(limited_factory: 
     from worker.errors import RateLimited
     from worker.ratelimit import FULL_RETRY_SECONDS, RateLimiter
 
+    async def inline(call: Callable[[], float]) -> float:
+        return call()
+
     full = limited_factory("20mb")
     limiter = RateLimiter(full.client)
     full.fill()
     with pytest.raises(RateLimited) as refused:
-        limiter.acquire("scope", rpm=60)
+        asyncio.run(limiter.acquire_async("scope", inline, rpm=60))
     assert refused.value.delay == FULL_RETRY_SECONDS
     limiter.pause("scope", 5)  # skipped, not raised
 

@@ -1,8 +1,9 @@
 """A provider server that is hostile: bombs, endless bodies, redirects, web pages, TLS trouble,
 and a submitter who points workers at it to collect their keys.
 
-Real HTTP on 127.0.0.1. The first part calls ``worker.completion.attempt`` in this process
-(so memory can be measured with tracemalloc); the last part runs real Celery worker processes
+Real HTTP on 127.0.0.1. The first part makes calls in this process (so memory can be measured
+with tracemalloc), on the synchronous transport (requests, as ``create_completion`` calls) and
+through the worker's attempt on an event loop; the last part runs real Celery worker processes
 on a private Redis, with API keys in their environment.
 
 The hostile server picks its behaviour from the first word of the last user message.
@@ -39,15 +40,19 @@ from jobs.queue import app as celery_app
 from jobs.records import ChatMessage, ItemRequest
 from jobs.store import BatchStore
 from tests.conftest import WORKER_ENV, Batches
-from worker.completion import Attempt, attempt, attempt_async, to_result
+from worker.attempt import Attempt, attempt
+from worker.decision import to_result
+from worker.errors import ProviderError
+from worker.providers import PROVIDERS, CompletionCall, StreamEnd
 from worker.providers.aio import AsyncHTTP
+from worker.providers.credentials import choose_key
 
 CAP = 1024 * 1024  # the reply cap these tests set
 BOMB_SIZE = 64 * 1024 * 1024  # decompressed size of the bombs
 ENDLESS_LIMIT = 64 * 1024 * 1024  # an "endless" body stops here, so the test ends even unfixed
 BLOCK = 64 * 1024
 HTML = b"<!doctype html><html><head><title>Sign in</title></head><body><form>login</form></body></html>"
-PATHS = ["sync", "async"]  # requests, and AsyncHTTP on an event loop
+PATHS = ["sync", "async"]  # requests (create_completion's), and the worker's attempt on an event loop
 ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY",
                  "AIVVM_BATCH_ALLOWED_BASE_URLS")
 
@@ -278,7 +283,31 @@ class Runner(Protocol):
 
 async def attempt_on_loop(request: ItemRequest, provider: str, base_url: str, settings: Settings) -> Attempt:
     async with AsyncHTTP(4) as http:
-        return await attempt_async(request, (provider,), base_url, settings, http)
+        return await attempt(request, (provider,), base_url, settings, http)
+
+
+def through_requests(request: ItemRequest, provider: str, base_url: str, settings: Settings) -> Attempt:
+    """One call on the synchronous transport, made as ``create_completion`` makes it (the key
+    chosen against ``settings``), told as an attempt."""
+    cls = PROVIDERS[provider]
+    key = choose_key(cls, cls.base_url(base_url), settings.allowed_base_urls)
+    call = CompletionCall(model=cls.check_model(request.model or ""),
+                          messages=tuple(m.to_dict() for m in request.messages), base_url=base_url,
+                          api_key=key.key, key_withheld=key.withheld, connect_timeout=settings.connect_timeout,
+                          read_timeout=settings.read_timeout, deadline=time.monotonic() + settings.item_deadline,
+                          max_reply_bytes=settings.max_reply_bytes,
+                          max_decompression_ratio=settings.max_decompression_ratio)
+    texts: list[str] = []
+    end, error = None, None
+    try:
+        for piece in cls.stream(call):
+            if isinstance(piece, StreamEnd):
+                end = piece
+            else:
+                texts.append(piece)
+    except ProviderError as exc:
+        error = exc
+    return Attempt(provider, call.model, "".join(texts), error, 0, None, end)
 
 
 @pytest.fixture(params=PATHS)
@@ -288,7 +317,7 @@ def run(request: pytest.FixtureRequest) -> Runner:
 
     def runner(content: str, base_url: str, provider: str = "aivvm", settings: Settings = SETTINGS) -> Attempt:
         if path == "sync":
-            return attempt(item(content), (provider,), base_url, settings)
+            return through_requests(item(content), provider, base_url, settings)
         return asyncio.run(attempt_on_loop(item(content), provider, base_url, settings))
     return runner
 

@@ -110,9 +110,9 @@ def test_a_breaker_opens_after_failures_in_a_row_probes_and_closes_at_an_answer(
 
 
 def test_an_item_goes_round_workers_that_cannot_reach_the_provider_until_every_one_has_tried() -> None:
-    from worker.completion import Attempt
+    from worker.attempt import Attempt
     from worker.errors import ConnectTimeout, ProviderHTTPError
-    from worker.item import ItemState, hand_elsewhere
+    from worker.decision import ItemState, hand_elsewhere
 
     down = Attempt("openai", "m", "", ConnectTimeout("connect timeout after 10s"), 10_000, None)
     state = ItemState(attempt=2)

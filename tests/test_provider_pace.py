@@ -17,9 +17,9 @@ from aivvm_batch.stub.ratelimit import Limiter, go_duration
 from jobs import keys
 from jobs.config import Settings
 from jobs.records import ChatMessage, ItemRequest, Status
-from worker.completion import Attempt
+from worker.attempt import Attempt
 from worker.errors import ProviderHTTPError
-from worker.item import MAX_RATE_WAITS, ItemState, decide
+from worker.decision import MAX_RATE_WAITS, ItemState, decide
 from worker.provider_pace import FIRST_CALLS, ProviderPace
 from worker.providers.exchange import Head
 from worker.providers.ratelimits import Limit, RateHeaders, parse_duration, parse_rate_headers

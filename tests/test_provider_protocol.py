@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from jobs.records import ChatMessage, ItemRequest
-from worker.completion import Attempt, to_result
+from worker.attempt import Attempt
+from worker.decision import to_result
 from worker.errors import (
     EmptyReply,
     IncompleteReply,

@@ -23,13 +23,9 @@ from typing import Any
 import pytest
 
 from aivvm_batch.stub import SPLIT_TEXT, StubServer
-from jobs.config import Settings
-from jobs.records import ChatMessage, ItemRequest
-from worker.completion import attempt
 from worker.errors import (
     EmptyReply,
     IncompleteReply,
-    ProviderError,
     ProviderHTTPError,
     ProviderTimeout,
     ProviderTransportError,
@@ -680,54 +676,3 @@ def test_openai_stream_without_done_or_finish_is_incomplete(capture: CaptureServ
 )
 def test_sse_data(texts: list[str], expected: list[str]) -> None:
     assert list(sse_data(iter(texts))) == expected
-
-
-# --------------------------------------------------------------------------
-# worker.completion.attempt: fallback across providers
-# --------------------------------------------------------------------------
-
-SETTINGS = Settings(connect_timeout=2.0, read_timeout=5.0, item_deadline=10.0)
-
-
-def item(content: str) -> ItemRequest:
-    return ItemRequest(id="q1", line=1, messages=(ChatMessage("user", content),), model="gpt-3.5-turbo")
-
-
-def test_attempt_single_provider(stub: StubServer) -> None:
-    outcome = attempt(item("hi"), ("aivvm",), stub.base_url, SETTINGS)
-    assert outcome.error is None
-    assert outcome.provider == "aivvm"
-    assert outcome.text == reply_to("hi")
-    assert outcome.first_chunk_ms is not None
-
-
-def test_attempt_falls_back_when_first_provider_refuses(stub: StubServer,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_BASE_URL", stub.base_url + "/v1")
-    outcome = attempt(item("hi"), ("aivvm", "openai"), closed_port_url(), SETTINGS)
-    assert outcome.error is None
-    assert outcome.provider == "openai"
-    assert outcome.text == reply_to("hi")
-    assert outcome.end is not None and outcome.end.finish_reason == "stop"
-
-
-def test_attempt_does_not_fall_back_after_a_chunk(stub: StubServer, capture: CaptureServer,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_BASE_URL", capture.base_url + "/v1")
-    outcome = attempt(item("[[stub fault=cut]] hi"), ("aivvm", "openai"), stub.base_url, SETTINGS)
-    assert outcome.provider == "aivvm"
-    assert isinstance(outcome.error, IncompleteReply)
-    assert outcome.text
-    assert reply_to("hi").startswith(outcome.text)
-    assert outcome.text != reply_to("hi")
-    assert capture.requests == []
-
-
-def test_attempt_every_provider_failing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_BASE_URL", closed_port_url() + "/v1")
-    outcome = attempt(item("hi"), ("aivvm", "openai"), closed_port_url(), SETTINGS)
-    assert isinstance(outcome.error, ProviderError)
-    assert outcome.error.kind == "connection_error"
-    assert outcome.transient is True
-    assert outcome.text == ""
-    assert "aivvm:" in str(outcome.error) and "openai:" in str(outcome.error)

@@ -27,7 +27,7 @@ from jobs.submit import submit_file
 from tests.conftest import Batches
 from jobs.queue import message_items
 from worker.chunk import run_chunk
-from worker.item import Done, ItemState
+from worker.decision import Done, ItemState
 from worker.runtime import Runtime
 from worker.sweeper import sweep_once
 

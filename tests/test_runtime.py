@@ -28,11 +28,12 @@ from jobs.queue import app as celery_app
 from jobs.records import BatchOptions, ChatMessage, ItemRequest, Status
 from jobs.store import BatchStore
 from jobs.submit import submit_file
-from worker.chunk import Handoff, run_chunk
-from worker.completion import Attempt
+from worker.attempt import Attempt
+from worker.chunk import run_chunk
 from worker.credit import Credit
+from worker.decision import Done, ItemState, decide
 from worker.errors import IncompleteReply, ProviderHTTPError, ProviderTimeout
-from worker.item import Done, ItemState, decide
+from worker.item import Handoff
 from worker.runtime import Runtime, new_event_loop
 
 FAST = {"AIVVM_BATCH_BACKOFF_BASE": "0.2", "AIVVM_BATCH_BACKOFF_CAP": "2", "AIVVM_BATCH_MAX_RETRIES": "3",

@@ -21,7 +21,8 @@ The transport's QoS records each delivery (:meth:`Credit.took`) and acknowledgem
 The event loop reports each item's freed slot (:meth:`Credit.ended`); when a refused message would
 now fit, :attr:`Credit.on_room` wakes the consumer to ask again (Celery's own loop sleeps
 until a socket or a timer wakes it). Calls come from Celery's consumer, its task threads and
-the loop, hence the lock.
+the loop, hence the lock. Each process's runtime holds its credit
+(:attr:`worker.runtime.Runtime.credit`).
 """
 
 from __future__ import annotations
@@ -143,7 +144,3 @@ class Credit:
             task_id = self._task_of_tag.pop(tag, None)
             if task_id is not None and self._tag_of_task.get(task_id) == tag:
                 del self._tag_of_task[task_id]
-
-
-# the process's credit: its slots are set when the worker's runtime is built
-CREDIT = Credit()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 import redis
@@ -25,6 +24,7 @@ from .errors import RateLimited
 
 FULL_RETRY_SECONDS = 1.0
 logger = logging.getLogger(__name__)
+
 
 class RateLimiter:
     def __init__(self, client: redis.Redis, max_wait: float = 5.0) -> None:
@@ -49,25 +49,13 @@ class RateLimiter:
             raise RateLimited(-reply / 1000)
         return reply / 1000
 
-    def acquire(self, scope: str, *, rpm: int = 0, tpm: int = 0, tokens: int = 0) -> float:
-        """Wait for this call's slot; raise :class:`RateLimited` if it is too far away.
-
-        Returns the seconds waited. A pause that began while waiting is waited out too.
-        """
-        waited = self.reserve(scope, rpm=rpm, tpm=tpm, tokens=tokens)
-        time.sleep(waited)
-        while (paused := self._paused(scope, 0.0)) > 0:
-            if paused > self.max_wait:
-                raise RateLimited(paused)
-            time.sleep(paused)
-            waited += paused
-        return waited
-
     async def acquire_async(self, scope: str, run: Callable[[Callable[[], float]], Awaitable[float]], *,
                             rpm: float = 0, tpm: float = 0, tokens: int = 0, burst: int = 0) -> float:
-        """:meth:`acquire` on an event loop: ``run(f)`` makes each Redis call off the loop, and the
-        waits are ``asyncio.sleep``: the loop is never blocked. A Redis that is away or full
-        says come back later (:class:`RateLimited`), as a full one does to :meth:`acquire`."""
+        """Wait for this call's slot; raise :class:`RateLimited` if it is too far away. Returns the
+        seconds waited; a pause that began while waiting is waited out too.
+
+        ``run(f)`` makes each Redis call off the loop, and the waits are ``asyncio.sleep``: the
+        loop is never blocked. A Redis that is away or full says come back later (:class:`RateLimited`)."""
         try:
             waited = await run(functools.partial(self.reserve, scope, rpm=rpm, tpm=tpm, tokens=tokens, burst=burst))
             await asyncio.sleep(waited)

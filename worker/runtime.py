@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,11 +41,10 @@ from jobs.queue import Publisher
 from jobs.reconcile import renew_messages
 from jobs.store import BatchStore
 
+from .attempt import ProviderCalls
 from .breaker import Breaker
+from .credit import Credit, Pace, reserve
 from .errors import Abandoned
-
-from .calls import ProviderCalls
-from .credit import CREDIT, Pace, reserve
 from .provider_pace import ProviderPace
 from .ratelimit import RateLimiter
 from .storeio import StoreIO
@@ -156,7 +156,8 @@ def redis_pool_size(settings: Settings) -> int:
 
 @dataclass
 class Runtime:
-    """Store, settings, rate limiter, HTTP calls and the loop of one worker process."""
+    """Store, settings, rate limiter, HTTP calls and the loop of one worker process, and what
+    Celery's side of the process shares with them: the items it may take (``credit``)."""
 
     settings: Settings
     concurrency: int
@@ -168,6 +169,8 @@ class Runtime:
     io: StoreIO
     calls: ProviderCalls
     slots: asyncio.Semaphore
+    # the items the process holds against its slots, read by its transport (worker.credit)
+    credit: Credit = field(default_factory=Credit)
     # how long a slot is held (for the reserve of items beyond the slots: worker.credit)
     pace: Pace = field(default_factory=Pace)
     # what the providers' answers said of their rate limits
@@ -183,6 +186,12 @@ class Runtime:
     breaker: Breaker = field(default_factory=Breaker)
     node: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     peers: int = 1
+    # the socket pair through which a signal wakes Celery's consumer (worker.tasks), kept open
+    # for the life of the process
+    wakers: tuple[socket.socket, ...] = ()
+    # a claim's token names one attempt of one runtime: a random prefix, the process, a counter
+    _token_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
+    _tokens: Iterator[int] = field(default_factory=itertools.count)
     _thread: threading.Thread | None = None
     _renewal: Any = None
     # the renewal's own thread: never queued behind the store's calls, which wait out a cut
@@ -212,7 +221,7 @@ class Runtime:
             limiter=RateLimiter(client), publisher=publisher, loop=loop,
             io=StoreIO(store, publisher, executor, loop, settings.lease, settings.cache_ttl),
             calls=ProviderCalls(settings, concurrency, on_head=provider_pace.heard),
-            slots=asyncio.Semaphore(concurrency), provider_pace=provider_pace,
+            slots=asyncio.Semaphore(concurrency), credit=Credit(concurrency), provider_pace=provider_pace,
             held_messages=held_messages, probe=probe, contact=Contact(settings.lease, time.monotonic()),
         )
         runtime._thread = threading.Thread(target=loop.run_forever, name="aivvm-loop", daemon=True)
@@ -223,6 +232,10 @@ class Runtime:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and wait for it (from another thread: a Celery task's)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def claim_token(self) -> str:
+        """A token of its own for the next claim of this process."""
+        return f"{self._token_prefix}{os.getpid():x}.{next(self._tokens):x}"
 
     def fenced(self) -> bool:
         """Redis has been out of reach for most of a lease: this process starts no call."""
@@ -314,7 +327,7 @@ class Runtime:
             await asyncio.sleep(wait)
             started = time.monotonic()
             renewed = await self.renew()
-            CREDIT.ahead = reserve(CREDIT.slots, clock.CLOCK.round_trip, self.pace.slot_seconds)
+            self.credit.ahead = reserve(self.credit.slots, clock.CLOCK.round_trip, self.pace.slot_seconds)
             wait = max(0.0, every - (time.monotonic() - started)) if renewed else every / 4
 
     def close(self) -> None:
@@ -331,24 +344,3 @@ class Runtime:
         self.client.close()
         if self.probe is not None:
             self.probe.redis.close()
-
-
-_lock = threading.Lock()
-_runtimes: dict[int, Runtime] = {}
-
-
-def running() -> Runtime | None:
-    """This process's runtime, if it was built."""
-    return _runtimes.get(os.getpid())
-
-
-def current(build: Callable[[], Runtime]) -> Runtime:
-    """This process's runtime, built on first use (per process id: a forked child builds its own)."""
-    pid = os.getpid()
-    found = _runtimes.get(pid)
-    if found is not None:
-        return found
-    with _lock:
-        if pid not in _runtimes:
-            _runtimes[pid] = build()
-        return _runtimes[pid]

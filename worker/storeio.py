@@ -8,18 +8,25 @@ hundreds of items; alone, an item pays one round trip as before.
 The store's calls are synchronous redis-py calls (the same, unit-tested
 :class:`~jobs.store.BatchStore` methods every other command uses), run on a small thread
 pool of their own; errors arrive translated (:class:`~jobs.errors.StoreUnavailable`, ...).
+
+A full Redis (maxmemory, noeviction) or one that is away is waited out in place
+(:func:`wait_for_store`): the claim is retried before any provider call, and a paid
+reply is kept in memory, its claim kept alive by the runtime's lease, until it can be
+recorded. Writes that may be skipped go through :func:`best_effort`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
 
 from jobs.claims import Claim
 from jobs.connection import translated
+from jobs.errors import StoreFull, StoreUnavailable
 from jobs.queue import Publisher
 from jobs.recording import Recorded
 from jobs.records import BatchOptions, ItemRequest, ItemResult
@@ -27,8 +34,13 @@ from jobs.store import BatchStore
 
 A = TypeVar("A")
 R = TypeVar("R")
+T = TypeVar("T")
 # items in one round trip at most (bounds the time a script holds Redis)
 FLUSH_LIMIT = 512
+STORE_WAIT_FIRST = 0.2
+STORE_WAIT_CAP = 5.0
+STORE_LOG_EVERY = 30.0
+logger = logging.getLogger(__name__)
 
 
 class Coalescer(Generic[A, R]):
@@ -163,3 +175,31 @@ def _publish_retries(publisher: Publisher, retries: list[tuple[str, int, dict[st
     for batch_id, seq, kwargs, countdown in retries:
         publisher.publish_retry(batch_id, seq, kwargs, countdown, pipe=pipe)
     pipe.execute()
+
+
+async def wait_for_store(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()`` until Redis takes it: a full Redis or one that is away is waited out.
+
+    Backoff doubles from 0.2 s to 5 s; a warning says why every 30 s. The item's claim
+    stays alive meanwhile (the runtime renews every claim it holds).
+    """
+    delay, waited, logged = STORE_WAIT_FIRST, 0.0, -STORE_LOG_EVERY
+    while True:
+        try:
+            return await call()
+        except StoreUnavailable as exc:
+            if waited - logged >= STORE_LOG_EVERY:
+                reason = "Redis is full (maxmemory)" if isinstance(exc, StoreFull) else str(exc)
+                logger.warning("%s: %s; waiting for it (%.0f s so far)", what, reason, waited)
+                logged = waited
+        await asyncio.sleep(delay)
+        waited += delay
+        delay = min(delay * 2, STORE_WAIT_CAP)
+
+
+async def best_effort(what: str, call: Callable[[], Awaitable[object]]) -> None:
+    """A write that may be skipped in a full or lost Redis (counters, pauses, releases)."""
+    try:
+        await call()
+    except StoreUnavailable as exc:
+        logger.info("%s skipped: %s", what, exc)

@@ -30,8 +30,8 @@ from jobs.reconcile import release_stalled, requeue_orphans, restore_stale_messa
 from jobs.records import BatchState
 from jobs.store import BatchStore
 
-from .credit import CREDIT
-from .runtime import Runtime, running
+from .process_runtime import THIS_PROCESS
+from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 SWEEP_LOCK = keys.SWEEP_LOCK
@@ -93,13 +93,14 @@ def check_redis(url: str) -> None:
 
 
 def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str, held: int = 0,
-         note: str = "") -> int:
+         note: str = "", slots: int = 0) -> int:
     """One round of the sweeper thread: say this worker is alive (holding ``held`` claims, with
-    ``note``), then sweep. Returns how many workers were seen alive lately (this one included)."""
+    ``note``, its ``slots``), then sweep. Returns how many workers were seen alive lately (this
+    one included)."""
     clock.sync(store.redis)
     alive = 1
     try:
-        store.worker_heartbeat(node, held, note, CREDIT.slots)
+        store.worker_heartbeat(node, held, note, slots)
         seen = store.workers()
         alive = say_slots(store, seen, settings)
         gone = [worker.name for worker in seen if worker.age > FORGET_WORKER_SECONDS]
@@ -160,6 +161,11 @@ def what_to_say(runtime: Runtime | None) -> tuple[int, str]:
     return len(runtime.leases), "; ".join(note for note in notes if note)
 
 
+def slots_of(runtime: Runtime | None) -> int:
+    """The slots a heartbeat says this process has (0 before its runtime is built)."""
+    return runtime.credit.slots if runtime is not None else 0
+
+
 class Sweeper(bootsteps.StartStopStep):
     """Runs :func:`sweep_once` in a daemon thread of each worker process.
 
@@ -184,14 +190,14 @@ class Sweeper(bootsteps.StartStopStep):
 
         def loop() -> None:
             try:
-                store.worker_heartbeat(node, slots=CREDIT.slots)
+                store.worker_heartbeat(node, slots=slots_of(THIS_PROCESS.get()))
                 say_slots(store, store.workers(), settings)
             except StoreUnavailable as exc:
                 logger.warning("heartbeat failed: %s", exc)
             while not self._stop.wait(settings.sweep_interval):
-                runtime = running()
+                runtime = THIS_PROCESS.get()
                 try:
-                    alive = beat(store, publisher, settings, node, *what_to_say(runtime))
+                    alive = beat(store, publisher, settings, node, *what_to_say(runtime), slots_of(runtime))
                 except (StoreUnavailable, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                     message = outage.failed(exc)
                     if message:

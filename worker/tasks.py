@@ -25,11 +25,12 @@ from jobs.config import Settings
 from jobs.errors import BatchError
 from jobs.queue import TASK_NAME, app
 
-from .chunk import ABANDONED, LATE, Handoff, run_chunk
 from . import shutdown  # noqa: F401 - connects the bound on a warm shutdown
-from .credit import CREDIT
-from .item import ItemState
-from .runtime import Runtime, collect_for_work, current
+from .chunk import run_chunk
+from .decision import ItemState
+from .item import ABANDONED, LATE, Handoff
+from .process_runtime import THIS_PROCESS
+from .runtime import Runtime, collect_for_work
 from .sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ DEFAULT_CONCURRENCY = 64
 # the consumer is woken when a refused message would fit (Credit.on_room); it also looks again
 # this often, for a message refused beside those of a channel since replaced
 CREDIT_RECHECK_SECONDS = 0.25
-_pool_size: list[int] = []
-_wakers: list[socket.socket] = []
 
 
 def held_delivery_tags() -> list[str]:
@@ -54,16 +53,15 @@ def held_delivery_tags() -> list[str]:
     return []
 
 
-def runtime() -> Runtime:
-    """This process's runtime; its concurrency is ``AIVVM_BATCH_CONCURRENCY``, else the pool's size."""
+def runtime(pool_size: int = DEFAULT_CONCURRENCY) -> Runtime:
+    """This process's runtime, built on first use; its concurrency is ``AIVVM_BATCH_CONCURRENCY``,
+    else the size of Celery's pool (``pool_size``)."""
 
     def build() -> Runtime:
         settings = Settings.from_env(redis_url=app.conf.broker_url)
-        concurrency = settings.concurrency or (_pool_size[0] if _pool_size else DEFAULT_CONCURRENCY)
-        CREDIT.slots = concurrency
-        return Runtime.start(settings, app, concurrency, held_delivery_tags)
+        return Runtime.start(settings, app, settings.concurrency or pool_size, held_delivery_tags)
 
-    return current(build)
+    return THIS_PROCESS.get_or_build(build)
 
 
 class RuntimeStep(bootsteps.StartStopStep):
@@ -74,23 +72,23 @@ class RuntimeStep(bootsteps.StartStopStep):
     requires = ("celery.worker.components:Hub",)  # type: ignore[assignment]
 
     def start(self, parent: Any) -> None:
-        _pool_size[:] = [int(getattr(parent, "concurrency", 0) or DEFAULT_CONCURRENCY)]
-        runtime()
+        rt = runtime(int(getattr(parent, "concurrency", 0) or DEFAULT_CONCURRENCY))
         collect_for_work()
         hub = getattr(parent, "hub", None)
         if hub is not None:
-            CREDIT.on_room = functools.partial(hub.call_soon, _recheck)
+            rt.credit.on_room = functools.partial(hub.call_soon, _recheck)
             hub.call_repeatedly(CREDIT_RECHECK_SECONDS, _recheck)
-            _wake_on_signals(hub)
+            rt.wakers = _wake_on_signals(hub)
 
 
-def _wake_on_signals(hub: Any) -> None:
+def _wake_on_signals(hub: Any) -> tuple[socket.socket, ...]:
     """A signal wakes the consumer's loop at once. Celery's handlers only set a flag that the
     loop reads between two polls, and a poll interrupted by a signal resumes (PEP 475): a warm
     shutdown would wait for the next message or timer, up to a tenth of a second that ``run``
-    waits for at its end."""
+    waits for at its end. Returns the sockets to keep open for the life of the process (none
+    off the main thread: only it may set the wakeup fd)."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return ()
     reader, writer = socket.socketpair()
     reader.setblocking(False)
     writer.setblocking(False)
@@ -103,7 +101,7 @@ def _wake_on_signals(hub: Any) -> None:
 
     hub.add_reader(reader.fileno(), drain)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    _wakers[:] = [reader, writer]  # kept open for the life of the process
+    return reader, writer
 
 
 def _release_next(rt: Runtime, batch_id: str, chunk: int) -> None:
@@ -133,7 +131,7 @@ def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int
     state = ItemState.from_kwargs(attempt, not_before, spent, cuts, mismatches, down, waits)
     task_id = self.request.id
     try:
-        ends = rt.run(run_chunk(rt, batch_id, items, state, on_end=lambda: CREDIT.ended(task_id)))
+        ends = rt.run(run_chunk(rt, batch_id, items, state, on_end=lambda: rt.credit.ended(task_id)))
     except Exception as exc:
         # run_chunk hands every item on itself; if even that failed, the message goes back
         raise Reject(exc, requeue=True) from exc

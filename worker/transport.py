@@ -11,8 +11,9 @@ kombu records a delivered message's time (the score of ``unacked_index``, which 
 reads to tell a dead worker's messages) with the host's own clock; here it is Redis's
 (:mod:`jobs.clock`), as every other liveness time is.
 
-A worker takes a message only while its items fit in the slots of its runtime
-(:mod:`worker.credit`); when kombu's BRPOP brings one, the others that fit come with it, in one
+A worker takes a message only while its items fit in the slots of its runtime (the runtime's
+:class:`~worker.credit.Credit`: kombu makes the transport, so it is found through
+:mod:`worker.process_runtime`); when kombu's BRPOP brings one, the others that fit come with it, in one
 round trip (:meth:`Channel._take_ahead`), and acknowledgements leave the consumer's thread
 (:mod:`worker.acks`): on a link of 200 ms each way, one message a BRPOP and a round trip an
 acknowledgement on that thread made a message a second, and a worker's 64 slots starved. It also keeps consuming when Redis is full (see :meth:`QoS.append`), and an acknowledgement
@@ -36,7 +37,8 @@ from jobs import clock, scripts
 from jobs.connection import is_out_of_memory
 
 from .acks import Acknowledger
-from .credit import CREDIT, items_in
+from .credit import Credit, items_in
+from .process_runtime import THIS_PROCESS
 
 logger = logging.getLogger(__name__)
 IDLE_BRPOP_SECONDS = 0.1
@@ -65,6 +67,14 @@ class QoS(kombu_redis.QoS):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         # delivery tags of messages whose unacknowledged record their take wrote already
         self.recorded: set[str] = set()
+        # the credit in a process without a runtime: no slots, Celery's prefetch alone decides
+        self._no_runtime = Credit()
+
+    @property
+    def credit(self) -> Credit:
+        """The items this process holds against its slots: its runtime's."""
+        runtime = THIS_PROCESS.get()
+        return runtime.credit if runtime is not None else self._no_runtime
 
     def _held(self) -> list[str]:
         held = list(self._delivered)  # a copy: task threads acknowledge meanwhile
@@ -74,13 +84,13 @@ class QoS(kombu_redis.QoS):
         """Celery's prefetch allows another message, and its items would find free slots."""
         if not super().can_consume():  # type: ignore[no-untyped-call]
             return False
-        return CREDIT.can_take(self._held())
+        return self.credit.can_take(self._held())
 
     def room(self) -> int:
         """How many more messages Celery's prefetch and the slots allow now."""
         held = self._held()
         prefetch = self.prefetch_count - len(held) if self.prefetch_count else TAKE_AHEAD_MAX
-        return max(0, min(prefetch, CREDIT.room(held), TAKE_AHEAD_MAX))
+        return max(0, min(prefetch, self.credit.room(held), TAKE_AHEAD_MAX))
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Record a delivered message as unacknowledged (and its items as held); in a full Redis,
@@ -91,7 +101,7 @@ class QoS(kombu_redis.QoS):
         record, the task runs (and waits for Redis itself). Were this worker to die before
         acknowledging it, the workers' sweep enqueues the unfinished item again.
         """
-        CREDIT.took(delivery_tag, (getattr(message, "headers", None) or {}).get("id"), items_in(message.body))
+        self.credit.took(delivery_tag, (getattr(message, "headers", None) or {}).get("id"), items_in(message.body))
         if delivery_tag in self.recorded:  # taken ahead: its take recorded it
             self.recorded.discard(delivery_tag)
             kombu_virtual.QoS.append(self, message, delivery_tag)
@@ -124,12 +134,12 @@ class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag: Any) -> None:
         """Acknowledge: the removal of the message's record is queued, and sent with the others
         by the channel's thread (:mod:`worker.acks`), not on the consumer's."""
-        CREDIT.settled(delivery_tag)
+        self.credit.settled(delivery_tag)
         self.channel.acks.ack(delivery_tag)
         kombu_virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        CREDIT.settled(delivery_tag)
+        self.credit.settled(delivery_tag)
         try:
             super().reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
         except AttributeError:

@@ -328,7 +328,6 @@ class EmbeddingsReply:
 
 
 OpenAIParser = Union[ChatReply, CompletionsReply, ResponsesReply, EmbeddingsReply]
-OpenAIReply = ChatReply  # the chat parser's former name
 
 
 def _is_json(data: str) -> bool:
@@ -352,5 +351,5 @@ def _json(data: str, api_key: str | None) -> dict[str, Any]:
 
 
 __all__ = ["DEFAULT_MODEL", "EVENT_STREAM_TYPES", "JSON_TYPES", "ChatReply", "ChunkStreamReply",
-           "CompletionsReply", "EmbeddingsReply", "EventStreamReply", "OpenAI", "OpenAIParser", "OpenAIReply",
+           "CompletionsReply", "EmbeddingsReply", "EventStreamReply", "OpenAI", "OpenAIParser",
            "ResponsesReply", "sse_data"]

@@ -1,38 +1,37 @@
-"""Completing one request: stream from the batch's providers and join the chunks.
+"""One attempt at an item: its request streamed from the batch's providers, in order.
 
 No Celery and no Redis here. Fallback follows gpt4free's RetryProvider: the next
-provider is tried only if the previous one failed before its first chunk.
+provider is tried only if the previous one failed before its first chunk. Every attempt
+of a process goes through its :class:`ProviderCalls`: one :class:`~.providers.aio.AsyncHTTP`
+pool on the event loop, and the worker's key choices. What is decided after an attempt is
+:mod:`worker.decision`'s; what it cost in tokens, :mod:`worker.tokens`'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from dataclasses import replace
-from typing import Any
-
-from jobs.answers import answer_of
 from jobs.config import Settings
-from jobs.endpoints import Endpoint, cannot_carry, text_of
-from jobs.records import ItemError, ItemRequest, ItemResult, Status, Usage
+from jobs.endpoints import Endpoint, cannot_carry
+from jobs.records import BatchOptions, ItemRequest
 
 from .errors import Abandoned, CallNotStarted, ProviderError, ProviderHTTPError, SchemaMismatch, UnsupportedRequest
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
 from .providers.aio import AsyncHTTP
 from .providers.call import Item
 from .providers.credentials import REDACTED, KeyChooser, answer_secrets, choose_key, clear_keys, redact, worker_keys
+from .providers.exchange import OnHead
 from .schema import response_schema, violation
 
 logger = logging.getLogger(__name__)
-BeforeCall = Callable[[type[AbstractProvider], CompletionCall], None]
 # called at each piece of a stream: raises Abandoned to give the stream up (see worker.runtime)
 Guard = Callable[[], None]
-AsyncBeforeCall = Callable[[type[AbstractProvider], CompletionCall], Awaitable[None]]
+# awaited before each provider call (a rate limit, a budget): may raise RateLimited or ClaimLost
+BeforeCall = Callable[[type[AbstractProvider], CompletionCall], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -53,39 +52,40 @@ class Attempt:
         return self.error is not None and self.error.transient
 
 
-def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
-            settings: Settings, before_call: BeforeCall | None = None, guard: Guard | None = None) -> Attempt:
-    """Run one attempt, falling back along ``provider_names`` while nothing has streamed.
+class ProviderCalls:
+    """Attempts at items, at most ``concurrency`` at once (the runtime's slots bound them), through
+    one HTTP pool made at the first attempt (on the event loop) and the worker's key choices."""
+
+    def __init__(self, settings: Settings, concurrency: int, on_head: OnHead | None = None) -> None:
+        self.settings = settings
+        self.concurrency = concurrency
+        self.on_head = on_head
+        self._http: AsyncHTTP | None = None
+        self._keys = KeyChooser(settings.allowed_base_urls)
+
+    def attempt(self, request: ItemRequest, options: BatchOptions,
+                before_call: BeforeCall | None, guard: Guard | None = None) -> Awaitable[Attempt]:
+        """The attempt to await (the coroutine of the call itself, not one wrapping it: one
+        frame less at each of its wake-ups); ``guard`` may give its stream up (:class:`Abandoned`)."""
+        if self._http is None:
+            self._http = AsyncHTTP(max_connections=self.concurrency, on_head=self.on_head)
+        return attempt(request, options.providers(), options.base_url, self.settings, self._http, before_call,
+                       self._keys, guard)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
+async def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
+                  settings: Settings, http: AsyncHTTP, before_call: BeforeCall | None = None,
+                  keys: KeyChooser | None = None, guard: Guard | None = None) -> Attempt:
+    """Run one attempt through ``http``, falling back along ``provider_names`` while nothing has
+    streamed (``keys``: the worker's key choices, kept for the life of its process).
 
     ``base_url`` is the first provider's; the others take theirs from the environment.
     """
-    started = time.monotonic()
-    fallback = _Fallback(request)
-    for position, name in enumerate(provider_names):
-        provider = PROVIDERS[name]
-        if fallback.skips(name):
-            continue
-        streamed = _Streamed(provider, request, started, guard=guard)
-        try:
-            call = streamed.prepare(base_url if position == 0 else None, settings)
-            if before_call is not None:
-                before_call(provider, call)
-            for item in provider.stream(call):
-                streamed.add(item)
-        except CallNotStarted:
-            raise
-        except Exception as exc:  # noqa: BLE001 - sorted in fail(); a bug must not lose the item
-            streamed.fail(exc)
-        if fallback.done(streamed.result()):
-            break
-    return checked(request, fallback.outcome())
-
-
-async def attempt_async(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
-                        settings: Settings, http: AsyncHTTP, before_call: AsyncBeforeCall | None = None,
-                        keys: KeyChooser | None = None, guard: Guard | None = None) -> Attempt:
-    """:func:`attempt` on the event loop: the same fallback, errors and results, through ``http``
-    (``keys``: the worker's key choices, kept for the life of its process)."""
     started = time.monotonic()
     fallback = _Fallback(request)
     for position, name in enumerate(provider_names):
@@ -132,7 +132,7 @@ def checked(request: ItemRequest, outcome: Attempt) -> Attempt:
 
 @dataclass
 class _Streamed:
-    """What one provider's stream produced so far: pure bookkeeping, shared by both paths."""
+    """What one provider's stream produced so far: pure bookkeeping."""
 
     provider: type[AbstractProvider]
     request: ItemRequest
@@ -259,76 +259,6 @@ def _combined(last: Attempt, errors: list[tuple[str, ProviderError]]) -> Attempt
     combined.transient = any(exc.transient for _, exc in errors)
     combined.retry_after = max((exc.retry_after or 0 for _, exc in errors), default=0) or None
     return Attempt(last.provider, last.model, "", combined, last.latency_ms, None, None, last.scope)
-
-
-def to_result(request: ItemRequest, outcome: Attempt, attempts: int) -> ItemResult:
-    """The final result of an item from its last attempt."""
-    error = None
-    if isinstance(outcome.error, ProviderHTTPError):
-        failure = outcome.error
-        error = ItemError(failure.kind, str(failure), http_status=failure.status, body=failure.body,
-                          request_id=failure.request_id)
-    elif outcome.error is not None:
-        error = ItemError(outcome.error.kind, str(outcome.error))
-    end = outcome.end
-    answer = answer_of(request.endpoint, end.body, end.request_id) if end is not None else None
-    return ItemResult(
-        id=request.id,
-        line=request.line,
-        status=Status.OK if error is None else Status.FAILED,
-        model=outcome.model or request.model,
-        output=None if request.endpoint is Endpoint.EMBEDDINGS and error is None else outcome.text,
-        error=error,
-        attempts=attempts,
-        latency_ms=outcome.latency_ms,
-        first_chunk_ms=outcome.first_chunk_ms,
-        usage=usage(request, outcome) if error is None or outcome.text else None,
-        finish_reason=(outcome.end.finish_reason if outcome.end else None)
-        or ("stop" if error is None else None),
-        provider=outcome.provider,
-        created=int(time.time()),
-        metadata=request.metadata,
-        answer=answer,
-    )
-
-
-def usage(request: ItemRequest, outcome: Attempt) -> Usage:
-    """Token counts as the server reported them, else an estimate (about 4 characters a token)."""
-    end = outcome.end
-    if end is not None and end.prompt_tokens is not None and end.completion_tokens is not None:
-        return Usage(end.prompt_tokens, end.completion_tokens, estimated=False)
-    return Usage(estimate_tokens(prompt_text(request)), estimate_tokens(outcome.text), estimated=True)
-
-
-def prompt_text(request: ItemRequest) -> str:
-    """The text a request sends (for token estimates): its messages' text, or its input."""
-    if request.endpoint is not Endpoint.CHAT:
-        params = dict(request.params)
-        return _texts(params.get("input", params.get("prompt")))
-    return (request.system_message or "") + "".join(
-        m.content if type(m.content) is str else text_of(m.content) for m in request.messages)
-
-
-def _texts(value: Any) -> str:
-    """The strings inside an ``input`` or ``prompt`` (a string, strings, messages, parts)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "".join(_texts(v) for v in value)
-    if isinstance(value, dict):
-        return _texts(value.get("content", value.get("text")))
-    return ""
-
-
-def request_tokens(request: ItemRequest) -> int:
-    """What a request may cost in tokens, for a tokens-per-minute limit: prompt plus max_tokens."""
-    params = dict(request.params)
-    max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
-    return estimate_tokens(prompt_text(request)) + (max_tokens if isinstance(max_tokens, int) else 0)
-
-
-def estimate_tokens(text: str) -> int:
-    return math.ceil(len(text) / 4) if text else 0
 
 
 def _ms_since(started: float) -> int:
