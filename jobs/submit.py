@@ -9,8 +9,6 @@ requests and messages (most of Redis's work), is sent while the next block is re
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -107,15 +105,6 @@ def _execute(pipe: Any) -> None:
 
 def new_batch_id() -> str:
     return "b" + uuid.uuid4().hex[:15]
-
-
-def file_batch_id(path: str | Path, options: BatchOptions) -> str:
-    """A batch id that is the same for the same file and provider: how ``run`` resumes."""
-    digest = hashlib.sha256(json.dumps([options.provider]).encode())
-    with open_input(path) as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return "r" + digest.hexdigest()[:15]
 
 
 def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, options: BatchOptions,
