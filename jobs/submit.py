@@ -1,4 +1,5 @@
-"""Submitting a file: stream its lines into the store and onto the queue, a chunk at a time.
+"""Submitting a file (a path, or any binary stream): its lines into the store and onto the
+queue, a chunk at a time.
 
 Memory is bounded by the block size, whatever the file's length; each block costs
 two Redis round trips, none per line, and its items travel in chunked messages
@@ -9,8 +10,6 @@ requests and messages (most of Redis's work), is sent while the next block is re
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -111,20 +110,27 @@ def new_batch_id() -> str:
     return "b" + uuid.uuid4().hex[:15]
 
 
-def file_batch_id(path: str | Path, options: BatchOptions) -> str:
-    """A batch id that is the same for the same file and provider: how ``run`` resumes."""
-    digest = hashlib.sha256(json.dumps([options.provider]).encode())
-    with open_input(path) as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return "r" + digest.hexdigest()[:15]
-
-
 def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, options: BatchOptions,
                 settings: Settings, *, batch_id: str | None = None, resume: bool = False,
                 reuse_from: str | None = None, defaults: RequestDefaults = RequestDefaults(),
                 hold: Callable[[], bool] | None = None) -> SubmitReport:
-    """Record the batch and enqueue its items.
+    """:func:`submit_stream` of the file at ``path``, the batch named after it."""
+    with open_input(path) as stream:
+        return submit_stream(store, publisher, stream, str(path), options, settings, batch_id=batch_id,
+                             resume=resume, reuse_from=reuse_from, defaults=defaults, hold=hold)
+
+
+def submit_stream(store: BatchStore, publisher: Publisher, stream: BinaryIO, source: str,
+                  options: BatchOptions, settings: Settings, *, expected_lines: int | None = None,
+                  batch_id: str | None = None, resume: bool = False, reuse_from: str | None = None,
+                  defaults: RequestDefaults = RequestDefaults(),
+                  hold: Callable[[], bool] | None = None) -> SubmitReport:
+    """Record the batch and enqueue its items, read from ``stream`` a line at a time.
+
+    ``source`` names the input (the batch's source, as ``status`` shows it). ``expected_lines``:
+    about how many lines the stream holds, to size the messages from the start; by default
+    counted if the stream is a regular file (:func:`jobs.lines.lines_expected`), else the
+    lines read so far (a pipe).
 
     Once ``hold()`` is true, the rest of the file is recorded without being enqueued (``run``
     interrupted while it submits: no new item starts, and the batch, with what its workers
@@ -146,34 +152,33 @@ def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, optio
                           "without one each worker asks the server its own environment names")
     store.check_server()
     batch_id = batch_id or new_batch_id()
-    with open_input(path) as stream:
-        created = store.create(batch_id, str(path), options)
-        if not created and not resume:
-            raise ConfigError(f"batch {batch_id} already exists")
-        ahead = OneAhead()
-        try:
-            report = _submit(store, publisher, stream, batch_id, options, settings, resume,
-                             _reuse(store, reuse_from, options), defaults, ahead, hold)
-        except BaseException as exc:
-            ahead.close()  # nothing of the batch may arrive after it is removed
-            if created and not resume:
-                _abandon(store, batch_id)
-                if isinstance(exc, StoreFull):
-                    raise StoreFull(f"{exc}; nothing was submitted") from exc
-            raise
-        else:
-            ahead.close()  # its last pipeline was waited for: this ends its thread
+    created = store.create(batch_id, source, options)
+    if not created and not resume:
+        raise ConfigError(f"batch {batch_id} already exists")
+    ahead = OneAhead()
+    try:
+        report = _submit(store, publisher, stream, expected_lines, batch_id, options, settings, resume,
+                         _reuse(store, reuse_from, options), defaults, ahead, hold)
+    except BaseException as exc:
+        ahead.close()  # nothing of the batch may arrive after it is removed
+        if created and not resume:
+            _abandon(store, batch_id)
+            if isinstance(exc, StoreFull):
+                raise StoreFull(f"{exc}; nothing was submitted") from exc
+        raise
+    else:
+        ahead.close()  # its last pipeline was waited for: this ends its thread
     return report
 
 
-def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, batch_id: str,
-            options: BatchOptions, settings: Settings, resume: bool, reuse: Reuse | None,
+def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, expected_lines: int | None,
+            batch_id: str, options: BatchOptions, settings: Settings, resume: bool, reuse: Reuse | None,
             defaults: RequestDefaults, ahead: OneAhead, hold: Callable[[], bool] | None) -> SubmitReport:
     if resume:
         store.update_options(batch_id, options)
     total = invalid = enqueued = kept = changed = cached = 0
     first_invalid: str | None = None
-    expected = lines_expected(stream) or 0
+    expected = (lines_expected(stream) if expected_lines is None else expected_lines) or 0
     chunk: list[ChunkEntry] = []
     max_items, max_line_bytes = settings.max_items, settings.max_line_bytes
     providers = options.providers()

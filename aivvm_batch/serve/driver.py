@@ -3,22 +3,20 @@ cancelling → cancelled, expired).
 
 Every ``serve`` replica runs a driver; a lease per batch lets one replica at a
 time take a step, and every step is idempotent, so a replica that dies mid-way
-is simply followed by another. Submitting spools the input file from Redis to a
-temporary file (jobs.submit reads a path) and resumes if a previous attempt
-stopped half way. Finishing writes the output and error files into the file
-store, in input order, a chunk at a time.
+is simply followed by another. Submitting streams the input file from Redis
+(:mod:`.content`: no copy on disk) and resumes if a previous attempt stopped half
+way. Finishing writes the output and error files into the file store, in input
+order, a chunk at a time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from jobs.config import Settings
 from jobs.endpoints import endpoint_of
@@ -28,8 +26,9 @@ from jobs.keys import api_lease
 from jobs.queue import Publisher
 from jobs.records import MAX_PRIORITY, BatchInfo, BatchOptions, ItemResult, RequestDefaults, Status
 from jobs.store import BatchStore
-from jobs.submit import submit_file
+from jobs.submit import submit_stream
 
+from .content import expected_lines, open_content
 from .lease import Lease
 from .output import api_line
 from .records import ApiBatch, ApiStatus, BatchRecords, final_snapshot
@@ -116,29 +115,27 @@ class Driver:
             self._advance(batch)
 
     def _submit(self, batch: ApiBatch) -> ApiBatch:
-        with tempfile.TemporaryDirectory(prefix="aivvm-serve-") as tmp:
-            path = Path(tmp) / f"{batch.input_file_id}.jsonl"
-            try:
-                self.files.get(batch.owner, batch.input_file_id)
-                with open(path, "wb") as spool:
-                    for chunk in self.files.iter_content(batch.input_file_id):
-                        spool.write(chunk)
-            except FileNotFound:
-                return self._fail(batch, [{"code": "file_not_found", "line": None, "param": "input_file_id",
-                                           "message": f"the input file {batch.input_file_id} was deleted"}])
-            options = replace(batch.options or self.config.options, priority=priority_of(batch.metadata))
-            if options.cache:  # a tenant's answers are cached for that tenant alone
-                options = replace(options, cache_scope=batch.owner)
-            self.store.create(batch.store_id, f"{batch.input_file_id} ({batch.id})", options)
-            try:
-                submit_file(self.store, self.publisher, path, options, self.config.settings,
-                            batch_id=batch.store_id, resume=True,
-                            defaults=RequestDefaults(endpoint=endpoint_of(batch.endpoint)))
-            except BatchError as exc:
-                if isinstance(exc, StoreUnavailable):
-                    raise
-                return self._fail(batch, [{"code": "invalid_file", "line": None, "param": None,
-                                           "message": str(exc)}])
+        try:
+            stored = self.files.get(batch.owner, batch.input_file_id)
+        except FileNotFound:
+            return self._fail(batch, [{"code": "file_not_found", "line": None, "param": "input_file_id",
+                                       "message": f"the input file {batch.input_file_id} was deleted"}])
+        options = replace(batch.options or self.config.options, priority=priority_of(batch.metadata))
+        if options.cache:  # a tenant's answers are cached for that tenant alone
+            options = replace(options, cache_scope=batch.owner)
+        source = f"{batch.input_file_id} ({batch.id})"
+        expected = expected_lines(self.files, stored)
+        self.store.create(batch.store_id, source, options)
+        try:
+            with open_content(self.files, stored.id) as stream:
+                submit_stream(self.store, self.publisher, stream, source, options, self.config.settings,
+                              expected_lines=expected, batch_id=batch.store_id, resume=True,
+                              defaults=RequestDefaults(endpoint=endpoint_of(batch.endpoint)))
+        except BatchError as exc:
+            if isinstance(exc, StoreUnavailable):
+                raise
+            return self._fail(batch, [{"code": "invalid_file", "line": None, "param": None,
+                                       "message": str(exc)}])
         info = self.store.info(batch.store_id)
         if not info.total:
             return self._fail(batch, [{"code": "empty_file", "line": None, "param": "input_file_id",
