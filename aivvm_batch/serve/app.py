@@ -1,7 +1,7 @@
 """The ASGI app: OpenAI's /v1/files and /v1/batches over the store and queue, and a page.
 
 :func:`build_app` wires the routes to their handlers (:mod:`.files_api`, :mod:`.batches_api`,
-:mod:`.page_api`), each behind :func:`.endpoint.endpoint`, and keeps what they share on
+:mod:`.page_api`, :mod:`.metrics_api`), each behind :func:`.endpoint.endpoint`, and keeps what they share on
 ``app.state`` (:mod:`.state`). Handlers translate; the work is in jobs.files (files), records
 (the Batch object), driver (running it). Every error answers in OpenAI's error form; blocking
 Redis calls run in the thread pool.
@@ -25,6 +25,7 @@ from .context import ServeContext
 from .endpoint import blocking, endpoint, error_response
 from .errors import APIError
 from .files_api import delete_file, file_content, get_file, list_files, upload_file
+from .metrics_api import metrics
 from .page_api import health, page_batches, page_html, page_script, page_style
 from .state import AppState, app_state
 
@@ -36,6 +37,7 @@ ROUTES = [
     Route("/ui/page.css", endpoint(page_style, authenticated=False)),
     Route("/ui/batches", endpoint(page_batches)),
     Route("/health", endpoint(health, authenticated=False)),
+    Route("/metrics", endpoint(metrics, authenticated=False)),
     Route("/v1/files", endpoint(upload_file), methods=["POST"]),
     Route("/v1/files", endpoint(list_files), methods=["GET"]),
     Route("/v1/files/{file_id}", endpoint(get_file), methods=["GET"]),

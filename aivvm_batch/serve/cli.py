@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,15 @@ from jobs.records import BatchOptions
 from jobs.store import BatchStore
 
 from ..options import base_url_option, concurrency_option, env, handle_errors, interrupted, provider_option
-from .auth import is_loopback, load_keys
+from .auth import KeyRing, is_loopback, load_keys
 from .context import (DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UPLOAD_BYTES,
                       DEFAULT_UPLOADS_PER_KEY, DEFAULT_WINDOW_SECONDS, ServeContext, ServeLimits)
 from .driver import Driver, DriverConfig
 from .records import BatchRecords
+from .webhooks import Webhooks, load_hooks
 
 KEYS_VARIABLE = env("API_KEYS")
+METRICS_TOKEN_VARIABLE = env("METRICS_TOKEN")
 
 
 @click.command()
@@ -68,6 +70,10 @@ KEYS_VARIABLE = env("API_KEYS")
               help="Uploads under way at once per API key (beyond: 429).")
 @click.option("--max-connections", envvar=env("MAX_CONNECTIONS"), show_envvar=True, type=click.IntRange(min=1),
               default=DEFAULT_MAX_CONNECTIONS, show_default=True, help="Connections at once (beyond: 503).")
+@click.option("--webhooks-file", envvar=env("WEBHOOKS_FILE"), show_envvar=True, default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Webhooks at a batch's end, one 'API_KEY URL SECRET' a line ('-' for the key of a "
+              "server without keys): OpenAI's batch events, signed as Standard Webhooks says.")
 @click.option("--stub", is_flag=True, envvar=env("STUB"), show_envvar=True,
               help="Start the local stand-in provider (not a model) and use it.")
 @click.option("--cache", is_flag=True, envvar=env("CACHE"), show_envvar=True,
@@ -77,14 +83,18 @@ KEYS_VARIABLE = env("API_KEYS")
 def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: str | None,
           concurrency: int, worker_count: int, state_dir: Path, api_keys_file: Path | None,
           max_upload_bytes: int, completion_window_seconds: int, client_idle_seconds: float,
-          uploads_per_key: int, max_connections: int, stub: bool, cache: bool) -> None:
+          uploads_per_key: int, max_connections: int, webhooks_file: Path | None, stub: bool,
+          cache: bool) -> None:
     """Serve OpenAI's files and batches API (and a page at /) over the queue.
 
     Each API key (AIVVM_BATCH_API_KEYS, comma-separated, or --api-keys-file) sees
     only its own files and batches. With no key, it listens on loopback only.
     With no --redis-url it starts a private Redis and workers, as `run` does.
+    Prometheus metrics are at /metrics: from loopback, or with the bearer
+    AIVVM_BATCH_METRICS_TOKEN.
     """
     keys = load_keys(os.environ.get(KEYS_VARIABLE), api_keys_file)
+    hooks = load_hooks(webhooks_file)
     if keys.open and not is_loopback(host):
         raise ConfigError(f"--host {host} is not a loopback address: set {KEYS_VARIABLE} (or --api-keys-file) "
                           "so that clients must present a key")
@@ -94,14 +104,24 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
     # this process through its cleanup (the private Redis and workers), Ctrl-C as `run` ends (130)
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        _serve(host, port, provider, base_url, redis_url, concurrency, worker_count, state_dir, stub, cache, keys,
-               ServeLimits(max_upload_bytes=max_upload_bytes, window_seconds=completion_window_seconds,
-                           client_idle_seconds=client_idle_seconds, uploads_per_key=uploads_per_key,
-                           max_connections=max_connections))
+        limits = ServeLimits(max_upload_bytes=max_upload_bytes, window_seconds=completion_window_seconds,
+                             client_idle_seconds=client_idle_seconds, uploads_per_key=uploads_per_key,
+                             max_connections=max_connections)
+        _serve(host, port, provider, base_url, redis_url, concurrency, worker_count, state_dir, stub, cache,
+               Access(keys, os.environ.get(METRICS_TOKEN_VARIABLE) or None, Webhooks(hooks)), limits)
     except KeyboardInterrupt:
         interrupted("serve stopped")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call (the keys), who may scrape /metrics beside loopback, whom a batch's end is told."""
+
+    keys: KeyRing
+    metrics_token: str | None
+    webhooks: Webhooks
 
 
 def _terminated(signum: int, frame: Any) -> None:
@@ -109,7 +129,7 @@ def _terminated(signum: int, frame: Any) -> None:
 
 
 def _serve(host: str, port: int, provider: str, base_url: str | None, redis_url: str | None, concurrency: int,
-           worker_count: int, state_dir: Path, stub: bool, cache: bool, keys: Any, limits: ServeLimits) -> None:
+           worker_count: int, state_dir: Path, stub: bool, cache: bool, access: Access, limits: ServeLimits) -> None:
     with ExitStack() as stack:
         options = BatchOptions(provider=provider, base_url=base_url, cache=cache)
         if stub:
@@ -119,10 +139,10 @@ def _serve(host: str, port: int, provider: str, base_url: str | None, redis_url:
             options = replace(options, base_url=stand_in.base_url + ("/v1" if provider.startswith("openai") else ""))
         if redis_url is None:
             redis_url = _private(stack, state_dir, worker_count, concurrency, options.base_url)
-        _run(_context(redis_url, options, keys, limits), host, port)
+        _run(_context(redis_url, options, access, limits), host, port)
 
 
-def _context(redis_url: str, options: BatchOptions, keys: Any, limits: ServeLimits) -> ServeContext:
+def _context(redis_url: str, options: BatchOptions, access: Access, limits: ServeLimits) -> ServeContext:
     settings = Settings.from_env(redis_url=redis_url)
     configure(celery_app, settings)
     client = connect(redis_url, connect_timeout=5)
@@ -136,8 +156,10 @@ def _context(redis_url: str, options: BatchOptions, keys: Any, limits: ServeLimi
     store.check_server()
     files = FileStore(client)
     records = BatchRecords(client)
-    driver = Driver(store, files, records, Publisher(client, celery_app), DriverConfig(options, settings))
-    return ServeContext(store=store, files=files, records=records, driver=driver, keys=keys, limits=limits)
+    driver = Driver(store, files, records, Publisher(client, celery_app), DriverConfig(options, settings),
+                    access.webhooks)
+    return ServeContext(store=store, files=files, records=records, driver=driver, keys=access.keys,
+                        limits=limits, metrics_token=access.metrics_token)
 
 
 def _private(stack: ExitStack, state_dir: Path, worker_count: int, concurrency: int,

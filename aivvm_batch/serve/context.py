@@ -40,3 +40,5 @@ class ServeContext:
     driver: Driver
     keys: KeyRing
     limits: ServeLimits = ServeLimits()
+    # a bearer token that may scrape /metrics from beyond loopback (None: loopback only)
+    metrics_token: str | None = None

@@ -32,6 +32,7 @@ from .content import expected_lines, open_content
 from .lease import Lease
 from .output import api_line
 from .records import ApiBatch, ApiStatus, BatchRecords, final_snapshot
+from .webhooks import Webhooks
 
 log = logging.getLogger("aivvm_batch.serve")
 MAX_REPORTED_ERRORS = 100
@@ -47,12 +48,13 @@ class DriverConfig:
 
 class Driver:
     def __init__(self, store: BatchStore, files: FileStore, records: BatchRecords,
-                 publisher: Publisher, config: DriverConfig) -> None:
+                 publisher: Publisher, config: DriverConfig, webhooks: Webhooks | None = None) -> None:
         self.store = store
         self.files = files
         self.records = records
         self.publisher = publisher
         self.config = config
+        self.webhooks = webhooks
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._busy: set[str] = set()
@@ -71,6 +73,13 @@ class Driver:
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.webhooks is not None:
+            self.webhooks.stop()
+
+    def _ended(self, batch: ApiBatch, status: ApiStatus) -> None:
+        """The batch reached its end here (this replica's transition took): its owner's webhook."""
+        if self.webhooks is not None:
+            self.webhooks.batch_ended(batch.owner, batch.id, status)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -159,9 +168,10 @@ class Driver:
         return errors
 
     def _fail(self, batch: ApiBatch, errors: list[dict[str, object]]) -> ApiBatch:
-        self.records.transition(batch.id, (ApiStatus.VALIDATING, ApiStatus.CANCELLING), ApiStatus.FAILED,
-                                {"failed_at": int(time.time()), "errors": json.dumps(errors),
-                                 "submitted": "1"})
+        if self.records.transition(batch.id, (ApiStatus.VALIDATING, ApiStatus.CANCELLING), ApiStatus.FAILED,
+                                   {"failed_at": int(time.time()), "errors": json.dumps(errors),
+                                    "submitted": "1"}):
+            self._ended(batch, ApiStatus.FAILED)
         self.records.deactivate(batch.id)
         self.records.expire_with_files(batch.id, batch.output_ttl)
         return self._reload(batch)
@@ -188,9 +198,11 @@ class Driver:
             self._finish(self._reload(batch), info)
 
     def _fail_running(self, batch: ApiBatch, message: str) -> None:
-        self.records.transition(batch.id, (ApiStatus.IN_PROGRESS, ApiStatus.CANCELLING, ApiStatus.FINALIZING),
-                                ApiStatus.FAILED, {"failed_at": int(time.time()), "errors": json.dumps(
-                                    [{"code": "batch_lost", "line": None, "param": None, "message": message}])})
+        if self.records.transition(
+                batch.id, (ApiStatus.IN_PROGRESS, ApiStatus.CANCELLING, ApiStatus.FINALIZING), ApiStatus.FAILED,
+                {"failed_at": int(time.time()), "errors": json.dumps(
+                    [{"code": "batch_lost", "line": None, "param": None, "message": message}])}):
+            self._ended(batch, ApiStatus.FAILED)
         self.records.deactivate(batch.id)
         self.records.expire_with_files(batch.id, batch.output_ttl)
 
@@ -212,6 +224,7 @@ class Driver:
             fields["error_file_id"] = error
         allowed = (ApiStatus.FINALIZING,) if final is ApiStatus.COMPLETED else (batch.status,)
         if self.records.transition(batch.id, allowed, final, fields):
+            self._ended(batch, final)
             self.records.deactivate(batch.id)
             self.records.expire_with_files(batch.id, batch.output_ttl)
         else:

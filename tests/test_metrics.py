@@ -1,0 +1,51 @@
+"""/metrics: what a batch did, who works and how full Redis is, read from Redis at each scrape."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aivvm_batch.metrics import StoreCollector
+from aivvm_batch.stub import StubServer
+from aivvm_batch.workers import WorkerProcesses
+from jobs.store import BatchStore
+
+from .conftest import Batches
+
+
+def scrape(store: BatchStore) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(store))
+    text = generate_latest(registry).decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_a_scrape_counts_each_batchs_items_tokens_and_errors_and_names_the_workers(
+        batches: Batches, workers: WorkerProcesses, stub: StubServer, store: BatchStore) -> None:
+    batch_id = batches.submit([{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "there"},
+                               {"id": "c", "prompt": "[[stub fault=status code=400]] bad request"}],
+                               base_url=stub.base_url)
+    batches.wait(batch_id)
+    samples = scrape(store)
+
+    def of(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert of("aivvm_batch_redis_up") == 1
+    assert of("aivvm_batch_items", batch=batch_id, status="ok") == 2
+    assert of("aivvm_batch_items", batch=batch_id, status="failed") == 1
+    assert of("aivvm_batch_items", batch=batch_id, status="pending") == 0
+    assert of("aivvm_batch_tokens_total", batch=batch_id, kind="completion") > 0
+    assert sum(v for (name, labels), v in samples.items()
+               if name == "aivvm_batch_attempt_errors_total" and ("batch", batch_id) in labels) == 1
+    assert of("aivvm_batch_held_messages", batch=batch_id) == 0
+    seen = [v for (name, _), v in samples.items() if name == "aivvm_batch_worker_last_seen_seconds"]
+    assert seen and min(seen) < 60
+    assert of("aivvm_batch_redis_used_memory_bytes") > 0
+
+
+def test_a_scrape_with_redis_gone_says_so_instead_of_failing(store: BatchStore) -> None:
+    gone = BatchStore(type(store.redis)(host="127.0.0.1", port=9, socket_connect_timeout=0.5))
+    samples = scrape(gone)
+    assert samples == {("aivvm_batch_redis_up", ()): 0}
