@@ -15,7 +15,8 @@ from jobs.errors import StoreUnavailable
 from jobs.records import Status
 
 from .deferred_imports import imported
-from .options import concurrency_option, counted, env, fail, handle_errors, open_store, redis_url_option
+from .options import (concurrency_option, counted, env, fail, handle_errors, interrupted, masked_url, open_store,
+                      redis_url_option)
 
 
 class Commands(MutableMapping[str, click.Command]):
@@ -202,6 +203,40 @@ def batches(redis_url: str, as_json: bool) -> None:
             click.echo(json.dumps(info_dict(info)))
         else:
             click.echo(f"{info.id}  {info.state.value:<10}  {summary(info)}  {info.source}")
+
+
+@main.command()
+@redis_url_option
+@click.option("--host", envvar=env("METRICS_HOST"), show_envvar=True, default="127.0.0.1", show_default=True,
+              help="Address to listen on (the metrics name batches and workers, not keys or prompts).")
+@click.option("--port", envvar=env("METRICS_PORT"), show_envvar=True, type=click.IntRange(1, 65535),
+              default=9464, show_default=True, help="Port to listen on.")
+@handle_errors
+def metrics(redis_url: str, host: str, port: int) -> None:
+    """Export Prometheus metrics of this Redis's batches and workers at /metrics.
+
+    They are read from Redis at each scrape, so one exporter covers the workers
+    of every host (serve has the same at its own /metrics).
+    """
+    import threading
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from .metrics import StoreCollector
+
+    store = open_store(redis_url)
+    store.memory()  # an unreachable Redis is said now, in one line
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store))
+    try:
+        start_http_server(port, host, registry)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    click.echo(f"metrics of {masked_url(redis_url)} on http://{host}:{port}/metrics", err=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        interrupted("metrics stopped")
 
 
 @main.command()

@@ -78,3 +78,14 @@ def test_dockerfile_copies_every_package_the_project_declares() -> None:
     top_level = {p.strip().strip('"').split(".")[0] for p in packages.group(1).split(",")}
     copied = {rest.split()[0] for i, rest in dockerfile() if i == "COPY"}
     assert top_level <= copied
+
+
+def test_compose_prometheus_scrapes_the_metrics_exporter() -> None:
+    services = compose()["services"]
+    exporter = services["metrics"]
+    assert exporter["command"][0] == "metrics" and "ports" not in exporter, "reached by Prometheus only"
+    port = exporter["command"][exporter["command"].index("--port") + 1]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
+    config = yaml.safe_load((ROOT / mounted["/etc/prometheus/prometheus.yml"]).read_text())
+    targets = [t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]]
+    assert targets == [f"metrics:{port}"]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
+import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aivvm_batch.metrics import StoreCollector
+from aivvm_batch.private_redis import free_port
 from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
 from jobs.store import BatchStore
@@ -49,3 +56,23 @@ def test_a_scrape_with_redis_gone_says_so_instead_of_failing(store: BatchStore) 
     gone = BatchStore(type(store.redis)(host="127.0.0.1", port=9, socket_connect_timeout=0.5))
     samples = scrape(gone)
     assert samples == {("aivvm_batch_redis_up", ()): 0}
+
+
+def test_the_exporter_command_serves_the_same_and_ends_on_ctrl_c(redis_url: str) -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "aivvm_batch", "metrics", "--redis-url", redis_url,
+                                "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        text = ""
+        deadline = time.monotonic() + 30
+        while "aivvm_batch_redis_up" not in text and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except requests.RequestException:
+                continue
+        assert "aivvm_batch_redis_up 1.0" in text
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
