@@ -27,7 +27,6 @@ from jobs.config import Settings
 from jobs.connection import connect
 from jobs.errors import ConfigError
 from jobs.formats import ResultFormat, render
-from jobs.heartbeats import WorkerSeen
 from jobs.output import write_atomically
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app

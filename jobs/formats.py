@@ -12,7 +12,6 @@ invalid line, cancelled) has ``response: null`` and ``error: {code, message}``.
 
 from __future__ import annotations
 
-import json
 import time
 from enum import Enum
 from typing import Any

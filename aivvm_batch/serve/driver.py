@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -24,7 +25,7 @@ from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
 from jobs.files import FileNotFound, FileStore, FileWriter
 from jobs.keys import api_lease
 from jobs.queue import Publisher
-from jobs.records import MAX_PRIORITY, BatchInfo, BatchOptions, ItemResult, RequestDefaults, Status
+from jobs.records import MAX_PRIORITY, BatchInfo, BatchOptions, ItemResult, RequestDefaults
 from jobs.store import BatchStore
 from jobs.submit import submit_stream
 
@@ -32,10 +33,10 @@ from .content import expected_lines, open_content
 from .lease import Lease
 from .output import api_line
 from .records import ApiBatch, ApiStatus, BatchRecords, final_snapshot
+from .validation import without_request
 from .webhooks import Webhooks
 
 log = logging.getLogger("aivvm_batch.serve")
-MAX_REPORTED_ERRORS = 100
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,29 @@ class DriverConfig:
     settings: Settings
     interval: float = 0.5
     threads: int = 4
+
+
+class OwnerShares:
+    """Steps under way per owner, at most ``per_owner`` at once: validating or finalizing one
+    tenant's big files never holds every thread of the driver while another's batch waits."""
+
+    def __init__(self, per_owner: int) -> None:
+        self.per_owner = per_owner
+        self._under_way: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def take(self, owner: str) -> bool:
+        with self._lock:
+            if self._under_way[owner] >= self.per_owner:
+                return False
+            self._under_way[owner] += 1
+            return True
+
+    def give_back(self, owner: str) -> None:
+        with self._lock:
+            self._under_way[owner] -= 1
+            if self._under_way[owner] <= 0:
+                del self._under_way[owner]
 
 
 class Driver:
@@ -58,6 +82,7 @@ class Driver:
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._busy: set[str] = set()
+        self._shares = OwnerShares(max(1, config.threads // 2))
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="serve-driver")
         self._thread: threading.Thread | None = None
@@ -114,14 +139,19 @@ class Driver:
         if batch is None or batch.status.terminal:
             self.records.deactivate(batch_id)
             return
-        with Lease(self.store.redis, api_lease(batch_id)) as held:
-            if not held:
-                return
-            if not batch.submitted:
-                batch = self._submit(batch)
-                if batch.status.terminal:
+        if not self._shares.take(batch.owner):
+            return  # this owner's other batches hold its share of the threads: its turn comes
+        try:
+            with Lease(self.store.redis, api_lease(batch_id)) as held:
+                if not held:
                     return
-            self._advance(batch)
+                if not batch.submitted:
+                    batch = self._submit(batch)
+                    if batch.status.terminal:
+                        return
+                self._advance(batch)
+        finally:
+            self._shares.give_back(batch.owner)
 
     def _submit(self, batch: ApiBatch) -> ApiBatch:
         try:
@@ -133,13 +163,20 @@ class Driver:
         if options.cache:  # a tenant's answers are cached for that tenant alone
             options = replace(options, cache_scope=batch.owner)
         source = f"{batch.input_file_id} ({batch.id})"
+        defaults = RequestDefaults(endpoint=endpoint_of(batch.endpoint))
+        with open_content(self.files, stored.id) as stream:
+            nothing = without_request(stream, defaults, options.providers(), self.config.settings.max_line_bytes)
+        if nothing is not None and nothing.errors:
+            return self._fail(batch, list(nothing.errors))
+        if nothing is not None:
+            return self._fail(batch, [{"code": "empty_file", "line": None, "param": "input_file_id",
+                                       "message": "the input file holds no request"}])
         expected = expected_lines(self.files, stored)
         self.store.create(batch.store_id, source, options)
         try:
             with open_content(self.files, stored.id) as stream:
                 submit_stream(self.store, self.publisher, stream, source, options, self.config.settings,
-                              expected_lines=expected, batch_id=batch.store_id, resume=True,
-                              defaults=RequestDefaults(endpoint=endpoint_of(batch.endpoint)))
+                              expected_lines=expected, batch_id=batch.store_id, resume=True, defaults=defaults)
         except BatchError as exc:
             if isinstance(exc, StoreUnavailable):
                 raise
@@ -149,23 +186,11 @@ class Driver:
         if not info.total:
             return self._fail(batch, [{"code": "empty_file", "line": None, "param": "input_file_id",
                                        "message": "the input file holds no request"}])
-        if info.counts.get(Status.INVALID.value, 0) >= info.total:
-            return self._fail(batch, self._line_errors(batch, info))
         now = int(time.time())
         self.records.transition(batch.id, (ApiStatus.VALIDATING,), ApiStatus.IN_PROGRESS,
                                 {"in_progress_at": now})
         self.records.transition(batch.id, tuple(ApiStatus), None, {"submitted": "1"})
         return self._reload(batch)
-
-    def _line_errors(self, batch: ApiBatch, info: BatchInfo) -> list[dict[str, object]]:
-        errors: list[dict[str, object]] = []
-        for _, raw in self.store.iter_results(batch.store_id, min(info.total or 0, MAX_REPORTED_ERRORS)):
-            if raw is None:
-                continue
-            result = ItemResult.from_json(raw)
-            errors.append({"code": "invalid_request", "line": result.line, "param": None,
-                           "message": result.error.message if result.error else "invalid line"})
-        return errors
 
     def _fail(self, batch: ApiBatch, errors: list[dict[str, object]]) -> ApiBatch:
         if self.records.transition(batch.id, (ApiStatus.VALIDATING, ApiStatus.CANCELLING), ApiStatus.FAILED,
