@@ -1,6 +1,6 @@
 """``serve`` bounded by what a file carries: a file with no request fails in ``validating`` with
 OpenAI's ``errors.data`` and leaves no record of its lines in Redis; one tenant's steps never hold
-every thread of the driver."""
+every thread of the driver; the ``Batch`` object's usage details and model come from its answers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import redis
 from openai import OpenAI
 
 from aivvm_batch.serve.driver import OwnerShares
+from aivvm_batch.serve.output import AnswerTotals
 from aivvm_batch.serve.validation import MAX_REPORTED_ERRORS, without_request
 from aivvm_batch.stub import StubServer
 from jobs.records import RequestDefaults
@@ -82,3 +83,21 @@ def test_100k_invalid_lines_fail_in_validating_and_cost_redis_only_their_upload(
                                            endpoint="/v1/chat/completions", completion_window="24h").id,
                    statuses=("in_progress", "completed", "failed"))
     assert ran.status != "failed", ran.errors
+
+
+def test_a_batchs_usage_details_and_model_are_read_from_its_answers() -> None:
+    totals = AnswerTotals()
+    chat = {"response": {"status_code": 200, "body": {"model": "m-1", "usage": {
+        "prompt_tokens": 30, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 12},
+        "completion_tokens_details": {"reasoning_tokens": 3}}}}}
+    responses = {"response": {"status_code": 200, "body": {"model": "m-1", "usage": {
+        "input_tokens": 9, "output_tokens": 2, "input_tokens_details": {"cached_tokens": 4},
+        "output_tokens_details": {"reasoning_tokens": 1}}}}}
+    odd = {"response": {"status_code": 200, "body": {"model": "m-2", "usage": {
+        "prompt_tokens_details": {"cached_tokens": True}, "completion_tokens_details": None}}}}
+    refused = {"response": {"status_code": 400, "body": {"model": "m-3", "usage": {
+        "prompt_tokens_details": {"cached_tokens": 50}}}}}
+    for line in (chat, responses, odd, refused, {"response": None}):
+        totals.add(line)
+    assert (totals.cached_tokens, totals.reasoning_tokens, totals.model) == (16, 4, "m-1")
+    assert AnswerTotals().model is None

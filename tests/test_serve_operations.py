@@ -94,6 +94,9 @@ def test_a_batchs_end_is_told_to_its_owners_webhook_signed_and_no_one_elses(
         event = sdk.webhooks.unwrap(body, headers)
         events[event.data.id] = event
     assert isinstance(events[done], BatchCompletedWebhookEvent)
+    ended = OpenAI(base_url=server.api, api_key=ALICE, max_retries=0).batches.retrieve(done)
+    assert ended.model == "gpt-3.5-turbo" and ended.usage is not None
+    assert ended.usage.input_tokens_details.cached_tokens == 0 and ended.usage.output_tokens > 0
     assert isinstance(events[failed], BatchFailedWebhookEvent)
 
 

@@ -31,7 +31,7 @@ from jobs.submit import submit_stream
 
 from .content import expected_lines, open_content
 from .lease import Lease
-from .output import api_line
+from .output import AnswerTotals, api_line
 from .records import ApiBatch, ApiStatus, BatchRecords, final_snapshot
 from .validation import without_request
 from .webhooks import Webhooks
@@ -241,8 +241,10 @@ class Driver:
             if not self.records.transition(batch.id, (ApiStatus.IN_PROGRESS, ApiStatus.FINALIZING),
                                            ApiStatus.FINALIZING, {"finalizing_at": int(time.time())}):
                 return
-        output, error = self._write_results(batch, info, expired=final is ApiStatus.EXPIRED)
-        fields: dict[str, object] = {stamp: int(time.time()), **final_snapshot(info)}
+        totals = AnswerTotals()
+        output, error = self._write_results(batch, info, totals, expired=final is ApiStatus.EXPIRED)
+        fields: dict[str, object] = {stamp: int(time.time()), **final_snapshot(
+            info, totals.cached_tokens, totals.reasoning_tokens, totals.model)}
         if output:
             fields["output_file_id"] = output
         if error:
@@ -257,7 +259,8 @@ class Driver:
                 if file_id:
                     self.files.delete(batch.owner, file_id)
 
-    def _write_results(self, batch: ApiBatch, info: BatchInfo, *, expired: bool) -> tuple[str | None, str | None]:
+    def _write_results(self, batch: ApiBatch, info: BatchInfo, totals: AnswerTotals, *,
+                       expired: bool) -> tuple[str | None, str | None]:
         output = FileWriter(self.files, batch.owner, f"{batch.id}_output.jsonl", "batch_output", ttl=batch.output_ttl)
         error = FileWriter(self.files, batch.owner, f"{batch.id}_error.jsonl", "batch_output", ttl=batch.output_ttl)
         created = int(info.created)
@@ -265,7 +268,8 @@ class Driver:
             for _, raw in self.store.iter_results(batch.store_id, info.total or 0):
                 if raw is None:
                     continue
-                success, line = api_line(ItemResult.from_json(raw), expired=expired, created=created)
+                result = ItemResult.from_json(raw)
+                success, line = api_line(result, expired=expired, created=created, totals=totals)
                 (output if success else error).write(line)
             ids = tuple(w.commit().id if w.size else None for w in (output, error))
         except BaseException:

@@ -89,6 +89,8 @@ class ApiBatch:
     # request counts and usage as they were when the batch ended
     final_counts: dict[str, int] | None = None
     final_usage: dict[str, int] | None = None
+    # the model most of its answers named, once it ended
+    model: str | None = None
     # provider and base URL of the server that accepted the batch (never a secret)
     options: BatchOptions | None = None
     # how long its output and error files live (``output_expires_after``); the record goes with them
@@ -104,11 +106,11 @@ class ApiBatch:
             "status": self.status.value, "output_file_id": self.output_file_id,
             "error_file_id": self.error_file_id, "created_at": self.created_at,
             "expires_at": self.expires_at, "request_counts": counts, "metadata": self.metadata,
-            "model": None,
+            "model": self.model,
             "usage": {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"],
                       "total_tokens": usage["input_tokens"] + usage["output_tokens"],
-                      "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens_details": {"reasoning_tokens": 0}},
+                      "input_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
+                      "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens", 0)}},
         }
         body.update({name: self.times.get(name) for name in TIMESTAMPS})
         if self.errors:
@@ -129,9 +131,16 @@ def _usage(info: BatchInfo | None) -> dict[str, int]:
     return {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": usage.get("completion_tokens", 0)}
 
 
-def final_snapshot(info: BatchInfo) -> dict[str, str]:
-    """Fields that keep the counts and usage once the store's batch has expired."""
-    return {"final_counts": json.dumps(_counts(info)), "final_usage": json.dumps(_usage(info))}
+def final_snapshot(info: BatchInfo, cached_tokens: int = 0, reasoning_tokens: int = 0,
+                   model: str | None = None) -> dict[str, str]:
+    """Fields that keep the counts, the usage (with what the answers said of their cached and
+    reasoning tokens, read as the output file was written) and the model once the store's batch
+    has expired."""
+    usage = {**_usage(info), "cached_tokens": cached_tokens, "reasoning_tokens": reasoning_tokens}
+    fields = {"final_counts": json.dumps(_counts(info)), "final_usage": json.dumps(usage)}
+    if model is not None:
+        fields["model"] = model
+    return fields
 
 
 def new_batch_ids() -> tuple[str, str]:
@@ -290,6 +299,7 @@ def _from_hash(batch_id: str, raw: dict[bytes, bytes]) -> ApiBatch:
         expiring=m.get("expiring") == "1",
         final_counts=json.loads(m["final_counts"]) if "final_counts" in m else None,
         final_usage=json.loads(m["final_usage"]) if "final_usage" in m else None,
+        model=m.get("model") or None,
         options=_options(m.get("options")),
         output_ttl=int(m["output_ttl"]) if m.get("output_ttl", "").isdigit() else BATCH_FILE_TTL,
     )
