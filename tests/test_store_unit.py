@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 import redis
 
-from aivvm_batch.embedded import EmbeddedRedis
-
 from jobs import keys
 from jobs.records import (
     BatchOptions,
@@ -28,12 +26,13 @@ from jobs.records import (
     invalid_result,
 )
 from jobs.store import BatchStore, ChunkEntry, Claim, ClaimOutcome, Recorded, Reuse, worker_seen
+from tests.private_server_helpers import private_redis
 
 
 
 @pytest.fixture(scope="module")
 def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    with EmbeddedRedis(tmp_path_factory.mktemp("unit-redis"), persistent=False) as server:
+    with private_redis(tmp_path_factory.mktemp("unit-redis")) as server:
         yield redis.Redis.from_url(server.url)
 
 
