@@ -164,8 +164,9 @@ def limited_factory(tmp_path: Path, redis_factory: Callable[..., EmbeddedRedis],
     made: list[Limited] = []
 
     def make(maxmemory: str = "40mb", policy: str = "noeviction") -> Limited:
-        made.append(Limited(tmp_path / f"r{len(made)}", redis_factory(maxmemory=maxmemory, policy=policy),
-                            stub_factory()))
+        folder = tmp_path / f"r{len(made)}"
+        folder.mkdir()
+        made.append(Limited(folder, redis_factory(maxmemory=maxmemory, policy=policy), stub_factory()))
         return made[-1]
 
     try:
