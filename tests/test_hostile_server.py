@@ -32,7 +32,6 @@ from typing import Any, Protocol
 import pytest
 import redis
 
-from aivvm_batch.private_redis import EmbeddedRedis
 from aivvm_batch.workers import WorkerProcesses
 from jobs.config import Settings
 from jobs.queue import Publisher, configure
@@ -40,6 +39,7 @@ from jobs.queue import app as celery_app
 from jobs.records import ChatMessage, ItemRequest
 from jobs.store import BatchStore
 from tests.conftest import WORKER_ENV, Batches
+from tests.private_server_helpers import private_redis
 from worker.attempt import Attempt, attempt
 from worker.decision import to_result
 from worker.errors import ProviderError
@@ -53,8 +53,6 @@ ENDLESS_LIMIT = 64 * 1024 * 1024  # an "endless" body stops here, so the test en
 BLOCK = 64 * 1024
 HTML = b"<!doctype html><html><head><title>Sign in</title></head><body><form>login</form></body></html>"
 PATHS = ["sync", "async"]  # requests (create_completion's), and the worker's attempt on an event loop
-ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY",
-                 "AIVVM_BATCH_ALLOWED_BASE_URLS")
 
 
 @cache
@@ -261,12 +259,6 @@ def elsewhere() -> Iterator[Hostile]:
     server = Hostile()
     yield server
     server.stop()
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ENV_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
 
 
 SETTINGS = Settings(connect_timeout=2.0, read_timeout=5.0, item_deadline=30.0, max_reply_bytes=CAP)
@@ -563,7 +555,7 @@ class Cluster:
     """A private Redis and one real worker process with keys in its environment."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
-        self.redis_server = EmbeddedRedis(tmp_path / "redis", persistent=False).start()
+        self.redis_server = private_redis(tmp_path / "redis").start()
         settings = Settings.from_env(WORKER_ENV, redis_url=self.redis_server.url)
         client = redis.Redis.from_url(self.redis_server.url)
         configure(celery_app, settings)

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import redis
 
-from aivvm_batch.private_redis import EmbeddedRedis
 from aivvm_batch.serve import page
 from jobs import clock, keys
 from jobs.clock import SharedClock, offset_of
 from jobs.heartbeats import WorkerSeen
 from jobs.reconcile import renew_messages, restore_stale_messages
+from tests.private_server_helpers import private_redis
 from worker.runtime import FENCE_SHARE, WARN_SHARE, Contact
 from worker.sweeper import Outage
 
@@ -46,7 +46,7 @@ def test_a_shared_clock_reads_redis_s_time_whatever_this_host_s_says(caplog: pyt
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    with EmbeddedRedis(tmp_path_factory.mktemp("clock-redis"), persistent=False) as embedded:
+    with private_redis(tmp_path_factory.mktemp("clock-redis")) as embedded:
         yield redis.Redis.from_url(embedded.url)
 
 

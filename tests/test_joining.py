@@ -29,7 +29,8 @@ from worker.errors import (
 from worker.providers import OpenAI
 from worker.providers.call import CompletionCall, Item, StreamEnd
 from worker.providers.exchange import Head
-from worker.providers.joining import MAX_CHOICES, MAX_TOOL_CALLS, ChatJoiner, ResponseFailed
+from worker.providers.joining import ChatJoiner, ResponseFailed
+from worker.providers.joining.bounds import MAX_CHOICES, MAX_TOOL_CALLS
 from worker.providers.reply import ReplyReader
 
 MiB = 1024 * 1024

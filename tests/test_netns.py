@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from jobs.records import BatchOptions
 from jobs.store import BatchStore
 from jobs.submit import submit_file
 from tests import netns
+from tests.private_server_helpers import stub_argv
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos,
               pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
@@ -65,10 +65,9 @@ class Hosts:
                                              "--port", "6379", "--save", "", "--appendonly", "no",
                                              "--protected-mode", "no", "--dir", str(tmp_path)],
                            dict(os.environ), tmp_path / "redis.log")
-            self.net.start(self.provider, [sys.executable, "-m", "aivvm_batch", "stub", "--host",
-                                           self.provider.address, "--port", str(STUB_PORT), "--latency", "1",
-                                           "--chunks", "4"], {**os.environ, "PYTHONPATH": str(ROOT)},
-                           tmp_path / "stub.log")
+            self.net.start(self.provider, stub_argv(STUB_PORT, "--latency", "1", "--chunks", "4",
+                                                    host=self.provider.address),
+                           {**os.environ, "PYTHONPATH": str(ROOT)}, tmp_path / "stub.log")
             self.client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
             self.settings = Settings.from_env(HOSTS_ENV, redis_url=self.redis_url)
             self.store = BatchStore(self.client, self.settings.result_ttl)

@@ -14,7 +14,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,10 +49,6 @@ AIVVM_MODELS = {
     "gpt-4-32k": "GPT-4-32K",
     "gpt-4-32k-0613": "GPT-4-32K-0613",
 }
-ENV_VARIABLES = ("AIVVM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AIVVM_API_KEY",
-                 "AIVVM_BATCH_ALLOWED_BASE_URLS")
-
-
 # --------------------------------------------------------------------------
 # The capturing server
 # --------------------------------------------------------------------------
@@ -144,16 +140,9 @@ class CaptureServer:
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stub() -> Iterator[StubServer]:
-    with StubServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def keyed_stub() -> Iterator[StubServer]:
-    with StubServer(api_key="sk-test") as server:
-        yield server
+@pytest.fixture
+def keyed_stub(stub_factory: Callable[..., StubServer]) -> StubServer:
+    return stub_factory(api_key="sk-test")
 
 
 @pytest.fixture()
@@ -161,13 +150,6 @@ def capture() -> Iterator[CaptureServer]:
     server = CaptureServer()
     yield server
     server.stop()
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ambient environment must not steer the providers."""
-    for name in ENV_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
 
 
 def closed_port_url() -> str:

@@ -32,6 +32,7 @@ from jobs.queue import app as celery_app
 from jobs.records import BatchInfo, BatchOptions
 from jobs.store import BatchStore
 from jobs.submit import submit_file
+from tests.private_server_helpers import private_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,7 @@ class Cluster:
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.redis_server = EmbeddedRedis(tmp_path / "redis", persistent=True).start()
+        self.redis_server = private_redis(tmp_path / "redis", persistent=True).start()
         self.settings = Settings.from_env(CHAOS_ENV, redis_url=self.redis_server.url)
         self.client = redis.Redis.from_url(self.redis_server.url, socket_connect_timeout=2)
         self.store = BatchStore(self.client, self.settings.result_ttl)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -64,9 +64,9 @@ def calls(stub: StubServer) -> int:
 
 
 @pytest.fixture
-def stub() -> Iterator[StubServer]:
-    with StubServer() as server:
-        yield server
+def stub(stub_factory: Callable[..., StubServer]) -> StubServer:
+    """A stand-in of each test's own, in place of the shared one: these tests count its calls."""
+    return stub_factory()
 
 
 class Session:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -67,13 +67,6 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 # --------------------------------------------------------------------------
 # Helpers: a private Redis, a dump of everything in it, a recording Aivvm server
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis", persistent=False).start()
-    yield server
-    server.stop()
 
 
 def dump_redis(client: redis.Redis) -> list[bytes]:
@@ -171,8 +164,9 @@ class AivvmRecorder:
 
 
 @pytest.mark.timeout(120)
-def test_api_keys_never_reach_redis_messages_logs_or_results(private_redis: EmbeddedRedis,
+def test_api_keys_never_reach_redis_messages_logs_or_results(redis_factory: Callable[..., EmbeddedRedis],
                                                              tmp_path: Path) -> None:
+    private_redis = redis_factory()
     openai_key = f"sk-SECRET-{secrets.token_hex(16)}"
     aivvm_key = f"aivvm-SECRET-{secrets.token_hex(16)}"
     secret_values = [openai_key, aivvm_key]
@@ -286,12 +280,9 @@ def test_api_keys_never_reach_redis_messages_logs_or_results(private_redis: Embe
 
 
 @pytest.fixture
-def redis_with_password(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, str]]:
+def redis_with_password(redis_factory: Callable[..., EmbeddedRedis]) -> tuple[EmbeddedRedis, str]:
     password = "s3cret"
-    server = EmbeddedRedis(tmp_path / "redis-pw", persistent=False,
-                           extra_args=("--requirepass", password)).start()
-    yield server, password
-    server.stop()
+    return redis_factory(password=password), password
 
 
 def with_password(server: EmbeddedRedis, password: str | None) -> str:

@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 import redis
 
-from aivvm_batch.private_redis import EmbeddedRedis
-
 from jobs import keys
 from jobs.claims import Claim, ClaimOutcome
 from jobs.heartbeats import worker_seen
@@ -32,12 +30,13 @@ from jobs.records import (
     invalid_result,
 )
 from jobs.store import BatchStore
+from tests.private_server_helpers import private_redis
 
 
 
 @pytest.fixture(scope="module")
 def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    with EmbeddedRedis(tmp_path_factory.mktemp("unit-redis"), persistent=False) as server:
+    with private_redis(tmp_path_factory.mktemp("unit-redis")) as server:
         yield redis.Redis.from_url(server.url)
 
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import pytest
 import requests
@@ -21,16 +21,10 @@ from aivvm_batch import stub as stub_module
 MODEL = {"id": "gpt-3.5-turbo", "name": "GPT-3.5"}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[StubServer]:
-    with StubServer() as srv:
-        yield srv
-
-
-@pytest.fixture()
-def fresh() -> Iterator[StubServer]:
-    with StubServer() as srv:
-        yield srv
+@pytest.fixture
+def server(stub_factory: Callable[..., StubServer]) -> StubServer:
+    """A stand-in of each test's own: its counters and ``times=`` faults start from nothing."""
+    return stub_factory()
 
 
 def aivvm_body(content: str, **extra: Any) -> dict[str, Any]:
@@ -385,25 +379,25 @@ def test_openai_api_key() -> None:
 # -- introspection -----------------------------------------------------------
 
 
-def test_stats_and_reset(fresh: StubServer) -> None:
-    post_aivvm(fresh, "alpha")
-    post_aivvm(fresh, "alpha [[stub chunks=1]]")
-    openai_post(fresh, "beta", stream=True)
-    post_aivvm(fresh, "[[stub fault=status times=1]] gamma")
-    assert post_aivvm(fresh, "[[stub fault=status times=1]] gamma").status_code == 200
-    stats = requests.get(f"{fresh.base_url}/__stub/stats", timeout=5).json()
+def test_stats_and_reset(server: StubServer) -> None:
+    post_aivvm(server, "alpha")
+    post_aivvm(server, "alpha [[stub chunks=1]]")
+    openai_post(server, "beta", stream=True)
+    post_aivvm(server, "[[stub fault=status times=1]] gamma")
+    assert post_aivvm(server, "[[stub fault=status times=1]] gamma").status_code == 200
+    stats = requests.get(f"{server.base_url}/__stub/stats", timeout=5).json()
     assert stats["requests"] == 5
     assert stats["by_prompt"] == {"alpha": 2, "beta": 1, "gamma": 2}
     assert len(stats["times"]) == 5 and stats["times"] == sorted(stats["times"])
-    assert fresh.stats() == stats
+    assert server.stats() == stats
 
-    settled(fresh)
-    resp = requests.post(f"{fresh.base_url}/__stub/reset", timeout=5)
+    settled(server)
+    resp = requests.post(f"{server.base_url}/__stub/reset", timeout=5)
     assert resp.status_code == 204
-    assert fresh.stats() == {"requests": 0, "by_prompt": {}, "times": [], "in_flight": 0, "peak_in_flight": 0,
-                             "rate_limited": 0}
+    assert server.stats() == {"requests": 0, "by_prompt": {}, "times": [], "in_flight": 0, "peak_in_flight": 0,
+                              "rate_limited": 0}
     # fault bookkeeping reset too: the times=1 fault fires again
-    assert post_aivvm(fresh, "[[stub fault=status times=1]] gamma").status_code == 500
+    assert post_aivvm(server, "[[stub fault=status times=1]] gamma").status_code == 500
 
 
 def test_health_and_unknown_path(server: StubServer) -> None:
@@ -627,10 +621,10 @@ def test_peak_in_flight_counts_two_thousand_held_streams() -> None:
     assert srv.stats()["in_flight"] == 0
 
 
-def test_small_peak_is_exact(fresh: StubServer) -> None:
+def test_small_peak_is_exact(server: StubServer) -> None:
     for i in range(3):
-        post_aivvm(fresh, f"one at a time {i}")
-    stats = settled(fresh)
+        post_aivvm(server, f"one at a time {i}")
+    stats = settled(server)
     assert (stats["peak_in_flight"], stats["in_flight"]) == (1, 0)
 
 

@@ -14,7 +14,7 @@ import re
 import struct
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import openai
 import pytest
@@ -76,13 +76,13 @@ PERSON_SCHEMA = {
 PERSON = {"name": "stand-in", "age": 1, "address": {"street": "stand-in"}, "nickname": "stand-in"}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[StubServer]:
-    with StubServer() as srv:
-        yield srv
+@pytest.fixture
+def server(stub_factory: Callable[..., StubServer]) -> StubServer:
+    """A stand-in of each test's own: its counters and ``times=`` faults start from nothing."""
+    return stub_factory()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(server: StubServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-stub", max_retries=0, timeout=10)
 
