@@ -48,6 +48,7 @@ class StoredFile:
     bytes: int
     created_at: int
     expires_at: int | None = None
+    lines: int | None = None  # None: stored before lines were counted
 
     def to_api(self) -> dict[str, Any]:
         """The OpenAI ``FileObject``."""
@@ -76,6 +77,8 @@ class FileWriter:
         self.filename = filename
         self.purpose = purpose
         self.size = 0
+        self.lines = 0
+        self._last = b"\n"
         self._buffer = bytearray()
 
     def write(self, data: bytes) -> None:
@@ -87,6 +90,9 @@ class FileWriter:
         """Buffer ``data`` (no I/O)."""
         self._buffer += data
         self.size += len(data)
+        if data:
+            self.lines += data.count(b"\n")
+            self._last = data[-1:]
 
     @property
     def full(self) -> bool:
@@ -104,7 +110,7 @@ class FileWriter:
             self._buffer.clear()
         created = int(time.time())
         stored = StoredFile(self.id, self.owner, self.filename, self.purpose, self.size, created,
-                            created + self.ttl if self.ttl else None)
+                            created + self.ttl if self.ttl else None, self.lines + (self._last != b"\n"))
         self.files.commit(stored)
         return stored
 
@@ -132,7 +138,8 @@ class FileStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(file_meta(stored.id), mapping={
             "owner": stored.owner, "filename": stored.filename, "purpose": stored.purpose,
-            "bytes": stored.bytes, "created_at": stored.created_at, "expires_at": stored.expires_at or ""})
+            "bytes": stored.bytes, "created_at": stored.created_at, "expires_at": stored.expires_at or "",
+            "lines": "" if stored.lines is None else stored.lines})
         if stored.expires_at:  # the file's keys go at its time (the owner's index forgets it when listed)
             pipe.expireat(file_meta(stored.id), stored.expires_at)
             pipe.expireat(file_data(stored.id), stored.expires_at)
@@ -154,10 +161,10 @@ class FileStore:
         meta = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
         if not meta or meta.get("owner") != owner:
             raise FileNotFound(file_id)
-        expires = meta.get("expires_at", "")
+        expires, lines = meta.get("expires_at", ""), meta.get("lines", "")
         return StoredFile(file_id, owner, meta.get("filename", ""), meta.get("purpose", ""),
                           int(meta.get("bytes", 0)), int(meta.get("created_at", 0)),
-                          int(expires) if expires.isdigit() else None)
+                          int(expires) if expires.isdigit() else None, int(lines) if lines.isdigit() else None)
 
     @translated
     def list_files(self, owner: str, *, after: str | None = None, limit: int = 100,

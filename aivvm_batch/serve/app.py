@@ -54,7 +54,7 @@ ROUTES = [
 def build_app(ctx: ServeContext, *, run_driver: bool = True) -> Starlette:
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
-    app.state.serve = AppState(ctx, UploadSlots(ctx.limits.uploads_per_key), run_driver)
+    app.state.serve = AppState(ctx, UploadSlots(), run_driver)
     return app
 
 

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -37,11 +37,25 @@ class KeyRing:
     """The accepted API keys (as digests) and the owner each one stands for."""
 
     entries: tuple[tuple[bytes, str], ...] = ()
+    # the words after a key in its entry (its own quotas, ``batches=5``), by owner, and where each was
+    quota_words: tuple[tuple[str, tuple[str, ...], str], ...] = ()
 
     @classmethod
     def of(cls, keys: Iterable[str]) -> KeyRing:
         unique = dict.fromkeys(k for k in keys if k)
         return cls(tuple((_digest(k), owner_of(k)) for k in unique))
+
+    @classmethod
+    def of_entries(cls, entries: Iterable[tuple[str, str]]) -> KeyRing:
+        """Keys from entries ``(where, "KEY [name=value ...]")``: a key, then the quotas of its own."""
+        keys: list[str] = []
+        words: list[tuple[str, tuple[str, ...], str]] = []
+        for where, entry in entries:
+            key, *rest = entry.split()
+            keys.append(key)
+            if rest:
+                words.append((owner_of(key), tuple(rest), where))
+        return replace(cls.of(keys), quota_words=tuple(words))
 
     @property
     def open(self) -> bool:
@@ -68,18 +82,20 @@ class KeyRing:
 
 
 def load_keys(from_env: str | None, file: Path | None) -> KeyRing:
-    """Keys from ``AIVVM_BATCH_API_KEYS`` (comma-separated) and a file (one a line, ``#`` comments)."""
-    keys = [k.strip() for k in (from_env or "").split(",") if k.strip()]
+    """Keys from ``AIVVM_BATCH_API_KEYS`` (comma-separated) and a file (one a line, ``#`` comments);
+    words after a key give it quotas of its own (``sk-… batches=5 items=100000``)."""
+    entries = [(f"AIVVM_BATCH_API_KEYS, entry {n}", k.strip())
+               for n, k in enumerate((from_env or "").split(","), 1) if k.strip()]
     if file is not None:
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the API keys file {file}: {exc}") from exc
-        keys += [line.strip() for line in text.splitlines()
-                 if line.strip() and not line.strip().startswith("#")]
-        if not keys:
+        entries += [(f"{file}, line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                    if line.strip() and not line.strip().startswith("#")]
+        if not entries:
             raise ConfigError(f"the API keys file {file} holds no key")
-    return KeyRing.of(keys)
+    return KeyRing.of_entries(entries)
 
 
 def is_loopback(host: str) -> bool:

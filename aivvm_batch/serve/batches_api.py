@@ -52,7 +52,8 @@ async def create_batch(request: Request, owner: str) -> Response:
                          param="input_file_id")
     batch = await blocking(partial(ctx.records.create, owner, input_file_id, endpoint, window,
                                    ctx.limits.window_seconds, pairs, ctx.driver.config.options,
-                                   idempotency_key=idempotency_key(request), output_ttl=ttl))
+                                   idempotency_key=idempotency_key(request), output_ttl=ttl,
+                                   allowed=partial(ctx.quotas.check_batch, owner, stored.lines or 0)))
     ctx.driver.wake.set()
     return JSONResponse(batch.to_api(None))
 

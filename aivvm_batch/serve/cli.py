@@ -27,7 +27,9 @@ from jobs.store import BatchStore
 from ..options import base_url_option, concurrency_option, env, handle_errors, interrupted, provider_option
 from .auth import KeyRing, is_loopback, load_keys
 from .context import (DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UPLOAD_BYTES,
-                      DEFAULT_UPLOADS_PER_KEY, DEFAULT_WINDOW_SECONDS, ServeContext, ServeLimits)
+                      DEFAULT_WINDOW_SECONDS, ServeContext, ServeLimits)
+from .quotas import (DEFAULT_ACTIVE_BATCHES, DEFAULT_QUEUED_ITEMS, DEFAULT_STORED_BYTES, DEFAULT_UPLOADS, Quota,
+                     Quotas, with_words)
 from .driver import Driver, DriverConfig
 from .records import BatchRecords
 from .webhooks import Webhooks, load_hooks
@@ -66,8 +68,17 @@ METRICS_TOKEN_VARIABLE = env("METRICS_TOKEN")
               type=click.FloatRange(min=0.1), default=DEFAULT_CLIENT_IDLE_SECONDS, show_default=True,
               help="A request whose body sends nothing this long is closed (408).")
 @click.option("--uploads-per-key", envvar=env("UPLOADS_PER_KEY"), show_envvar=True, type=click.IntRange(min=1),
-              default=DEFAULT_UPLOADS_PER_KEY, show_default=True,
+              default=DEFAULT_UPLOADS, show_default=True,
               help="Uploads under way at once per API key (beyond: 429).")
+@click.option("--batches-per-key", envvar=env("BATCHES_PER_KEY"), show_envvar=True, type=click.IntRange(min=1),
+              default=DEFAULT_ACTIVE_BATCHES, show_default=True,
+              help="Batches not ended yet per API key (beyond: 429).")
+@click.option("--queued-items-per-key", envvar=env("QUEUED_ITEMS_PER_KEY"), show_envvar=True,
+              type=click.IntRange(min=1), default=DEFAULT_QUEUED_ITEMS, show_default=True,
+              help="Items not ended yet per API key, a new batch's lines included (beyond: 429).")
+@click.option("--stored-bytes-per-key", envvar=env("STORED_BYTES_PER_KEY"), show_envvar=True,
+              type=click.IntRange(min=1), default=DEFAULT_STORED_BYTES, show_default=True,
+              help="Bytes of files stored per API key, uploads and results (beyond: 429 on upload).")
 @click.option("--max-connections", envvar=env("MAX_CONNECTIONS"), show_envvar=True, type=click.IntRange(min=1),
               default=DEFAULT_MAX_CONNECTIONS, show_default=True, help="Connections at once (beyond: 503).")
 @click.option("--webhooks-file", envvar=env("WEBHOOKS_FILE"), show_envvar=True, default=None,
@@ -83,8 +94,8 @@ METRICS_TOKEN_VARIABLE = env("METRICS_TOKEN")
 def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: str | None,
           concurrency: int, worker_count: int, state_dir: Path, api_keys_file: Path | None,
           max_upload_bytes: int, completion_window_seconds: int, client_idle_seconds: float,
-          uploads_per_key: int, max_connections: int, webhooks_file: Path | None, stub: bool,
-          cache: bool) -> None:
+          uploads_per_key: int, batches_per_key: int, queued_items_per_key: int, stored_bytes_per_key: int,
+          max_connections: int, webhooks_file: Path | None, stub: bool, cache: bool) -> None:
     """Serve OpenAI's files and batches API (and a page at /) over the queue.
 
     Each API key (AIVVM_BATCH_API_KEYS, comma-separated, or --api-keys-file) sees
@@ -104,9 +115,10 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
     # this process through its cleanup (the private Redis and workers), Ctrl-C as `run` ends (130)
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
+        quota = Quota(active_batches=batches_per_key, queued_items=queued_items_per_key,
+                      stored_bytes=stored_bytes_per_key, uploads=uploads_per_key)
         limits = ServeLimits(max_upload_bytes=max_upload_bytes, window_seconds=completion_window_seconds,
-                             client_idle_seconds=client_idle_seconds, uploads_per_key=uploads_per_key,
-                             max_connections=max_connections)
+                             client_idle_seconds=client_idle_seconds, max_connections=max_connections, quota=quota)
         _serve(host, port, provider, base_url, redis_url, concurrency, worker_count, state_dir, stub, cache,
                Access(keys, os.environ.get(METRICS_TOKEN_VARIABLE) or None, Webhooks(hooks)), limits)
     except KeyboardInterrupt:
@@ -158,8 +170,10 @@ def _context(redis_url: str, options: BatchOptions, access: Access, limits: Serv
     records = BatchRecords(client)
     driver = Driver(store, files, records, Publisher(client, celery_app), DriverConfig(options, settings),
                     access.webhooks)
+    own = {owner: with_words(limits.quota, words, where) for owner, words, where in access.keys.quota_words}
+    quotas = Quotas(limits.quota, own, files, records, store)
     return ServeContext(store=store, files=files, records=records, driver=driver, keys=access.keys,
-                        limits=limits, metrics_token=access.metrics_token)
+                        quotas=quotas, limits=limits, metrics_token=access.metrics_token)
 
 
 def _private(stack: ExitStack, state_dir: Path, worker_count: int, concurrency: int,

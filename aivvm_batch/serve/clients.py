@@ -4,7 +4,7 @@ A client that sends its headers and then a body a byte now and then (or nothing)
 connection, a task and the upload's buffer for as long as it liked: 100 uploads stalled after
 1 MB kept serve 102 MB larger and every connection open. Here each read of the body waits
 ``idle`` seconds at most (then 408, and the connection closes), and a key has at most
-``per_key`` uploads under way (the next is a 429 in OpenAI's form until one ends).
+``limit`` uploads under way (its quota: the next is a 429 in OpenAI's form until one ends).
 """
 
 from __future__ import annotations
@@ -37,14 +37,13 @@ def idle_limited(receive: Receive, idle: float) -> Receive:
 class UploadSlots:
     """Uploads under way, per key (the event loop's: no lock)."""
 
-    def __init__(self, per_key: int) -> None:
-        self.per_key = per_key
+    def __init__(self) -> None:
         self._under_way: Counter[str] = Counter()
 
     @asynccontextmanager
-    async def hold(self, owner: str) -> AsyncIterator[None]:
-        if self._under_way[owner] >= self.per_key:
-            raise TooManyRequests(f"this key has {self.per_key} uploads under way already (the limit): send this "
+    async def hold(self, owner: str, limit: int) -> AsyncIterator[None]:
+        if self._under_way[owner] >= limit:
+            raise TooManyRequests(f"this key has {limit} uploads under way already (the limit): send this "
                                   "one when one of them has ended", retry_after=5)
         self._under_way[owner] += 1
         try:

@@ -18,7 +18,10 @@ from .upload import receive_upload
 
 async def upload_file(request: Request, owner: str) -> Response:
     state = app_state(request.app)
-    async with state.uploads.hold(owner):
+    quotas = state.ctx.quotas
+    declared = request.headers.get("content-length", "")
+    await blocking(quotas.check_upload, owner, int(declared) if declared.isdigit() else 0)
+    async with state.uploads.hold(owner, quotas.of(owner).uploads):
         stored = await receive_upload(request, state.ctx.files, owner, state.ctx.limits.max_upload_bytes)
     return JSONResponse(stored.to_api())
 

@@ -158,11 +158,13 @@ class BatchRecords:
     def create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                window_seconds: int, metadata: dict[str, str] | None,
                options: BatchOptions | None = None, idempotency_key: str | None = None,
-               output_ttl: int = BATCH_FILE_TTL) -> ApiBatch:
+               output_ttl: int = BATCH_FILE_TTL, allowed: Callable[[], None] = lambda: None) -> ApiBatch:
         """A new batch, run with ``options`` (the creating server's provider and base URL); with
         ``idempotency_key`` (a client's Idempotency-Key header), the batch that key made already
-        (its retry), made once whatever the retries: the key and the batch are written together."""
+        (its retry), made once whatever the retries: the key and the batch are written together.
+        ``allowed`` raises if a new batch may not be made (a quota); a retry's batch is not new."""
         if idempotency_key is None:
+            allowed()
             return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata,
                                 options, output_ttl, lambda pipe, batch_id: None)
         key = api_idempotency(owner, hashlib.sha256(idempotency_key.encode()).hexdigest())
@@ -171,6 +173,7 @@ class BatchRecords:
         if not self.redis.set(key, f"{PENDING} {asked}", nx=True, ex=PENDING_SECONDS):
             return self._made_by(owner, key, asked)
         try:
+            allowed()
             return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata, options,
                                 output_ttl,
                                 lambda pipe, batch_id: pipe.set(key, f"{batch_id} {asked}", ex=IDEMPOTENCY_SECONDS))
