@@ -16,7 +16,7 @@ from aivvm_batch.serve.quotas import Quota, with_words
 from jobs.errors import ConfigError
 from tests.serve_helpers import Served, request_line, serving, wait_for, with_db, write_jsonl
 
-SMALL, LARGE = "sk-small-quota-key", "sk-default-quota-key"
+SMALL, LARGE, MANY = "sk-small-quota-key", "sk-default-quota-key", "sk-many-batches-key"
 
 
 def test_a_keys_entry_gives_it_quotas_of_its_own() -> None:
@@ -35,7 +35,7 @@ def test_a_keys_entry_gives_it_quotas_of_its_own() -> None:
 
 @pytest.fixture(scope="module")
 def server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    keys = f"{SMALL} batches=2 items=5 bytes=2600,{LARGE}"
+    keys = f"{SMALL} batches=2 items=5 bytes=2600,{LARGE},{MANY} batches=300"
     with serving("--redis-url", with_db(redis_url, 3), "--provider", "openai", "--base-url",
                  "http://127.0.0.1:9/v1", env={"AIVVM_BATCH_API_KEYS": keys},
                  log_dir=tmp_path_factory.mktemp("serve-quotas")) as served:
@@ -81,3 +81,16 @@ def test_over_a_quota_a_key_gets_a_429_that_makes_nothing(server: Served, tmp_pa
     small.batches.cancel(second)
     assert wait_for(small, second).status == "cancelled"
     assert _create(small, _upload(small, write_jsonl(tmp_path / "one.jsonl", [request_line("t", "hi")])))
+
+
+@pytest.mark.integration
+def test_the_sdks_pager_lists_250_batches_page_by_page(server: Served, tmp_path: Path) -> None:
+    api = OpenAI(base_url=server.api, api_key=MANY, max_retries=0, timeout=30)
+    file_id = _upload(api, write_jsonl(tmp_path / "one.jsonl", [request_line("p", "hello")]))
+    made = [_create(api, file_id) for _ in range(250)]
+    page = api.batches.list(limit=100)
+    assert len(page.data) == 100 and page.has_more
+    listed = [b.id for b in api.batches.list(limit=100)]  # the SDK follows `after` while has_more
+    assert listed == made[::-1]
+    oldest_first = [b.id for b in api.batches.list(limit=100, extra_query={"order": "asc"})]
+    assert oldest_first == made
