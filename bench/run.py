@@ -47,6 +47,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from aivvm_batch.private_redis import free_port  # noqa: E402
 from tests.private_server_helpers import private_redis, stub_process  # noqa: E402
 
 ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "embeddings", "tools", "memory", "submit", "collect",
@@ -410,6 +411,48 @@ def bench_memory(on: OnRedis, quick: bool) -> None:
     on.client.flushall()
     report(Row(f"Redis memory per queued item ({n:,} submitted, no worker)", f"{per_item:,.0f} B", "–", "–",
                "≤ 400 B", per_item <= 400))
+    invalid = on.tmp / "invalid.jsonl"
+    invalid.write_bytes(b"{}\n" * n)
+    before = on.used_memory()
+    on.submit(invalid, "http://127.0.0.1:9")
+    per_line = (on.used_memory() - before) / n
+    on.client.flushall()
+    report(Row(f"Redis memory per invalid line, submit ({n:,} lines of {{}}: each kept to be explained)",
+               f"{per_line:,.0f} B", "–", "–", "–", None))
+    per_line = serve_invalid_bytes(on, invalid) / n
+    on.client.flushall()
+    report(Row(f"Redis memory per invalid line, serve ({n:,} lines of {{}}, the upload included)",
+               f"{per_line:,.1f} B", "–", "–", "≤ 50 B", per_line <= 50))
+
+
+def serve_invalid_bytes(on: OnRedis, path: Path) -> int:
+    """Redis's growth for a file of no valid line sent through serve (it fails in validating)."""
+    from openai import OpenAI
+
+    from bench.serve_bench import KEY, TERMINAL, wait_until_healthy
+
+    port = free_port()
+    log = open(on.tmp / "serve-invalid.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "aivvm_batch.serve", "--port", str(port), "--redis-url", on.url],
+                            cwd=ROOT, env={**os.environ, "AIVVM_BATCH_API_KEYS": KEY}, stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_healthy(base, proc, 60, f"serve (see {on.tmp / 'serve-invalid.log'})")
+        client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=600)
+        before = on.used_memory()
+        with open(path, "rb") as f:
+            uploaded = client.files.create(file=f, purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        while batch.status not in TERMINAL:
+            time.sleep(0.1)
+            batch = client.batches.retrieve(batch.id)
+        return on.used_memory() - before
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
 
 
 def bench_submit_collect(on: OnRedis, quick: bool, do_submit: bool, do_collect: bool) -> None:
