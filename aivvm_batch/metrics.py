@@ -1,8 +1,9 @@
 """Prometheus metrics read from Redis at each scrape: one exporter sees every host's workers.
 
-What a batch has done (items by status, attempt errors by type, tokens, calls paid twice), what
-waits (its held messages), who works (every worker's last heartbeat, the items it holds, whether
-it finds the provider unreachable) and how full Redis is all live in Redis already; reading them
+What a batch has done (items by status, attempt errors by type, 429s among them, tokens, calls paid
+twice), what waits (its held messages), who works (every worker's last heartbeat, the items it
+holds, whether it finds the provider unreachable), how fast the provider answers (histograms the
+workers add to as they record, :mod:`jobs.observations`) and how full Redis is live in Redis; reading them
 at scrape time needs nothing from the workers and no multiprocess bookkeeping. Batches are the
 newest :data:`BATCHES` only, so labels stay bounded.
 """
@@ -13,11 +14,12 @@ from collections.abc import Iterator
 from typing import cast
 
 import redis
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jobs import keys
 from jobs.errors import BatchError
+from jobs.observations import histogram
 from jobs.records import Status
 from jobs.store import BatchStore
 
@@ -104,3 +106,15 @@ class StoreCollector(Collector):
             for kind, count in sorted(by_type.items()):
                 errors.add_metric([info.id, kind], count)
         yield from (items, queued, tokens, late, errors)
+
+        pipe = store.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.OBSERVED_LATENCY)
+        pipe.hgetall(keys.OBSERVED_FIRST_CHUNK)
+        latency, first_chunk = pipe.execute()
+        for name, help_text, raw in (
+                ("aivvm_batch_provider_latency_seconds", "a recorded call, from its start to its last chunk",
+                 latency),
+                ("aivvm_batch_provider_first_chunk_seconds", "a recorded call, from its start to its first chunk",
+                 first_chunk)):
+            buckets, total = histogram(raw)
+            yield HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=total)

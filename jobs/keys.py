@@ -140,6 +140,10 @@ def owner_files(owner: str) -> str:
 # Set: ids of the API batches that are not final yet (``serve``'s driver advances them)
 API_ACTIVE = f"{PREFIX}:api:active"
 
+# Hashes: histograms of the provider's latency and time to first chunk (jobs/observations.py)
+OBSERVED_LATENCY = f"{PREFIX}:observed:latency"
+OBSERVED_FIRST_CHUNK = f"{PREFIX}:observed:first_chunk"
+
 
 def api_batch(batch_id: str) -> str:
     """Hash: the OpenAI Batch fields of one API batch (owner, files, window, status, times)."""

@@ -17,6 +17,7 @@ from . import keys, scripts
 from .cache import cache_key
 from .cache import entry as cache_entry
 from .connection import translated
+from .observations import observe
 from .records import BatchOptions, ItemRequest, ItemResult, Usage
 
 
@@ -53,7 +54,10 @@ class ResultRecorder:
         """
         if not results:
             return []
-        return [Recorded(int(r)) for r in self.record_in(None, batch_id, results, tokens)]
+        pipe = self.redis.pipeline(transaction=False)
+        self.record_in(pipe, batch_id, results, tokens)
+        observe(pipe, [result for _, result in results])
+        return [Recorded(int(r)) for r in pipe.execute()[0]]
 
     def record_in(self, pipe: Any, batch_id: str, results: Sequence[tuple[int, ItemResult]],
                   tokens: Sequence[str] | None = None) -> Any:

@@ -15,6 +15,7 @@ from aivvm_batch.metrics import StoreCollector
 from aivvm_batch.private_redis import free_port
 from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
+from jobs.observations import bucket_of, histogram
 from jobs.store import BatchStore
 
 from .conftest import Batches
@@ -50,6 +51,11 @@ def test_a_scrape_counts_each_batchs_items_tokens_and_errors_and_names_the_worke
     seen = [v for (name, _), v in samples.items() if name == "aivvm_batch_worker_last_seen_seconds"]
     assert seen and min(seen) < 60
     assert of("aivvm_batch_redis_used_memory_bytes") > 0
+    # every call the workers recorded is in the provider's histograms (the 400 too: it answered)
+    calls = of("aivvm_batch_provider_latency_seconds_count")
+    assert calls >= 3 and of("aivvm_batch_provider_latency_seconds_bucket", le="+Inf") == calls
+    assert of("aivvm_batch_provider_first_chunk_seconds_count") >= 2
+    assert of("aivvm_batch_provider_latency_seconds_bucket", le="0.1") <= calls
 
 
 def test_a_scrape_with_redis_gone_says_so_instead_of_failing(store: BatchStore) -> None:
@@ -76,3 +82,12 @@ def test_the_exporter_command_serves_the_same_and_ends_on_ctrl_c(redis_url: str)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
+
+
+def test_latencies_fall_in_prometheus_buckets_summed_cumulatively() -> None:
+    assert [bucket_of(ms) for ms in (0, 100, 101, 999, 1000, 119_999, 120_001)] == [
+        "0.1", "0.1", "0.25", "1.0", "1.0", "120.0", "+Inf"]
+    buckets, total = histogram({b"0.1": b"2", b"1.0": b"3", b"+Inf": b"1", b"sum_ms": b"4500", b"count": b"6"})
+    assert dict(buckets) == {"0.1": 2, "0.25": 2, "0.5": 2, "1.0": 5, "2.5": 5, "5.0": 5, "10.0": 5, "30.0": 5,
+                             "60.0": 5, "120.0": 5, "+Inf": 6}
+    assert total == 4.5
