@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -214,3 +216,19 @@ def open_store(redis_url: str) -> BatchStore:
 
 def exit_for(info: BatchInfo) -> NoReturn:
     sys.exit(0 if info.counts.get(Status.OK.value, 0) == info.total else 1)
+
+
+def stub_knobs() -> dict[str, Any]:
+    """The stand-in's latency and chunks from the environment, as `aivvm-batch stub` reads them."""
+    knobs: dict[str, Any] = {}
+    for name, kind, key in (("LATENCY", float, "latency"), ("CHUNKS", int, "chunks")):
+        raw = os.environ.get(f"AIVVM_BATCH_STUB_{name}", "").strip()
+        if raw:
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"AIVVM_BATCH_STUB_{name}={raw!r} is not a number") from None
+            if not (math.isfinite(value) and value >= (0 if key == "latency" else 1)):
+                raise ConfigError(f"AIVVM_BATCH_STUB_{name}={raw!r} is out of range")
+            knobs[key] = value
+    return knobs

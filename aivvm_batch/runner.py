@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -36,7 +35,7 @@ from jobs.store import BatchStore
 from jobs.submit import SubmitReport, new_batch_id, submit_file
 
 from .failure_signs import attempts_warning, systematic_failure
-from .options import counted, masked_url
+from .options import counted, masked_url, stub_knobs
 from .plan import RunPlan
 from .preflight import Checked, preflight, prune_spool
 from .private_redis import EmbeddedRedis
@@ -262,7 +261,7 @@ def _with_stub(stack: ExitStack, plan: RunPlan) -> BatchOptions:
     from .stub import StubServer
 
     port_file = plan.state_dir / "stub.port"
-    knobs = _stub_knobs()
+    knobs = stub_knobs()
     try:
         stub = StubServer(port=int(port_file.read_text()), **knobs)
     except (OSError, ValueError):
@@ -272,22 +271,6 @@ def _with_stub(stack: ExitStack, plan: RunPlan) -> BatchOptions:
     options = plan.options
     suffix = "/v1" if options.providers()[0] == "openai" else ""
     return dataclasses.replace(options, base_url=stub.base_url + suffix)
-
-
-def _stub_knobs() -> dict[str, Any]:
-    """The stand-in's latency and chunks from the environment, as `aivvm-batch stub` reads them."""
-    knobs: dict[str, Any] = {}
-    for name, kind, key in (("LATENCY", float, "latency"), ("CHUNKS", int, "chunks")):
-        raw = os.environ.get(f"AIVVM_BATCH_STUB_{name}", "").strip()
-        if raw:
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise ConfigError(f"AIVVM_BATCH_STUB_{name}={raw!r} is not a number") from None
-            if not (math.isfinite(value) and value >= (0 if key == "latency" else 1)):
-                raise ConfigError(f"AIVVM_BATCH_STUB_{name}={raw!r} is out of range")
-            knobs[key] = value
-    return knobs
 
 
 def _pin_base_url(options: BatchOptions) -> BatchOptions:

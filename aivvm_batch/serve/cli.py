@@ -24,7 +24,8 @@ from jobs.queue import app as celery_app
 from jobs.records import BatchOptions
 from jobs.store import BatchStore
 
-from ..options import base_url_option, concurrency_option, env, handle_errors, interrupted, provider_option
+from ..options import (base_url_option, concurrency_option, env, handle_errors, interrupted, provider_option,
+                       stub_knobs)
 from .auth import KeyRing, is_loopback, load_keys
 from .context import (DEFAULT_CLIENT_IDLE_SECONDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UPLOAD_BYTES,
                       DEFAULT_WINDOW_SECONDS, ServeContext, ServeLimits)
@@ -147,7 +148,7 @@ def _serve(host: str, port: int, provider: str, base_url: str | None, redis_url:
         if stub:
             from ..stub import StubServer
 
-            stand_in = stack.enter_context(StubServer())
+            stand_in = stack.enter_context(StubServer(**stub_knobs()))
             options = replace(options, base_url=stand_in.base_url + ("/v1" if provider.startswith("openai") else ""))
         if redis_url is None:
             redis_url = _private(stack, state_dir, worker_count, concurrency, options.base_url)
