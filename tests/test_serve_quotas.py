@@ -9,11 +9,13 @@ from pathlib import Path
 
 import openai
 import pytest
+import redis
 from openai import OpenAI
 
 from aivvm_batch.serve.auth import KeyRing, owner_of
 from aivvm_batch.serve.quotas import Quota, with_words
 from jobs.errors import ConfigError
+from jobs.keys import api_batch
 from tests.serve_helpers import Served, request_line, serving, wait_for, with_db, write_jsonl
 
 SMALL, LARGE, MANY = "sk-small-quota-key", "sk-default-quota-key", "sk-many-batches-key"
@@ -94,3 +96,22 @@ def test_the_sdks_pager_lists_250_batches_page_by_page(server: Served, tmp_path:
     assert listed == made[::-1]
     oldest_first = [b.id for b in api.batches.list(limit=100, extra_query={"order": "asc"})]
     assert oldest_first == made
+
+
+@pytest.mark.integration
+def test_cancel_is_for_a_batch_not_yet_finalizing(server: Served, redis_url: str, tmp_path: Path) -> None:
+    """OpenAI cancels an in-progress batch; one finalizing (its results being written) or ended is
+    answered 400 and goes on; cancelling twice is the same cancel."""
+    api = OpenAI(base_url=server.api, api_key=LARGE, max_retries=0, timeout=30)
+    batch_id = _create(api, _upload(api, write_jsonl(tmp_path / "f.jsonl", [request_line("f", "hello")])))
+    wait_for(api, batch_id, statuses=("in_progress",))
+    records = redis.Redis.from_url(with_db(redis_url, 3))
+    records.hset(api_batch(batch_id), "status", "finalizing")
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.batches.cancel(batch_id)
+    assert refused.value.code == "invalid_status" and "'finalizing'" in refused.value.message
+    assert api.batches.retrieve(batch_id).status == "finalizing"
+    records.hset(api_batch(batch_id), "status", "in_progress")
+    assert api.batches.cancel(batch_id).status == "cancelling"
+    assert api.batches.cancel(batch_id).status in ("cancelling", "cancelled")
+    assert wait_for(api, batch_id).status == "cancelled"
