@@ -24,7 +24,9 @@ from .connection import translated
 from .errors import BatchError
 from .keys import file_data, file_meta, owner_files
 
-CHUNK_BYTES = 1024 * 1024
+# an upload held in memory before it goes to Redis: 100 uploads stalled mid-chunk hold 100 of these
+CHUNK_BYTES = 64 * 1024
+READ_CHUNKS = 16  # a file is read back 1 MiB a round trip
 PENDING_TTL = 3600
 # a file's ``expires_after`` (OpenAI's bounds), and the default of batch files (OpenAI's too)
 MIN_TTL, MAX_TTL = 3600, 30 * 24 * 3600
@@ -200,17 +202,19 @@ class FileStore:
         return int(self.redis.llen(file_data(file_id)))
 
     def iter_content(self, file_id: str) -> Iterator[bytes]:
-        """The content, a chunk at a time (stops early if the file is deleted meanwhile)."""
-        for index in range(self.chunk_count(file_id)):
-            chunk = self._chunk(file_id, index)
-            if chunk is None:
+        """The content, a chunk at a time, :data:`READ_CHUNKS` chunks a round trip (stops early if the
+        file is deleted meanwhile)."""
+        count = self.chunk_count(file_id)
+        for start in range(0, count, READ_CHUNKS):
+            chunks = self._chunks(file_id, start, min(count, start + READ_CHUNKS) - 1)
+            yield from chunks
+            if len(chunks) < min(READ_CHUNKS, count - start):
                 return
-            yield chunk
 
     @translated
-    def _chunk(self, file_id: str, index: int) -> bytes | None:
-        value: Any = self.redis.lindex(file_data(file_id), index)
-        return bytes(value) if value is not None else None
+    def _chunks(self, file_id: str, first: int, last: int) -> list[bytes]:
+        values: Any = self.redis.lrange(file_data(file_id), first, last)
+        return [bytes(v) for v in values]
 
     @translated
     def delete(self, owner: str, file_id: str) -> None:

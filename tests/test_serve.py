@@ -34,7 +34,7 @@ from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
 from aivvm_batch.serve.driver import Driver, DriverConfig
 from aivvm_batch.serve.records import BatchRecords
-from jobs.files import CHUNK_BYTES, FileStore
+from jobs.files import CHUNK_BYTES, READ_CHUNKS, FileStore
 from jobs.keys import API_ACTIVE, api_batch, file_data, file_meta
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
@@ -109,6 +109,10 @@ def test_file_store_writes_and_reads_in_chunks(redis_client: redis.Redis) -> Non
     assert redis_client.llen(file_data(stored.id)) == 3 and redis_client.ttl(file_data(stored.id)) == -1
     assert max(len(c) for c in redis_client.lrange(file_data(stored.id), 0, -1)) == CHUNK_BYTES
     assert b"".join(files.iter_content(stored.id)) == content and stored.bytes == len(content)
+    many = files.writer("owner-x", "many.jsonl", "batch")
+    content = bytes(range(256)) * (CHUNK_BYTES * (2 * READ_CHUNKS + 3) // 256)
+    many.write(content)
+    assert b"".join(files.iter_content(many.commit().id)) == content  # read back over three round trips
     aborted = files.writer("owner-x", "gone.jsonl", "batch")
     aborted.write(content)
     aborted.abort()
@@ -410,7 +414,7 @@ def test_upload_is_stored_in_chunks_and_read_back_whole(server: Served, redis_cl
     path.write_bytes(line * (3 * 1024 * 1024 // len(line)))
     uploaded = api.files.create(file=path.open("rb"), purpose="batch")
     assert uploaded.bytes == path.stat().st_size
-    assert redis_client.llen(file_data(uploaded.id)) == 3
+    assert redis_client.llen(file_data(uploaded.id)) == -(-uploaded.bytes // CHUNK_BYTES)
     assert api.files.content(uploaded.id).content == path.read_bytes()
     api.files.delete(uploaded.id)
     assert not redis_client.exists(file_data(uploaded.id), file_meta(uploaded.id))
