@@ -429,7 +429,7 @@ def serve_invalid_bytes(on: OnRedis, path: Path) -> int:
     """Redis's growth for a file of no valid line sent through serve (it fails in validating)."""
     from openai import OpenAI
 
-    from bench.serve_bench import KEY, TERMINAL, wait_until_healthy
+    from bench.serve_bench import KEY, batch_of, wait_until_healthy
 
     port = free_port()
     log = open(on.tmp / "serve-invalid.log", "wb")
@@ -441,13 +441,7 @@ def serve_invalid_bytes(on: OnRedis, path: Path) -> int:
         wait_until_healthy(base, proc, 60, f"serve (see {on.tmp / 'serve-invalid.log'})")
         client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=600)
         before = on.used_memory()
-        with open(path, "rb") as f:
-            uploaded = client.files.create(file=f, purpose="batch")
-        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                      completion_window="24h")
-        while batch.status not in TERMINAL:
-            time.sleep(0.1)
-            batch = client.batches.retrieve(batch.id)
+        batch_of(client, path)
         return on.used_memory() - before
     finally:
         proc.terminate()

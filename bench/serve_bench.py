@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -80,13 +81,7 @@ def time_serve(path: Path, stub_base: str, tmp: Path, workers: int, concurrency:
         time.sleep(2)  # let its workers finish starting, as a long-running server's have
         client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=600)
         started = time.monotonic()
-        with open(path, "rb") as f:
-            uploaded = client.files.create(file=f, purpose="batch")
-        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                      completion_window="24h")
-        while batch.status not in TERMINAL:
-            time.sleep(0.1)
-            batch = client.batches.retrieve(batch.id)
+        batch = batch_of(client, path)
         content = client.files.content(batch.output_file_id).content if batch.output_file_id else b""
         seconds = time.monotonic() - started
         return seconds, content.count(b"\n")
@@ -98,6 +93,18 @@ def time_serve(path: Path, stub_base: str, tmp: Path, workers: int, concurrency:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def batch_of(client: Any, path: Path) -> Any:
+    """Upload ``path``, make it a batch and wait for its end: the ended ``Batch``."""
+    with open(path, "rb") as f:
+        uploaded = client.files.create(file=f, purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    while batch.status not in TERMINAL:
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch.id)
+    return batch
 
 
 def time_run(path: Path, stub_base: str, tmp: Path, workers: int, concurrency: int) -> tuple[float, int]:
