@@ -410,7 +410,7 @@ def bench_memory(on: OnRedis, quick: bool) -> None:
     per_item = (on.used_memory() - before) / n
     on.client.flushall()
     report(Row(f"Redis memory per queued item ({n:,} submitted, no worker)", f"{per_item:,.0f} B", "–", "–",
-               "≤ 400 B", per_item <= 400))
+               "≤ 300 B", per_item <= 300))
     invalid = on.tmp / "invalid.jsonl"
     invalid.write_bytes(b"{}\n" * n)
     before = on.used_memory()

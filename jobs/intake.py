@@ -164,12 +164,17 @@ class ChunkIntake:
         return lines
 
 
+def _written(request: dict[str, Any]) -> dict[str, Any]:
+    """A stored request without the fields at their defaults (older batches wrote them out)."""
+    return {k: v for k, v in request.items() if v is not None and v != {}}
+
+
 def _carried_over(request: ItemRequest, request_json: str, old_request: bytes | None,
                   old_result: bytes | None, reuse: Reuse | None) -> ItemResult | None:
     """The earlier batch's result for this item, if it may stand for the new one."""
     if reuse is None or not reuse.same_options or old_request is None or old_result is None:
         return None
-    if json.loads(old_request) != json.loads(request_json):
+    if _written(json.loads(old_request)) != _written(json.loads(request_json)):
         return None
     result = ItemResult.from_json(old_result)
     if result.status is not Status.OK:

@@ -93,11 +93,12 @@ class ItemRequest:
     def to_json(self) -> str:
         """``json.dumps`` of the request's dict (compact, UTF-8 kept), written out field by field.
 
-        The same text as ``json.dumps({"id": ..., "line": ..., "messages": [m.to_dict() ...],
-        "model": ..., "temperature": ..., "system_message": ..., "params": dict(params)
+        The same text as ``json.dumps({"id": ..., "line": ..., "messages": [m.to_dict() ...]
+        [, "model": ...][, "temperature": ...][, "system_message": ...][, "params": dict(params)]
         [, "metadata": dict(metadata)][, "endpoint": endpoint]}, ensure_ascii=False, separators=(",", ":"))``, character
         for character (tests/test_submit_equivalence.py holds it to that), at a fraction of the
-        cost: submit writes one per line.
+        cost: submit writes one per line. A field at its default is left out (63 bytes of Redis an
+        item: ``null`` three times and an empty ``params``); :meth:`from_json` reads either form.
         """
         value, string = _json_value, _encode_str
         messages = ",".join([
@@ -105,14 +106,17 @@ class ItemRequest:
             if type(m) is ChatMessage and not m.extra else _encode(m.to_dict())
             for m in self.messages
         ])
-        params = _encode(dict(self.params)) if self.params else "{}"
         model, temperature, system_message = self.model, self.temperature, self.system_message
         text = (f'{{"id":{string(self.id) if type(self.id) is str else value(self.id)},'
-                f'"line":{value(self.line)},"messages":[{messages}],'
-                f'"model":{"null" if model is None else value(model)},'
-                f'"temperature":{"null" if temperature is None else value(temperature)},'
-                f'"system_message":{"null" if system_message is None else value(system_message)},'
-                f'"params":{params}')
+                f'"line":{value(self.line)},"messages":[{messages}]')
+        if model is not None:
+            text += ',"model":' + value(model)
+        if temperature is not None:
+            text += ',"temperature":' + value(temperature)
+        if system_message is not None:
+            text += ',"system_message":' + value(system_message)
+        if self.params:
+            text += ',"params":' + _encode(dict(self.params))
         if self.metadata:
             text += ',"metadata":' + _encode(dict(self.metadata))
         if self.endpoint is not Endpoint.CHAT:

@@ -120,11 +120,12 @@ requests = st.builds(
 @given(requests)
 @example(ItemRequest("\u2028\"\\", 1, (ChatMessage("user", "\x00\ud7ff\U0001f600"),), temperature=1e-300))
 def test_a_request_is_written_as_json_dumps_writes_it(request: ItemRequest) -> None:
-    data: dict[str, Any] = {
-        "id": request.id, "line": request.line, "messages": [m.to_dict() for m in request.messages],
-        "model": request.model, "temperature": request.temperature, "system_message": request.system_message,
-        "params": dict(request.params),
-    }
+    data: dict[str, Any] = {"id": request.id, "line": request.line, "messages": [m.to_dict() for m in request.messages]}
+    for name in ("model", "temperature", "system_message"):
+        if getattr(request, name) is not None:
+            data[name] = getattr(request, name)
+    if request.params:
+        data["params"] = dict(request.params)
     if request.metadata:
         data["metadata"] = dict(request.metadata)
     assert request.to_json() == json.dumps(data, ensure_ascii=False, separators=(",", ":"))
