@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aivvm_batch.serve.errors import BadRequest
-from aivvm_batch.serve.params import declared_over, digits_value, int_param, shown
+from aivvm_batch.serve.params import declared_over, digits_value, int_param, output_ttl, shown
 from aivvm_batch.serve.upload import expires_after
 
 
@@ -44,3 +44,9 @@ def test_shown_quotes_the_start_of_a_long_value() -> None:
     assert shown("24h") == "'24h'"
     assert shown("x" * 10_000).endswith("(10002 characters)") and len(shown("x" * 10_000)) < 100
 
+
+def test_output_expires_after_takes_a_whole_number_written_as_a_float() -> None:
+    assert output_ttl({"anchor": "created_at", "seconds": 7200.0}) == 7200
+    for seconds in (7200.5, float("inf"), float("nan"), True, "7200"):
+        with pytest.raises(BadRequest):
+            output_ttl({"anchor": "created_at", "seconds": seconds})

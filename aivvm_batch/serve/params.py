@@ -75,6 +75,8 @@ def output_ttl(value: Any) -> int:
     if value is None:
         return BATCH_FILE_TTL
     seconds = value.get("seconds") if isinstance(value, dict) else None
+    if isinstance(seconds, float) and seconds.is_integer():  # 7200.0: JSON has one kind of number
+        seconds = int(seconds)
     if not isinstance(value, dict) or value.get("anchor") != "created_at":
         raise BadRequest("output_expires_after must be {\"anchor\": \"created_at\", \"seconds\": N}",
                          param="output_expires_after")
