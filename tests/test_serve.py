@@ -71,12 +71,12 @@ def test_loopback_host_and_origin_rules() -> None:
     check_host("127.0.0.1:8080")
     check_host("localhost:8080")
     check_host("[::1]:8080")
-    for header in (None, "evil.example:8080", "127.0.0.1.evil.example", "0.0.0.0:8080"):
-        with pytest.raises(Forbidden):
+    for header in (None, "evil.example:8080", "127.0.0.1.evil.example", "0.0.0.0:8080", "[::1", "a\uff03b"):
+        with pytest.raises(Forbidden):  # the last two: urlsplit's ValueError, before a 500
             check_host(header)
     check_origin(None, "127.0.0.1:8080")
     check_origin("http://127.0.0.1:8080", "127.0.0.1:8080")
-    for origin in ("http://evil.example", "null", "http://127.0.0.1:9999"):
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:9999", "http://[::1", "http://["):
         with pytest.raises(Forbidden):
             check_origin(origin, "127.0.0.1:8080")
 
@@ -393,6 +393,12 @@ def test_bad_input_answers_4xx_in_openai_form(server: Served, redis_client: redi
                             "data": {"purpose": "batch"}}, 400),
         ("GET", "/nowhere", {}, 404),
         ("PUT", "/batches", {}, 405),
+        # past 4,300 digits int() raises ValueError: these were 500s
+        ("GET", "/batches?limit=" + "1" * 5000, {}, 400),
+        ("GET", "/files?limit=" + "9" * 5000, {}, 400),
+        ("POST", "/files", {"files": {"file": ("a.jsonl", jsonl)}, "data": {
+            "purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "9" * 5000}}, 400),
+        ("GET", "/files", {"headers": {"Origin": "http://[::1"}}, 403),  # urlsplit's ValueError: was a 500
     ]
     files_before = redis_client.keys("aivb:file:*")
     for method, path, kwargs, status in cases:
@@ -403,6 +409,24 @@ def test_bad_input_answers_4xx_in_openai_form(server: Served, redis_client: redi
         assert isinstance(error["message"], str) and error["message"] and "Traceback" not in reply.text
         assert set(error) == {"message", "type", "param", "code"}
     assert set(redis_client.keys("aivb:file:*")) == set(files_before)
+    assert "Traceback" not in server.log_text()
+
+
+def test_a_content_length_of_thousands_of_digits_is_read_not_a_500(server: Served,
+                                                                    redis_client: redis.Redis) -> None:
+    """Content-Length "000…02" (5,000 digits) is 2: int() of it raised ValueError, a 500."""
+    files_before = set(redis_client.keys("aivb:file:*"))
+    form = b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b--\r\n"
+    for path, content_type, body in (("/v1/batches", b"application/json", b"{}"),
+                                     ("/v1/files", b"multipart/form-data; boundary=b", form)):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+            connection.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                               b"Authorization: Bearer " + ALICE.encode() + b"\r\nContent-Type: " + content_type
+                               + b"\r\nContent-Length: " + str(len(body)).zfill(5000).encode() + b"\r\n\r\n" + body)
+            answer = b"".join(iter(lambda: connection.recv(65536), b""))
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["type"] == "invalid_request_error"
+    assert set(redis_client.keys("aivb:file:*")) == files_before
     assert "Traceback" not in server.log_text()
 
 

@@ -26,7 +26,7 @@ from .endpoint import blocking, endpoint, error_response
 from .errors import APIError
 from .files_api import delete_file, file_content, get_file, list_files, upload_file
 from .metrics_api import metrics
-from .page_api import health, page_batches, page_html, page_script, page_style
+from .page_api import health, openapi_schema, page_batches, page_html, page_script, page_style
 from .state import AppState, app_state
 
 log = logging.getLogger("aivvm_batch.serve")
@@ -38,6 +38,7 @@ ROUTES = [
     Route("/ui/batches", endpoint(page_batches)),
     Route("/health", endpoint(health, authenticated=False)),
     Route("/metrics", endpoint(metrics, authenticated=False)),
+    Route("/openapi.json", endpoint(openapi_schema, authenticated=False)),
     Route("/v1/files", endpoint(upload_file), methods=["POST"]),
     Route("/v1/files", endpoint(list_files), methods=["GET"]),
     Route("/v1/files/{file_id}", endpoint(get_file), methods=["GET"]),

@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from jobs.errors import ConfigError
 
@@ -110,8 +110,16 @@ def is_loopback(host: str) -> bool:
 
 
 def host_of(header: str) -> str:
-    """The host of a ``Host`` header value, without its port."""
-    return urlsplit("//" + header.strip()).hostname or ""
+    """The host of a ``Host`` header value, without its port ("" if it cannot be read)."""
+    return _split("//" + header.strip()).hostname or ""
+
+
+def _split(url: str) -> SplitResult:
+    """``url`` split, or nothing where urlsplit refuses it (an unclosed ``[``, a host NFKC would change)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return SplitResult("", "", "", "", "")
 
 
 def check_host(header: str | None) -> None:
@@ -125,6 +133,6 @@ def check_origin(origin: str | None, host: str | None) -> None:
     """A request a browser sends from another site's page is refused (cross-site request forgery)."""
     if origin is None:
         return
-    parts = urlsplit(origin)
+    parts = _split(origin)
     if origin == "null" or not host or parts.netloc.lower() != host.strip().lower():
         raise Forbidden("cross-origin requests are not accepted")

@@ -20,7 +20,7 @@ from jobs.records import BatchInfo
 from .context import ServeContext
 from .endpoint import JSONResponse, blocking, list_object
 from .errors import BadRequest, NotFound
-from .params import idempotency_key, int_param, json_body, metadata, newest_first, output_ttl
+from .params import idempotency_key, int_param, json_body, metadata, newest_first, output_ttl, shown
 from .records import ApiBatch, ApiStatus
 from .state import context
 
@@ -37,10 +37,10 @@ async def create_batch(request: Request, owner: str) -> Response:
                          param="input_file_id")
     endpoint = body.get("endpoint")
     if endpoint not in ENDPOINTS:
-        raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}", param="endpoint")
+        raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {shown(endpoint)}", param="endpoint")
     window = body.get("completion_window")
     if window not in WINDOWS:
-        raise BadRequest(f"completion_window must be '24h', got {window!r}", param="completion_window")
+        raise BadRequest(f"completion_window must be '24h', got {shown(window)}", param="completion_window")
     pairs = metadata(body.get("metadata"))
     ttl = output_ttl(body.get("output_expires_after"))
     try:

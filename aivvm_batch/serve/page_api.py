@@ -1,4 +1,4 @@
-"""The page's routes: its static assets, the data it polls, and the health check."""
+"""The page's routes: its static assets, the data it polls, the health check and the API's OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from starlette.responses import Response
 from . import page
 from .batches_api import with_infos
 from .endpoint import JSONResponse, blocking
+from .openapi import OPENAPI
 from .state import context
 
 PAGE_BATCHES = 50
@@ -32,6 +33,10 @@ async def page_batches(request: Request, owner: str) -> Response:
     for batch, info in await blocking(with_infos, ctx, found, True):
         rows.append(page.row(batch.to_api(info), info))
     return JSONResponse({"batches": rows, "workers": page.workers(await blocking(ctx.store.workers))})
+
+
+async def openapi_schema(request: Request, owner: str) -> Response:
+    return JSONResponse(OPENAPI)
 
 
 async def health(request: Request, owner: str) -> Response:

@@ -20,15 +20,37 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 MAX_IDEMPOTENCY_KEY = 255
 
 
+def digits_value(raw: str, high: int) -> int | None:
+    """The whole number ``raw`` writes in ASCII digits, None if it is not one (int() also takes "１０"
+    and " 10_0 "). One with more digits than ``high`` is ``high + 1``, whatever its size: int()
+    raises ValueError past 4,300 digits (a 500)."""
+    if not (raw.isascii() and raw.isdigit()):
+        return None
+    digits = raw.lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(high)) else high + 1
+
+
+def shown(value: Any, most: int = 60) -> str:
+    """A client's value as an error message quotes it: its start, if it is long."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
+
+
 def int_param(raw: str | None, name: str, low: int, high: int, default: int) -> int:
     if raw is None or raw == "":
         return default
-    if not (raw.isascii() and raw.isdigit()):  # int() also takes "１０" and " 10_0 "
-        raise BadRequest(f"{name} must be an integer, got {raw!r}", param=name)
-    value = int(raw)
+    value = digits_value(raw, high)
+    if value is None:
+        raise BadRequest(f"{name} must be an integer, got {shown(raw)}", param=name)
     if not low <= value <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}, got {value}", param=name)
+        raise BadRequest(f"{name} must be between {low} and {high}, got {shown(raw)}", param=name)
     return value
+
+
+def declared_over(content_length: str | None, limit: int) -> bool:
+    """Whether the request's Content-Length says its body is over ``limit`` bytes."""
+    declared = None if content_length is None else digits_value(content_length, limit)
+    return declared is not None and declared > limit
 
 
 def newest_first(raw: str | None) -> bool:
@@ -53,6 +75,8 @@ def output_ttl(value: Any) -> int:
     if value is None:
         return BATCH_FILE_TTL
     seconds = value.get("seconds") if isinstance(value, dict) else None
+    if isinstance(seconds, float) and seconds.is_integer():  # 7200.0: JSON has one kind of number
+        seconds = int(seconds)
     if not isinstance(value, dict) or value.get("anchor") != "created_at":
         raise BadRequest("output_expires_after must be {\"anchor\": \"created_at\", \"seconds\": N}",
                          param="output_expires_after")
@@ -74,13 +98,12 @@ def metadata(value: Any) -> dict[str, str] | None:
     priority = value.get("priority")
     if priority is not None and not (priority.isascii() and priority.isdigit() and 1 <= int(priority) <= MAX_PRIORITY):
         raise BadRequest(f"metadata.priority is the batch's share of the workers: a whole number from 1 to "
-                         f"{MAX_PRIORITY}, got {priority!r}", param="metadata.priority")
+                         f"{MAX_PRIORITY}, got {shown(priority)}", param="metadata.priority")
     return dict(value)
 
 
 async def json_body(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared_over(request.headers.get("content-length"), limit):
         raise TooLarge(f"the request body is larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():

@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from jobs.files import BATCH_FILE_TTL, MAX_TTL, MIN_TTL, FileStore, FileWriter, StoredFile
 
 from .errors import BadRequest, TooLarge
+from .params import declared_over, digits_value, shown
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 16
@@ -112,8 +113,7 @@ async def receive_upload(request: Request, files: FileStore, owner: str, max_byt
         raise BadRequest("upload a file as multipart/form-data with the fields 'file' and 'purpose'")
     if not 1 <= len(params[b"boundary"]) <= MAX_BOUNDARY:
         raise BadRequest(f"the multipart boundary must be 1 to {MAX_BOUNDARY} characters (RFC 2046)")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes + FRAMING_SLACK:
+    if declared_over(request.headers.get("content-length"), max_bytes + FRAMING_SLACK):
         raise TooLarge(f"the file is larger than this server's limit of {max_bytes} bytes "
                        "(AIVVM_BATCH_MAX_UPLOAD_BYTES)", param="file")
     collector = _Collector(files, owner, max_bytes)
@@ -131,7 +131,7 @@ async def receive_upload(request: Request, files: FileStore, owner: str, max_byt
             raise BadRequest("the form has no file: send it in the field 'file'", param="file")
         purpose = collector.fields.get("purpose")
         if purpose not in PURPOSES:
-            raise BadRequest(f"purpose must be 'batch', got {purpose!r}", param="purpose")
+            raise BadRequest(f"purpose must be 'batch', got {shown(purpose)}", param="purpose")
         writer.ttl = expires_after(collector.fields)
         return await anyio.to_thread.run_sync(writer.commit)
     except FormParserError as exc:
@@ -149,11 +149,13 @@ def expires_after(fields: dict[str, str]) -> int:
     if anchor is None and seconds is None:
         return BATCH_FILE_TTL
     if anchor != "created_at":
-        raise BadRequest(f"expires_after[anchor] must be 'created_at', got {anchor!r}", param="expires_after.anchor")
-    if seconds is None or not (seconds.isascii() and seconds.isdigit()) or not MIN_TTL <= int(seconds) <= MAX_TTL:
-        raise BadRequest(f"expires_after[seconds] must be a whole number from {MIN_TTL} to {MAX_TTL}, got {seconds!r}",
-                         param="expires_after.seconds")
-    return int(seconds)
+        raise BadRequest(f"expires_after[anchor] must be 'created_at', got {shown(anchor)}",
+                         param="expires_after.anchor")
+    value = None if seconds is None else digits_value(seconds, MAX_TTL)
+    if value is None or not MIN_TTL <= value <= MAX_TTL:
+        raise BadRequest(f"expires_after[seconds] must be a whole number from {MIN_TTL} to {MAX_TTL}, "
+                         f"got {shown(seconds)}", param="expires_after.seconds")
+    return value
 
 
 async def _abort(collector: _Collector) -> None:
