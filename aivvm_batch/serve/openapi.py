@@ -29,7 +29,7 @@ ERRORS = {
     408: "The client stopped sending its body",
     409: "A request with the same Idempotency-Key is under way",
     413: "The body or the file is over this server's limit",
-    429: "Over a per-key limit (see Retry-After)",
+    429: "Over a per-key limit or quota (see Retry-After)",
     503: "The batch store (Redis) is unreachable: try again",
 }
 # what every authenticated request may meet, whatever the operation
@@ -100,7 +100,7 @@ SCHEMAS: dict[str, Schema] = {
         "created_at": TIMESTAMP, "expires_at": TIMESTAMP,
         "request_counts": _object({name: {"type": "integer", "minimum": 0}
                                    for name in ("total", "completed", "failed")}),
-        "metadata": _ref("Metadata"), "model": {"type": "null"},
+        "metadata": _ref("Metadata"), "model": {"type": ["string", "null"]},
         "usage": _object({
             "input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"},
             "total_tokens": {"type": "integer"},
@@ -194,7 +194,7 @@ PATHS: dict[str, Schema] = {
             "schema": {"type": "string", "format": "binary"}}}}, (404,), parameters=(FILE_ID,)),
     },
     "/v1/batches": {
-        "post": _operation("createBatch", "Create a batch", _json(_ref("Batch")), (400, 404, 409, 413),
+        "post": _operation("createBatch", "Create a batch", _json(_ref("Batch")), (400, 404, 409, 413, 429),
                            parameters=(IDEMPOTENCY_KEY,), body=_json(_ref("NewBatch"))["content"],
                            links=BATCH_LINKS),
         "get": _operation("listBatches", "List the key's batches", _json(_ref("BatchList")), (400, 404),
