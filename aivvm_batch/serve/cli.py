@@ -67,7 +67,8 @@ METRICS_TOKEN_VARIABLE = env("METRICS_TOKEN")
               help="How long the completion window '24h' lasts before unfinished items expire.")
 @click.option("--client-idle-seconds", envvar=env("CLIENT_IDLE_SECONDS"), show_envvar=True,
               type=click.FloatRange(min=0.1), default=DEFAULT_CLIENT_IDLE_SECONDS, show_default=True,
-              help="A request whose body sends nothing this long is closed (408).")
+              help="A request whose body sends nothing this long is closed (408), and a connection whose "
+              "request head has not come whole in this time.")
 @click.option("--uploads-per-key", envvar=env("UPLOADS_PER_KEY"), show_envvar=True, type=click.IntRange(min=1),
               default=DEFAULT_UPLOADS, show_default=True,
               help="Uploads under way at once per API key (beyond: 429).")
@@ -211,11 +212,13 @@ def _run(ctx: ServeContext, host: str, port: int) -> None:
     import uvicorn
 
     from .app import build_app
+    from .head_deadline import head_limited_protocol
 
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"aivvm-batch serve: OpenAI API at http://{shown}:{port}/v1, page at http://{shown}:{port}/",
                err=True)
     config = uvicorn.Config(build_app(ctx), host=host.strip("[]"), port=port, log_level="warning",
                             access_log=False, server_header=False, lifespan="on",
-                            limit_concurrency=ctx.limits.max_connections)
+                            limit_concurrency=ctx.limits.max_connections,
+                            http=head_limited_protocol(ctx.limits.client_idle_seconds))
     uvicorn.Server(config).run()
