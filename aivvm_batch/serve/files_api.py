@@ -11,7 +11,7 @@ from jobs.files import FileNotFound, StoredFile
 
 from .endpoint import JSONResponse, blocking, list_object
 from .errors import NotFound
-from .params import int_param, newest_first
+from .params import digits_value, int_param, newest_first
 from .state import app_state, context
 from .upload import receive_upload
 
@@ -19,8 +19,9 @@ from .upload import receive_upload
 async def upload_file(request: Request, owner: str) -> Response:
     state = app_state(request.app)
     quotas = state.ctx.quotas
-    declared = request.headers.get("content-length", "")
-    await blocking(quotas.check_upload, owner, int(declared) if declared.isdigit() else 0)
+    limit = state.ctx.limits.max_upload_bytes
+    declared = min(digits_value(request.headers.get("content-length", ""), limit) or 0, limit)
+    await blocking(quotas.check_upload, owner, declared)
     async with state.uploads.hold(owner, quotas.of(owner).uploads):
         stored = await receive_upload(request, state.ctx.files, owner, state.ctx.limits.max_upload_bytes)
     return JSONResponse(stored.to_api())
