@@ -28,6 +28,7 @@ from tests.serve_helpers import Served, request_line, serving, wait_for, write_j
 pytestmark = pytest.mark.integration
 
 ALICE, BOB = "sk-alice-ops-key", "sk-bob-ops-key"
+METRICS_TOKEN = "metrics-ops-token"
 SECRET = "whsec_" + base64.b64encode(b"ops-webhook-secret-0123456789").decode()
 
 
@@ -62,7 +63,8 @@ def server(redis_url: str, stub: StubServer, workers: WorkerProcesses, hook: tup
     hooks = folder / "webhooks"
     hooks.write_text(f"# the server owner's\n{ALICE} {hook[0]} {SECRET}\n")
     with serving("--redis-url", redis_url, "--provider", "openai", "--base-url", stub.base_url + "/v1",
-                 "--webhooks-file", str(hooks), env={"AIVVM_BATCH_API_KEYS": f"{ALICE},{BOB}"},
+                 "--webhooks-file", str(hooks),
+                 env={"AIVVM_BATCH_API_KEYS": f"{ALICE},{BOB}", "AIVVM_BATCH_METRICS_TOKEN": METRICS_TOKEN},
                  log_dir=folder) as served:
         yield served
 
@@ -100,17 +102,23 @@ def test_a_batchs_end_is_told_to_its_owners_webhook_signed_and_no_one_elses(
     assert isinstance(events[failed], BatchFailedWebhookEvent)
 
 
-def test_metrics_are_open_to_loopback_and_else_only_to_the_metrics_token(server: Served, tmp_path: Path) -> None:
+def test_metrics_need_the_metrics_token_on_a_server_with_keys(server: Served, tmp_path: Path) -> None:
     batch_id = _batch(server, BOB, write_jsonl(tmp_path / "m.jsonl", [request_line("m1", "hello")]))
-    scraped = requests.get(server.base + "/metrics", timeout=10)
+    assert requests.get(server.base + "/metrics", timeout=10).status_code == 403  # loopback may be a proxy
+    assert requests.get(server.base + "/metrics", headers={"Authorization": f"Bearer {ALICE}"},
+                        timeout=10).status_code == 403
+    scraped = requests.get(server.base + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+                           timeout=10)
     assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
     assert "aivvm_batch_redis_up 1.0" in scraped.text and 'status="ok"' in scraped.text
     assert batch_id not in scraped.text  # the API's batch ids are the tenants'; the store's are shown
-    assert may_scrape("127.0.0.1", None, None) and may_scrape("::1", None, "t")
-    assert not may_scrape("10.1.2.3", None, None)
-    assert not may_scrape("10.1.2.3", "Bearer wrong", "right")
-    assert not may_scrape("10.1.2.3", f"Bearer {ALICE}", "right")
-    assert may_scrape("10.1.2.3", "Bearer right", "right")
+    # a server without keys listens on loopback only: there, loopback is enough
+    assert may_scrape("127.0.0.1", None, None, keyed=False) and may_scrape("::1", None, "t", keyed=False)
+    assert not may_scrape("127.0.0.1", None, None, keyed=True)
+    assert not may_scrape("10.1.2.3", None, None, keyed=False)
+    assert not may_scrape("10.1.2.3", "Bearer wrong", "right", keyed=True)
+    assert not may_scrape("10.1.2.3", f"Bearer {ALICE}", "right", keyed=True)
+    assert may_scrape("10.1.2.3", "Bearer right", "right", keyed=True)
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus package")
@@ -119,7 +127,8 @@ def test_a_real_prometheus_scrapes_metrics(server: Served, tmp_path: Path) -> No
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({
         "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "aivvm-batch", "static_configs": [
+        "scrape_configs": [{"job_name": "aivvm-batch", "authorization": {"credentials": METRICS_TOKEN},
+                            "static_configs": [
             {"targets": [f"127.0.0.1:{server.port}"]}]}]}))
     log = (tmp_path / "prometheus.log").open("wb")
     process = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'db'}",

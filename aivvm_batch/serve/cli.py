@@ -103,8 +103,8 @@ def serve(host: str, port: int, provider: str, base_url: str | None, redis_url: 
     Each API key (AIVVM_BATCH_API_KEYS, comma-separated, or --api-keys-file) sees
     only its own files and batches. With no key, it listens on loopback only.
     With no --redis-url it starts a private Redis and workers, as `run` does.
-    Prometheus metrics are at /metrics: from loopback, or with the bearer
-    AIVVM_BATCH_METRICS_TOKEN.
+    Prometheus metrics are at /metrics, with the bearer AIVVM_BATCH_METRICS_TOKEN
+    (without API keys, for any loopback client).
     """
     keys = load_keys(os.environ.get(KEYS_VARIABLE), api_keys_file)
     hooks = load_hooks(webhooks_file)

@@ -219,7 +219,7 @@ class Webhooks:
         try:
             status = self.send(hook.url, body, headers)
             failure = None if 200 <= status < 300 else f"HTTP {status}"
-        except requests.RequestException as exc:
+        except Exception as exc:  # a receiver is foreign: whatever it does, the thread goes on
             failure = type(exc).__name__
         if failure is None:
             log.info("webhook %s (%s of %s) delivered", due.event.id, due.event.type, due.event.batch_id)
