@@ -29,10 +29,11 @@ def test_a_keys_entry_gives_it_quotas_of_its_own() -> None:
     assert owner == owner_of(SMALL) and where == "env, entry 1"
     assert with_words(Quota(), words, where) == Quota(active_batches=2, queued_items=1000, stored_bytes=2048,
                                                       uploads=1)
-    for word in ("batch=2", "items=0", "items=-1", "bytes=2T", "items"):
+    for word in ("batch=2", "items=0", "items=-1", "bytes=2T", "items", LARGE, f"{LARGE}=1"):
         with pytest.raises(ConfigError) as raised:
-            with_words(Quota(), [word], "keys.txt, line 3")
-        assert str(raised.value).startswith("keys.txt, line 3: ") and SMALL not in str(raised.value)
+            with_words(Quota(), ["batches=1", word], "keys.txt, line 3")
+        said = str(raised.value)
+        assert said.startswith("keys.txt, line 3, word 3 ") and LARGE not in said and "=-1" not in said, said
 
 
 @pytest.fixture(scope="module")

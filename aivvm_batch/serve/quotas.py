@@ -44,14 +44,17 @@ class Quota:
 
 def with_words(base: Quota, words: Sequence[str], where: str) -> Quota:
     """``base`` with the ``name=value`` words of a key's entry (``bytes=2Gi``); a bad word is a
-    :class:`ConfigError` naming ``where`` (never the key)."""
+    :class:`ConfigError` naming ``where`` and the word's place, never the word (with a comma
+    missing between two keys, the second key is that word)."""
     changes: dict[str, int] = {}
-    for word in words:
+    for place, word in enumerate(words, 2):
         name, _, value = word.partition("=")
         found = _SIZE.fullmatch(value)
         if name not in WORDS or found is None or int(found.group(1)) < 1:
-            raise ConfigError(f"{where}: {word!r} is no quota; write {', '.join(w + '=N' for w in WORDS)} "
-                              "(N a whole number over 0; bytes may end in k, M, G, Ki, Mi or Gi)")
+            what = f"quota {name!r} needs" if name in WORDS else "is not a quota: write"
+            raise ConfigError(f"{where}, word {place} {what} {', '.join(w + '=N' for w in WORDS)} "
+                              "(N a whole number over 0; bytes may end in k, M, G, Ki, Mi or Gi; keys are "
+                              "separated by commas)")
         changes[WORDS[name]] = int(found.group(1)) * _UNITS[(found.group(2) or "").lower()]
     return replace(base, **changes)
 
