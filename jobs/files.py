@@ -202,14 +202,14 @@ class FileStore:
         return int(self.redis.llen(file_data(file_id)))
 
     def iter_content(self, file_id: str) -> Iterator[bytes]:
-        """The content, a chunk at a time, :data:`READ_CHUNKS` chunks a round trip (stops early if the
-        file is deleted meanwhile)."""
+        """The content, a chunk at a time, :data:`READ_CHUNKS` chunks a round trip; a file deleted
+        meanwhile is :class:`FileNotFound` (never a shorter file)."""
         count = self.chunk_count(file_id)
         for start in range(0, count, READ_CHUNKS):
             chunks = self._chunks(file_id, start, min(count, start + READ_CHUNKS) - 1)
-            yield from chunks
             if len(chunks) < min(READ_CHUNKS, count - start):
-                return
+                raise FileNotFound(file_id)
+            yield from chunks
 
     @translated
     def _chunks(self, file_id: str, first: int, last: int) -> list[bytes]:

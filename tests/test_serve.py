@@ -34,7 +34,7 @@ from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
 from aivvm_batch.serve.driver import Driver, DriverConfig
 from aivvm_batch.serve.records import BatchRecords
-from jobs.files import CHUNK_BYTES, READ_CHUNKS, FileStore
+from jobs.files import CHUNK_BYTES, READ_CHUNKS, FileNotFound, FileStore
 from jobs.keys import API_ACTIVE, api_batch, file_data, file_meta
 from jobs.queue import Publisher
 from jobs.queue import app as celery_app
@@ -113,6 +113,11 @@ def test_file_store_writes_and_reads_in_chunks(redis_client: redis.Redis) -> Non
     content = bytes(range(256)) * (CHUNK_BYTES * (2 * READ_CHUNKS + 3) // 256)
     many.write(content)
     assert b"".join(files.iter_content(many.commit().id)) == content  # read back over three round trips
+    deleted = files.iter_content(many.id)
+    next(deleted)
+    files.delete("owner-x", many.id)  # while it is read (a batch validating it): never a shorter file
+    with pytest.raises(FileNotFound):
+        b"".join(deleted)
     aborted = files.writer("owner-x", "gone.jsonl", "batch")
     aborted.write(content)
     aborted.abort()

@@ -41,7 +41,7 @@ class _Chunks(io.RawIOBase):
 
 
 def open_content(files: FileStore, file_id: str) -> BinaryIO:
-    """The file's content as a stream (that ends early if the file is deleted meanwhile)."""
+    """The file's content as a stream (a file deleted meanwhile is :class:`jobs.files.FileNotFound`)."""
     return io.BufferedReader(_Chunks(files.iter_content(file_id)), CHUNK_BYTES)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from jobs.config import Settings
 from jobs.endpoints import endpoint_of
 from jobs.errors import BatchError, BatchNotFound, StoreUnavailable
-from jobs.files import FileNotFound, FileStore, FileWriter
+from jobs.files import FileNotFound, FileStore, FileWriter, StoredFile
 from jobs.keys import api_lease
 from jobs.queue import Publisher
 from jobs.records import MAX_PRIORITY, BatchInfo, BatchOptions, ItemResult, RequestDefaults
@@ -155,10 +155,13 @@ class Driver:
 
     def _submit(self, batch: ApiBatch) -> ApiBatch:
         try:
-            stored = self.files.get(batch.owner, batch.input_file_id)
-        except FileNotFound:
+            return self._submit_file(batch, self.files.get(batch.owner, batch.input_file_id))
+        except FileNotFound:  # before, or while it was read: what was read of it goes too
+            self.store.delete(batch.store_id)
             return self._fail(batch, [{"code": "file_not_found", "line": None, "param": "input_file_id",
                                        "message": f"the input file {batch.input_file_id} was deleted"}])
+
+    def _submit_file(self, batch: ApiBatch, stored: StoredFile) -> ApiBatch:
         options = replace(batch.options or self.config.options, priority=priority_of(batch.metadata))
         if options.cache:  # a tenant's answers are cached for that tenant alone
             options = replace(options, cache_scope=batch.owner)
@@ -178,7 +181,7 @@ class Driver:
                 submit_stream(self.store, self.publisher, stream, source, options, self.config.settings,
                               expected_lines=expected, batch_id=batch.store_id, resume=True, defaults=defaults)
         except BatchError as exc:
-            if isinstance(exc, StoreUnavailable):
+            if isinstance(exc, (StoreUnavailable, FileNotFound)):
                 raise
             return self._fail(batch, [{"code": "invalid_file", "line": None, "param": None,
                                        "message": str(exc)}])
