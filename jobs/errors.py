@@ -48,12 +48,21 @@ class StoreFull(StoreUnavailable):
     """Redis is at ``maxmemory`` (policy ``noeviction``) and refuses writes until memory frees."""
 
 
+# what a line's explanation may hold: it is kept with each invalid line (and in a failed batch's
+# errors.data), so a line cannot make it as large as itself
+MAX_EXPLANATION = 500
+
+
 class InvalidLine(BatchError):
-    """A line that cannot become a request; ``str(exc)`` names the line and the field."""
+    """A line that cannot become a request; ``str(exc)`` names the line and the field (at most
+    :data:`MAX_EXPLANATION` characters: a line of 25,000 unknown fields named them all, 239 KB)."""
 
     def __init__(self, line: int, message: str, field: str | None = None) -> None:
+        if field is not None and len(field) > 80:
+            field = field[:80] + "…"
         where = f"line {line}" + (f", field '{field}'" if field else "")
-        super().__init__(f"{where}: {message}")
+        text = f"{where}: {message}"
+        super().__init__(text if len(text) <= MAX_EXPLANATION else text[:MAX_EXPLANATION - 1] + "…")
         self.line = line
         self.field = field
         self.item_id: str | None = None

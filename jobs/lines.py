@@ -300,8 +300,9 @@ def _refuse_unknown(n: int, data: dict[str, Any], known: frozenset[str], prefix:
     if len(unknown) == 1:
         raise InvalidLine(n, f"unknown field ({expected})", prefix + unknown[0])
     if unknown:
-        names = ", ".join(repr(prefix + name) for name in unknown)
-        raise InvalidLine(n, f"unknown fields {names} ({expected})")
+        names = ", ".join(repr(prefix + name) for name in unknown[:5])
+        more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
+        raise InvalidLine(n, f"unknown fields {names}{more} ({expected})")
 
 
 def _parse_simple_form(n: int, data: dict[str, Any], defaults: RequestDefaults,

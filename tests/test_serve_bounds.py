@@ -16,6 +16,7 @@ from aivvm_batch.serve.driver import OwnerShares
 from aivvm_batch.serve.output import AnswerTotals
 from aivvm_batch.serve.validation import MAX_REPORTED_ERRORS, without_request
 from aivvm_batch.stub import StubServer
+from jobs.errors import MAX_EXPLANATION
 from jobs.records import RequestDefaults
 from tests.serve_helpers import Served, request_line, serving, wait_for, write_jsonl
 
@@ -101,3 +102,12 @@ def test_a_batchs_usage_details_and_model_are_read_from_its_answers() -> None:
         totals.add(line)
     assert (totals.cached_tokens, totals.reasoning_tokens, totals.model) == (16, 4, "m-1")
     assert AnswerTotals().model is None
+
+
+def test_a_lines_explanation_is_bounded_whatever_the_line() -> None:
+    wide = b'{"prompt": "x", ' + b", ".join(b'"f%d": 1' % i for i in range(25_000)) + b"}\n"
+    long_name = b'{"prompt": "x", "' + b"k" * 5000 + b'": 1}\n'
+    found = without_request(io.BytesIO(wide + long_name), RequestDefaults(), ("openai",), 1 << 24)
+    assert found is not None and [e["line"] for e in found.errors] == [1, 2]
+    assert all(len(str(e["message"])) <= MAX_EXPLANATION for e in found.errors)
+    assert "and 24,995 more" in str(found.errors[0]["message"])
