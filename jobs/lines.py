@@ -227,6 +227,25 @@ def _parse_usual(n: int, line: bytes, defaults: RequestDefaults) -> ItemRequest 
                             ())
 
 
+# deeper, a line is refused whatever the stack of the thread that reads it (json.loads's own limit
+# is the interpreter's recursion limit less the frames already on the stack: serve's check of a
+# file and its submission disagreed about a line 980 levels deep)
+MAX_NESTING = 512
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def nesting_depth(text: str) -> int:
+    """How deep the arrays and objects of a JSON text go (its strings skipped)."""
+    depth = deepest = 0
+    for char in _JSON_STRING.sub("", text):
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 def _parse_any(raw: RawLine, max_line_bytes: int, defaults: RequestDefaults,
                providers: tuple[str, ...] = ()) -> ItemRequest:
     """:func:`parse_line` for any line: every check, and the message that names the fault."""
@@ -238,6 +257,8 @@ def _parse_any(raw: RawLine, max_line_bytes: int, defaults: RequestDefaults,
         text = raw.data.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as exc:
         raise InvalidLine(n, f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+    if text.count("[") + text.count("{") > MAX_NESTING and nesting_depth(text) > MAX_NESTING:
+        raise InvalidLine(n, f"JSON nested too deeply (over {MAX_NESTING} levels)")
     try:
         data = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
     except RecursionError:

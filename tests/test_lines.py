@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jobs.errors import BatchError, InvalidLine
-from jobs.lines import DEFAULT_MAX_LINE_BYTES, RawLine, lines_expected, parse_line, read_lines
+from jobs.lines import DEFAULT_MAX_LINE_BYTES, RawLine, lines_expected, nesting_depth, parse_line, read_lines
 from jobs.records import ChatMessage, ItemRequest, RequestDefaults
 
 # -- helpers -----------------------------------------------------------------
@@ -426,7 +426,19 @@ def test_lone_surrogate_escape_is_not_accepted_as_text() -> None:
 def test_deep_nesting_is_invalid_line_not_recursion_error(opener: bytes, closer: bytes) -> None:
     depth = 100_000
     exc = invalid(opener * depth + closer * depth, number=11)
-    assert str(exc) == "line 11: JSON nested too deeply"
+    assert str(exc) == "line 11: JSON nested too deeply (over 512 levels)"
+
+
+def test_nesting_is_judged_the_same_whatever_the_stack_beneath() -> None:
+    """serve checks a file on one thread and submits it on another: json.loads's own limit is the
+    recursion limit less the frames beneath it, and a line 980 levels deep passed one and not the other."""
+    line = b'{"id": "d", "prompt": "x", "metadata": {"k": ' + b"[" * 980 + b"]" * 980 + b"}}"
+
+    def beneath(frames: int) -> str:
+        return beneath(frames - 1) if frames else str(invalid(line))
+
+    assert beneath(0) == beneath(300) == "line 1: JSON nested too deeply (over 512 levels)"
+    assert nesting_depth('{"a": "[[{{", "b": [[{}]], "c": "\\"}') == 4
 
 
 def test_deep_nesting_inside_messages() -> None:
