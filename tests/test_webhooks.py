@@ -134,3 +134,53 @@ def test_a_hook_that_never_answers_2xx_is_given_up_after_its_tries(
     assert len(handler.seen) == 3
     assert json.loads(handler.seen[0][1])["type"] == "batch.expired"
     assert any("given up after 3 tries: HTTP 503" in r.getMessage() for r in caplog.records)
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """A receiver that answers a byte every half second, without end."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers["content-length"]))
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\n" * 100:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_receiver_that_hangs_holds_only_its_own_events(receiver: tuple[str, type[_Receiver]],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    url, handler = receiver
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    slow.daemon_threads = True
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    try:
+        hooks = parse_hooks([f"sk-slow http://127.0.0.1:{slow.server_address[1]}/ {SECRET}",
+                             f"sk-fast {url} {SECRET}"], "hooks")
+        webhooks = Webhooks(hooks, delays=(), try_seconds=2)
+        webhooks.batch_ended(owner_of("sk-slow"), "batch_slow", ApiStatus.COMPLETED)
+        time.sleep(0.2)
+        webhooks.batch_ended(owner_of("sk-fast"), "batch_fast", ApiStatus.COMPLETED)
+        _wait_for(lambda: len(handler.seen) >= 1, timeout=1.5)  # well before the slow try's end
+        assert [json.loads(body)["data"]["id"] for _, body in handler.seen] == ["batch_fast"]
+        _wait_for(lambda: webhooks.pending() == 0, timeout=10)
+        assert webhooks.pending() == 0
+        assert any("given up after 1 tries: no answer within 2 s" in r.getMessage() for r in caplog.records)
+        webhooks.stop()
+    finally:
+        slow.shutdown()
+        slow.server_close()
+
+
+def test_a_url_that_cannot_be_one_and_a_key_given_twice_are_refused_in_one_line() -> None:
+    for lines, said in (([f"sk-a http://[::1 {SECRET}"], "must be http"),
+                        ([f"sk-a http://h:99999/ {SECRET}"], "port"),
+                        ([f"sk-a http://h/ {SECRET}", f"sk-a http://g/ {SECRET}"], "a second line")):
+        with pytest.raises(ConfigError) as raised:
+            parse_hooks(lines, "hooks")
+        assert said in str(raised.value) and "sk-a" not in str(raised.value)

@@ -8,16 +8,17 @@ OpenAI sends it, with ``webhook-id``, ``webhook-timestamp`` and ``webhook-signat
 (``v1,`` base64 HMAC-SHA256 of ``id.timestamp.body`` under the secret's bytes). A delivery that
 does not get a 2xx is tried again after each of :data:`RETRY_DELAYS` with the same id (a
 receiver can drop repeats), then given up with one log line. Deliveries live in the memory of
-the replica that ended the batch: a restart of ``serve`` loses the ones still waiting.
+the replica that ended the batch: a restart of ``serve`` loses the ones still waiting. Each try has
+:data:`TRY_SECONDS` in all, and many run at once: a receiver that hangs delays only its own events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
-import heapq
 import json
 import logging
 import secrets
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import requests
+import aiohttp
 
 from jobs.errors import ConfigError
 
@@ -47,8 +48,9 @@ EVENT_TYPES = {
 # 2 h, 5 h); the last try comes about 8 hours after the event
 RETRY_DELAYS: tuple[float, ...] = (5, 300, 1800, 7200, 18000)
 SECRET_PREFIX = "whsec_"
-TIMEOUT = (5.0, 10.0)
-# how long a stopping serve waits for a try under way (the thread is a daemon: it goes with serve)
+TRY_SECONDS = 15.0  # a try in all, from the connection to the answer's status
+AT_ONCE = 16  # tries under way together
+# how long a stopping serve waits for its webhooks' loop (a daemon thread: it goes with serve)
 STOP_SECONDS = 2.0
 
 
@@ -117,14 +119,22 @@ def parse_hooks(lines: Iterable[str], source: str) -> dict[str, Hook]:
         if len(parts) != 3:
             raise ConfigError(f"{where}: expected 'API_KEY URL SECRET', three words")
         key, url, secret = parts
-        split = urlsplit(url)
-        if split.scheme not in ("http", "https") or not split.hostname:
-            raise ConfigError(f"{where}: the URL must be http:// or https:// with a host")
+        try:
+            split = urlsplit(url)
+            usable = split.scheme in ("http", "https") and bool(split.hostname) and split.port != 0
+        except ValueError:  # a bracket left open, a port that is no port
+            usable = False
+        if not usable:
+            raise ConfigError(f"{where}: the URL must be http:// or https:// with a host (and a port from 1 "
+                              "to 65535, if any)")
         try:
             hook = Hook(url=url, key=secret_key(secret))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        hooks[ANONYMOUS if key == "-" else owner_of(key)] = hook
+        owner = ANONYMOUS if key == "-" else owner_of(key)
+        if owner in hooks:
+            raise ConfigError(f"{where}: a second line for the same key (one URL a key)")
+        hooks[owner] = hook
     return hooks
 
 
@@ -138,96 +148,92 @@ def load_hooks(file: Path | None) -> dict[str, Hook]:
     return parse_hooks(text.splitlines(), str(file))
 
 
-Post = Callable[[str, bytes, Mapping[str, str]], int]
-
-
-def post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
-    """One try: the status code (redirects are not followed: a 3xx is a failed try)."""
-    with requests.post(url, data=body, headers=dict(headers), timeout=TIMEOUT, allow_redirects=False,
-                       stream=True) as response:
-        return response.status_code
-
-
-@dataclass(order=True, frozen=True)
-class _Due:
-    at: float
-    tries: int
-    owner: str
-    event: Event
-
-
 class Webhooks:
-    """Sends each owner's batch events to its hook, on a thread of its own, trying again on failure."""
+    """Sends each owner's batch events to its hook, trying again on failure.
+
+    The tries run on an event loop of their own thread, at most :data:`AT_ONCE` together, each
+    given :data:`TRY_SECONDS` in all: a receiver that answers a byte at a time holds one try for
+    that long, never another owner's event.
+    """
 
     def __init__(self, hooks: Mapping[str, Hook], *, delays: Sequence[float] = RETRY_DELAYS,
-                 send: Post = post, clock: Callable[[], float] = time.time) -> None:
+                 try_seconds: float = TRY_SECONDS, clock: Callable[[], float] = time.time) -> None:
         self.hooks = dict(hooks)
         self.delays = tuple(delays)
-        self.send = send
+        self.try_seconds = try_seconds
         self.clock = clock
-        self._due: list[_Due] = []
-        self._changed = threading.Condition()
-        self._stopping = False
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._tries: set[asyncio.Future[None]] = set()
         self._thread: threading.Thread | None = None
 
     def batch_ended(self, owner: str, batch_id: str, status: ApiStatus) -> None:
-        """Queue the event of a batch that reached ``status``, if its owner has a hook."""
-        if owner not in self.hooks:
-            return
-        event = batch_event(batch_id, status, self.clock())
+        """Send the event of a batch that reached ``status``, if its owner has a hook."""
+        event = batch_event(batch_id, status, self.clock()) if owner in self.hooks else None
         if event is None:
             return
-        with self._changed:
-            heapq.heappush(self._due, _Due(self.clock(), 0, owner, event))
-            self._changed.notify()
-        if self._thread is None:
-            self.start()
-
-    def start(self) -> None:
-        with self._changed:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._loop, name="serve-webhooks", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        with self._changed:
-            self._stopping = True
-            self._changed.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=STOP_SECONDS)
+        loop = self._running_loop()
+        with self._lock:
+            self._pending += 1
+        loop.call_soon_threadsafe(self._start_try, owner, event, 0)
 
     def pending(self) -> int:
-        with self._changed:
-            return len(self._due)
+        """Events not yet delivered nor given up."""
+        with self._lock:
+            return self._pending
 
-    def _loop(self) -> None:
-        while True:
-            with self._changed:
-                while not self._stopping and (not self._due or self._due[0].at > self.clock()):
-                    wait = self._due[0].at - self.clock() if self._due else None
-                    self._changed.wait(wait)
-                if self._stopping:
-                    return
-                due = heapq.heappop(self._due)
-            self._try(due)
+    def stop(self) -> None:
+        with self._lock:
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=STOP_SECONDS)
 
-    def _try(self, due: _Due) -> None:
-        hook = self.hooks[due.owner]
-        body = due.event.body()
-        headers = signed_headers(due.event, body, hook.key, self.clock())
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="serve-webhooks", daemon=True)
+                self._thread.start()
+            return self._loop
+
+    def _start_try(self, owner: str, event: Event, tries: int) -> None:
+        task = asyncio.ensure_future(self._try(owner, event, tries))
+        self._tries.add(task)  # a task nothing refers to may be collected before it ends
+        task.add_done_callback(self._tries.discard)
+
+    async def _try(self, owner: str, event: Event, tries: int) -> None:
+        hook = self.hooks[owner]
+        body = event.body()
+        if self._slots is None:  # made on the loop's own thread, which it belongs to
+            self._slots = asyncio.Semaphore(AT_ONCE)
         try:
-            status = self.send(hook.url, body, headers)
+            async with self._slots:
+                status = await asyncio.wait_for(_post(hook.url, body, signed_headers(event, body, hook.key,
+                                                                                     self.clock())),
+                                                self.try_seconds)
             failure = None if 200 <= status < 300 else f"HTTP {status}"
-        except Exception as exc:  # a receiver is foreign: whatever it does, the thread goes on
+        except asyncio.TimeoutError:
+            failure = f"no answer within {self.try_seconds:g} s"
+        except Exception as exc:  # a receiver is foreign: whatever it does, the deliveries go on
             failure = type(exc).__name__
         if failure is None:
-            log.info("webhook %s (%s of %s) delivered", due.event.id, due.event.type, due.event.batch_id)
+            log.info("webhook %s (%s of %s) delivered", event.id, event.type, event.batch_id)
+        elif tries >= len(self.delays):
+            log.warning("webhook %s (%s of %s) given up after %d tries: %s", event.id, event.type,
+                        event.batch_id, tries + 1, failure)
+        else:
+            asyncio.get_running_loop().call_later(self.delays[tries], self._start_try, owner, event, tries + 1)
             return
-        if due.tries >= len(self.delays):
-            log.warning("webhook %s (%s of %s) given up after %d tries: %s", due.event.id, due.event.type,
-                        due.event.batch_id, due.tries + 1, failure)
-            return
-        with self._changed:
-            heapq.heappush(self._due, _Due(self.clock() + self.delays[due.tries], due.tries + 1, due.owner,
-                                           due.event))
+        with self._lock:
+            self._pending -= 1
+
+
+async def _post(url: str, body: bytes, headers: Mapping[str, str]) -> int:
+    """One try: the status code (redirects are not followed: a 3xx is a failed try)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=body, headers=dict(headers), allow_redirects=False) as response:
+            return response.status
