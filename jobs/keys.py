@@ -161,6 +161,11 @@ def api_idempotency(owner: str, digest: str) -> str:
     return f"{PREFIX}:owner:{owner}:idempotency:{digest}"
 
 
+def quota_lock(owner: str) -> str:
+    """String, short-lived: one request at a time checks the owner's quotas and makes its batch."""
+    return f"{PREFIX}:api:quota-lock:{owner}"
+
+
 def owner_batches(owner: str) -> str:
     """Sorted set: API batch ids of one owner, scored by creation time (ms)."""
     return f"{PREFIX}:owner:{owner}:batches"

@@ -4,12 +4,14 @@ its batches stay active."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 import redis
+import requests
 from openai import OpenAI
 
 from aivvm_batch.serve.auth import KeyRing, owner_of
@@ -18,7 +20,7 @@ from jobs.errors import ConfigError
 from jobs.keys import api_batch
 from tests.serve_helpers import Served, request_line, serving, wait_for, with_db, write_jsonl
 
-SMALL, LARGE, MANY = "sk-small-quota-key", "sk-default-quota-key", "sk-many-batches-key"
+SMALL, LARGE, MANY, RACE = "sk-small-quota-key", "sk-default-quota-key", "sk-many-batches-key", "sk-race-key"
 
 
 def test_a_keys_entry_gives_it_quotas_of_its_own() -> None:
@@ -38,7 +40,7 @@ def test_a_keys_entry_gives_it_quotas_of_its_own() -> None:
 
 @pytest.fixture(scope="module")
 def server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    keys = f"{SMALL} batches=2 items=5 bytes=2600,{LARGE},{MANY} batches=300"
+    keys = f"{SMALL} batches=2 items=5 bytes=2600,{LARGE},{MANY} batches=300,{RACE} batches=3 bytes=20000"
     with serving("--redis-url", with_db(redis_url, 3), "--provider", "openai", "--base-url",
                  "http://127.0.0.1:9/v1", env={"AIVVM_BATCH_API_KEYS": keys},
                  log_dir=tmp_path_factory.mktemp("serve-quotas")) as served:
@@ -116,3 +118,33 @@ def test_cancel_is_for_a_batch_not_yet_finalizing(server: Served, redis_url: str
     assert api.batches.cancel(batch_id).status == "cancelling"
     assert api.batches.cancel(batch_id).status in ("cancelling", "cancelled")
     assert wait_for(api, batch_id).status == "cancelled"
+
+
+@pytest.mark.integration
+def test_concurrent_creates_take_a_quota_s_slots_once_and_an_unannounced_upload_is_held_to_it(
+        server: Served, tmp_path: Path) -> None:
+    api = OpenAI(base_url=server.api, api_key=RACE, max_retries=0, timeout=30)
+    file_id = _upload(api, write_jsonl(tmp_path / "r.jsonl", [request_line("r", "hello")]))
+    outcomes: list[str] = []
+
+    def create() -> None:
+        try:
+            outcomes.append(_create(api, file_id))
+        except openai.RateLimitError as exc:
+            outcomes.append(str(exc.code))
+
+    threads = [threading.Thread(target=create) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(o for o in outcomes if o == "quota_exceeded") == ["quota_exceeded"] * 9, outcomes
+    assert len(list(api.batches.list())) == 3
+    # chunked, with no Content-Length: refused as it is read, nothing kept
+    form = (b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\nContent-Disposition: "
+            b"form-data; name=\"file\"; filename=\"big.jsonl\"\r\n\r\n" + b"{}\n" * 10_000 + b"\r\n--b--\r\n")
+    answer = requests.post(server.api + "/files", data=iter([form[i:i + 4096] for i in range(0, len(form), 4096)]),
+                           headers={"Authorization": f"Bearer {RACE}",
+                                    "Content-Type": "multipart/form-data; boundary=b"}, timeout=30)
+    assert answer.status_code == 429 and answer.json()["error"]["code"] == "quota_exceeded", answer.text
+    assert [f.filename for f in api.files.list()] == ["r.jsonl"]

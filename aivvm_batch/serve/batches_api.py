@@ -53,7 +53,7 @@ async def create_batch(request: Request, owner: str) -> Response:
     batch = await blocking(partial(ctx.records.create, owner, input_file_id, endpoint, window,
                                    ctx.limits.window_seconds, pairs, ctx.driver.config.options,
                                    idempotency_key=idempotency_key(request), output_ttl=ttl,
-                                   allowed=partial(ctx.quotas.check_batch, owner, stored.lines or 0)))
+                                   admitting=partial(ctx.quotas.admitting, owner, stored.lines or 0)))
     ctx.driver.wake.set()
     return JSONResponse(batch.to_api(None))
 

@@ -21,9 +21,9 @@ async def upload_file(request: Request, owner: str) -> Response:
     quotas = state.ctx.quotas
     limit = state.ctx.limits.max_upload_bytes
     declared = min(digits_value(request.headers.get("content-length", ""), limit) or 0, limit)
-    await blocking(quotas.check_upload, owner, declared)
+    room = await blocking(quotas.check_upload, owner, declared)
     async with state.uploads.hold(owner, quotas.of(owner).uploads):
-        stored = await receive_upload(request, state.ctx.files, owner, state.ctx.limits.max_upload_bytes)
+        stored = await receive_upload(request, state.ctx.files, owner, limit, room)
     return JSONResponse(stored.to_api())
 
 

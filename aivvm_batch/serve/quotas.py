@@ -9,7 +9,9 @@ same; two requests at the very same moment may each pass a quota with one slot l
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,16 +20,18 @@ import redis
 from jobs.connection import translated
 from jobs.errors import BatchNotFound, ConfigError
 from jobs.files import FileNotFound, FileStore
-from jobs.keys import API_ACTIVE, file_meta, owner_batches, owner_files
+from jobs.keys import API_ACTIVE, file_meta, owner_batches, owner_files, quota_lock
 from jobs.store import BatchStore
 
 from .errors import TooManyRequests
+from .lease import Lease
 from .records import BatchRecords
 
 DEFAULT_ACTIVE_BATCHES = 100
 DEFAULT_QUEUED_ITEMS = 1_000_000
 DEFAULT_STORED_BYTES = 10 * 2**30
 DEFAULT_UPLOADS = 4
+LOCK_WAIT_SECONDS = 5.0  # a request waits this long at most for the owner's others
 # how a quota is named in AIVVM_BATCH_API_KEYS and the keys file: ``sk-… batches=5 items=1e5``
 WORDS = {"batches": "active_batches", "items": "queued_items", "bytes": "stored_bytes", "uploads": "uploads"}
 _SIZE = re.compile(r"(\d+)([kKmMgG]i?)?")
@@ -78,13 +82,30 @@ class Quotas:
     def of(self, owner: str) -> Quota:
         return self.own.get(owner, self.default)
 
-    def check_upload(self, owner: str, incoming: int) -> None:
-        """Refuse an upload of ``incoming`` bytes (0: not said) that would take the owner past its bytes."""
+    def check_upload(self, owner: str, incoming: int) -> int:
+        """Refuse an upload of ``incoming`` bytes (0: not said) that would take the owner past its
+        bytes; else the bytes it may still store (the upload is held to them as it is read)."""
         limit = self.of(owner).stored_bytes
         held = self.stored_bytes(owner)
         if held + incoming > limit or held >= limit:
             raise QuotaExceeded(f"this key stores {held:,} bytes of files; its quota is {limit:,} bytes "
                                 "(delete files, or let them expire)", retry_after=60)
+        return limit - held
+
+    @contextmanager
+    def admitting(self, owner: str, new_items: int) -> Iterator[None]:
+        """Check the owner's batch quotas and hold them while its batch is made: the owner's other
+        requests (on any replica) wait for this one, so two cannot take the same last slot."""
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            with Lease(self.records.redis, quota_lock(owner), ttl_seconds=10) as held:
+                if held:
+                    self.check_batch(owner, new_items)
+                    yield
+                    return
+            if time.monotonic() > deadline:
+                raise TooManyRequests("this key's other requests are making batches: try again", retry_after=1)
+            time.sleep(0.01)
 
     def check_batch(self, owner: str, new_items: int) -> None:
         """Refuse a batch of ``new_items`` that would take the owner past its active batches or queued items."""

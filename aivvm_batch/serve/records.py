@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -158,14 +159,16 @@ class BatchRecords:
     def create(self, owner: str, input_file_id: str, endpoint: str, completion_window: str,
                window_seconds: int, metadata: dict[str, str] | None,
                options: BatchOptions | None = None, idempotency_key: str | None = None,
-               output_ttl: int = BATCH_FILE_TTL, allowed: Callable[[], None] = lambda: None) -> ApiBatch:
+               output_ttl: int = BATCH_FILE_TTL,
+               admitting: Callable[[], AbstractContextManager[None]] = nullcontext) -> ApiBatch:
         """A new batch, run with ``options`` (the creating server's provider and base URL); with
         ``idempotency_key`` (a client's Idempotency-Key header), the batch that key made already
         (its retry), made once whatever the retries: the key and the batch are written together.
-        ``allowed`` raises if a new batch may not be made (a quota); a retry's batch is not new."""
+        ``admitting`` raises if a new batch may not be made (a quota) and holds what it checked while
+        the batch is made; a retry's batch is not new."""
         if idempotency_key is None:
-            allowed()
-            return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata,
+            with admitting():
+                return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata,
                                 options, output_ttl, lambda pipe, batch_id: None)
         key = api_idempotency(owner, hashlib.sha256(idempotency_key.encode()).hexdigest())
         asked = hashlib.sha256(json.dumps([input_file_id, endpoint, completion_window, metadata, output_ttl],
@@ -173,10 +176,10 @@ class BatchRecords:
         if not self.redis.set(key, f"{PENDING} {asked}", nx=True, ex=PENDING_SECONDS):
             return self._made_by(owner, key, asked)
         try:
-            allowed()
-            return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata, options,
-                                output_ttl,
-                                lambda pipe, batch_id: pipe.set(key, f"{batch_id} {asked}", ex=IDEMPOTENCY_SECONDS))
+            with admitting():
+                return self._create(owner, input_file_id, endpoint, completion_window, window_seconds, metadata,
+                                    options, output_ttl,
+                                    lambda pipe, batch_id: pipe.set(key, f"{batch_id} {asked}", ex=IDEMPOTENCY_SECONDS))
         except BaseException:
             self.redis.delete(key)
             raise

@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from jobs.files import BATCH_FILE_TTL, MAX_TTL, MIN_TTL, FileStore, FileWriter, StoredFile
 
 from .errors import BadRequest, TooLarge
+from .quotas import QuotaExceeded
 from .params import declared_over, digits_value, shown
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -39,10 +40,11 @@ class _Part:
 class _Collector:
     """python-multipart callbacks: small fields in memory, the one file into a writer."""
 
-    def __init__(self, files: FileStore, owner: str, max_bytes: int) -> None:
+    def __init__(self, files: FileStore, owner: str, max_bytes: int, room: int | None) -> None:
         self.files = files
         self.owner = owner
         self.max_bytes = max_bytes
+        self.room = room
         self.fields: dict[str, str] = {}
         self.writer: FileWriter | None = None
         self.parts = 0
@@ -96,6 +98,9 @@ class _Collector:
             if self.writer.size + (end - start) > self.max_bytes:
                 raise TooLarge(f"the file is larger than this server's limit of {self.max_bytes} bytes "
                                "(AIVVM_BATCH_MAX_UPLOAD_BYTES)", param="file")
+            if self.room is not None and self.writer.size + (end - start) > self.room:
+                raise QuotaExceeded(f"this file would take the key past its quota of bytes stored ({self.room:,} "
+                                    "bytes left; delete files, or let them expire)", retry_after=60)
             self.writer.add(data[start:end])
         else:
             if len(self._part.data) + (end - start) > MAX_FIELD_BYTES:
@@ -107,7 +112,10 @@ class _Collector:
             self.fields[self._part.name] = self._part.data.decode("utf-8", errors="replace")
 
 
-async def receive_upload(request: Request, files: FileStore, owner: str, max_bytes: int) -> StoredFile:
+async def receive_upload(request: Request, files: FileStore, owner: str, max_bytes: int,
+                         room: int | None = None) -> StoredFile:
+    """The uploaded file, stored; over ``max_bytes`` a 413, over ``room`` (what the owner's quota of
+    bytes stored leaves) a 429, both while reading, whatever the request said its length was."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise BadRequest("upload a file as multipart/form-data with the fields 'file' and 'purpose'")
@@ -116,7 +124,7 @@ async def receive_upload(request: Request, files: FileStore, owner: str, max_byt
     if declared_over(request.headers.get("content-length"), max_bytes + FRAMING_SLACK):
         raise TooLarge(f"the file is larger than this server's limit of {max_bytes} bytes "
                        "(AIVVM_BATCH_MAX_UPLOAD_BYTES)", param="file")
-    collector = _Collector(files, owner, max_bytes)
+    collector = _Collector(files, owner, max_bytes, room)
     parser = MultipartParser(params[b"boundary"], collector.callbacks(),  # type: ignore[arg-type]
                              max_size=max_bytes + FRAMING_SLACK)
     try:
