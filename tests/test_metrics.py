@@ -48,8 +48,10 @@ def test_a_scrape_counts_each_batchs_items_tokens_and_errors_and_names_the_worke
     assert sum(v for (name, labels), v in samples.items()
                if name == "aivvm_batch_attempt_errors_total" and ("batch", batch_id) in labels) == 1
     assert of("aivvm_batch_held_messages", batch=batch_id) == 0
-    seen = [v for (name, _), v in samples.items() if name == "aivvm_batch_worker_last_seen_seconds"]
-    assert seen and min(seen) < 60
+    seen = {dict(labels)["worker"]: v for (name, labels), v in samples.items()
+            if name == "aivvm_batch_worker_last_seen_seconds"}
+    assert seen and min(seen.values()) < 60
+    assert not any("%h" in worker for worker in seen), seen  # a name given with %h is expanded
     assert of("aivvm_batch_redis_used_memory_bytes") > 0
     # every call the workers recorded is in the provider's histograms (the 400 too: it answered)
     calls = of("aivvm_batch_provider_latency_seconds_count")

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 from celery import bootsteps
+from celery.utils.nodenames import host_format
 
 from jobs import clock, keys
 from jobs.connection import connect, is_out_of_memory
@@ -185,7 +186,8 @@ class Sweeper(bootsteps.StartStopStep):
                                    socket_timeout=SOCKET_TIMEOUT), settings.result_ttl)
         publisher = Publisher(store.redis, parent.app)
         # the process id too: two workers started with one name on one host are two workers
-        node = f"{getattr(parent, 'hostname', None) or 'celery'}/{os.getpid()}"
+        # (a name given with %h, as run's fork server gives it, is expanded here as Celery would)
+        node = f"{host_format(getattr(parent, 'hostname', None) or 'celery')}/{os.getpid()}"
         outage = Outage()
 
         def loop() -> None:
