@@ -71,6 +71,20 @@ def test_a_window_is_twice_the_workers_slots_times_the_priority_and_each_end_rel
     assert publisher.release("b1", 0, 16, reset=True) == 8
 
 
+def test_a_message_put_back_after_its_place_was_freed_counts_out_again() -> None:
+    """worker.window frees a message's place when its calls end; should the message go back to
+    the queue after that, it counts out again (ended -1), and its own end releases as any other."""
+    client = fakeredis.FakeRedis()
+    publisher = Publisher(client, celery_app)
+    client.set(keys.SLOTS, 64)
+    client.hset(keys.meta("b1"), "priority", 1)
+    publisher.publish("b1", list(range(1000)), chunk=16)  # a window of 8 messages
+    assert publisher.release("b1", 1, 16) == 1  # freed early: the next one goes out
+    assert publisher.release("b1", -1, 16) == 0 and int(client.get(keys.out("b1"))) == 9
+    assert publisher.release("b1", 1, 16) == 0  # the put-back message ends: back to the window
+    assert int(client.get(keys.out("b1"))) == 8
+
+
 def test_a_windowed_message_carries_its_mark_and_a_retry_does_not() -> None:
     publisher = Publisher(fakeredis.FakeRedis(), celery_app)
     assert b'{"window":1}' in base64.b64decode(json.loads(publisher.message("b", [1, 2], WINDOWED))["body"])

@@ -274,6 +274,22 @@ def test_never_more_requests_in_flight_than_the_concurrency(bench: Bench) -> Non
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
+def test_a_chunk_says_once_when_every_item_needs_no_slot_and_before_it_ends(bench: Bench) -> None:
+    """The window's place of a message is freed then (worker.window), not after its records."""
+    batch_id = bench.submit([f"ended {i}" for i in range(6)])
+    runtime = Runtime.start(bench.settings(), celery_app, concurrency=2)
+    ended: list[str] = []
+    try:
+        ends = runtime.run(run_chunk(runtime, batch_id, [0, 1, 2, 2, 3], ItemState(),
+                                     on_end=lambda: ended.append("item"), on_all_ended=lambda: ended.append("all")))
+    finally:
+        runtime.close()
+    assert ends == [Done("ok")] * 4  # a seq given twice runs once
+    assert ended == ["item"] * 4 + ["all"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
 def test_an_error_at_any_step_releases_the_claim_and_puts_the_item_back(bench: Bench) -> None:
     batch_id = bench.submit([f"broken {i}" for i in range(3)])
     runtime = Runtime.start(bench.settings(), celery_app, concurrency=4)

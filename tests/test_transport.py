@@ -21,8 +21,8 @@ from worker.credit import Credit, Pace, reserve
 
 def test_no_reserve_on_a_local_network_and_what_ends_during_a_take_on_a_slow_one() -> None:
     assert reserve(64, 0.0003, 3.0) == 0
-    # a take is three round trips of 0.4 s: 1.2 s, while 64 slots of 3 s end 25.6 items
-    assert reserve(64, 0.4, 3.0) == 26
+    # a take and its claim are five round trips of 0.4 s: 2 s, while 64 slots of 3 s end 42.7 items
+    assert reserve(64, 0.4, 3.0) == 43
     assert reserve(64, 0.4, 0.1) == 64  # never more than the slots
     assert reserve(0, 0.4, 3.0) == 0 and reserve(64, 0.4, 0.0) == 0
 
@@ -36,6 +36,19 @@ def test_the_reserve_lets_a_process_hold_more_than_its_slots() -> None:
     assert credit.can_take(["a", "b"]) and credit.room(["a", "b"]) == 1
     credit.ended("task-a")  # an item's call ended: its slot is free for the next message
     assert credit.held(["a", "b"]) == 15
+
+
+def test_the_reserve_counts_in_whole_messages() -> None:
+    """A reserve smaller than a message still holds one: 64 slots running two chunks of 31 items
+    take the third before any of theirs ends (else the slots idle for the take every wave)."""
+    credit = Credit(slots=64)
+    credit.took("a", "task-a", 31)
+    credit.took("b", "task-b", 31)
+    assert not credit.can_take(["a", "b"])
+    credit.ahead = 30
+    assert credit.can_take(["a", "b"]) and credit.room(["a", "b"]) == 1
+    credit.ahead = 32  # two messages' worth, rounded up
+    assert credit.room(["a", "b"]) == 2
 
 
 def test_the_pace_is_a_smoothed_mean_of_slot_times() -> None:

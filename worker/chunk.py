@@ -21,16 +21,19 @@ logger = logging.getLogger(__name__)
 
 
 async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemState,
-                    on_end: Callable[[], None] | None = None) -> list[Done | Handoff]:
+                    on_end: Callable[[], None] | None = None,
+                    on_all_ended: Callable[[], None] | None = None) -> list[Done | Handoff]:
     """Every item of the chunk to its end for this message (a seq given twice runs once);
     ``on_end`` is called once per item, as soon as it needs no slot any more (its call has
     ended, its result may still be on its way to Redis; or it ended without a call): the next
-    message's items may start meanwhile."""
+    message's items may start meanwhile. ``on_all_ended`` is called once, after the last item's
+    ``on_end``."""
     unique = list(dict.fromkeys(seqs))
     loop = asyncio.get_running_loop()
+    last = _Countdown(len(unique), on_all_ended)
     runs = []
     for seq in unique:
-        freed = _Once(on_end)
+        freed = _Once(_both(on_end, last))
         run = loop.create_task(run_item(rt, batch_id, seq, state, freed))
         run.add_done_callback(freed.on_done)  # a callback, not a wrapping coroutine: one frame less
         runs.append(run)
@@ -45,6 +48,30 @@ async def run_chunk(rt: Runtime, batch_id: str, seqs: list[int], state: ItemStat
             outcome = await hand_on(rt, batch_id, seq, RunAgain(later(state, PUT_BACK_SECONDS)))
         ends.append(outcome)
     return ends
+
+
+class _Countdown:
+    """``call`` once it has been called ``count`` times (None: nothing)."""
+
+    def __init__(self, count: int, call: Callable[[], None] | None) -> None:
+        self.left = count
+        self.call = call
+
+    def __call__(self) -> None:
+        self.left -= 1
+        if self.left == 0 and self.call is not None:
+            self.call()
+
+
+def _both(first: Callable[[], None] | None, then: Callable[[], None]) -> Callable[[], None]:
+    if first is None:
+        return then
+
+    def call() -> None:
+        first()
+        then()
+
+    return call
 
 
 class _Once:

@@ -19,10 +19,8 @@ from typing import Any
 from celery import Task, bootsteps
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
-from redis.exceptions import RedisError
 
 from jobs.config import Settings
-from jobs.errors import BatchError
 from jobs.queue import TASK_NAME, app
 
 from . import shutdown  # noqa: F401 - connects the bound on a warm shutdown
@@ -32,6 +30,7 @@ from .item import ABANDONED, LATE, Handoff
 from .process_runtime import THIS_PROCESS
 from .runtime import Runtime, collect_for_work
 from .sweeper import Sweeper
+from .window import WindowPlace
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONCURRENCY = 64
@@ -104,15 +103,6 @@ def _wake_on_signals(hub: Any) -> tuple[socket.socket, ...]:
     return reader, writer
 
 
-def _release_next(rt: Runtime, batch_id: str, chunk: int) -> None:
-    """A message of the batch's window has ended: its next one goes on the queue (behind the other
-    batches' messages). Missed (Redis away), the sweep releases it once the batch stalls."""
-    try:
-        rt.publisher.release(batch_id, 1, chunk)
-    except (RedisError, BatchError) as exc:
-        logger.info("batch %s: could not release its next message: %s", batch_id, exc)
-
-
 def _recheck() -> None:
     """A tick of the consumer's loop: kombu asks each channel again whether it may consume."""
 
@@ -130,13 +120,18 @@ def complete_item(self: Task, batch_id: str, seqs: int | list[int], attempt: int
     items = [seqs] if isinstance(seqs, int) else [int(s) for s in seqs]
     state = ItemState.from_kwargs(attempt, not_before, spent, cuts, mismatches, down, waits)
     task_id = self.request.id
+    # a windowed message's end releases the batch's next one (behind the other batches' messages)
+    place = WindowPlace(rt, batch_id, len(items)) if window else None
     try:
-        ends = rt.run(run_chunk(rt, batch_id, items, state, on_end=lambda: rt.credit.ended(task_id)))
+        ends = rt.run(run_chunk(rt, batch_id, items, state, on_end=lambda: rt.credit.ended(task_id),
+                                on_all_ended=place.free_soon if place is not None else None))
     except Exception as exc:
         # run_chunk hands every item on itself; if even that failed, the message goes back
+        if place is not None:
+            place.taken_again()
         raise Reject(exc, requeue=True) from exc
-    if window:
-        _release_next(rt, batch_id, len(items))
+    if place is not None:
+        place.free_now()
     counts = Counter("retry" if isinstance(end, Handoff) else end.status for end in ends)
     paid_elsewhere = [seq for seq, end in zip(dict.fromkeys(items), ends)
                       if not isinstance(end, Handoff) and end.status in (LATE, ABANDONED)]
