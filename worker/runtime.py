@@ -189,6 +189,8 @@ class Runtime:
     # the socket pair through which a signal wakes Celery's consumer (worker.tasks), kept open
     # for the life of the process
     wakers: tuple[socket.socket, ...] = ()
+    # tasks on the loop that nothing else refers to (a window's release): held here until they end
+    background: set[asyncio.Future[None]] = field(default_factory=set)
     # a claim's token names one attempt of one runtime: a random prefix, the process, a counter
     _token_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _tokens: Iterator[int] = field(default_factory=itertools.count)

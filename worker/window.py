@@ -17,7 +17,6 @@ it finishes (the count never goes below zero).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from redis.exceptions import RedisError
@@ -27,8 +26,6 @@ from jobs.errors import BatchError
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
-# releases under way (a task the loop only holds weakly must be held here)
-_UNDER_WAY: set[asyncio.Task[None]] = set()
 
 
 class WindowPlace:
@@ -46,8 +43,8 @@ class WindowPlace:
             return
         self.freed = True
         task = self.rt.loop.create_task(self._release())
-        _UNDER_WAY.add(task)
-        task.add_done_callback(_UNDER_WAY.discard)
+        self.rt.background.add(task)  # the loop holds a task only weakly
+        task.add_done_callback(self.rt.background.discard)
 
     def free_now(self) -> None:
         """The chunk has ended (a Celery thread): release now unless its calls' end did."""
