@@ -206,6 +206,17 @@ def test_many_results_are_recorded_in_one_script_first_wins(store: BatchStore) -
     assert not store.redis.exists(keys.results("gone"))
 
 
+def test_a_redis_that_lost_its_scripts_still_records_each_result_once(store: BatchStore) -> None:
+    reqs = new_batch(store, "b8s", 2)
+    store.redis.script_flush()  # as after a restart: the record's EVALSHA meets NOSCRIPT
+    before = int(store.redis.hget(keys.OBSERVED_LATENCY, "count") or 0)
+    timed = dataclasses.replace(ok(reqs[0]), latency_ms=1200)
+    assert store.record_many("b8s", [(0, timed), (1, ok(reqs[1]))]) == [Recorded.RECORDED, Recorded.RECORDED]
+    assert store.info("b8s").counts == {"ok": 2}
+    assert int(store.redis.hget(keys.OBSERVED_LATENCY, "count") or 0) - before == 1  # not counted twice
+    assert store.record_many("b8s", [(1, ok(reqs[1]))]) == [Recorded.NOT]
+
+
 def test_leases_are_renewed_and_released_only_by_their_holder(store: BatchStore) -> None:
     new_batch(store, "b9", 3)
     new_batch(store, "b10", 1)
