@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import redis
@@ -86,21 +87,26 @@ class BatchLifecycle:
         # members without scores, as bytes: the store's clients never decode responses
         members = cast("list[bytes]", self.redis.zrevrange(keys.BATCH_INDEX, 0, limit - 1))
         ids = [i.decode() for i in members]
-        pipe = self.redis.pipeline(transaction=False)
-        parts = (keys.meta, keys.counts, keys.usage, keys.errors)
-        for batch_id in ids:
-            for part in parts:
-                pipe.hgetall(part(batch_id))
-        replies = pipe.execute()
-        found, gone = [], []
-        for i, batch_id in enumerate(ids):
-            meta, counts, usage, errors = replies[len(parts) * i:len(parts) * (i + 1)]
-            if meta:
-                found.append(_batch_info(batch_id, meta, counts, usage, errors))
-            else:
-                gone.append(batch_id)
+        found = self.infos(ids)
+        gone = [batch_id for batch_id in ids if batch_id not in found]
         if gone:
             self.redis.zrem(keys.BATCH_INDEX, *gone)
+        return [found[batch_id] for batch_id in ids if batch_id in found]
+
+    @translated
+    def infos(self, batch_ids: Sequence[str]) -> dict[str, BatchInfo]:
+        """:meth:`info` of many batches in one round trip; a batch that is gone is left out."""
+        pipe = self.redis.pipeline(transaction=False)
+        parts = (keys.meta, keys.counts, keys.usage, keys.errors)
+        for batch_id in batch_ids:
+            for part in parts:
+                pipe.hgetall(part(batch_id))
+        replies = pipe.execute() if batch_ids else []
+        found = {}
+        for i, batch_id in enumerate(batch_ids):
+            meta, counts, usage, errors = replies[len(parts) * i:len(parts) * (i + 1)]
+            if meta:
+                found[batch_id] = _batch_info(batch_id, meta, counts, usage, errors)
         return found
 
     @translated

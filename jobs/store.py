@@ -77,6 +77,9 @@ class BatchStore:
     def list_batches(self, limit: int = 100) -> list[BatchInfo]:
         return self._lifecycle.list_batches(limit)
 
+    def infos(self, batch_ids: Sequence[str]) -> dict[str, BatchInfo]:
+        return self._lifecycle.infos(batch_ids)
+
     def run_batch(self, source_key: str) -> str | None:
         return self._lifecycle.run_batch(source_key)
 

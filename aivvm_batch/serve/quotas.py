@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from jobs.connection import translated
-from jobs.errors import BatchNotFound, ConfigError
+from jobs.errors import ConfigError
 from jobs.files import FileNotFound, FileStore
 from jobs.keys import API_ACTIVE, file_meta, owner_batches, owner_files, quota_lock
 from jobs.store import BatchStore
@@ -140,21 +140,14 @@ class Quotas:
 
     def queued_items(self, active: Sequence[str]) -> int:
         """Items of these batches not ended yet (of a batch still validating: its file's lines)."""
-        queued = 0
-        for batch_id in active:
-            batch = self.records.load(batch_id)
-            if batch is None or batch.status.terminal:
-                continue
-            if batch.submitted:
+        batches = [b for b in self.records.load_many(active) if not b.status.terminal]
+        infos = self.store.infos([b.store_id for b in batches if b.submitted])
+        queued = sum(max(0, (info.total or 0) - info.done) for info in infos.values())
+        for batch in batches:
+            if not batch.submitted:
                 try:
-                    info = self.store.info(batch.store_id)
-                except BatchNotFound:
+                    queued += self.files.get(batch.owner, batch.input_file_id).lines or 0
+                except FileNotFound:
                     continue
-                queued += max(0, (info.total or 0) - info.done)
-                continue
-            try:
-                queued += self.files.get(batch.owner, batch.input_file_id).lines or 0
-            except FileNotFound:
-                continue
         return queued
 

@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
@@ -223,6 +223,15 @@ class BatchRecords:
             return None
         raw: Any = self.redis.hgetall(api_batch(batch_id))
         return _from_hash(batch_id, raw) if raw else None
+
+    @translated
+    def load_many(self, batch_ids: Sequence[str]) -> list[ApiBatch]:
+        """:meth:`load` of many batches in one round trip; those that are gone are left out."""
+        ids = [batch_id for batch_id in batch_ids if BATCH_ID.fullmatch(batch_id)]
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hgetall(api_batch(batch_id))
+        return [_from_hash(batch_id, raw) for batch_id, raw in zip(ids, pipe.execute() if ids else []) if raw]
 
     def get(self, owner: str, batch_id: str) -> ApiBatch:
         """The batch if ``owner`` owns it; :class:`NotFound` otherwise (another owner's too)."""
