@@ -56,12 +56,13 @@ def wait_until_healthy(base: str, proc: subprocess.Popen[bytes], seconds: float,
         time.sleep(0.1)
 
 
-def write_requests(path: Path, n: int) -> Path:
+def write_requests(path: Path, n: int, tag: str = "r") -> Path:
+    """``n`` OpenAI batch lines, ids ``<tag>0``, ``<tag>1``…"""
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+            f.write(json.dumps({"custom_id": f"{tag}{i}", "method": "POST", "url": "/v1/chat/completions",
                                 "body": {"model": "gpt-3.5-turbo",
-                                         "messages": [{"role": "user", "content": f"bench {i}"}]}}) + "\n")
+                                         "messages": [{"role": "user", "content": f"bench {tag} {i}"}]}}) + "\n")
     return path
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from aivvm_batch.private_redis import free_port  # noqa: E402
 from bench.serve_bench import wait_until_healthy  # noqa: E402
 from tests.private_server_helpers import private_redis  # noqa: E402
+from tests.serve_helpers import stalled_upload  # noqa: E402
 
 PER_KEY = 4
 
@@ -35,17 +35,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def stall(port: int, key: str, sent: int) -> socket.socket:
-    head = (b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n")
-    connection = socket.create_connection(("127.0.0.1", port), timeout=120)
-    connection.sendall(b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key.encode()
-                       + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: "
-                       + str(len(head) + 4 * sent).encode() + b"\r\n\r\n" + head + b"{}\n" * (sent // 3))
-    connection.setblocking(False)
-    return connection
 
 
 def main() -> None:
@@ -64,7 +53,10 @@ def main() -> None:
             wait_until_healthy(f"http://127.0.0.1:{port}", proc, 60, "serve")
             before = peak = rss_mib(proc.pid)
             started = time.monotonic()
-            open_ones = [stall(port, keys[i // PER_KEY], int(args.sent_mb * 2**20)) for i in range(args.uploads)]
+            open_ones = [stalled_upload(port, keys[i // PER_KEY], int(args.sent_mb * 2**20))
+                         for i in range(args.uploads)]
+            for connection in open_ones:
+                connection.setblocking(False)
             closed_at: list[float] = []
             while open_ones and time.monotonic() - started < 180:
                 time.sleep(0.2)

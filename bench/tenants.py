@@ -14,7 +14,6 @@ batch's `completed`:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -24,26 +23,17 @@ import threading
 import time
 from pathlib import Path
 
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aivvm_batch.private_redis import free_port  # noqa: E402
-from bench.serve_bench import TERMINAL, wait_until_healthy  # noqa: E402
+from bench.serve_bench import TERMINAL, batch_of, wait_until_healthy, write_requests  # noqa: E402
 
 A, B = "sk-tenant-a", "sk-tenant-b"
 LATENCY = 0.5
 CONCURRENCY = 16
-
-
-def write_lines(path: Path, n: int, tag: str) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"custom_id": f"{tag}{i}", "method": "POST", "url": "/v1/chat/completions",
-                                "body": {"model": "m", "messages": [{"role": "user", "content": f"{tag} {i}"}]}})
-                    + "\n")
-    return path
 
 
 def start(api: OpenAI, path: Path) -> str:
@@ -67,8 +57,7 @@ def finish(api: OpenAI, batch_id: str, timeout: float = 600) -> float:
 
 def timed(api: OpenAI, path: Path) -> float:
     started = time.monotonic()
-    batch_id = start(api, path)
-    finish(api, batch_id)
+    assert batch_of(api, path).status == "completed"
     return time.monotonic() - started
 
 
@@ -98,18 +87,21 @@ def main() -> None:
             time.sleep(2)
             a = OpenAI(base_url=base + "/v1", api_key=A, max_retries=0, timeout=600)
             b = OpenAI(base_url=base + "/v1", api_key=B, max_retries=0, timeout=600)
-            one = write_lines(tmp / "one.jsonl", 1, "b")
+            one = write_requests(tmp / "one.jsonl", 1, "b")
             alone = timed(b, one)
             print(f"{CONCURRENCY} slots, {LATENCY:g} s replies; B's 1 line alone: {alone:.1f} s", flush=True)
             for size in (int(s) for s in args.big.split(",")):
-                big = start(a, write_lines(tmp / f"big{size}.jsonl", size, "a"))
+                big = start(a, write_requests(tmp / f"big{size}.jsonl", size, "a"))
                 wait_in_progress(a, big)
                 behind = timed(b, one)
                 print(f"B's 1 line behind A's {size:,} items: {behind:.1f} s "
                       f"(target: within {max(10.0, 3 * alone):.1f} s)", flush=True)
-                a.batches.cancel(big)
+                try:
+                    a.batches.cancel(big)
+                except BadRequestError:  # it ended first (a small one)
+                    pass
                 finish_cancelled(a, big)
-            paths = [write_lines(tmp / f"eq-{t}.jsonl", args.equal, t) for t in ("a", "b")]
+            paths = [write_requests(tmp / f"eq-{t}.jsonl", args.equal, t) for t in ("a", "b")]
             ends: dict[str, float] = {}
             started = time.monotonic()
             ids = {"A": start(a, paths[0]), "B": start(b, paths[1])}

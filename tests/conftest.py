@@ -12,8 +12,9 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import redis
@@ -78,17 +79,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def redis_factory(tmp_path: Path) -> Iterator[Callable[..., EmbeddedRedis]]:
     """Start a test's own redis-servers (options: those of ``private_redis``); all stop at its end."""
-    started: list[EmbeddedRedis] = []
-
-    def start(**options: Any) -> EmbeddedRedis:
-        started.append(private_redis(tmp_path / f"redis-{len(started)}", **options).start())
-        return started[-1]
-
-    try:
+    with _stopped_at_end(lambda n, **options: private_redis(tmp_path / f"redis-{n}", **options).start()) as start:
         yield start
-    finally:
-        for server in started:
-            server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -122,10 +114,24 @@ def stub() -> Iterator[StubServer]:
 @pytest.fixture
 def stub_factory() -> Iterator[Callable[..., StubServer]]:
     """Start a test's own stand-ins (options: those of ``StubServer``); all stop at its end."""
-    started: list[StubServer] = []
+    with _stopped_at_end(lambda n, **options: StubServer(**options).start()) as start:
+        yield start
 
-    def start(**options: Any) -> StubServer:
-        started.append(StubServer(**options).start())
+
+class _Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
+S = TypeVar("S", bound=_Stoppable)
+
+
+@contextmanager
+def _stopped_at_end(make: Callable[..., S]) -> Iterator[Callable[..., S]]:
+    """A factory over ``make(n, **options)`` (n: how many it made before), whose servers all stop at the end."""
+    started: list[S] = []
+
+    def start(**options: Any) -> S:
+        started.append(make(len(started), **options))
         return started[-1]
 
     try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,3 +98,49 @@ def wait_for(client: Any, batch_id: str, statuses: tuple[str, ...] = TERMINAL, t
         if time.monotonic() > deadline:
             raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s: {batch}")
         time.sleep(0.2)
+
+
+def stalled_upload(port: int, key: str, sent: int) -> socket.socket:
+    """An upload whose client sends its headers and ``sent`` bytes of a larger file, then nothing."""
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n")
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key.encode()
+                       + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: "
+                       + str(len(head) + 2 * sent).encode() + b"\r\n\r\n" + head + b"{}\n" * (sent // 3))
+    return connection
+
+
+class WebhookReceiver(http.server.BaseHTTPRequestHandler):
+    """A webhook's receiver: keeps what it is sent (``seen``) and answers ``answers`` in turn (then 200;
+    a 301/302 points elsewhere)."""
+
+    answers: list[int]
+    seen: list[tuple[dict[str, str], bytes]]
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        status = self.answers.pop(0) if self.answers else 200
+        self.send_response(status)
+        if status in (301, 302):
+            self.send_header("location", "http://127.0.0.1:9/elsewhere")
+        else:
+            self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def webhook_receiver() -> Iterator[tuple[str, type[WebhookReceiver]]]:
+    """A receiver on a free port of loopback: its URL and its handler class (``answers``, ``seen``)."""
+    handler = type("Receiver", (WebhookReceiver,), {"answers": [], "seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -40,7 +40,7 @@ from jobs.queue import Publisher
 from jobs.queue import app as celery_app
 from jobs.records import BatchOptions, ItemError, ItemResult, Status, Usage
 from jobs.store import BatchStore
-from tests.serve_helpers import ROOT, Served, request_line, serving, wait_for, with_db, write_jsonl
+from tests.serve_helpers import ROOT, Served, request_line, serving, stalled_upload, wait_for, with_db, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -530,17 +530,6 @@ def test_without_keys_serve_refuses_other_hosts(redis_url: str, tmp_path: Path) 
         assert forged.status_code == 403
 
 
-def stalled_upload(served: Served, key: str, sent: int) -> socket.socket:
-    """An upload whose client sends its headers and ``sent`` bytes of a larger file, then nothing."""
-    head = (b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n")
-    connection = socket.create_connection(("127.0.0.1", served.port), timeout=30)
-    connection.sendall(b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key.encode()
-                       + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: "
-                       + str(len(head) + 2 * sent).encode() + b"\r\n\r\n" + head + b"{}\n" * (sent // 3))
-    return connection
-
-
 def test_a_stalled_upload_is_closed_and_a_key_has_few_under_way(redis_url: str, tmp_path: Path,
                                                                  redis_client: redis.Redis) -> None:
     """Before: 100 uploads stalled after 1 MB kept every connection open past a minute (serve grew
@@ -548,7 +537,7 @@ def test_a_stalled_upload_is_closed_and_a_key_has_few_under_way(redis_url: str, 
     files_before = set(redis_client.keys("aivb:file:*"))
     env = {**KEYS_ENV, "AIVVM_BATCH_CLIENT_IDLE_SECONDS": "2", "AIVVM_BATCH_UPLOADS_PER_KEY": "1"}
     with serving("--redis-url", redis_url, env=env, log_dir=tmp_path) as served:
-        stalled = stalled_upload(served, ALICE, 1024 * 1024)
+        stalled = stalled_upload(served.port, ALICE, 1024 * 1024)
         time.sleep(0.5)
         refused = requests.post(served.api + "/files", headers={"Authorization": f"Bearer {ALICE}"},
                                 files={"file": ("b.jsonl", b"{}\n")}, data={"purpose": "batch"}, timeout=10)
@@ -564,7 +553,7 @@ def test_a_stalled_upload_is_closed_and_a_key_has_few_under_way(redis_url: str, 
         stalled.settimeout(5)
         while stalled.recv(65536):  # the server closes the connection
             pass
-        gone = stalled_upload(served, ALICE, 64 * 1024)  # the slot is free again; this client goes away
+        gone = stalled_upload(served.port, ALICE, 64 * 1024)  # the slot is free again; this client goes away
         time.sleep(0.5)
         gone.close()
         time.sleep(1)

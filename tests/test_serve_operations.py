@@ -4,11 +4,9 @@ the openai SDK) and /metrics, scraped by a real Prometheus (Debian's) where one 
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from aivvm_batch.private_redis import free_port
 from aivvm_batch.serve.metrics_api import may_scrape
 from aivvm_batch.stub import StubServer
 from aivvm_batch.workers import WorkerProcesses
-from tests.serve_helpers import Served, request_line, serving, wait_for, write_jsonl
+from tests.serve_helpers import Served, request_line, serving, wait_for, webhook_receiver, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -32,27 +30,10 @@ METRICS_TOKEN = "metrics-ops-token"
 SECRET = "whsec_" + base64.b64encode(b"ops-webhook-secret-0123456789").decode()
 
 
-class _Hook(http.server.BaseHTTPRequestHandler):
-    received: list[tuple[dict[str, str], bytes]]
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["content-length"]))
-        self.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def hook() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
-    received: list[tuple[dict[str, str], bytes]] = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Hook", (_Hook,), {"received": received}))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/events", received
-    server.shutdown()
-    server.server_close()
+    with webhook_receiver() as (url, handler):
+        yield url, handler.seen
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from aivvm_batch.serve.records import ApiStatus
 from aivvm_batch.serve.webhooks import (Webhooks, batch_event, load_hooks, parse_hooks, secret_key,
                                         signed_headers)
 from jobs.errors import ConfigError
+from tests.serve_helpers import WebhookReceiver, webhook_receiver
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -66,36 +67,10 @@ def test_hooks_are_read_per_key_and_a_bad_line_is_named_without_its_key(tmp_path
         assert "sk-bob" not in str(raised.value)
 
 
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    answers: list[int]
-    seen: list[tuple[dict[str, str], bytes]]
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["content-length"]))
-        self.seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        status = self.answers.pop(0) if self.answers else 200
-        if status in (301, 302):
-            self.send_response(status)
-            self.send_header("location", "http://127.0.0.1:9/elsewhere")
-            self.end_headers()
-            return
-        self.send_response(status)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
-    handler = type("Receiver", (_Receiver,), {"answers": [], "seen": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[tuple[str, type[WebhookReceiver]]]:
+    with webhook_receiver() as (url, handler):
+        yield url, handler
 
 
 def _wait_for(condition: object, timeout: float = 10.0) -> None:
@@ -105,7 +80,7 @@ def _wait_for(condition: object, timeout: float = 10.0) -> None:
 
 
 def test_a_refused_delivery_is_tried_again_with_the_same_id_and_a_redirect_is_not_followed(
-        receiver: tuple[str, type[_Receiver]]) -> None:
+        receiver: tuple[str, type[WebhookReceiver]]) -> None:
     url, handler = receiver
     handler.answers = [500, 302, 200]
     hooks = parse_hooks([f"sk-alice {url} {SECRET}"], "hooks")
@@ -123,7 +98,7 @@ def test_a_refused_delivery_is_tried_again_with_the_same_id_and_a_redirect_is_no
 
 
 def test_a_hook_that_never_answers_2xx_is_given_up_after_its_tries(
-        receiver: tuple[str, type[_Receiver]], caplog: pytest.LogCaptureFixture) -> None:
+        receiver: tuple[str, type[WebhookReceiver]], caplog: pytest.LogCaptureFixture) -> None:
     url, handler = receiver
     handler.answers = [503] * 10
     webhooks = Webhooks(parse_hooks([f"- {url} {SECRET}"], "hooks"), delays=(0.02, 0.02))
@@ -153,7 +128,7 @@ class _Trickle(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_receiver_that_hangs_holds_only_its_own_events(receiver: tuple[str, type[_Receiver]],
+def test_a_receiver_that_hangs_holds_only_its_own_events(receiver: tuple[str, type[WebhookReceiver]],
                                                           caplog: pytest.LogCaptureFixture) -> None:
     url, handler = receiver
     slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
