@@ -16,7 +16,8 @@ from jobs.heartbeats import WorkerSeen
 from jobs.reconcile import renew_messages, restore_stale_messages
 from tests.private_server_helpers import private_redis
 from worker.runtime import FENCE_SHARE, WARN_SHARE, Contact
-from worker.sweeper import Outage
+from jobs.config import Settings
+from worker.sweeper import Outage, say_slots
 
 
 def test_the_offset_is_redis_s_time_at_the_round_trip_s_midpoint() -> None:
@@ -91,6 +92,36 @@ def test_the_sweep_says_once_that_it_fails_and_once_that_it_works_again() -> Non
     said: list[Any] = [outage.failed("Connection refused") for _ in range(25)]
     assert said[0] is not None and "Connection refused" in said[0] and said[1:] == [None] * 24
     assert outage.passed() == "sweep for lost messages works again (25 sweeps failed meanwhile)"
+
+
+class SlotsStore:
+    """What say_slots writes: the slots of the workers seen lately, and for how long."""
+
+    def __init__(self) -> None:
+        self.said: tuple[int, float] | None = None
+
+    def set_slots(self, total: int, ttl: float) -> None:
+        self.said = (total, ttl)
+
+
+def test_a_peer_is_seen_lately_within_a_few_rounds_as_long_as_they_take() -> None:
+    settings = Settings(sweep_interval=1.0)
+    seen = [WorkerSeen("w1", 0.3, slots=64), WorkerSeen("w2", 4.1, slots=64)]
+    store = SlotsStore()
+    assert say_slots(store, seen, settings) == 1  # type: ignore[arg-type]
+    assert store.said == (64, 3.0)
+    # rounds of 4.2 s (a dozen round trips on a link of 200 ms each way): the peer is alive
+    assert say_slots(store, seen, settings, period=4.2) == 2  # type: ignore[arg-type]
+    assert store.said == (128, pytest.approx(12.6))
+
+
+def test_the_windows_count_the_workers_reserve_beyond_their_slots() -> None:
+    seen = [WorkerSeen("w1", 0.3, slots=64), WorkerSeen("w2", 0.5, slots=64)]
+    store = SlotsStore()
+    say_slots(store, seen, Settings(sweep_interval=1.0), reserve=62 / 64)  # type: ignore[arg-type]
+    assert store.said is not None and store.said[0] == 252
+    say_slots(store, seen, Settings(sweep_interval=1.0))  # type: ignore[arg-type]
+    assert store.said is not None and store.said[0] == 128
 
 
 def test_a_breaker_opens_after_failures_in_a_row_probes_and_closes_at_an_answer() -> None:

@@ -10,6 +10,7 @@ when a lost message would otherwise stall it for good.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -94,16 +95,17 @@ def check_redis(url: str) -> None:
 
 
 def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str, held: int = 0,
-         note: str = "", slots: int = 0) -> int:
+         note: str = "", slots: int = 0, period: float = 0.0, reserve: float = 0.0) -> int:
     """One round of the sweeper thread: say this worker is alive (holding ``held`` claims, with
     ``note``, its ``slots``), then sweep. Returns how many workers were seen alive lately (this
-    one included)."""
+    one included); ``period`` (how long the last round took, wait included) and ``reserve``: see
+    :func:`say_slots`."""
     clock.sync(store.redis)
     alive = 1
     try:
         store.worker_heartbeat(node, held, note, slots)
         seen = store.workers()
-        alive = say_slots(store, seen, settings)
+        alive = say_slots(store, seen, settings, period, reserve)
         gone = [worker.name for worker in seen if worker.age > FORGET_WORKER_SECONDS]
         if gone:
             store.forget_workers(gone)
@@ -144,12 +146,27 @@ class Outage:
         return f"sweep for lost messages works again ({failures} sweeps failed meanwhile)"
 
 
-def say_slots(store: BatchStore, seen: list[WorkerSeen], settings: Settings) -> int:
-    """Store the slots of the workers seen lately, together (the batches' windows are sized by
-    them: :mod:`jobs.queue`); returns how many workers that is."""
-    lately = [worker for worker in seen if worker.age < PEER_SEEN_SWEEPS * settings.sweep_interval]
+def say_slots(store: BatchStore, seen: list[WorkerSeen], settings: Settings, period: float = 0.0,
+              reserve: float = 0.0) -> int:
+    """Store the slots of the workers seen lately, together, and their reserve (the batches'
+    windows are sized by them: :mod:`jobs.queue`); returns how many workers that is.
+
+    ``reserve``: the items this worker holds beyond its slots, a share of them
+    (:func:`reserve_share`); every worker's is taken to be the same share of its slots (they
+    share the links to Redis). A window of twice the slots alone was all held by the workers on
+    a link of 200 ms each way (each held its slots again in reserve), so they took turns for its
+    messages: one worker's slots idled while the other held 90 items waiting. On a local network
+    the reserve is none, and the windows are as they were.
+
+    Lately is a few sweeps, each as long as this worker's last round (``period``) when that was
+    longer than the interval: a round is a dozen round trips, and on a link of 200 ms each way
+    with a sweep every second it took 3 to 4 s, so a live peer's heartbeat was often older than
+    three intervals; its slots went uncounted and every batch's window shrank to half (its
+    workers' slots idled while their next messages were held)."""
+    lately_seconds = PEER_SEEN_SWEEPS * max(settings.sweep_interval, period)
+    lately = [worker for worker in seen if worker.age < lately_seconds]
     if any(worker.slots for worker in lately):
-        store.set_slots(sum(worker.slots for worker in lately), PEER_SEEN_SWEEPS * settings.sweep_interval)
+        store.set_slots(math.ceil(sum(worker.slots for worker in lately) * (1 + reserve)), lately_seconds)
     return len(lately)
 
 
@@ -160,6 +177,13 @@ def what_to_say(runtime: Runtime | None) -> tuple[int, str]:
         return 0, ""
     notes = (runtime.breaker.note(time.monotonic()), runtime.provider_pace.note())
     return len(runtime.leases), "; ".join(note for note in notes if note)
+
+
+def reserve_share(runtime: Runtime | None) -> float:
+    """The items this process holds beyond its slots (:func:`worker.credit.reserve`), per slot."""
+    if runtime is None or runtime.credit.slots <= 0:
+        return 0.0
+    return runtime.credit.ahead / runtime.credit.slots
 
 
 def slots_of(runtime: Runtime | None) -> int:
@@ -196,10 +220,13 @@ class Sweeper(bootsteps.StartStopStep):
                 say_slots(store, store.workers(), settings)
             except StoreUnavailable as exc:
                 logger.warning("heartbeat failed: %s", exc)
+            started = time.monotonic()
             while not self._stop.wait(settings.sweep_interval):
                 runtime = THIS_PROCESS.get()
+                period, started = time.monotonic() - started, time.monotonic()
                 try:
-                    alive = beat(store, publisher, settings, node, *what_to_say(runtime), slots_of(runtime))
+                    alive = beat(store, publisher, settings, node, *what_to_say(runtime), slots_of(runtime),
+                                 period, reserve_share(runtime))
                 except (StoreUnavailable, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                     message = outage.failed(exc)
                     if message:
