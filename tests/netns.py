@@ -9,6 +9,7 @@ Needs root, ``ip`` (iproute2) and ``iptables``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -55,11 +56,16 @@ class Host:
         subprocess.run(self.exec(["iptables", "-w", *rule]), check=True, capture_output=True)
 
 
+_NET_NUMBERS = itertools.count(random.randrange(100))
+
+
 class Net:
     """Hosts on a private subnet; see the module's docstring."""
 
     def __init__(self) -> None:
-        self.tag = f"{os.getpid() % 10000:04d}{random.randrange(100):02d}"
+        # one tag per net of this process: a net's links go with its namespaces a moment after
+        # they are deleted, and a random tag met the previous test's leftovers ("File exists")
+        self.tag = f"{os.getpid() % 10000:04d}{next(_NET_NUMBERS) % 100:02d}"
         self.subnet = f"10.{random.randrange(200, 250)}.{random.randrange(1, 250)}"
         self.bridge = f"aivb{self.tag}"
         self.address = f"{self.subnet}.1"
