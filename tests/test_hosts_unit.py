@@ -12,11 +12,11 @@ import redis
 from aivvm_batch.serve import page
 from jobs import clock, keys
 from jobs.clock import SharedClock, offset_of
+from jobs.config import Settings
 from jobs.heartbeats import WorkerSeen
 from jobs.reconcile import renew_messages, restore_stale_messages
 from tests.private_server_helpers import private_redis
 from worker.runtime import FENCE_SHARE, WARN_SHARE, Contact
-from jobs.config import Settings
 from worker.sweeper import Outage, say_slots
 
 
