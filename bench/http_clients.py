@@ -6,7 +6,10 @@ reply to its end, and checks its text, with at most N requests in flight:
   raw-aiohttp    one aiohttp session and a semaphore, nothing else (the baseline)
   raw-httpx      one httpx AsyncClient and a semaphore, nothing else
   aivvm          worker.attempt.attempt through worker.providers.aio.AsyncHTTP: the
-                 product's whole protocol path (bounded decoding, UTF-8, errors, key choice)
+                 product's whole protocol path (bounded decoding, UTF-8, errors, key choice),
+                 on its transport (httptools under asyncio's protocols)
+  aivvm-aiohttp  the same path on the aiohttp transport (what the worker used before, and
+                 still uses behind a proxy)
 
 AsyncHTTP ran on both aiohttp and httpx while they were compared; httpx was dropped
 (raw-httpx stays here, so the reason can be measured again: pip install httpx).
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import json
 import os
@@ -189,14 +193,16 @@ async def run_raw_httpx(base: str, items: int, in_flight: int) -> int:
         return await gather(fetch, items)
 
 
-async def run_aivvm(base: str, items: int, in_flight: int) -> int:
+async def run_aivvm(base: str, items: int, in_flight: int, on_aiohttp: bool = False) -> int:
     from jobs.config import Settings
     from jobs.records import ChatMessage, ItemRequest
     from worker.attempt import attempt
     from worker.providers.aio import AsyncHTTP
+    from worker.providers.aio_aiohttp import AiohttpTransport
+    from worker.providers.aio_httptools import HttptoolsTransport
     settings = Settings(connect_timeout=30.0, read_timeout=60.0, item_deadline=600.0)
     semaphore = asyncio.Semaphore(in_flight)
-    async with AsyncHTTP(in_flight) as http:
+    async with AsyncHTTP(in_flight, transport=AiohttpTransport if on_aiohttp else HttptoolsTransport) as http:
         async def fetch(index: int) -> bool:
             request = ItemRequest(id=f"q{index}", line=index, model="gpt-3.5-turbo", system_message="Be brief.",
                                   messages=(ChatMessage("user", f"item {index}"),))
@@ -216,6 +222,7 @@ CLIENTS: dict[str, Client] = {
     "raw-aiohttp": run_raw_aiohttp,
     "raw-httpx": run_raw_httpx,
     "aivvm": run_aivvm,
+    "aivvm-aiohttp": functools.partial(run_aivvm, on_aiohttp=True),
 }
 
 

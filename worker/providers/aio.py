@@ -1,8 +1,9 @@
 """The asynchronous transport: one :class:`AsyncHTTP` per event loop, one connection pool.
 
-On aiohttp, chosen by measurement over httpx (``bench/http_clients.py``): httpx's pool
-scans every connection for each request, so its cost per request grows with the pool
-(20-60 times aiohttp's CPU per item at 256 to 1,024 connections).
+On httptools over asyncio's protocols (:mod:`.aio_httptools`; aiohttp for proxies), chosen by
+measurement (``bench/http_clients.py``): about half aiohttp's CPU per item answered at once;
+httpx's pool scans every connection for each request, so its cost per request grows with the
+pool (20-60 times aiohttp's CPU per item at 256 to 1,024 connections).
 
 It only moves bytes, like the synchronous :mod:`.http`: what an answer means is decided
 in :mod:`.exchange` and :mod:`.reply`. The pool never holds more than ``max_connections``
@@ -17,7 +18,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, Protocol
 
-from .aio_aiohttp import AiohttpTransport
+from .aio_httptools import HttptoolsTransport
 from .call import CompletionCall
 from .exchange import (
     ErrorBody,
@@ -47,6 +48,8 @@ class Response(Protocol):
 
 
 class Transport(Protocol):
+    def __init__(self, max_connections: int) -> None: ...
+
     async def open(self, url: str, data: bytes, headers: dict[str, str], call: CompletionCall,
                    read_timeout: float) -> Response:
         """Send the request and wait for the head. Raises the worker's errors."""
@@ -57,12 +60,13 @@ class Transport(Protocol):
 class AsyncHTTP:
     """Streaming POSTs on the running event loop, through one pool of ``max_connections``."""
 
-    def __init__(self, max_connections: int, on_head: OnHead | None = None) -> None:
+    def __init__(self, max_connections: int, on_head: OnHead | None = None,
+                 transport: type[Transport] = HttptoolsTransport) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.max_connections = max_connections
         self.on_head = on_head
-        self._transport: Transport = AiohttpTransport(max_connections)
+        self._transport: Transport = transport(max_connections)
 
     async def open_stream(self, url: str, body: dict[str, Any], headers: dict[str, str], call: CompletionCall,
                           parse_error: ErrorParser, on_reply: OnReply | None = None, scope: str = "") -> Response:

@@ -1,0 +1,244 @@
+"""The httptools transport on answers written byte for byte by a server here (127.0.0.1).
+
+What aiohttp did for the worker and the hand-made client must do as well: interim answers
+skipped, a body that ends with its connection, a head that never ends, header values that
+would split the request, a kept-alive connection the server has closed meanwhile, a body cut
+short, a body larger than the read buffer, and the pool's bound across hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from worker.errors import IncompleteReply, ProviderTransportError
+from worker.providers.aio_httptools import HEAD_LIMIT, PAUSE_ABOVE, HttptoolsTransport
+from worker.providers.call import CompletionCall
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+
+
+class Server:
+    """Answers each request on a connection with ``answer``; counts connections and requests."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> Server:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/api/chat"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), b"0"))
+                self.requests.append(head + await reader.readexactly(length))
+                await self.answer(reader, writer)
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def call() -> CompletionCall:
+    return CompletionCall(model="m", messages=({"role": "user", "content": "hi"},), base_url="",
+                          connect_timeout=2.0, read_timeout=5.0)
+
+
+async def post(transport: HttptoolsTransport, url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    response = await transport.open(url, b'{"a": 1}', headers or {"content-type": "application/json"}, call(), 5.0)
+    body = b""
+    try:
+        while data := await response.read():
+            body += data
+    finally:
+        await response.close()
+    return response.head.status, body
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 30))
+
+
+def test_an_interim_answer_is_skipped_for_the_one_that_follows() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+                     + OK_HEAD + b"x-request-id: req_9\r\nContent-Length: 5\r\n\r\nhello")
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(4)
+            response = await transport.open(server.url, b"{}", {}, call(), 5.0)
+            assert (response.head.status, response.head.request_id, response.head.reason) == (200, "req_9", "OK")
+            assert await response.read() == b"hello" and await response.read() == b""
+            await response.close()
+            await transport.aclose()
+
+    run(test)
+
+
+def test_a_body_without_length_ends_with_its_connection_which_is_not_kept() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"\r\n" + b"all of it")
+        await writer.drain()
+        writer.close()
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(4)
+            assert await post(transport, server.url) == (200, b"all of it")
+            assert await post(transport, server.url) == (200, b"all of it")
+            assert server.connections == 2
+            await transport.aclose()
+
+    run(test)
+
+
+def test_a_head_that_never_ends_is_refused_at_its_bound() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD)
+        for i in range(HEAD_LIMIT // 100 + 10):
+            writer.write(b"x-filler-%d: %s\r\n" % (i, b"y" * 80))
+            await writer.drain()
+        await asyncio.sleep(10)
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(4)
+            with pytest.raises(ProviderTransportError, match="head"):
+                await post(transport, server.url)
+            await transport.aclose()
+
+    run(test)
+
+
+@pytest.mark.parametrize("header", [{"x-k": "v\r\nx-evil: 1"}, {"x-k\r\nx-evil": "1"}, {"x-k": "v\n"}])
+def test_a_header_that_would_split_the_request_is_refused_before_connecting(header: dict[str, str]) -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Content-Length: 0\r\n\r\n")
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(4)
+            with pytest.raises(ProviderTransportError, match="line break"):
+                await post(transport, server.url, header)
+            await asyncio.sleep(0.05)
+            assert server.connections == 0 and server.requests == []
+            await transport.aclose()
+
+    run(test)
+
+
+def test_a_kept_connection_the_server_closed_is_not_used_again() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # keep-alive said, then closed while idle in the client's pool
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(1)
+            assert await post(transport, server.url) == (200, b"ok")
+            await asyncio.sleep(0.3)
+            assert await post(transport, server.url) == (200, b"ok")
+            assert server.connections == 2
+            await transport.aclose()
+
+    run(test)
+
+
+def test_kept_alive_answers_share_one_connection_and_send_one_request_each() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(1)
+            for _ in range(3):
+                assert await post(transport, server.url) == (200, b"ok")
+            assert server.connections == 1
+            assert len(server.requests) == 3
+            first = server.requests[0]
+            assert first.startswith(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:")
+            assert b"\r\nContent-Length: 8\r\n" in first and first.endswith(b'\r\n\r\n{"a": 1}')
+            await transport.aclose()
+
+    run(test)
+
+
+def test_a_body_cut_short_is_an_incomplete_reply() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Content-Length: 100\r\n\r\nonly this")
+        await writer.drain()
+        writer.close()
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(2)
+            with pytest.raises(IncompleteReply, match="broke before the reply ended"):
+                await post(transport, server.url)
+            await transport.aclose()
+
+    run(test)
+
+
+def test_a_body_larger_than_the_read_buffer_arrives_whole() -> None:
+    size = PAUSE_ABOVE * 3 + 12345
+
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Content-Length: %d\r\n\r\n" % size)
+        for start in range(0, size, 65536):
+            writer.write(bytes([start // 65536 % 251]) * min(65536, size - start))
+            await writer.drain()
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(2)
+            response = await transport.open(server.url, b"{}", {}, call(), 5.0)
+            received = []
+            while data := await response.read():
+                received.append(data)
+                await asyncio.sleep(0.01)  # a slow reader: the socket is paused meanwhile
+            await response.close()
+            body = b"".join(received)
+            assert len(body) == size and body[-1] == (size - 1) // 65536 % 251
+            await transport.aclose()
+
+    run(test)
+
+
+def test_a_full_pool_closes_an_idle_connection_to_another_host_for_a_new_one() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Content-Length: 2\r\n\r\nok")
+
+    async def test() -> None:
+        async with Server(answer) as first, Server(answer) as second:
+            transport = HttptoolsTransport(1)
+            assert await post(transport, first.url) == (200, b"ok")
+            assert await post(transport, second.url) == (200, b"ok")
+            assert await post(transport, first.url) == (200, b"ok")
+            assert (first.connections, second.connections) == (2, 1)
+            await transport.aclose()
+
+    run(test)

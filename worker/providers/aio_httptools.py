@@ -1,0 +1,452 @@
+"""The asynchronous transport on asyncio's protocols and httptools (llhttp, uvicorn's parser).
+
+Chosen by measurement over aiohttp's client (``python bench/http_clients.py``): the same
+streamed POSTs answered at once cost about half the CPU an item (aiohttp builds a request
+object, a writer task, a timeout handle per read and its own header multidicts for each).
+Here a request is one write of bytes, its answer is parsed by llhttp on the protocol's
+callbacks, and a read waits with a timer only when no bytes are buffered.
+
+It keeps aiohttp's contract (:class:`~.aio.Transport`): at most ``max_connections``
+connections (a request waits for a free one until its item deadline), keep-alive reuse only
+of an answer read to its end, no redirect followed, nothing decompressed, bounded heads and
+buffers. A URL the environment routes through a proxy, or that carries credentials, goes to
+aiohttp (:mod:`.aio_aiohttp`), which speaks to proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import Any
+from urllib.parse import SplitResult, urlsplit
+
+import httptools
+
+from ..errors import ConnectTimeout, IncompleteReply, ProviderTimeout
+from .aio_aiohttp import AiohttpResponse, AiohttpTransport, EnvironmentProxies
+from .call import CompletionCall
+from .exchange import Head, connection_error, past_deadline, reason
+
+HEAD_LIMIT = 65536  # bytes of an answer's status line and headers (aiohttp: 8190 a line)
+HEADERS_LIMIT = 256  # header lines of an answer
+PAUSE_ABOVE = 1 << 20  # raw body bytes buffered before the socket is no longer read
+RESUME_BELOW = 1 << 16
+USER_AGENT = "aivvm-batch"
+_Key = tuple[str, str, int]  # scheme, host, port
+_TIMED_OUT = object()
+
+
+class _Exchange:
+    """One request's answer as the parser sees it."""
+
+    __slots__ = ("status", "reason", "headers", "head_bytes", "head_done", "chunks", "buffered", "ended",
+                 "error", "keep_alive", "until_eof", "informational")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason: list[bytes] = []
+        self.headers: dict[str, str] = {}
+        self.head_bytes = 0
+        self.head_done = False
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.ended = False
+        self.error: BaseException | None = None
+        self.keep_alive = False
+        self.until_eof = False  # neither Content-Length nor chunked: the body ends with the connection
+        self.informational = False
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: the parser's callbacks fill the current exchange."""
+
+    def __init__(self, pool: _Pool, key: _Key) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: _Exchange | None = None
+        self.waiter: asyncio.Future[object] | None = None
+        self.lost = False
+        self.paused = False
+
+    # -- asyncio's side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        ex = self.exchange
+        if ex is None:  # idle in the pool: the server closed it
+            self.pool.discard(self)
+            return
+        if not ex.ended and ex.error is None:
+            if ex.head_done and ex.until_eof:
+                ex.ended = True
+            else:
+                ex.error = exc or ConnectionResetError("the server closed the connection")
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None or ex.ended or ex.error is not None:  # bytes nobody asked for: not reusable
+            self._close()
+            return
+        if not ex.head_done:
+            ex.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            ex.error = ValueError("the server switched protocols")
+        except httptools.HttpParserError as exc:
+            ex.error = ValueError(f"malformed answer: {exc}")
+        if ex.error is None and not ex.head_done and ex.head_bytes > HEAD_LIMIT:
+            ex.error = ValueError(f"the answer's head is over {HEAD_LIMIT} bytes")
+        if ex.error is not None:
+            self._close()
+        elif ex.buffered > PAUSE_ABOVE and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost ends the exchange
+
+    # -- httptools' side
+
+    def on_status(self, status: bytes) -> None:
+        assert self.exchange is not None
+        self.exchange.reason.append(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.exchange
+        assert ex is not None
+        if len(ex.headers) >= HEADERS_LIMIT:
+            raise httptools.HttpParserError(f"more than {HEADERS_LIMIT} header lines")
+        ex.headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            ex.informational = True
+            ex.reason.clear()
+            ex.headers.clear()
+            return
+        ex.status = status
+        ex.head_done = True
+        ex.until_eof = ("content-length" not in ex.headers and "transfer-encoding" not in ex.headers
+                        and status not in (204, 304))
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        assert ex is not None
+        ex.chunks.append(body)
+        ex.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        if ex.informational:
+            ex.informational = False
+            return
+        ex.keep_alive = self.parser.should_keep_alive()
+        ex.ended = True
+
+    # -- the transport's side
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def usable(self) -> bool:
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
+    async def wait(self, timeout: float) -> bool:
+        """Until the parser or the connection says something; False after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        waiter = self.waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, waiter)
+        try:
+            return await waiter is not _TIMED_OUT
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def send(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.exchange = _Exchange()
+        self.transport.write(request)
+
+    def take(self) -> bytes:
+        ex = self.exchange
+        assert ex is not None
+        data = ex.chunks.popleft() if len(ex.chunks) == 1 else b"".join(ex.chunks)
+        ex.chunks.clear()
+        ex.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+
+def _expire(waiter: asyncio.Future[object]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
+
+
+class _Pool:
+    """At most ``limit`` connections in all; idle ones kept by scheme, host and port."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.idle: dict[_Key, list[_Connection]] = {}
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_idle(self, key: _Key) -> _Connection | None:
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.usable():
+                return conn
+            self._gone()
+        return None
+
+    def room(self) -> bool:
+        """Whether a new connection may be made (an idle one of another host is closed for it)."""
+        if self.count < self.limit:
+            return True
+        for conns in self.idle.values():
+            if conns:
+                conns.pop(0)._close()
+                self._gone()
+                return True
+        return False
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Until a connection may be free; False after ``timeout`` seconds."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(future)
+        woken = False
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+            woken = True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if future in self.waiters:
+                self.waiters.remove(future)
+            elif not woken and future.done():  # woken but not going on: the next waiter's turn
+                self._next()
+        return True
+
+    def give_back(self, conn: _Connection, reusable: bool) -> None:
+        conn.exchange = None
+        if reusable and conn.usable():
+            self.idle.setdefault(conn.key, []).append(conn)
+        else:
+            conn._close()
+            self._gone()
+            return
+        self._next()
+
+    def discard(self, conn: _Connection) -> None:
+        """An idle connection the server closed."""
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            self._gone()
+
+    def _gone(self) -> None:
+        self.count -= 1
+        self._next()
+
+    def _next(self) -> None:
+        while self.waiters:
+            future = self.waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+
+
+class HttptoolsTransport:
+    """Streaming POSTs over pooled HTTP/1.1 connections on the running loop."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self._pool = _Pool(max_connections)
+        self._proxies = EnvironmentProxies()
+        self._aiohttp: AiohttpTransport | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._targets: dict[str, tuple[_Key, bytes] | None] = {}
+
+    async def open(self, url: str, data: bytes, headers: dict[str, str], call: CompletionCall,
+                   read_timeout: float) -> HttptoolsResponse | AiohttpResponse:
+        target = self._target(url)
+        if target is None:
+            if self._aiohttp is None:
+                self._aiohttp = AiohttpTransport(self.max_connections)
+            return await self._aiohttp.open(url, data, headers, call, read_timeout)
+        key, start = target
+        try:
+            request = start + _header_lines(headers, len(data)) + data
+        except ValueError as exc:
+            raise connection_error(url, exc) from exc
+        conn = await self._connection(url, key, call)
+        try:
+            conn.send(request)
+            ex = conn.exchange
+            assert ex is not None
+            while not ex.head_done:
+                if ex.error is not None:
+                    raise connection_error(url, ex.error)
+                if not await conn.wait(read_timeout):
+                    raise ProviderTimeout(f"no reply within {read_timeout:g}s")
+        except BaseException:
+            self._pool.give_back(conn, reusable=False)
+            raise
+        return HttptoolsResponse(self._pool, conn, url, read_timeout)
+
+    def _target(self, url: str) -> tuple[_Key, bytes] | None:
+        """The pool's key and the request line with its Host; None for what aiohttp sends
+        (a proxy, credentials in the URL, another scheme). Decided once per URL."""
+        if url in self._targets:
+            return self._targets[url]
+        if len(self._targets) >= EnvironmentProxies.LIMIT:
+            self._targets.clear()
+        parts = urlsplit(url)
+        decided = None
+        if (parts.scheme in ("http", "https") and parts.hostname and parts.username is None
+                and self._proxies.for_url(url) is None and _plain(url)):
+            decided = _request_start(parts)
+        self._targets[url] = decided
+        return decided
+
+    async def _connection(self, url: str, key: _Key, call: CompletionCall) -> _Connection:
+        pool = self._pool
+        while True:
+            conn = pool.take_idle(key)
+            if conn is not None:
+                return conn
+            if pool.room():
+                break
+            if not await pool.wait(call.remaining()):
+                raise ProviderTimeout("the item deadline passed while waiting for a connection")
+        pool.count += 1
+        try:
+            return await self._connect(url, key, call)
+        except BaseException:
+            pool._gone()
+            raise
+
+    async def _connect(self, url: str, key: _Key, call: CompletionCall) -> _Connection:
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        tls = self._tls_context() if scheme == "https" else None
+        remaining = call.remaining()
+        timeout = call.connect_timeout if remaining is None else min(call.connect_timeout, max(remaining, 0.0))
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self._pool, key), host, port, ssl=tls,
+                                       server_hostname=host if tls is not None else None),
+                timeout)
+        except asyncio.TimeoutError as exc:
+            if past_deadline(call):
+                raise ProviderTimeout("the item deadline passed while waiting for a connection") from exc
+            raise ConnectTimeout(f"connect timeout after {call.connect_timeout:g}s") from exc
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise connection_error(url, exc) from exc
+        return conn
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
+
+    async def aclose(self) -> None:
+        for conns in self._pool.idle.values():
+            for conn in conns:
+                conn._close()
+        self._pool.idle.clear()
+        if self._aiohttp is not None:
+            await self._aiohttp.aclose()
+            self._aiohttp = None
+
+
+class HttptoolsResponse:
+    def __init__(self, pool: _Pool, conn: _Connection, url: str, read_timeout: float) -> None:
+        self._pool = pool
+        self._conn: _Connection | None = conn
+        self._read_timeout = read_timeout
+        ex = conn.exchange
+        assert ex is not None
+        self._exchange = ex
+        self.head = Head.of(ex.status, b"".join(ex.reason).decode("latin-1").strip(), ex.headers)
+
+    async def read(self) -> bytes:
+        ex = self._exchange
+        conn = self._conn
+        while not ex.chunks:
+            if ex.ended or conn is None:
+                return b""
+            if ex.error is not None:
+                raise IncompleteReply(f"the connection broke before the reply ended: {reason(ex.error)}")
+            if not await conn.wait(self._read_timeout):
+                raise ProviderTimeout(f"the reply stalled for more than {self._read_timeout:g}s")
+        return conn.take() if conn is not None else b""
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            ex = self._exchange
+            self._pool.give_back(conn, ex.ended and ex.keep_alive and ex.error is None)
+
+
+def _plain(url: str) -> bool:
+    """No byte in the URL that could end the request line early."""
+    return not any(c in url for c in "\r\n\t \x00")
+
+
+def _request_start(parts: SplitResult) -> tuple[_Key, bytes]:
+    host = parts.hostname or ""
+    default = 443 if parts.scheme == "https" else 80
+    port = parts.port or default
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == default else f"{shown}:{port}"
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    start = f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("utf-8")
+    return (parts.scheme, host, port), start
+
+
+def _header_lines(headers: dict[str, Any], length: int) -> bytes:
+    """The request's header lines (a name or value that could split the head is refused)."""
+    given = {name.lower() for name in headers}
+    lines = []
+    for name, value in headers.items():
+        value = str(value)
+        if _BREAKS.intersection(value) or _BREAKS.intersection(name) or ":" in name:
+            raise ValueError(f"the header {name[:40]!r} holds a line break or a colon")
+        lines.append(f"{name}: {value}\r\n")
+    if "user-agent" not in given:
+        lines.append(f"User-Agent: {USER_AGENT}\r\n")
+    if "accept" not in given:
+        lines.append("Accept: */*\r\n")
+    lines.append(f"Content-Length: {length}\r\n\r\n")
+    return "".join(lines).encode("utf-8")
+
+
+_BREAKS = frozenset("\r\n\x00")
+
+
+__all__ = ["HttptoolsTransport"]
