@@ -9,6 +9,9 @@ short, a body larger than the read buffer, and the pool's bound across hosts.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -16,6 +19,7 @@ import pytest
 from worker.errors import IncompleteReply, ProviderTransportError
 from worker.providers.aio_httptools import HEAD_LIMIT, PAUSE_ABOVE, HttptoolsTransport
 from worker.providers.call import CompletionCall
+from worker.providers.proxies import names_a_proxy
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
@@ -242,3 +246,22 @@ def test_a_full_pool_closes_an_idle_connection_to_another_host_for_a_new_one() -
             await transport.aclose()
 
     run(test)
+
+
+def test_a_worker_starts_without_aiohttp_requests_or_jsonschema() -> None:
+    """They are imported when a proxied URL, the synchronous path or a response schema first
+    needs them: the fork server imports everything else before the workers start."""
+    code = ("import sys, worker.tasks; "
+            "print(sorted(m for m in ('aiohttp', 'requests', 'jsonschema') if m in sys.modules))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")})
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("environ", "named"), [({"PATH": "/bin"}, False), ({"HTTPS_PROXY": ""}, False),
+                                                ({"https_proxy": "http://p:3128"}, True),
+                                                ({"ALL_PROXY": "socks5://p"}, True)])
+def test_an_environment_without_proxies_is_told_apart_without_requests(environ: dict[str, str],
+                                                                     named: bool) -> None:
+    assert names_a_proxy(environ) is named

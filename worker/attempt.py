@@ -25,7 +25,7 @@ from .providers.aio import AsyncHTTP
 from .providers.call import Item
 from .providers.credentials import REDACTED, KeyChooser, answer_secrets, choose_key, clear_keys, redact, worker_keys
 from .providers.exchange import OnHead
-from .schema import response_schema, violation
+from .response_format import response_schema
 
 logger = logging.getLogger(__name__)
 # called at each piece of a stream: raises Abandoned to give the stream up (see worker.runtime)
@@ -124,6 +124,8 @@ def checked(request: ItemRequest, outcome: Attempt) -> Attempt:
     texts: list[str | None] = [outcome.text]
     if isinstance(choices, list) and len(choices) > 1:
         texts = [(c.get("message") or {}).get("content") for c in choices if isinstance(c, dict)]
+    from .schema import violation  # jsonschema: for the requests that name a schema only
+
     problem = violation(texts, schema)
     if problem is None:
         return outcome

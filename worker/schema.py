@@ -25,30 +25,16 @@ from jsonschema import exceptions, validators
 from jsonschema.exceptions import ValidationError
 from referencing.exceptions import Unresolvable
 
+from .response_format import response_schema
+
 Validator = Any  # a jsonschema validator instance
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
 SHOWN = 200  # characters of a violation's message kept
 PATTERN_SECONDS = 0.05  # one pattern on one string at most
 PATTERNS_BUDGET = 0.5  # every pattern of one reply at most
 MAX_UNIQUE_ITEMS = 2000  # uniqueItems compares objects pairwise: a longer array is not judged
 logger = logging.getLogger(__name__)
+__all__ = ["response_schema", "violation"]
 _pattern_deadline = contextvars.ContextVar("pattern_deadline", default=0.0)
-
-
-def response_schema(params: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The JSON schema a request's reply must follow, or None."""
-    response_format = params.get("response_format")
-    if not isinstance(response_format, dict):
-        return None
-    kind = response_format.get("type")
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        return schema if isinstance(schema, dict) else ANY_OBJECT
-    if kind == "json_object":
-        schema = response_format.get("schema")
-        return schema if isinstance(schema, dict) else ANY_OBJECT
-    return None
 
 
 def violation(texts: Iterable[str | None], schema: dict[str, Any]) -> str | None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import requests.utils
 
 from ..errors import ConnectTimeout, IncompleteReply, ProviderError, ProviderTimeout
 from .call import CompletionCall
 from .exchange import Head, connection_error, past_deadline, reason
+from .proxies import EnvironmentProxies
 
 
 class AiohttpTransport:
@@ -53,26 +53,6 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-class EnvironmentProxies:
-    """``HTTP(S)_PROXY`` and ``NO_PROXY`` decided as requests decides them, once per URL.
-
-    aiohttp's own ``trust_env`` looks them (and ``.netrc``) up again on every request,
-    in a thread: it measured as a third of a request's cost.
-    """
-
-    LIMIT = 1024  # URLs remembered (each batch may name its own base URL)
-
-    def __init__(self) -> None:
-        self._decided: dict[str, str | None] = {}  # by whole URL: a provider posts to few
-
-    def for_url(self, url: str) -> str | None:
-        if url not in self._decided:
-            if len(self._decided) >= self.LIMIT:
-                self._decided.clear()
-            self._decided[url] = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
-        return self._decided[url]
 
 
 class AiohttpResponse:

@@ -18,15 +18,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
 
 import httptools
 
 from ..errors import ConnectTimeout, IncompleteReply, ProviderTimeout
-from .aio_aiohttp import AiohttpResponse, AiohttpTransport, EnvironmentProxies
 from .call import CompletionCall
 from .exchange import Head, connection_error, past_deadline, reason
+from .proxies import EnvironmentProxies
+
+if TYPE_CHECKING:  # imported when a proxied URL first comes (aiohttp is a tenth of the worker's start-up)
+    from .aio_aiohttp import AiohttpResponse, AiohttpTransport
 
 HEAD_LIMIT = 65536  # bytes of an answer's status line and headers (aiohttp: 8190 a line)
 HEADERS_LIMIT = 256  # header lines of an answer
@@ -294,6 +297,8 @@ class HttptoolsTransport:
         target = self._target(url)
         if target is None:
             if self._aiohttp is None:
+                from .aio_aiohttp import AiohttpTransport
+
                 self._aiohttp = AiohttpTransport(self.max_connections)
             return await self._aiohttp.open(url, data, headers, call, read_timeout)
         key, start = target

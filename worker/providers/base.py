@@ -21,7 +21,6 @@ from ..errors import ProviderHTTPError
 from .call import CompletionCall, Item, StreamEnd
 from .credentials import choose_key
 from .exchange import HTTPRequest, check_streaming_deadline
-from .http import post_stream
 from .reply import ReplyParser, ReplyReader, TypeCheck
 
 if TYPE_CHECKING:
@@ -83,6 +82,8 @@ class AbstractProvider(ABC):
     @classmethod
     def stream(cls, call: CompletionCall) -> Iterator[Item]:
         """Yield the reply's text chunks, then a :class:`StreamEnd` if the server said more."""
+        from .http import post_stream  # requests: the synchronous path only (not the workers')
+
         request = cls.http_request(call)
         reader = cls.reply_reader(call)
         with closing(post_stream(request.url, request.body, request.headers, call, cls.parse_error,
