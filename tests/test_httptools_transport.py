@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -265,3 +269,154 @@ def test_a_worker_starts_without_aiohttp_requests_or_jsonschema() -> None:
 def test_an_environment_without_proxies_is_told_apart_without_requests(environ: dict[str, str],
                                                                      named: bool) -> None:
     assert names_a_proxy(environ) is named
+
+
+# -- what an adversary found (each broke the transport before its fix) -----------------------
+
+
+def test_bytes_past_the_end_of_an_answer_are_no_ones_and_the_connection_is_not_reused() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Content-Length: 2\r\n\r\nok" + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge")
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(1)
+            assert await post(transport, server.url) == (200, b"ok")
+            assert await post(transport, server.url) == (200, b"ok")
+            assert server.connections == 2
+            await transport.aclose()
+
+    run(test)
+
+
+def test_a_connection_closed_before_the_request_went_is_a_connection_error_at_once() -> None:
+    """A server that accepts and closes at once, on a busy loop: the close is in before the send."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+
+    def accept_and_close() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+    async def busy() -> None:
+        while True:
+            await asyncio.sleep(0)
+            time.sleep(0.002)  # a loaded worker's loop
+
+    async def test() -> None:
+        load = asyncio.create_task(busy())
+        transport = HttptoolsTransport(8)
+        started = time.monotonic()
+        outcomes = await asyncio.gather(*(post(transport, url) for _ in range(20)), return_exceptions=True)
+        load.cancel()
+        assert all(isinstance(o, ProviderTransportError) for o in outcomes), outcomes
+        assert time.monotonic() - started < 3.0  # not the 5 s read timeout
+        await transport.aclose()
+
+    try:
+        run(test)
+    finally:
+        listener.close()
+
+
+def test_an_answer_that_ended_while_reading_was_paused_leaves_a_connection_that_reads() -> None:
+    size = PAUSE_ABOVE + 100_000
+
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Content-Length: %d\r\n\r\n" % size + b"x" * size)
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(1)
+            response = await transport.open(server.url, b"{}", {}, call(), 5.0)
+            await asyncio.sleep(0.3)  # all of it arrives unread: reading pauses, and the answer ends
+            await response.close()
+            status, body = await post(transport, server.url)
+            assert (status, len(body), server.connections) == (200, size, 1)
+            await transport.aclose()
+
+    run(test)
+
+
+@pytest.mark.parametrize("flood", [b"x-t: " + b"y" * 200_000, b"".join(b"x-t%d: 1\r\n" % i for i in range(5000)),
+                                   b";ext=" + b"e" * 200_000])
+def test_trailers_and_chunk_lines_are_bounded_like_the_head(flood: bytes) -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if flood.startswith(b";"):  # a chunk extension that never ends
+            writer.write(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2" + flood)
+        else:
+            writer.write(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n" + flood)
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(1)
+            with pytest.raises((IncompleteReply, ProviderTransportError), match="over 65536 bytes"):
+                await post(transport, server.url)
+            await transport.aclose()
+
+    run(test)
+
+
+@pytest.mark.parametrize("head", [b"".join(b"x-same: %d\r\n" % i for i in range(1000)),
+                                  b"x-big: " + b"a" * 100_000 + b"\r\n"])
+def test_a_head_over_its_bounds_is_refused_even_when_it_comes_in_one_read(head: bytes) -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + head + b"Content-Length: 2\r\n\r\nok")
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            transport = HttptoolsTransport(1)
+            with pytest.raises(ProviderTransportError, match="head or trailers"):
+                await post(transport, server.url)
+            await transport.aclose()
+
+    run(test)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://127.0.0.1:8o80/v1", "http://[::1/v1"])
+def test_a_url_that_cannot_be_read_is_a_connection_error(url: str) -> None:
+    async def test() -> None:
+        with pytest.raises(ProviderTransportError, match="cannot reach"):
+            await post(HttptoolsTransport(1), url)
+
+    run(test)
+
+
+def test_a_body_ended_by_its_connection_ends_alike_with_transfer_encoding_identity() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"Transfer-Encoding: identity\r\n\r\nuntil close")
+        await writer.drain()
+        writer.close()
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            assert await post(HttptoolsTransport(1), server.url) == (200, b"until close")
+
+    run(test)
+
+
+def test_a_reset_in_a_body_ended_by_its_connection_is_no_end() -> None:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"\r\ndata: {\"partial")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+        writer.transport.abort()
+
+    async def test() -> None:
+        async with Server(answer) as server:
+            with pytest.raises(IncompleteReply, match="reset"):
+                await post(HttptoolsTransport(1), server.url)
+
+    run(test)

@@ -31,34 +31,46 @@ from .proxies import EnvironmentProxies
 if TYPE_CHECKING:  # imported when a proxied URL first comes (aiohttp is a tenth of the worker's start-up)
     from .aio_aiohttp import AiohttpResponse, AiohttpTransport
 
-HEAD_LIMIT = 65536  # bytes of an answer's status line and headers (aiohttp: 8190 a line)
-HEADERS_LIMIT = 256  # header lines of an answer
+HEAD_LIMIT = 65536  # bytes of an answer's head, trailers and chunk lines (aiohttp: 8190 a line)
+HEADERS_LIMIT = 128  # header and trailer lines of an answer (aiohttp's own bound)
+CHUNK_LINE_ALLOWANCE = 64  # bytes a chunk's size line and its ends may add to the bound
 PAUSE_ABOVE = 1 << 20  # raw body bytes buffered before the socket is no longer read
-RESUME_BELOW = 1 << 16
+KEEP_IDLE_SECONDS = 15.0  # an idle connection older than this is closed, not reused (as aiohttp)
 USER_AGENT = "aivvm-batch"
 _Key = tuple[str, str, int]  # scheme, host, port
 _TIMED_OUT = object()
 
 
+class _Spill(Exception):
+    """Bytes past the end of the answer: they are no one's, and the connection is not reused."""
+
+
 class _Exchange:
     """One request's answer as the parser sees it."""
 
-    __slots__ = ("status", "reason", "headers", "head_bytes", "head_done", "chunks", "buffered", "ended",
-                 "error", "keep_alive", "until_eof", "informational")
+    __slots__ = ("status", "reason", "headers", "lines", "fed", "body_bytes", "chunk_lines", "head_done",
+                 "chunks", "buffered", "ended", "error", "keep_alive", "until_eof", "informational")
 
     def __init__(self) -> None:
         self.status = 0
         self.reason: list[bytes] = []
         self.headers: dict[str, str] = {}
-        self.head_bytes = 0
+        self.lines = 0  # header and trailer lines
+        self.fed = 0  # bytes given to the parser
+        self.body_bytes = 0
+        self.chunk_lines = 0
         self.head_done = False
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.ended = False
         self.error: BaseException | None = None
         self.keep_alive = False
-        self.until_eof = False  # neither Content-Length nor chunked: the body ends with the connection
+        self.until_eof = False  # no Content-Length and not chunked: the body ends with the connection
         self.informational = False
+
+    def overhead(self) -> int:
+        """What the answer carried besides its body, over what its chunks' size lines may take."""
+        return self.fed - self.body_bytes - CHUNK_LINE_ALLOWANCE * self.chunk_lines
 
 
 class _Connection(asyncio.Protocol):
@@ -69,10 +81,15 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # as aiohttp's parser of answers: what servers in the field send
+        self.parser.set_dangerous_leniencies(lenient_headers=True, lenient_optional_cr_before_lf=True,
+                                             lenient_spaces_after_chunk_size=True)
         self.exchange: _Exchange | None = None
         self.waiter: asyncio.Future[object] | None = None
         self.lost = False
         self.paused = False
+        self.reusable = True
+        self.idle_since = 0.0
 
     # -- asyncio's side
 
@@ -86,7 +103,7 @@ class _Connection(asyncio.Protocol):
             self.pool.discard(self)
             return
         if not ex.ended and ex.error is None:
-            if ex.head_done and ex.until_eof:
+            if ex.head_done and ex.until_eof and exc is None:  # a reset is no end
                 ex.ended = True
             else:
                 ex.error = exc or ConnectionResetError("the server closed the connection")
@@ -95,19 +112,23 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
         if ex is None or ex.ended or ex.error is not None:  # bytes nobody asked for: not reusable
+            self.reusable = False
             self._close()
             return
-        if not ex.head_done:
-            ex.head_bytes += len(data)
+        ex.fed += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             ex.error = ValueError("the server switched protocols")
         except httptools.HttpParserError as exc:
-            ex.error = ValueError(f"malformed answer: {exc}")
-        if ex.error is None and not ex.head_done and ex.head_bytes > HEAD_LIMIT:
-            ex.error = ValueError(f"the answer's head is over {HEAD_LIMIT} bytes")
-        if ex.error is not None:
+            if isinstance(exc.__context__, _Spill):
+                self.reusable = False
+            else:
+                ex.error = ValueError(f"malformed answer: {exc.__context__ or exc}")
+        if ex.error is None and (ex.overhead() > HEAD_LIMIT or ex.lines > HEADERS_LIMIT):
+            ex.error = ValueError(f"the answer's head or trailers are over {HEAD_LIMIT} bytes "
+                                  f"or {HEADERS_LIMIT} lines")
+        if ex.error is not None or not self.reusable:
             self._close()
         elif ex.buffered > PAUSE_ABOVE and not self.paused and self.transport is not None:
             self.paused = True
@@ -119,6 +140,11 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools' side
 
+    def on_message_begin(self) -> None:
+        ex = self.exchange
+        if ex is not None and ex.ended:
+            raise _Spill()
+
     def on_status(self, status: bytes) -> None:
         assert self.exchange is not None
         self.exchange.reason.append(status)
@@ -126,9 +152,9 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.exchange
         assert ex is not None
-        if len(ex.headers) >= HEADERS_LIMIT:
-            raise httptools.HttpParserError(f"more than {HEADERS_LIMIT} header lines")
-        ex.headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        ex.lines += 1
+        if not ex.head_done:  # trailers are counted, not kept
+            ex.headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
@@ -141,14 +167,19 @@ class _Connection(asyncio.Protocol):
             return
         ex.status = status
         ex.head_done = True
-        ex.until_eof = ("content-length" not in ex.headers and "transfer-encoding" not in ex.headers
-                        and status not in (204, 304))
+        chunked = "chunked" in ex.headers.get("transfer-encoding", "").lower()
+        ex.until_eof = "content-length" not in ex.headers and not chunked and status not in (204, 304)
+
+    def on_chunk_header(self) -> None:
+        assert self.exchange is not None
+        self.exchange.chunk_lines += 1
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
         assert ex is not None
         ex.chunks.append(body)
         ex.buffered += len(body)
+        ex.body_bytes += len(body)
 
     def on_message_complete(self) -> None:
         ex = self.exchange
@@ -170,14 +201,15 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def usable(self) -> bool:
-        return not self.lost and self.transport is not None and not self.transport.is_closing()
+    def usable(self, now: float) -> bool:
+        return (self.reusable and not self.lost and self.transport is not None
+                and not self.transport.is_closing() and now - self.idle_since <= KEEP_IDLE_SECONDS)
 
-    async def wait(self, timeout: float) -> bool:
-        """Until the parser or the connection says something; False after ``timeout`` seconds."""
+    async def wait(self, until: float) -> bool:
+        """Until the parser or the connection says something; False once the loop's clock is past ``until``."""
         loop = asyncio.get_running_loop()
         waiter = self.waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter)
+        timer = loop.call_at(until, _expire, waiter)
         try:
             return await waiter is not _TIMED_OUT
         finally:
@@ -185,8 +217,10 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
     def send(self, request: bytes) -> None:
-        assert self.transport is not None
-        self.exchange = _Exchange()
+        self.exchange = ex = _Exchange()
+        if self.lost or self.transport is None or self.transport.is_closing():  # closed before a byte went
+            ex.error = ConnectionResetError("the server closed the connection")
+            return
         self.transport.write(request)
 
     def take(self) -> bytes:
@@ -195,10 +229,13 @@ class _Connection(asyncio.Protocol):
         data = ex.chunks.popleft() if len(ex.chunks) == 1 else b"".join(ex.chunks)
         ex.chunks.clear()
         ex.buffered = 0
+        self._resume()
+        return data
+
+    def _resume(self) -> None:
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
-        return data
 
 
 def _expire(waiter: asyncio.Future[object]) -> None:
@@ -217,10 +254,12 @@ class _Pool:
 
     def take_idle(self, key: _Key) -> _Connection | None:
         idle = self.idle.get(key)
+        now = asyncio.get_running_loop().time()
         while idle:
             conn = idle.pop()
-            if conn.usable():
+            if conn.usable(now):
                 return conn
+            conn._close()
             self._gone()
         return None
 
@@ -254,7 +293,10 @@ class _Pool:
 
     def give_back(self, conn: _Connection, reusable: bool) -> None:
         conn.exchange = None
-        if reusable and conn.usable():
+        now = asyncio.get_running_loop().time()
+        conn.idle_since = now
+        if reusable and conn.usable(now):
+            conn._resume()  # an answer that ended while the socket was paused
             self.idle.setdefault(conn.key, []).append(conn)
         else:
             conn._close()
@@ -294,7 +336,10 @@ class HttptoolsTransport:
 
     async def open(self, url: str, data: bytes, headers: dict[str, str], call: CompletionCall,
                    read_timeout: float) -> HttptoolsResponse | AiohttpResponse:
-        target = self._target(url)
+        try:
+            target = self._target(url)
+        except ValueError as exc:  # a port out of range, a bracket not closed
+            raise connection_error(url, exc) from exc
         if target is None:
             if self._aiohttp is None:
                 from .aio_aiohttp import AiohttpTransport
@@ -311,11 +356,14 @@ class HttptoolsTransport:
             conn.send(request)
             ex = conn.exchange
             assert ex is not None
+            until = asyncio.get_running_loop().time() + read_timeout  # a head in pieces has as long in all
             while not ex.head_done:
                 if ex.error is not None:
                     raise connection_error(url, ex.error)
-                if not await conn.wait(read_timeout):
+                if not await conn.wait(until):
                     raise ProviderTimeout(f"no reply within {read_timeout:g}s")
+            if ex.error is not None:  # a head over its bounds that came whole in one read
+                raise connection_error(url, ex.error)
         except BaseException:
             self._pool.give_back(conn, reusable=False)
             raise
@@ -400,12 +448,15 @@ class HttptoolsResponse:
     async def read(self) -> bytes:
         ex = self._exchange
         conn = self._conn
+        until = 0.0
         while not ex.chunks:
-            if ex.ended or conn is None:
-                return b""
             if ex.error is not None:
                 raise IncompleteReply(f"the connection broke before the reply ended: {reason(ex.error)}")
-            if not await conn.wait(self._read_timeout):
+            if ex.ended or conn is None:
+                return b""
+            if not until:  # one deadline for the body's next bytes, whatever else comes meanwhile
+                until = asyncio.get_running_loop().time() + self._read_timeout
+            if not await conn.wait(until):
                 raise ProviderTimeout(f"the reply stalled for more than {self._read_timeout:g}s")
         return conn.take() if conn is not None else b""
 
@@ -413,7 +464,7 @@ class HttptoolsResponse:
         conn, self._conn = self._conn, None
         if conn is not None:
             ex = self._exchange
-            self._pool.give_back(conn, ex.ended and ex.keep_alive and ex.error is None)
+            self._pool.give_back(conn, ex.ended and ex.keep_alive and ex.error is None and conn.reusable)
 
 
 def _plain(url: str) -> bool:
