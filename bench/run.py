@@ -213,7 +213,7 @@ def run_default_concurrency() -> int:
     from aivvm_batch.cli_run import run
 
     for param in run.params:
-        if param.name == "concurrency":
+        if "--concurrency" in param.opts:
             return int(param.default)  # type: ignore[arg-type]
     raise RuntimeError("run has no --concurrency")
 
