@@ -54,9 +54,14 @@ class Heartbeats:
         self._worker_beat(keys=[keys.WORKERS], args=[name, f"{held}/{slots} {note}".strip()])
 
     @translated
-    def set_slots(self, total: int, ttl: float) -> None:
-        """The slots of the workers seen lately, together: how large the batches' windows are."""
-        self.redis.set(keys.SLOTS, total, px=max(1, int(ttl * 1000)))
+    def set_slots(self, total: int, ttl: float) -> int:
+        """The slots of the workers seen lately, together: how large the batches' windows are.
+        Returns what was said before (0: nothing, or it had expired)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.get(keys.SLOTS)
+        pipe.set(keys.SLOTS, total, px=max(1, int(ttl * 1000)))
+        before, _ = pipe.execute()
+        return int(before or 0)
 
     @translated
     def workers(self) -> list[WorkerSeen]:

@@ -178,8 +178,8 @@ class BatchStore:
     def worker_heartbeat(self, name: str, held: int = 0, note: str = "", slots: int = 0) -> None:
         self._heartbeats.worker_heartbeat(name, held, note, slots)
 
-    def set_slots(self, total: int, ttl: float) -> None:
-        self._heartbeats.set_slots(total, ttl)
+    def set_slots(self, total: int, ttl: float) -> int:
+        return self._heartbeats.set_slots(total, ttl)
 
     def workers(self) -> list[WorkerSeen]:
         return self._heartbeats.workers()

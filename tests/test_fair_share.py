@@ -16,11 +16,14 @@ import pytest
 
 from aivvm_batch.serve.driver import priority_of
 from jobs import keys
+from jobs.config import Settings
+from jobs.heartbeats import WorkerSeen
 from jobs.records import BatchOptions
 from jobs.store import BatchStore
 from jobs.queue import WINDOWED, Publisher, message_items
 from jobs.queue import app as celery_app
 from tests.test_reliability import Cluster, cluster  # noqa: F401 - the fixture
+from worker.sweeper import say_slots
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +100,18 @@ def test_a_batch_s_priority_is_kept_where_its_window_reads_it() -> None:
     assert store.redis.hget(keys.meta("bp"), "priority") == b"3"
     assert priority_of({"priority": "3"}) == 3  # serve: metadata {"priority": "3"}
     assert priority_of(None) == 1 and priority_of({"priority": "11"}) == 1
+
+
+def test_slots_said_after_a_batch_was_submitted_widen_its_window_at_once() -> None:
+    """`run` submits as its workers start: a batch out before any worker said its slots has a window
+    as for 64 slots; the first heartbeat with slots widens it, not the batch's next messages' ends
+    (10 s away with 10 s replies)."""
+    store = BatchStore(fakeredis.FakeRedis())
+    publisher = Publisher(store.redis, celery_app)
+    store.create("bw", "prompts.jsonl", BatchOptions())
+    publisher.publish("bw", list(range(1000)), chunk=16)
+    store.finalize("bw", 1000)
+    assert int(store.redis.get(keys.out("bw"))) == 8  # 128 items
+    seen = [WorkerSeen("w1", 0.1, slots=512), WorkerSeen("w2", 0.2, slots=512)]
+    assert say_slots(store, seen, Settings(), publisher=publisher) == 2
+    assert int(store.redis.get(keys.out("bw"))) == 63 and store.redis.llen(keys.held("bw")) == 0

@@ -25,7 +25,7 @@ from jobs import clock, keys
 from jobs.connection import connect, is_out_of_memory
 from jobs.errors import ConfigError, StoreFull, StoreUnavailable
 from jobs.heartbeats import WorkerSeen
-from jobs.queue import Publisher
+from jobs.queue import Publisher, chunk_size
 from jobs.config import Settings
 from jobs.queue import app as celery_app
 from jobs.reconcile import release_stalled, requeue_orphans, restore_stale_messages
@@ -105,7 +105,7 @@ def beat(store: BatchStore, publisher: Publisher, settings: Settings, node: str,
     try:
         store.worker_heartbeat(node, held, note, slots)
         seen = store.workers()
-        alive = say_slots(store, seen, settings, period, reserve)
+        alive = say_slots(store, seen, settings, period, reserve, publisher)
         gone = [worker.name for worker in seen if worker.age > FORGET_WORKER_SECONDS]
         if gone:
             store.forget_workers(gone)
@@ -147,7 +147,7 @@ class Outage:
 
 
 def say_slots(store: BatchStore, seen: list[WorkerSeen], settings: Settings, period: float = 0.0,
-              reserve: float = 0.0) -> int:
+              reserve: float = 0.0, publisher: Publisher | None = None) -> int:
     """Store the slots of the workers seen lately, together, and their reserve (the batches'
     windows are sized by them: :mod:`jobs.queue`); returns how many workers that is.
 
@@ -162,12 +162,31 @@ def say_slots(store: BatchStore, seen: list[WorkerSeen], settings: Settings, per
     longer than the interval: a round is a dozen round trips, and on a link of 200 ms each way
     with a sweep every second it took 3 to 4 s, so a live peer's heartbeat was often older than
     three intervals; its slots went uncounted and every batch's window shrank to half (its
-    workers' slots idled while their next messages were held)."""
+    workers' slots idled while their next messages were held).
+
+    With ``publisher``, slots more than were said before widen the running batches' windows at
+    once (:func:`widen_windows`)."""
     lately_seconds = PEER_SEEN_SWEEPS * max(settings.sweep_interval, period)
     lately = [worker for worker in seen if worker.age < lately_seconds]
     if any(worker.slots for worker in lately):
-        store.set_slots(math.ceil(sum(worker.slots for worker in lately) * (1 + reserve)), lately_seconds)
+        total = math.ceil(sum(worker.slots for worker in lately) * (1 + reserve))
+        before = store.set_slots(total, lately_seconds)
+        if publisher is not None and total > (before or 0):
+            widen_windows(store, publisher)
     return len(lately)
+
+
+def widen_windows(store: BatchStore, publisher: Publisher) -> int:
+    """The held messages of the batches under way go out as far as their windows, larger now;
+    returns how many went. A batch submitted before any worker said its slots had a window as for
+    64 (128 items), and only its messages' ends widened it: `run` with 10 s replies ran 128 items
+    at a time for the first 10 s whenever its workers said their slots after it had submitted."""
+    moved = 0
+    for info in store.list_batches(limit=500):
+        if info.state in (BatchState.RUNNING, BatchState.SUBMITTING) and not info.finished \
+                and store.redis.llen(keys.held(info.id)):
+            moved += publisher.release(info.id, 0, chunk_size(info.total or 1))
+    return moved
 
 
 def what_to_say(runtime: Runtime | None) -> tuple[int, str]:
@@ -225,7 +244,7 @@ class Sweeper(bootsteps.StartStopStep):
         def loop() -> None:
             try:
                 store.worker_heartbeat(node, slots=slots_of(THIS_PROCESS.get()))
-                say_slots(store, store.workers(), settings)
+                say_slots(store, store.workers(), settings, publisher=publisher)
             except StoreUnavailable as exc:
                 logger.warning("heartbeat failed: %s", exc)
             started = time.monotonic()
