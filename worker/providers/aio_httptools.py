@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
@@ -487,10 +488,16 @@ def _request_start(parts: SplitResult) -> tuple[_Key, bytes]:
 
 def _header_lines(headers: dict[str, Any], length: int) -> bytes:
     """The request's header lines (a name or value that could split the head is refused)."""
-    given = {name.lower() for name in headers}
+    return _header_block(tuple((name, str(value)) for name, value in headers.items())) \
+        + b"Content-Length: %d\r\n\r\n" % length
+
+
+@functools.lru_cache(maxsize=256)
+def _header_block(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """Every header line but the length: the same for each item of a provider, so made once."""
+    given = {name.lower() for name, _ in headers}
     lines = []
-    for name, value in headers.items():
-        value = str(value)
+    for name, value in headers:
         if _BREAKS.intersection(value) or _BREAKS.intersection(name) or ":" in name:
             raise ValueError(f"the header {name[:40]!r} holds a line break or a colon")
         lines.append(f"{name}: {value}\r\n")
@@ -498,7 +505,6 @@ def _header_lines(headers: dict[str, Any], length: int) -> bytes:
         lines.append(f"User-Agent: {USER_AGENT}\r\n")
     if "accept" not in given:
         lines.append("Accept: */*\r\n")
-    lines.append(f"Content-Length: {length}\r\n\r\n")
     return "".join(lines).encode("utf-8")
 
 
