@@ -19,8 +19,8 @@
     └── UnsupportedRequest        no provider of the chain can send the request as asked: permanent
     RateLimited                   the shared rate limiter says wait (not a provider failure)
 
-Foreign exceptions (requests, urllib3, aiohttp, ssl, zlib) are translated to these at the provider
-boundary: the transports (providers/http.py, providers/aio*.py) and the decoders.
+Foreign exceptions (requests, urllib3, httptools, aiohttp, ssl, zlib) are translated to these at the
+provider boundary: the transports (providers/http.py, providers/aio*.py) and the decoders.
 """
 
 from __future__ import annotations
