@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,6 +25,7 @@ from worker.errors import IncompleteReply, ProviderTransportError
 from worker.providers.aio_httptools import HEAD_LIMIT, PAUSE_ABOVE, HttptoolsTransport
 from worker.providers.call import CompletionCall
 from worker.providers.proxies import names_a_proxy
+from worker.providers.request_head import header_lines, plain, request_start
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
@@ -420,3 +422,25 @@ def test_a_reset_in_a_body_ended_by_its_connection_is_no_end() -> None:
                 await post(HttptoolsTransport(1), server.url)
 
     run(test)
+
+
+# -- the request's head, as bytes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "key", "start"), [
+    ("http://127.0.0.1:8787/api/chat", ("http", "127.0.0.1", 8787),
+     b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:8787\r\n"),
+    ("https://api.example.com/v1/chat/completions?x=1", ("https", "api.example.com", 443),
+     b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: api.example.com\r\n"),
+    ("http://[::1]:9000", ("http", "::1", 9000), b"POST / HTTP/1.1\r\nHost: [::1]:9000\r\n"),
+])
+def test_the_request_line_and_host(url: str, key: tuple[str, str, int], start: bytes) -> None:
+    assert request_start(urlsplit(url)) == (key, start)
+
+
+def test_the_header_lines_add_a_user_agent_accept_and_the_length_unless_given() -> None:
+    assert header_lines({"content-type": "application/json"}, 8) == (
+        b"content-type: application/json\r\nUser-Agent: aivvm-batch\r\nAccept: */*\r\nContent-Length: 8\r\n\r\n")
+    assert header_lines({"user-agent": "mine", "accept": "text/event-stream"}, 0) == (
+        b"user-agent: mine\r\naccept: text/event-stream\r\nContent-Length: 0\r\n\r\n")
+    assert not plain("http://127.0.0.1/a b") and plain("http://127.0.0.1/a%20b")

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import ssl
-from typing import TYPE_CHECKING, Any
-from urllib.parse import SplitResult, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import httptools
 
@@ -28,6 +27,8 @@ from ..errors import ConnectTimeout, IncompleteReply, ProviderTimeout
 from .call import CompletionCall
 from .exchange import Head, connection_error, past_deadline, reason
 from .proxies import EnvironmentProxies
+from .request_head import Key as _Key
+from .request_head import header_lines, plain, request_start
 
 if TYPE_CHECKING:  # imported when a proxied URL first comes (aiohttp is a tenth of the worker's start-up)
     from .aio_aiohttp import AiohttpResponse, AiohttpTransport
@@ -37,8 +38,6 @@ HEADERS_LIMIT = 128  # header and trailer lines of an answer (aiohttp's own boun
 CHUNK_LINE_ALLOWANCE = 64  # bytes a chunk's size line and its ends may add to the bound
 PAUSE_ABOVE = 1 << 20  # raw body bytes buffered before the socket is no longer read
 KEEP_IDLE_SECONDS = 15.0  # an idle connection older than this is closed, not reused (as aiohttp)
-USER_AGENT = "aivvm-batch"
-_Key = tuple[str, str, int]  # scheme, host, port
 _TIMED_OUT = object()
 
 
@@ -349,7 +348,7 @@ class HttptoolsTransport:
             return await self._aiohttp.open(url, data, headers, call, read_timeout)
         key, start = target
         try:
-            request = start + _header_lines(headers, len(data)) + data
+            request = start + header_lines(headers, len(data)) + data
         except ValueError as exc:
             raise connection_error(url, exc) from exc
         conn = await self._connection(url, key, call)
@@ -380,8 +379,8 @@ class HttptoolsTransport:
         parts = urlsplit(url)
         decided = None
         if (parts.scheme in ("http", "https") and parts.hostname and parts.username is None
-                and self._proxies.for_url(url) is None and _plain(url)):
-            decided = _request_start(parts)
+                and self._proxies.for_url(url) is None and plain(url)):
+            decided = request_start(parts)
         self._targets[url] = decided
         return decided
 
@@ -466,49 +465,6 @@ class HttptoolsResponse:
         if conn is not None:
             ex = self._exchange
             self._pool.give_back(conn, ex.ended and ex.keep_alive and ex.error is None and conn.reusable)
-
-
-def _plain(url: str) -> bool:
-    """No byte in the URL that could end the request line early."""
-    return not any(c in url for c in "\r\n\t \x00")
-
-
-def _request_start(parts: SplitResult) -> tuple[_Key, bytes]:
-    host = parts.hostname or ""
-    default = 443 if parts.scheme == "https" else 80
-    port = parts.port or default
-    shown = f"[{host}]" if ":" in host else host
-    host_header = shown if port == default else f"{shown}:{port}"
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    start = f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("utf-8")
-    return (parts.scheme, host, port), start
-
-
-def _header_lines(headers: dict[str, Any], length: int) -> bytes:
-    """The request's header lines (a name or value that could split the head is refused)."""
-    return _header_block(tuple((name, str(value)) for name, value in headers.items())) \
-        + b"Content-Length: %d\r\n\r\n" % length
-
-
-@functools.lru_cache(maxsize=256)
-def _header_block(headers: tuple[tuple[str, str], ...]) -> bytes:
-    """Every header line but the length: the same for each item of a provider, so made once."""
-    given = {name.lower() for name, _ in headers}
-    lines = []
-    for name, value in headers:
-        if _BREAKS.intersection(value) or _BREAKS.intersection(name) or ":" in name:
-            raise ValueError(f"the header {name[:40]!r} holds a line break or a colon")
-        lines.append(f"{name}: {value}\r\n")
-    if "user-agent" not in given:
-        lines.append(f"User-Agent: {USER_AGENT}\r\n")
-    if "accept" not in given:
-        lines.append("Accept: */*\r\n")
-    return "".join(lines).encode("utf-8")
-
-
-_BREAKS = frozenset("\r\n\x00")
 
 
 __all__ = ["HttptoolsTransport"]
