@@ -466,8 +466,9 @@ def test_a_fork_server_that_died_before_forking_leaves_no_worker_to_wait_for(tmp
 
 
 def run_workers(state: Path, run_pid: int) -> list[tuple[int, int]]:
-    """(process id, requests in flight) of each worker of the run, as its log says when it starts."""
-    said = re.compile(rf"^worker run{run_pid}-\d+@\S+: process (\d+), (\d+) requests in flight$", re.M)
+    """(process id, requests in flight) of each worker of the run, as its log says when it starts
+    (its name with the host, ``%h`` expanded)."""
+    said = re.compile(rf"^worker run{run_pid}-\d+@[^%\s]+: process (\d+), (\d+) requests in flight$", re.M)
     return sorted((int(m[1]), int(m[2])) for log in (state / "logs").glob("worker-*.log")
                   for m in said.finditer(log.read_text(errors="replace")))
 

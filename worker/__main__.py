@@ -93,8 +93,10 @@ def _become_worker(spec: dict[str, Any], parent: int, forker: int, loglevel: str
         if not adopted_by(parent, forker):  # run ended meanwhile
             os._exit(0)
         concurrency, hostname = int(spec["concurrency"]), spec.get("hostname")
-        print(f"worker {hostname or os.getpid()}: process {os.getpid()}, {concurrency} requests in flight",
-              file=sys.stderr, flush=True)
+        from celery.utils.nodenames import host_format
+
+        print(f"worker {host_format(hostname) if hostname else os.getpid()}: process {os.getpid()}, "
+              f"{concurrency} requests in flight", file=sys.stderr, flush=True)
         _serve(concurrency, hostname, loglevel)
     except SystemExit as stop:
         os._exit(stop.code if isinstance(stop.code, int) else int(stop.code is not None))
