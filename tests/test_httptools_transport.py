@@ -9,6 +9,7 @@ short, a body larger than the read buffer, and the pool's bound across hosts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import pytest
@@ -70,6 +71,17 @@ class Server:
             writer.close()
 
 
+@contextlib.asynccontextmanager
+async def served(answer: Answer, connections: int) -> AsyncIterator[tuple[Server, HttptoolsTransport]]:
+    """A server answering with ``answer``, and a transport of ``connections`` closed at the end."""
+    async with Server(answer) as server:
+        transport = HttptoolsTransport(connections)
+        try:
+            yield server, transport
+        finally:
+            await transport.aclose()
+
+
 def call() -> CompletionCall:
     return CompletionCall(model="m", messages=({"role": "user", "content": "hi"},), base_url="",
                           connect_timeout=2.0, read_timeout=5.0)
@@ -96,13 +108,11 @@ def test_an_interim_answer_is_skipped_for_the_one_that_follows() -> None:
                      + OK_HEAD + b"x-request-id: req_9\r\nContent-Length: 5\r\n\r\nhello")
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(4)
+        async with served(answer, 4) as (server, transport):
             response = await transport.open(server.url, b"{}", {}, call(), 5.0)
             assert (response.head.status, response.head.request_id, response.head.reason) == (200, "req_9", "OK")
             assert await response.read() == b"hello" and await response.read() == b""
             await response.close()
-            await transport.aclose()
 
     run(test)
 
@@ -114,12 +124,10 @@ def test_a_body_without_length_ends_with_its_connection_which_is_not_kept() -> N
         writer.close()
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(4)
+        async with served(answer, 4) as (server, transport):
             assert await post(transport, server.url) == (200, b"all of it")
             assert await post(transport, server.url) == (200, b"all of it")
             assert server.connections == 2
-            await transport.aclose()
 
     run(test)
 
@@ -133,11 +141,9 @@ def test_a_head_that_never_ends_is_refused_at_its_bound() -> None:
         await asyncio.sleep(10)
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(4)
+        async with served(answer, 4) as (server, transport):
             with pytest.raises(ProviderTransportError, match="head"):
                 await post(transport, server.url)
-            await transport.aclose()
 
     run(test)
 
@@ -148,13 +154,11 @@ def test_a_header_that_would_split_the_request_is_refused_before_connecting(head
         writer.write(OK_HEAD + b"Content-Length: 0\r\n\r\n")
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(4)
+        async with served(answer, 4) as (server, transport):
             with pytest.raises(ProviderTransportError, match="line break"):
                 await post(transport, server.url, header)
             await asyncio.sleep(0.05)
             assert server.connections == 0 and server.requests == []
-            await transport.aclose()
 
     run(test)
 
@@ -167,13 +171,11 @@ def test_a_kept_connection_the_server_closed_is_not_used_again() -> None:
         writer.close()  # keep-alive said, then closed while idle in the client's pool
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(1)
+        async with served(answer, 1) as (server, transport):
             assert await post(transport, server.url) == (200, b"ok")
             await asyncio.sleep(0.3)
             assert await post(transport, server.url) == (200, b"ok")
             assert server.connections == 2
-            await transport.aclose()
 
     run(test)
 
@@ -183,8 +185,7 @@ def test_kept_alive_answers_share_one_connection_and_send_one_request_each() -> 
         writer.write(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(1)
+        async with served(answer, 1) as (server, transport):
             for _ in range(3):
                 assert await post(transport, server.url) == (200, b"ok")
             assert server.connections == 1
@@ -192,7 +193,6 @@ def test_kept_alive_answers_share_one_connection_and_send_one_request_each() -> 
             first = server.requests[0]
             assert first.startswith(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:")
             assert b"\r\nContent-Length: 8\r\n" in first and first.endswith(b'\r\n\r\n{"a": 1}')
-            await transport.aclose()
 
     run(test)
 
@@ -204,11 +204,9 @@ def test_a_body_cut_short_is_an_incomplete_reply() -> None:
         writer.close()
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(2)
+        async with served(answer, 2) as (server, transport):
             with pytest.raises(IncompleteReply, match="broke before the reply ended"):
                 await post(transport, server.url)
-            await transport.aclose()
 
     run(test)
 
@@ -223,8 +221,7 @@ def test_a_body_larger_than_the_read_buffer_arrives_whole() -> None:
             await writer.drain()
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(2)
+        async with served(answer, 2) as (server, transport):
             response = await transport.open(server.url, b"{}", {}, call(), 5.0)
             received = []
             while data := await response.read():
@@ -233,7 +230,6 @@ def test_a_body_larger_than_the_read_buffer_arrives_whole() -> None:
             await response.close()
             body = b"".join(received)
             assert len(body) == size and body[-1] == (size - 1) // 65536 % 251
-            await transport.aclose()
 
     run(test)
 
@@ -281,12 +277,10 @@ def test_bytes_past_the_end_of_an_answer_are_no_ones_and_the_connection_is_not_r
         writer.write(OK_HEAD + b"Content-Length: 2\r\n\r\nok" + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge")
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(1)
+        async with served(answer, 1) as (server, transport):
             assert await post(transport, server.url) == (200, b"ok")
             assert await post(transport, server.url) == (200, b"ok")
             assert server.connections == 2
-            await transport.aclose()
 
     run(test)
 
@@ -336,14 +330,12 @@ def test_an_answer_that_ended_while_reading_was_paused_leaves_a_connection_that_
         writer.write(OK_HEAD + b"Content-Length: %d\r\n\r\n" % size + b"x" * size)
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(1)
+        async with served(answer, 1) as (server, transport):
             response = await transport.open(server.url, b"{}", {}, call(), 5.0)
             await asyncio.sleep(0.3)  # all of it arrives unread: reading pauses, and the answer ends
             await response.close()
             status, body = await post(transport, server.url)
             assert (status, len(body), server.connections) == (200, size, 1)
-            await transport.aclose()
 
     run(test)
 
@@ -360,11 +352,9 @@ def test_trailers_and_chunk_lines_are_bounded_like_the_head(flood: bytes) -> Non
         await asyncio.sleep(10)
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(1)
+        async with served(answer, 1) as (server, transport):
             with pytest.raises((IncompleteReply, ProviderTransportError), match="over 65536 bytes"):
                 await post(transport, server.url)
-            await transport.aclose()
 
     run(test)
 
@@ -376,11 +366,9 @@ def test_a_head_over_its_bounds_is_refused_even_when_it_comes_in_one_read(head: 
         writer.write(OK_HEAD + head + b"Content-Length: 2\r\n\r\nok")
 
     async def test() -> None:
-        async with Server(answer) as server:
-            transport = HttptoolsTransport(1)
+        async with served(answer, 1) as (server, transport):
             with pytest.raises(ProviderTransportError, match="head or trailers"):
                 await post(transport, server.url)
-            await transport.aclose()
 
     run(test)
 

@@ -181,12 +181,13 @@ def widen_windows(store: BatchStore, publisher: Publisher) -> int:
     returns how many went. A batch submitted before any worker said its slots had a window as for
     64 (128 items), and only its messages' ends widened it: `run` with 10 s replies ran 128 items
     at a time for the first 10 s whenever its workers said their slots after it had submitted."""
-    moved = 0
-    for info in store.list_batches(limit=500):
-        if info.state in (BatchState.RUNNING, BatchState.SUBMITTING) and not info.finished \
-                and store.redis.llen(keys.held(info.id)):
-            moved += publisher.release(info.id, 0, chunk_size(info.total or 1))
-    return moved
+    under_way = [info for info in store.list_batches(limit=500)
+                 if info.state in (BatchState.RUNNING, BatchState.SUBMITTING) and not info.finished]
+    pipe = store.redis.pipeline(transaction=False)
+    for info in under_way:
+        pipe.llen(keys.held(info.id))
+    return sum(publisher.release(info.id, 0, chunk_size(info.total or 1))
+               for info, held in zip(under_way, pipe.execute()) if held)
 
 
 def what_to_say(runtime: Runtime | None) -> tuple[int, str]:

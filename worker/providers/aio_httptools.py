@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -26,7 +28,7 @@ import httptools
 from ..errors import ConnectTimeout, IncompleteReply, ProviderTimeout
 from .call import CompletionCall
 from .exchange import Head, connection_error, past_deadline, reason
-from .proxies import EnvironmentProxies
+from .proxies import EnvironmentProxies, environment_proxy
 from .request_head import Key as _Key
 from .request_head import header_lines, plain, request_start
 
@@ -113,7 +115,7 @@ class _Connection(asyncio.Protocol):
         ex = self.exchange
         if ex is None or ex.ended or ex.error is not None:  # bytes nobody asked for: not reusable
             self.reusable = False
-            self._close()
+            self.close()
             return
         ex.fed += len(data)
         try:
@@ -129,7 +131,7 @@ class _Connection(asyncio.Protocol):
             ex.error = ValueError(f"the answer's head or trailers are over {HEAD_LIMIT} bytes "
                                   f"or {HEADERS_LIMIT} lines")
         if ex.error is not None or not self.reusable:
-            self._close()
+            self.close()
         elif ex.buffered > PAUSE_ABOVE and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -197,7 +199,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
@@ -229,10 +231,10 @@ class _Connection(asyncio.Protocol):
         data = ex.chunks.popleft() if len(ex.chunks) == 1 else b"".join(ex.chunks)
         ex.chunks.clear()
         ex.buffered = 0
-        self._resume()
+        self.resume()
         return data
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
@@ -259,9 +261,28 @@ class _Pool:
             conn = idle.pop()
             if conn.usable(now):
                 return conn
-            conn._close()
+            conn.close()
             self._gone()
         return None
+
+    async def connection(self, key: _Key, connect: Callable[[], Awaitable[_Connection]],
+                         remaining: Callable[[], float | None]) -> _Connection:
+        """An idle connection of ``key``, else a new one by ``connect`` once there is room, waiting
+        for it at most ``remaining()`` seconds (the item's deadline)."""
+        while True:
+            conn = self.take_idle(key)
+            if conn is not None:
+                return conn
+            if self.room():
+                break
+            if not await self.wait(remaining()):
+                raise ProviderTimeout("the item deadline passed while waiting for a connection")
+        self.count += 1
+        try:
+            return await connect()
+        except BaseException:
+            self._gone()
+            raise
 
     def room(self) -> bool:
         """Whether a new connection may be made (an idle one of another host is closed for it)."""
@@ -269,7 +290,7 @@ class _Pool:
             return True
         for conns in self.idle.values():
             if conns:
-                conns.pop(0)._close()
+                conns.pop(0).close()
                 self._gone()
                 return True
         return False
@@ -296,10 +317,10 @@ class _Pool:
         now = asyncio.get_running_loop().time()
         conn.idle_since = now
         if reusable and conn.usable(now):
-            conn._resume()  # an answer that ended while the socket was paused
+            conn.resume()  # an answer that ended while the socket was paused
             self.idle.setdefault(conn.key, []).append(conn)
         else:
-            conn._close()
+            conn.close()
             self._gone()
             return
         self._next()
@@ -329,7 +350,6 @@ class HttptoolsTransport:
     def __init__(self, max_connections: int) -> None:
         self.max_connections = max_connections
         self._pool = _Pool(max_connections)
-        self._proxies = EnvironmentProxies()
         self._aiohttp: AiohttpTransport | None = None
         self._tls: ssl.SSLContext | None = None
         self._targets: dict[str, tuple[_Key, bytes] | None] = {}
@@ -351,7 +371,7 @@ class HttptoolsTransport:
             request = start + header_lines(headers, len(data)) + data
         except ValueError as exc:
             raise connection_error(url, exc) from exc
-        conn = await self._connection(url, key, call)
+        conn = await self._pool.connection(key, functools.partial(self._connect, url, key, call), call.remaining)
         try:
             conn.send(request)
             ex = conn.exchange
@@ -379,27 +399,10 @@ class HttptoolsTransport:
         parts = urlsplit(url)
         decided = None
         if (parts.scheme in ("http", "https") and parts.hostname and parts.username is None
-                and self._proxies.for_url(url) is None and plain(url)):
+                and environment_proxy(url) is None and plain(url)):
             decided = request_start(parts)
         self._targets[url] = decided
         return decided
-
-    async def _connection(self, url: str, key: _Key, call: CompletionCall) -> _Connection:
-        pool = self._pool
-        while True:
-            conn = pool.take_idle(key)
-            if conn is not None:
-                return conn
-            if pool.room():
-                break
-            if not await pool.wait(call.remaining()):
-                raise ProviderTimeout("the item deadline passed while waiting for a connection")
-        pool.count += 1
-        try:
-            return await self._connect(url, key, call)
-        except BaseException:
-            pool._gone()
-            raise
 
     async def _connect(self, url: str, key: _Key, call: CompletionCall) -> _Connection:
         scheme, host, port = key
@@ -428,7 +431,7 @@ class HttptoolsTransport:
     async def aclose(self) -> None:
         for conns in self._pool.idle.values():
             for conn in conns:
-                conn._close()
+                conn.close()
         self._pool.idle.clear()
         if self._aiohttp is not None:
             await self._aiohttp.aclose()

@@ -23,16 +23,19 @@ class EnvironmentProxies:
         if url not in self._decided:
             if len(self._decided) >= self.LIMIT:
                 self._decided.clear()
-            self._decided[url] = _decide(url) if names_a_proxy(os.environ) else None
+            self._decided[url] = environment_proxy(url)
         return self._decided[url]
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (not remembered)."""
+    if not names_a_proxy(os.environ):
+        return None
+    import requests.utils
+
+    return requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
 
 
 def names_a_proxy(environ: os._Environ[str] | dict[str, str]) -> bool:
     """Whether any variable could route a request through a proxy (urllib reads every ``*_proxy``)."""
     return any(name.lower().endswith("_proxy") and value for name, value in environ.items())
-
-
-def _decide(url: str) -> str | None:
-    import requests.utils
-
-    return requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
