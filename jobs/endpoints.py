@@ -9,6 +9,7 @@ skipped for it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -56,6 +57,11 @@ class Capability:
     text_only: bool = False
     refused: tuple[str, ...] = ()
 
+    @functools.cached_property
+    def refused_set(self) -> frozenset[str]:
+        """``refused`` to look a request's fields up in (most requests name none of them)."""
+        return frozenset(self.refused)
+
 
 # Fields of a chat request that change what the reply is: a text-only protocol cannot send them,
 # and dropping them would record an answer to another question. (Tuning fields such as
@@ -92,9 +98,10 @@ def cannot_carry(provider: str, endpoint: Endpoint, messages: Iterable[Mapping[s
         return Refusal("url", f"the {provider} provider has no {endpoint.value} endpoint; "
                               "use --provider openai")
     given = dict(params)
-    for name in capability.refused:
-        if given.get(name) not in (None, False):
-            return Refusal(name, f"the {provider} provider cannot send {name}; use --provider openai")
+    if given and not capability.refused_set.isdisjoint(given):
+        for name in capability.refused:
+            if given.get(name) not in (None, False):
+                return Refusal(name, f"the {provider} provider cannot send {name}; use --provider openai")
     if capability.text_only and given.get("n", 1) != 1:
         return Refusal("n", f"the {provider} provider cannot send n > 1 (one reply a request); "
                             "use --provider openai")

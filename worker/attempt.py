@@ -23,7 +23,7 @@ from .errors import Abandoned, CallNotStarted, ProviderError, ProviderHTTPError,
 from .providers import PROVIDERS, AbstractProvider, CompletionCall, StreamEnd
 from .providers.aio import AsyncHTTP
 from .providers.call import Item
-from .providers.credentials import REDACTED, KeyChooser, answer_secrets, choose_key, clear_keys, redact, worker_keys
+from .providers.credentials import REDACTED, KeyChooser, WorkerKeys, choose_key, clear_keys, redact
 from .providers.exchange import OnHead
 from .response_format import response_schema
 
@@ -62,6 +62,8 @@ class ProviderCalls:
         self.on_head = on_head
         self._http: AsyncHTTP | None = None
         self._keys = KeyChooser(settings.allowed_base_urls)
+        # read at the first attempt: a worker's environment stays as it started (as for the key choices)
+        self._held: WorkerKeys | None = None
 
     def attempt(self, request: ItemRequest, options: BatchOptions,
                 before_call: BeforeCall | None, guard: Guard | None = None) -> Awaitable[Attempt]:
@@ -69,8 +71,9 @@ class ProviderCalls:
         frame less at each of its wake-ups); ``guard`` may give its stream up (:class:`Abandoned`)."""
         if self._http is None:
             self._http = AsyncHTTP(max_connections=self.concurrency, on_head=self.on_head)
+            self._held = WorkerKeys.from_env(PROVIDERS.values())
         return attempt(request, options.providers(), options.base_url, self.settings, self._http, before_call,
-                       self._keys, guard)
+                       self._keys, guard, self._held)
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -80,19 +83,22 @@ class ProviderCalls:
 
 async def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_url: str | None,
                   settings: Settings, http: AsyncHTTP, before_call: BeforeCall | None = None,
-                  keys: KeyChooser | None = None, guard: Guard | None = None) -> Attempt:
+                  keys: KeyChooser | None = None, guard: Guard | None = None,
+                  held: WorkerKeys | None = None) -> Attempt:
     """Run one attempt through ``http``, falling back along ``provider_names`` while nothing has
-    streamed (``keys``: the worker's key choices, kept for the life of its process).
+    streamed (``keys``: the worker's key choices, kept for the life of its process; ``held``: the
+    keys it holds, to clear from what servers say; read from the environment if not given).
 
     ``base_url`` is the first provider's; the others take theirs from the environment.
     """
     started = time.monotonic()
+    held = held if held is not None else WorkerKeys.from_env(PROVIDERS.values())
     fallback = _Fallback(request)
     for position, name in enumerate(provider_names):
         provider = PROVIDERS[name]
         if fallback.skips(name):
             continue
-        streamed = _Streamed(provider, request, started, guard=guard)
+        streamed = _Streamed(provider, request, started, guard=guard, held=held)
         try:
             call = streamed.prepare(base_url if position == 0 else None, settings, keys)
             if before_call is not None:
@@ -146,6 +152,13 @@ class _Streamed:
     scope: str = ""
     error: ProviderError | None = None
     guard: Guard | None = None
+    held: WorkerKeys | None = None
+
+    @property
+    def secrets(self) -> WorkerKeys:
+        if self.held is None:
+            self.held = WorkerKeys.from_env(PROVIDERS.values())
+        return self.held
 
     def prepare(self, base_url: str | None, settings: Settings, keys: KeyChooser | None = None) -> CompletionCall:
         provider, request = self.provider, self.request
@@ -177,7 +190,7 @@ class _Streamed:
 
     def add(self, item: Item) -> None:
         if isinstance(item, StreamEnd):
-            secrets = answer_secrets(worker_keys(PROVIDERS.values()))
+            secrets = self.secrets.cleared
             if item.body is not None or item.request_id:  # the last guard before Redis: no key, nothing too deep
                 item = replace(item, body=clear_keys(item.body, secrets),
                                request_id=clear_keys(item.request_id, secrets))
@@ -191,7 +204,7 @@ class _Streamed:
 
     def fail(self, exc: Exception) -> None:
         if isinstance(exc, ProviderError):
-            self.error = _without_keys(exc)
+            self.error = _without_keys(exc, self.secrets.held)
             return
         logger.error("internal error while streaming from %s", self.provider.name, exc_info=exc)
         self.error = ProviderError(f"internal error: {type(exc).__name__}: {exc}")
@@ -199,7 +212,7 @@ class _Streamed:
 
     def result(self) -> Attempt:
         text = "".join(self.chunks)
-        for secret in answer_secrets(worker_keys(PROVIDERS.values())):
+        for secret in self.secrets.cleared:
             text = text.replace(secret, REDACTED)
         return Attempt(self.provider.name, self.model or self.request.model or "", text,
                        self.error, _ms_since(self.started), self.first_chunk_ms, self.end, self.scope)
@@ -241,9 +254,8 @@ class _Fallback:
         return self.last
 
 
-def _without_keys(error: ProviderError) -> ProviderError:
+def _without_keys(error: ProviderError, keys: tuple[str, ...]) -> ProviderError:
     """The error, its message cleared of any key of this worker (the last guard before Redis)."""
-    keys = worker_keys(PROVIDERS.values())
     message = str(error)
     cleaned = redact(message, keys)
     if cleaned != message:

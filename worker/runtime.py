@@ -47,11 +47,12 @@ from .credit import Credit, Pace, reserve
 from .errors import Abandoned
 from .provider_pace import ProviderPace
 from .ratelimit import RateLimiter
-from .storeio import StoreIO
+from .storeio import COALESCED_KINDS, StoreIO
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-# threads for the store's calls off the loop (each kind of call coalesces into one at a time)
+# threads for the store's calls off the loop that are not coalesced (each coalesced kind of call has
+# a thread of its own: worker.storeio)
 IO_THREADS = 8
 # new objects between two collections of the youngest generation (Python's default: 700)
 GC_THRESHOLD = 50_000
@@ -150,8 +151,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def redis_pool_size(settings: Settings) -> int:
-    """Connections of a worker process: its store threads, the lease renewal and the rate limiter."""
-    return settings.redis_pool or IO_THREADS + 8
+    """Connections of a worker process: its store threads (coalesced calls' and the others'), the
+    lease renewal and the rate limiter."""
+    return settings.redis_pool or IO_THREADS + COALESCED_KINDS + 8
 
 
 @dataclass
@@ -341,7 +343,7 @@ class Runtime:
             self.loop.call_soon_threadsafe(self.loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.io.executor.shutdown(wait=False)
+        self.io.close()
         self._probe_thread.shutdown(wait=False)
         self.client.close()
         if self.probe is not None:

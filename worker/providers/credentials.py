@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,21 @@ def worker_keys(providers: Iterable[type[AbstractProvider]],
                 environ: Mapping[str, str] | None = None) -> list[str]:
     """Every key this worker holds (to redact them from anything a server says)."""
     return [k for k in (api_key(p, environ) for p in providers) if k]
+
+
+@dataclass(frozen=True)
+class WorkerKeys:
+    """The keys a worker holds: all of them, redacted from what a server says (error texts), and
+    those long enough to be real secrets, cleared from answers (:func:`answer_secrets`)."""
+
+    held: tuple[str, ...]
+    cleared: tuple[str, ...]
+
+    @classmethod
+    def from_env(cls, providers: Iterable[type[AbstractProvider]],
+                 environ: Mapping[str, str] | None = None) -> WorkerKeys:
+        held = tuple(worker_keys(providers, environ))
+        return cls(held, tuple(answer_secrets(held)))
 
 
 def allowed_base_urls(provider: type[AbstractProvider], extra: str,
@@ -141,7 +156,7 @@ def answer_secrets(keys: Iterable[str]) -> list[str]:
     return [key for key in keys if len(key) >= MIN_CLEARED_KEY]
 
 
-def clear_keys(value: Any, secrets: list[str], depth: int = 0) -> Any:
+def clear_keys(value: Any, secrets: Sequence[str], depth: int = 0) -> Any:
     """A server's answer (parsed JSON) with every secret in its strings (keys too) replaced by
     ``[redacted]``: a server that echoes the key it was sent does not put it in a result.
 
