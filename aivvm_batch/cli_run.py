@@ -10,6 +10,7 @@ import click
 from jobs.formats import ResultFormat
 from jobs.records import BatchOptions, RequestDefaults, Status
 
+from . import early
 from .batch_status import budget_text
 from .deferred_imports import without_collector
 from .options import (
@@ -132,8 +133,13 @@ def _interrupted_message(info: BatchInfo | None, abandoned: int, output: str, st
 
 
 def _prestarted(concurrencies: list[int], state_dir: Path) -> WorkerProcesses:
-    """The worker processes, started before anything else (aivvm_batch.workers); if their log
-    folder cannot be made, none yet: ``run`` starts them later as before, after its checks say why."""
+    """The worker processes, started before anything else (aivvm_batch.workers), or at the
+    command's first line (aivvm_batch.early); if their log folder cannot be made, none yet:
+    ``run`` starts them later as before, after its checks say why."""
+    early_start = early.taken(state_dir / "logs")
+    if early_start is not None:
+        early_start.concurrencies = list(concurrencies)
+        return early_start
     workers = WorkerProcesses(concurrencies=concurrencies, log_dir=state_dir / "logs")
     try:
         return workers.prestart()

@@ -29,6 +29,7 @@ from .errors import Abandoned, ClaimLost, RateLimited
 from .providers import PROVIDERS, AbstractProvider, CompletionCall
 from .ratelimit import FULL_RETRY_SECONDS
 from .runtime import Runtime
+from .slots import Slots
 from .storeio import best_effort, wait_for_store
 from .tokens import request_tokens, usage
 
@@ -89,7 +90,7 @@ class _Slot:
     """One of the process's slots (requests in flight), taken; given back as soon as the call has
     ended (how long it was held goes to ``pace``; ``freed`` is told)."""
 
-    def __init__(self, slots: asyncio.Semaphore, pace: Pace, freed: Callable[[], None]) -> None:
+    def __init__(self, slots: Slots, pace: Pace, freed: Callable[[], None]) -> None:
         self.slots = slots
         self.pace = pace
         self.freed = freed

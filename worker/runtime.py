@@ -47,6 +47,7 @@ from .credit import Credit, Pace, reserve
 from .errors import Abandoned
 from .provider_pace import ProviderPace
 from .ratelimit import RateLimiter
+from .slots import Slots
 from .storeio import COALESCED_KINDS, StoreIO
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class Runtime:
     loop: asyncio.AbstractEventLoop
     io: StoreIO
     calls: ProviderCalls
-    slots: asyncio.Semaphore
+    slots: Slots
     # the items the process holds against its slots, read by its transport (worker.credit)
     credit: Credit = field(default_factory=Credit)
     # how long a slot is held (for the reserve of items beyond the slots: worker.credit)
@@ -225,7 +226,7 @@ class Runtime:
             limiter=RateLimiter(client), publisher=publisher, loop=loop,
             io=StoreIO(store, publisher, executor, loop, settings.lease, settings.cache_ttl),
             calls=ProviderCalls(settings, concurrency, on_head=provider_pace.heard),
-            slots=asyncio.Semaphore(concurrency), credit=Credit(concurrency), provider_pace=provider_pace,
+            slots=Slots(concurrency), credit=Credit(concurrency), provider_pace=provider_pace,
             held_messages=held_messages, probe=probe, contact=Contact(settings.lease, time.monotonic()),
         )
         runtime._thread = threading.Thread(target=loop.run_forever, name="aivvm-loop", daemon=True)
