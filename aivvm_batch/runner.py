@@ -44,6 +44,9 @@ from .signals import Interrupts
 from .workers import WorkerProcesses, trusting
 
 POLL_SECONDS = 0.05  # the end of a batch is seen at once; a view costs one pipelined read
+# once no more items are left than the workers have slots (the last wave is out), a batch of quick
+# replies ends within a few polls: its end is looked for this often
+LAST_WAVE_POLL_SECONDS = 0.01
 RECONNECT_SECONDS = 120.0
 
 
@@ -202,7 +205,13 @@ def resume_message(earlier: BatchInfo, report: SubmitReport, options: BatchOptio
 def _supervise(store: BatchStore, batch_id: str, workers: WorkerProcesses, progress: Progress,
                interrupts: Interrupts, state: _Supervision) -> BatchInfo:
     """Show progress until the batch finishes; stop taking items on Ctrl-C or a systematic failure."""
-    for info in views(store, batch_id, POLL_SECONDS, RECONNECT_SECONDS):
+    slots = sum(workers.concurrencies)
+
+    def poll_seconds(info: BatchInfo | None) -> float:
+        left = (info.total or 0) - info.done if info is not None else None
+        return LAST_WAVE_POLL_SECONDS if left is not None and 0 < left <= slots else POLL_SECONDS
+
+    for info in views(store, batch_id, poll_seconds, RECONNECT_SECONDS):
         state.info = info
         state.in_flight = (info.total or 0) - info.done
         if interrupts.requested and not state.interrupted:

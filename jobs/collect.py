@@ -84,10 +84,14 @@ def wait_until_finished(store: BatchStore, batch_id: str, on_progress: ProgressC
     raise AssertionError("unreachable")
 
 
-def views(store: BatchStore, batch_id: str, poll_seconds: float, reconnect_seconds: float, *,
+Poll = float | Callable[[BatchInfo | None], float]  # seconds, or seconds after this view (None: none read)
+
+
+def views(store: BatchStore, batch_id: str, poll_seconds: Poll, reconnect_seconds: float, *,
           observe: ProgressCallback | None = None,
           on_unreachable: Callable[[], None] | None = None) -> Iterator[BatchInfo]:
-    """Each new view of the batch, every ``poll_seconds``, for as long as the caller iterates.
+    """Each new view of the batch, every ``poll_seconds`` (a function: what it says of the last
+    view), for as long as the caller iterates.
 
     A Redis that goes away (a restart) is waited for, up to ``reconnect_seconds``; then
     :class:`StoreUnavailable` is raised. ``observe`` sees each view first (a Redis error in it
@@ -105,11 +109,15 @@ def views(store: BatchStore, batch_id: str, poll_seconds: float, reconnect_secon
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > reconnect_seconds:
                 raise
-            time.sleep(poll_seconds)
+            time.sleep(_seconds(poll_seconds, None))
             continue
         unreachable_since = None
         yield info
-        time.sleep(poll_seconds)
+        time.sleep(_seconds(poll_seconds, info))
+
+
+def _seconds(poll: Poll, info: BatchInfo | None) -> float:
+    return poll(info) if callable(poll) else poll
 
 
 def write_results(store: BatchStore, batch_id: str, out: str | Path,

@@ -20,6 +20,7 @@ from jobs.heartbeats import worker_seen
 from jobs.intake import ChunkEntry, Reuse
 from jobs.recording import Recorded
 from jobs.records import (
+    BatchInfo,
     BatchOptions,
     BatchState,
     ChatMessage,
@@ -354,3 +355,22 @@ def test_serve_s_lease_is_held_by_one_renewed_and_released_only_by_its_holder(st
         assert held
         client.set("lease:b", "another holder")
     assert client.get("lease:b") == b"another holder"
+
+
+def test_views_wait_as_long_as_the_poll_says_of_each_view(store: BatchStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import collect
+
+    reqs = new_batch(store, "bv", 3)
+    slept: list[float] = []
+    seen: list[int | None] = []
+
+    def poll(info: BatchInfo | None) -> float:
+        seen.append(None if info is None else info.done)
+        return 0.5 if info is not None and info.done == 0 else 0.25
+
+    monkeypatch.setattr(collect.time, "sleep", slept.append)
+    for info in collect.views(store, "bv", poll, reconnect_seconds=1):
+        if info.finished:
+            break
+        store.record("bv", info.done, ok(reqs[info.done]))
+    assert seen == [0, 1, 2] and slept == [0.5, 0.25, 0.25]
