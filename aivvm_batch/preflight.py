@@ -49,6 +49,7 @@ def preflight(plan: RunPlan, progress: Progress) -> Checked:
     if is_stdio(plan.file) and sys.stdin.isatty():
         progress.note("aivvm-batch: reading prompts from the terminal, one JSON object a line; "
                       "end with Ctrl-D")
+    check_state_dir(plan.state_dir)
     spool_dir = plan.state_dir / "spool"
     path = spool(plan.file, spool_dir)
     # the host too: on a shared Redis, another machine's file of the same name is another input
@@ -61,6 +62,15 @@ def preflight(plan: RunPlan, progress: Progress) -> Checked:
     if not read_head(path, 4096).strip():
         progress.note(f"aivvm-batch: warning: {display} is empty: there is nothing to run")
     return Checked(path, key, display)
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """The state directory exists or can be made, as a directory (its Redis, logs and spool go there)."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--state-dir {state_dir}: cannot make it a directory: "
+                          f"{exc.strerror or exc}") from None
 
 
 def _by_content(copy: Path, directory: Path) -> Path:

@@ -108,6 +108,14 @@ def test_run_with_the_embedded_default_and_the_stand_in(tmp_path: Path) -> None:
     assert f"{len(sample_lines)}/{len(sample_lines)} done ({len(sample_lines)} ok)" in proc.stderr  # plain progress
 
 
+def test_run_with_a_state_dir_that_cannot_be_made_says_so_in_one_line(tmp_path: Path) -> None:
+    source = ROOT / "samples" / "simple.jsonl"
+    proc = cli("run", str(source), "-o", str(tmp_path / "out.jsonl"), "--stub",
+               "--state-dir", str(source / "state"), env={"AIVVM_BATCH_REDIS_URL": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--state-dir {source / 'state'}: cannot make it a directory" in proc.stderr
+
+
 def test_run_interrupted_then_run_again_continues(tmp_path: Path) -> None:
     """SIGINT mid-batch, then the same command: finished items are not sent again."""
     total, concurrency = 40, 4
