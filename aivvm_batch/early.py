@@ -31,21 +31,30 @@ def start_for(argv: Sequence[str]) -> None:
     global _started
     if not argv or argv[0] != "run" or _NOTHING_TO_START.intersection(argv) or os.environ.get("AIVVM_BATCH_DRY_RUN"):
         return
+    if len(argv) < 3 or not (_names_output(argv[1:]) or os.environ.get("AIVVM_BATCH_OUTPUT")):
+        return  # no file or no -o: click refuses it; nothing started, no log folder made
     try:
         _started = WorkerProcesses(concurrencies=[], log_dir=state_dir_of(argv[1:]) / "logs").prestart()
     except OSError:  # no log folder: run starts its workers itself, after its checks say why
         _started = None
 
 
+def _names_output(args: Sequence[str]) -> bool:
+    return any(arg in ("-o", "--output") or arg.startswith(("-o", "--output=")) for arg in args)
+
+
 def state_dir_of(args: Sequence[str]) -> Path:
-    """The ``--state-dir`` that ``args`` give (the last one, as click takes it), else the default."""
+    """The ``--state-dir`` that ``args`` give (the last one, as click takes it; an empty one is the
+    current directory, as for click), else the variable's, else the default."""
     found: str | None = None
     for position, arg in enumerate(args):
         if arg == "--state-dir" and position + 1 < len(args):
             found = args[position + 1]
         elif arg.startswith("--state-dir="):
             found = arg.partition("=")[2]
-    return Path(found or os.environ.get(STATE_DIR_VARIABLE) or DEFAULT_STATE_DIR)
+    if found is not None:
+        return Path(found)
+    return Path(os.environ.get(STATE_DIR_VARIABLE) or DEFAULT_STATE_DIR)
 
 
 def taken(log_dir: Path) -> WorkerProcesses | None:

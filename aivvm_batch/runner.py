@@ -44,8 +44,9 @@ from .signals import Interrupts
 from .workers import WorkerProcesses, trusting
 
 POLL_SECONDS = 0.05  # the end of a batch is seen at once; a view costs one pipelined read
-# once no more items are left than the workers have slots (the last wave is out), a batch of quick
-# replies ends within a few polls: its end is looked for this often
+# once no more items are left than the workers have slots (the last wave is out) and items still end
+# from one view to the next, the batch's end is looked for this often (quick replies end it within a
+# few polls); a wave that ends nothing (slow replies, a wait) is polled as before
 LAST_WAVE_POLL_SECONDS = 0.01
 RECONNECT_SECONDS = 120.0
 
@@ -206,10 +207,14 @@ def _supervise(store: BatchStore, batch_id: str, workers: WorkerProcesses, progr
                interrupts: Interrupts, state: _Supervision) -> BatchInfo:
     """Show progress until the batch finishes; stop taking items on Ctrl-C or a systematic failure."""
     slots = sum(workers.concurrencies)
+    last_done: list[int | None] = [None]
 
     def poll_seconds(info: BatchInfo | None) -> float:
-        left = (info.total or 0) - info.done if info is not None else None
-        return LAST_WAVE_POLL_SECONDS if left is not None and 0 < left <= slots else POLL_SECONDS
+        if info is None:
+            return POLL_SECONDS
+        ending = info.total is not None and 0 < info.total - info.done <= slots and info.done != last_done[0]
+        last_done[0] = info.done
+        return LAST_WAVE_POLL_SECONDS if ending else POLL_SECONDS
 
     for info in views(store, batch_id, poll_seconds, RECONNECT_SECONDS):
         state.info = info

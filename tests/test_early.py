@@ -17,6 +17,7 @@ from aivvm_batch import early
     (["--state-dir=/tmp/s2", "in.jsonl"], "/tmp/s2"),
     (["--state-dir", "/tmp/a", "--state-dir", "/tmp/b"], "/tmp/b"),  # the last one, as click takes it
     (["in.jsonl", "--state-dir"], ".aivvm-batch"),  # no value: click refuses the line anyway
+    (["in.jsonl", "--state-dir="], "."),  # empty: the current directory, as click takes it
 ])
 def test_the_state_dir_is_read_as_run_reads_it(args: list[str], expected: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +32,8 @@ def test_the_state_dir_variable_stands_in_for_the_option(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("argv", [[], ["submit", "in.jsonl"], ["run", "--help"], ["run", "in.jsonl", "-h"],
-                                  ["run", "in.jsonl", "--dry-run"], ["run", "--", "-in.jsonl"]])
+                                  ["run", "in.jsonl", "-o", "o", "--dry-run"], ["run", "--", "-in.jsonl"], ["run"],
+                                  ["run", "in.jsonl"], ["run", "in.jsonl", "--stub", "--fresh"]])
 def test_nothing_starts_but_for_a_run_that_works(argv: list[str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(early.STATE_DIR_VARIABLE, str(tmp_path))
@@ -42,13 +44,13 @@ def test_nothing_starts_but_for_a_run_that_works(argv: list[str], tmp_path: Path
 
 @pytest.mark.integration
 def test_run_takes_the_fork_server_over_only_where_its_logs_agree(tmp_path: Path) -> None:
-    early.start_for(["run", "in.jsonl", "--state-dir", str(tmp_path / "a")])
+    early.start_for(["run", "in.jsonl", "-o", "out.jsonl", "--state-dir", str(tmp_path / "a")])
     workers = early.taken(tmp_path / "a" / "logs")
     assert workers is not None and workers.waiting and workers.alive() == 1
     workers.kill()
     assert workers.alive() == 0
 
-    early.start_for(["run", "in.jsonl", "--state-dir", str(tmp_path / "b")])
+    early.start_for(["run", "in.jsonl", "--output=out.jsonl", "--state-dir", str(tmp_path / "b")])
     started = early._started
     assert started is not None and started.alive() == 1
     assert early.taken(tmp_path / "elsewhere" / "logs") is None  # not run's: ended

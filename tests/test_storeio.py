@@ -57,8 +57,44 @@ def test_a_flush_that_raises_fails_its_callers_and_the_next_flush_still_runs() -
         return failed, again
 
     failed, again = asyncio.run(main())
-    # 1 went alone (nothing was on its way) and its flush raised; 2 waited for it and went next
-    assert isinstance(failed[0], ConnectionError) and failed[1] == 2 and again == 3
+    # 1 and 2, asked in the same pass of the loop, went together, and their flush raised
+    assert all(isinstance(f, ConnectionError) for f in failed) and again == 3 and calls["n"] == 2
+
+
+def test_calls_asked_in_one_pass_of_the_loop_go_in_one_flush() -> None:
+    sizes: list[int] = []
+
+    def flush(args: list[int]) -> list[int | BaseException]:
+        sizes.append(len(args))
+        return list(args)
+
+    async def main() -> list[int]:
+        coalescer = Coalescer[int, int](flush, "pass")
+        results = await asyncio.gather(*(coalescer(n) for n in range(64)))
+        coalescer.close()
+        return results
+
+    assert asyncio.run(main()) == list(range(64)) and sizes == [64]
+
+
+def test_a_flush_that_raises_any_exception_leaves_the_coalescer_working() -> None:
+    calls = {"n": 0}
+
+    def flush(args: list[int]) -> list[int | BaseException]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise GeneratorExit("not an Exception")
+        return list(args)
+
+    async def main() -> tuple[BaseException | int, int]:
+        coalescer = Coalescer[int, int](flush, "base")
+        [failed] = await asyncio.gather(coalescer(1), return_exceptions=True)
+        again = await asyncio.wait_for(coalescer(2), 5)
+        coalescer.close()
+        return failed, again
+
+    failed, again = asyncio.run(main())
+    assert isinstance(failed, GeneratorExit) and again == 2
 
 
 def test_a_flush_carries_at_most_the_limit() -> None:

@@ -71,8 +71,9 @@ class Coalescer(Generic[A, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._pending.append((arg, future))
-        if not self._busy:
-            self._send(loop)
+        if not self._busy:  # sent on the loop's next pass: the calls made in this one go together
+            self._busy = True
+            loop.call_soon(self._send, loop)
         return future
 
     def close(self) -> None:
@@ -92,7 +93,7 @@ class Coalescer(Generic[A, R]):
             loop, batch = order
             try:
                 results = self._flush([arg for arg, _ in batch])
-            except Exception as exc:  # every caller of this flush gets it
+            except BaseException as exc:  # noqa: BLE001 - every caller of this flush gets it; the thread goes on
                 results = [exc] * len(batch)
             try:
                 loop.call_soon_threadsafe(self._deliver, loop, batch, results)
@@ -101,16 +102,19 @@ class Coalescer(Generic[A, R]):
 
     def _deliver(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[A, asyncio.Future[R]]],
                  results: list[R | BaseException]) -> None:
-        for (_, future), result in zip(batch, results):
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
+        try:
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            if self._pending:
+                self._send(loop)
             else:
-                future.set_result(result)
-        self._busy = False
-        if self._pending:
-            self._send(loop)
+                self._busy = False
 
 
 def _grouped(args: Sequence[tuple[Any, ...]]) -> dict[str, list[int]]:
