@@ -6,8 +6,8 @@ can start it: about a tenth of a second more. Started here, before those imports
 that much sooner. Its log directory is read from the arguments as ``run`` reads them
 (``--state-dir``, else ``AIVVM_BATCH_STATE_DIR``, else the default); ``run`` takes it over
 (:func:`taken`) when its own options agree, else ends it and starts its own. Nothing starts for
-``--help`` or ``--dry-run``; a command line that click then refuses leaves the fork server to see
-its input end (or its parent die), and it exits.
+``--help``, ``--dry-run``, or a command line without a file and ``-o``; one that click refuses all
+the same leaves the fork server to see its input end (or its parent die), and it exits.
 """
 
 from __future__ import annotations

@@ -207,13 +207,14 @@ def _supervise(store: BatchStore, batch_id: str, workers: WorkerProcesses, progr
                interrupts: Interrupts, state: _Supervision) -> BatchInfo:
     """Show progress until the batch finishes; stop taking items on Ctrl-C or a systematic failure."""
     slots = sum(workers.concurrencies)
-    last_done: list[int | None] = [None]
+    last_done: int | None = None
 
     def poll_seconds(info: BatchInfo | None) -> float:
+        nonlocal last_done
         if info is None:
             return POLL_SECONDS
-        ending = info.total is not None and 0 < info.total - info.done <= slots and info.done != last_done[0]
-        last_done[0] = info.done
+        ending = info.total is not None and 0 < info.total - info.done <= slots and info.done != last_done
+        last_done = info.done
         return LAST_WAVE_POLL_SECONDS if ending else POLL_SECONDS
 
     for info in views(store, batch_id, poll_seconds, RECONNECT_SECONDS):

@@ -92,7 +92,6 @@ async def attempt(request: ItemRequest, provider_names: tuple[str, ...], base_ur
     ``base_url`` is the first provider's; the others take theirs from the environment.
     """
     started = time.monotonic()
-    held = held if held is not None else WorkerKeys.from_env(PROVIDERS.values())
     fallback = _Fallback(request)
     for position, name in enumerate(provider_names):
         provider = PROVIDERS[name]
@@ -156,6 +155,7 @@ class _Streamed:
 
     @property
     def secrets(self) -> WorkerKeys:
+        """The worker's keys: those given, else read from the environment once."""
         if self.held is None:
             self.held = WorkerKeys.from_env(PROVIDERS.values())
         return self.held

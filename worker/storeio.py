@@ -82,7 +82,6 @@ class Coalescer(Generic[A, R]):
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._pending = self._pending[:FLUSH_LIMIT], self._pending[FLUSH_LIMIT:]
-        self._busy = True
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=f"aivvm-redis-{self._name}", daemon=True)
             self._thread.start()
