@@ -55,3 +55,30 @@ def test_run_takes_the_fork_server_over_only_where_its_logs_agree(tmp_path: Path
     assert started is not None and started.alive() == 1
     assert early.taken(tmp_path / "elsewhere" / "logs") is None  # not run's: ended
     assert started.alive() == 0 and early.taken(tmp_path / "b" / "logs") is None
+
+
+def test_the_command_goes_through_the_early_start() -> None:
+    from importlib.metadata import entry_points
+
+    [script] = [e for e in entry_points(group="console_scripts") if e.name == "aivvm-batch"]
+    assert script.value == "aivvm_batch.early:main"
+
+
+@pytest.mark.integration
+def test_the_installed_command_runs_a_batch(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    command = Path(sys.executable).parent / "aivvm-batch"
+    if not command.exists():
+        pytest.skip("no aivvm-batch script beside this Python (not installed in this environment)")
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"early {i}"}) + "\n" for i in range(5)))
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([str(command), "run", str(source), "-o", str(out), "--stub", "--state-dir",
+                           str(tmp_path / "state")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AIVVM_BATCH_REDIS_URL": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["status"] for line in out.read_text().splitlines()] == ["ok"] * 5
