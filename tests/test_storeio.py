@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 from worker.storeio import COALESCED_KINDS, FLUSH_LIMIT, Coalescer, StoreIO
 
@@ -59,20 +60,29 @@ def test_a_flush_that_raises_fails_its_callers_and_the_next_flush_still_runs() -
     assert all(isinstance(f, ConnectionError) for f in failed) and again == 3 and calls["n"] == 2
 
 
-def test_calls_asked_in_one_pass_of_the_loop_go_in_one_flush() -> None:
-    sizes: list[int] = []
-
+def echo_counting(sizes: list[int]) -> Callable[[list[int]], list[int | BaseException]]:
+    """A flush that answers each argument with itself and notes how many it carried."""
     def flush(args: list[int]) -> list[int | BaseException]:
         sizes.append(len(args))
         return list(args)
 
+    return flush
+
+
+def gathered(flush: Callable[[list[int]], list[int | BaseException]], calls: int) -> list[int]:
+    """The results of ``calls`` calls asked in one pass of the loop."""
     async def main() -> list[int]:
-        coalescer = Coalescer[int, int](flush, "pass")
-        results = await asyncio.gather(*(coalescer(n) for n in range(64)))
+        coalescer = Coalescer[int, int](flush, "test")
+        results = await asyncio.gather(*(coalescer(n) for n in range(calls)))
         coalescer.close()
         return results
 
-    assert asyncio.run(main()) == list(range(64)) and sizes == [64]
+    return asyncio.run(main())
+
+
+def test_calls_asked_in_one_pass_of_the_loop_go_in_one_flush() -> None:
+    sizes: list[int] = []
+    assert gathered(echo_counting(sizes), 64) == list(range(64)) and sizes == [64]
 
 
 def test_a_flush_that_raises_any_exception_leaves_the_coalescer_working() -> None:
@@ -97,18 +107,7 @@ def test_a_flush_that_raises_any_exception_leaves_the_coalescer_working() -> Non
 
 def test_a_flush_carries_at_most_the_limit() -> None:
     sizes: list[int] = []
-
-    def flush(args: list[int]) -> list[int | BaseException]:
-        sizes.append(len(args))
-        return list(args)
-
-    async def main() -> list[int]:
-        coalescer = Coalescer[int, int](flush, "limit")
-        results = await asyncio.gather(*(coalescer(n) for n in range(FLUSH_LIMIT * 2 + 3)))
-        coalescer.close()
-        return results
-
-    assert asyncio.run(main()) == list(range(FLUSH_LIMIT * 2 + 3))
+    assert gathered(echo_counting(sizes), FLUSH_LIMIT * 2 + 3) == list(range(FLUSH_LIMIT * 2 + 3))
     assert max(sizes) <= FLUSH_LIMIT and sum(sizes) == FLUSH_LIMIT * 2 + 3
 
 

@@ -171,7 +171,7 @@ def say_slots(store: BatchStore, seen: list[WorkerSeen], settings: Settings, per
     if any(worker.slots for worker in lately):
         total = math.ceil(sum(worker.slots for worker in lately) * (1 + reserve))
         before = store.set_slots(total, lately_seconds)
-        if publisher is not None and total > (before or 0):
+        if publisher is not None and total > before:
             widen_windows(store, publisher)
     return len(lately)
 
