@@ -431,10 +431,12 @@ end
 return taken
 """
 
-# KEYS: held out meta slots queue ; ARGV: ended, chunk, reset, ttl -> messages moved to the queue.
-# ``ended`` of the batch's messages have ended (0 when publishing); the batch may have a window of
-# messages out: enough to keep twice the workers' slots busy (at least WINDOW_MIN_ITEMS items), times
-# its priority. ``reset``: the sweep found the batch stalled with nothing out (a message was lost).
+# KEYS: held out meta slots queue ; ARGV: ended, chunk, reset, ttl, publishing -> messages moved to
+# the queue. ``ended`` of the batch's messages have ended (0 when publishing); the batch may have a
+# window of messages out: enough to keep twice the workers' slots busy (at least WINDOW_MIN_ITEMS
+# items), times its priority. ``chunk``: its messages' items, as the publisher cut them (kept in its
+# meta when ``publishing``); the others (a message's end, the sweep) count in what the meta keeps.
+# ``reset``: the sweep found the batch stalled with nothing out (a message was lost).
 # A batch that is gone (deleted) or finished keeps nothing held and counts nothing out.
 # (no worker seen for three sweeps: slots unknown, a window as for 64 slots; a worker says its own
 # at its start)
@@ -446,6 +448,11 @@ if redis.call('EXISTS', meta) == 0 or redis.call('HEXISTS', meta, 'finished_at')
   return 0
 end
 local ended, chunk, reset, ttl = tonumber(ARGV[1]), math.max(1, tonumber(ARGV[2])), ARGV[3] == '1', tonumber(ARGV[4])
+if ARGV[5] == '1' then
+  redis.call('HSET', meta, 'chunk', chunk)
+else
+  chunk = math.max(1, tonumber(redis.call('HGET', meta, 'chunk') or chunk) or chunk)
+end
 local n = 0
 if not reset then n = math.max(0, tonumber(redis.call('GET', out) or '0') - ended) end
 local workers = tonumber(redis.call('GET', slots) or '""" + str(WINDOW_UNKNOWN_SLOTS) + """')

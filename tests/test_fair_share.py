@@ -88,6 +88,20 @@ def test_a_message_put_back_after_its_place_was_freed_counts_out_again() -> None
     assert int(client.get(keys.out("b1"))) == 8
 
 
+def test_every_release_counts_in_the_messages_the_publisher_cut() -> None:
+    """The window is counted in messages of the batch's chunk, kept by the publisher: a last,
+    smaller message's end (or the sweep's guess from the batch's size) does not widen it."""
+    client = fakeredis.FakeRedis()
+    publisher = Publisher(client, celery_app)
+    client.set(keys.SLOTS, 64)
+    client.hset(keys.meta("b1"), "priority", 1)
+    publisher.publish("b1", list(range(1000)), chunk=32)  # a window of 128 items: 4 messages
+    assert client.hget(keys.meta("b1"), "chunk") == b"32" and int(client.get(keys.out("b1"))) == 4
+    assert publisher.release("b1", 1, 1) == 1  # counted as 32 items a message, not 1
+    assert int(client.get(keys.out("b1"))) == 4
+    assert publisher.release("b1", 0, 8, reset=True) == 4  # the sweep's reset: 4 such messages, not 16 of 8
+
+
 def test_a_windowed_message_carries_its_mark_and_a_retry_does_not() -> None:
     publisher = Publisher(fakeredis.FakeRedis(), celery_app)
     assert b'{"window":1}' in base64.b64decode(json.loads(publisher.message("b", [1, 2], WINDOWED))["body"])
