@@ -41,10 +41,11 @@ local function maybe_finish(ttl)
 end
 """
 
-RECORD_FIELDS = 8
-
 # KEYS: batch..., claim_1..claim_n
-# ARGV: ttl, then per item: seq result status prompt_tokens completion_tokens estimated(0|1) token calls
+# ARGV: ttl, then per item its head and its result; a head is
+# "seq status prompt_tokens completion_tokens estimated(0|1) calls token" (the token may be empty):
+# one argument for the six (redis-py packs each argument in Python, a fifth of a worker's
+# recording at eight arguments an item)
 # -> per item 1 if recorded; 0 if the batch is gone, or the item has a result already (first wins)
 # and no token was given, or that result is this very one (a record sent again); 2 if it was paid
 # but is not the final result: the item has another result, or its claim is another token's (a
@@ -84,10 +85,11 @@ local ttl = tonumber(ARGV[1])
 local recorded = {{}}
 local alive = redis.call('EXISTS', meta) == 1
 for i = 1, #KEYS - first_item_key + 1 do
-  local a = 2 + (i - 1) * {RECORD_FIELDS}
-  local seq, result, status = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local prompt_tokens, completion_tokens = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local estimated, token, calls = tonumber(ARGV[a + 5]), ARGV[a + 6], tonumber(ARGV[a + 7])
+  local result = ARGV[2 * i + 1]
+  local seq, status, prompt_tokens, completion_tokens, estimated, calls, token =
+    string.match(ARGV[2 * i], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S*)$')
+  prompt_tokens, completion_tokens = tonumber(prompt_tokens), tonumber(completion_tokens)
+  estimated, calls = tonumber(estimated), tonumber(calls)
   local claim = KEYS[first_item_key + i - 1]
   recorded[i] = 0
   if alive then

@@ -44,6 +44,7 @@ from worker.providers.exchange import (
     Head,
     connection_error,
     http_error,
+    one_line,
     read_timeout,
     redirect_error,
 )
@@ -60,6 +61,17 @@ def feed_all(decoder: BodyDecoder, chunks: list[bytes]) -> bytes:
 
 def split_every(data: bytes, size: int) -> list[bytes]:
     return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("req_8f2c-41", "req_8f2c-41"),  # printable, single spaces: as it is
+    ("a b", "a b"),
+    ("  a\tb\r\n  c  ", "a b c"),
+    ("x\x1b[31my\u00a0z", "x [31my z"),
+    ("", ""),
+])
+def test_server_text_becomes_one_line(text: str, expected: str) -> None:
+    assert one_line(text) == expected
 
 
 # --------------------------------------------------------------------------

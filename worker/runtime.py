@@ -194,8 +194,9 @@ class Runtime:
     wakers: tuple[socket.socket, ...] = ()
     # tasks on the loop that nothing else refers to (a window's release): held here until they end
     background: set[asyncio.Future[None]] = field(default_factory=set)
-    # a claim's token names one attempt of one runtime: a random prefix, the process, a counter
-    _token_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
+    # a claim's token names one attempt of one runtime: a random prefix, the process, a counter (a
+    # runtime is built in the process that uses it, after any fork)
+    _token_prefix: str = field(default_factory=lambda: f"{os.urandom(6).hex()}{os.getpid():x}.")
     _tokens: Iterator[int] = field(default_factory=itertools.count)
     _thread: threading.Thread | None = None
     _renewal: Any = None
@@ -240,7 +241,7 @@ class Runtime:
 
     def claim_token(self) -> str:
         """A token of its own for the next claim of this process."""
-        return f"{self._token_prefix}{os.getpid():x}.{next(self._tokens):x}"
+        return f"{self._token_prefix}{next(self._tokens):x}"
 
     def fenced(self) -> bool:
         """Redis has been out of reach for most of a lease: this process starts no call."""

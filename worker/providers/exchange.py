@@ -207,6 +207,8 @@ def media_type(content_type: str | None) -> str:
 
 def one_line(text: str) -> str:
     """Server text fit for a one-line message: no control characters, whitespace collapsed."""
+    if text.isprintable() and "  " not in text and text.strip() == text:  # most are (request ids)
+        return text
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
