@@ -84,6 +84,8 @@ RECORD = BATCH + MAYBE_FINISH + USAGE_FUNCTIONS + f"""
 local ttl = tonumber(ARGV[1])
 local recorded = {{}}
 local alive = redis.call('EXISTS', meta) == 1
+-- what the recorded results add to the batch's counts, log and usage: written once, after the loop
+local by_status, logged, prompt_sum, completion_sum, estimated_sum = {{}}, {{}}, 0, 0, 0
 for i = 1, #KEYS - first_item_key + 1 do
   local result = ARGV[2 * i + 1]
   local seq, status, prompt_tokens, completion_tokens, estimated, calls, token =
@@ -105,15 +107,23 @@ for i = 1, #KEYS - first_item_key + 1 do
       recorded[i] = 2
     else
       redis.call('HSET', res, seq, result)
-      redis.call('HINCRBY', counts, status, 1)
-      redis.call('RPUSH', log, seq)
-      count_usage(prompt_tokens, completion_tokens, estimated)
+      by_status[status] = (by_status[status] or 0) + 1
+      logged[#logged + 1] = seq
+      if prompt_tokens + completion_tokens > 0 then
+        prompt_sum, completion_sum = prompt_sum + prompt_tokens, completion_sum + completion_tokens
+        estimated_sum = estimated_sum + estimated
+      end
       recorded[i] = 1
     end
     if not holder or holder == token or token == '' then redis.call('DEL', claim) end
   end
 end
-if alive then maybe_finish(ttl) end
+if alive then
+  for status, n in pairs(by_status) do redis.call('HINCRBY', counts, status, n) end
+  for j = 1, #logged, 1000 do redis.call('RPUSH', log, unpack(logged, j, math.min(j + 999, #logged))) end
+  count_usage(prompt_sum, completion_sum, estimated_sum)
+  maybe_finish(ttl)
+end
 return recorded
 """
 

@@ -209,8 +209,8 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, expected_
                 enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
                 cached, invalid = cached + outcome.cached, invalid + outcome.duplicates
                 chunk = []
-    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected), worker_slots), ahead,
-                     hold, options)
+    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected), worker_slots),
+                     ahead, hold, options)
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     cached, invalid = cached + outcome.cached, invalid + outcome.duplicates
     ahead.wait()  # every block is stored before the batch is finalized

@@ -207,6 +207,21 @@ def test_many_results_are_recorded_in_one_script_first_wins(store: BatchStore) -
     assert not store.redis.exists(keys.results("gone"))
 
 
+def test_a_flush_of_many_results_counts_each_once_and_logs_them_in_order(store: BatchStore) -> None:
+    """The script adds a flush's counts, usage and log entries once, after its loop (past the
+    1,000 values it pushes at a time); the results of another status and with no usage count apart."""
+    reqs = new_batch(store, "b9", 1500)
+    failed = ItemResult("x", 1, Status.FAILED, attempts=2)
+    flush = [(i, ok(reqs[i], tokens=1 + i % 2) if i % 3 else dataclasses.replace(failed, id=reqs[i].id, line=i + 1))
+             for i in range(1500)]
+    assert all(store.record_many("b9", flush))
+    info = store.info("b9")
+    assert info.counts == {"ok": 1000, "failed": 500} and info.finished
+    paid = sum(1 + i % 2 for i in range(1500) if i % 3)
+    assert (info.usage["prompt_tokens"], info.usage["estimated"]) == (paid, 1000)
+    assert store.finished_since("b9", 0, 2000) == list(range(1500))
+
+
 def test_a_redis_that_lost_its_scripts_still_records_each_result_once(store: BatchStore) -> None:
     reqs = new_batch(store, "b8s", 2)
     store.redis.script_flush()  # as after a restart: the record's EVALSHA meets NOSCRIPT
