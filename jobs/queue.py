@@ -86,6 +86,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # events cost Redis publishes per task: on for Flower (AIVVM_BATCH_TASK_EVENTS=1)
         "worker_send_task_events": settings.task_events,
+        # remote control (celery inspect/control: Flower's workers page) costs each worker a
+        # pub/sub connection, its bindings at start and a socket more in every turn of its consumer
+        "worker_enable_remote_control": settings.task_events,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         # the runtime's event loop does the work; Celery's threads hand chunks over

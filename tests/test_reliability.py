@@ -217,6 +217,23 @@ def kill(process: subprocess.Popen[bytes], sig: int) -> None:
     os.kill(process.pid, sig)
 
 
+@pytest.mark.timeout(90)
+def test_workers_answer_remote_control_only_with_task_events(cluster: Cluster) -> None:
+    """Celery's remote control (Flower's workers page) is a pub/sub connection per worker: only
+    when task events are on (AIVVM_BATCH_TASK_EVENTS=1), as for Flower."""
+    def subscribed() -> int:
+        return sum(1 for c in cluster.store.redis.client_list() if int(c.get("sub", 0)) + int(c.get("psub", 0)))
+
+    quiet = cluster.start_workers(count=1, concurrency=4)
+    assert subscribed() == 0
+    quiet.stop()
+    cluster.start_workers(count=1, concurrency=4, env={"AIVVM_BATCH_TASK_EVENTS": "1"})
+    deadline = time.monotonic() + 10
+    while subscribed() == 0:  # its control consumer subscribes as its consumer starts
+        assert time.monotonic() < deadline, cluster.worker_logs()
+        time.sleep(0.1)
+
+
 @pytest.mark.timeout(180)
 def test_worker_killed_mid_batch_loses_nothing(cluster: Cluster) -> None:
     total = 300
