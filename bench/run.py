@@ -265,7 +265,7 @@ def shapes(quick: bool) -> dict[str, Shape]:
     return {
         "latency1": Shape("latency1", "1 s replies (10 chunks)", 1.0, 10, 16_384, 1024, 0.90),
         "latency10": Shape("latency10", "10 s replies (50 chunks)", 10.0, 50, 8192, 4096, 0.85),
-        "atonce": Shape("atonce", "replies at once", 0.0, 4, 10_000, 256, 0.50),
+        "atonce": Shape("atonce", "replies at once", 0.0, 4, 10_000, 256, 0.70),
         "defaults": Shape("defaults", "replies at once, `run` defaults", 0.0, 4, 3000, None, 0.50),
         "embeddings": Shape("embeddings", "embeddings, 1 s replies (OpenAI, JSON body)", 1.0, 10, 4096, 256, 0.90,
                             "embeddings"),
