@@ -20,26 +20,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import clean_env, raw_client, stand_in_process, stub_reset, stub_stats, write_prompts  # noqa: E402
-
-
-def run_once(checkout: Path, path: Path, base: str, state_dir: Path, concurrency: int) -> tuple[float, float]:
-    """(seconds end to end, seconds to the first request at the stand-in) of one `run`."""
-    stub_reset(base)
-    env = clean_env(PYTHONPATH=str(checkout))
-    started = time.time()
-    subprocess.run([sys.executable, "-m", "aivvm_batch", "run", str(path), "-o", str(state_dir / "out.jsonl"),
-                    "--base-url", base, "--state-dir", str(state_dir), "--concurrency", str(concurrency)],
-                   cwd=checkout, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=True, timeout=900)
-    seconds = time.time() - started
-    return seconds, min(stub_stats(base)["times"]) - started
+from bench.run import aivvm_run, raw_client, stand_in_process, write_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -65,10 +51,11 @@ def main() -> None:
                 raw = raw_client(base, args.items, args.concurrency)
                 order = checkouts if round_no % 2 == 0 else checkouts[::-1]
                 for number, checkout in enumerate(order):
-                    seconds, first = run_once(checkout, path, base, tmp / f"state-{round_no}-{number}",
-                                              args.concurrency)
-                    ratios[checkout].append(args.items / seconds / raw.items_per_s)
-                    firsts[checkout].append(first)
+                    fresh = tmp / f"round-{round_no}-{number}"  # a state of its own: nothing resumed
+                    fresh.mkdir()
+                    ours = aivvm_run(base, path, fresh, concurrency=args.concurrency, timeout=900, checkout=checkout)
+                    ratios[checkout].append(ours.items_per_s / raw.items_per_s)
+                    firsts[checkout].append(ours.extra["first_request_s"])
                 print(f"round {round_no + 1}: raw {raw.items_per_s:,.0f} items/s; "
                       + "; ".join(f"{c.name} {ratios[c][-1]:.3f}× raw" for c in checkouts), flush=True)
     for checkout in checkouts:

@@ -168,11 +168,13 @@ def write_lines(path: Path, n: int, line: Callable[[int], dict[str, Any]]) -> Pa
 
 def aivvm_run(base: str, path: Path, tmp: Path, *, concurrency: int | None, timeout: float,
               provider: str | None = None, base_path: str = "",
-              carries: Callable[[dict[str, Any]], bool] | None = None) -> Measured:
+              carries: Callable[[dict[str, Any]], bool] | None = None, checkout: Path = ROOT) -> Measured:
     """`aivvm-batch run FILE -o OUT [--provider P] --base-url BASE[PATH] [--concurrency N]`, start-up included.
 
     ``carries``: what an ok result must hold besides its status (the vector, the tool call); how
-    many do is ``extra["carrying"]``.
+    many do is ``extra["carrying"]``. ``checkout``: the project's directory whose `run` it is
+    (bench/alternate.py). Seconds from its start to the first request at the stand-in:
+    ``extra["first_request_s"]``.
     """
     stub_reset(base)
     out = tmp / f"{path.stem}.results.jsonl"
@@ -183,9 +185,10 @@ def aivvm_run(base: str, path: Path, tmp: Path, *, concurrency: int | None, time
         args += ["--provider", provider]
     if concurrency is not None:
         args += ["--concurrency", str(concurrency)]
-    started = time.monotonic()
+    env = clean_env() if checkout == ROOT else clean_env(PYTHONPATH=str(checkout))
+    started, started_at = time.monotonic(), time.time()  # the stand-in's times are the wall clock's
     with open(log, "wb") as err:
-        proc = subprocess.run(args, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err,
+        proc = subprocess.run(args, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=err,
                               stdin=subprocess.DEVNULL, timeout=timeout)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
@@ -194,10 +197,10 @@ def aivvm_run(base: str, path: Path, tmp: Path, *, concurrency: int | None, time
     with open(out, "rb") as f:
         results = [json.loads(line) for line in f]
     ok = sum(1 for r in results if r.get("status") == "ok")
-    extra: dict[str, Any] = {}
+    stats = stub_stats(base)
+    extra: dict[str, Any] = {"first_request_s": min(stats["times"], default=started_at) - started_at}
     if carries is not None:
         extra["carrying"] = sum(1 for r in results if r.get("status") == "ok" and _holds(carries, r))
-    stats = stub_stats(base)
     return Measured(len(results) / seconds, steady(stats["times"]), seconds, ok, stats["peak_in_flight"], extra)
 
 

@@ -83,9 +83,9 @@ class ResultRecorder:
         args: list[Any] = [self.result_ttl]
         for position, (seq, result) in enumerate(results):
             usage = None if result.cached else result.usage  # a reused answer costs the batch nothing
-            head = (f"{seq} {result.status.value} {usage.prompt_tokens} {usage.completion_tokens} "
-                    f"{int(usage.estimated)}" if usage else f"{seq} {result.status.value} 0 0 0")
-            args += [f"{head} {max(1, result.attempts)} {tokens[position] if tokens else ''}", result.to_json()]
+            paid = f"{usage.prompt_tokens} {usage.completion_tokens} {int(usage.estimated)}" if usage else "0 0 0"
+            token = tokens[position] if tokens else ""
+            args += [f"{seq} {result.status.value} {paid} {max(1, result.attempts)} {token}", result.to_json()]
         return [*keys.batch_keys(batch_id), *(keys.claim(batch_id, seq) for seq, _ in results)], args
 
     @translated
