@@ -50,8 +50,15 @@ class RawFigures:
 PROMPT = ["raw {i}"]  # the template, set from --prompt (a stand-in directive may go in it)
 
 
+def varied_latency(i: int) -> float:
+    """Item ``i``'s reply time in the rows of varied replies: 0.1 to 1.0 s, spread evenly over
+    every run of 1,000 items (the prompt's ``{latency}``; `run`'s lines carry the same)."""
+    return round(0.1 + 0.9 * ((i * 7919) % 1000) / 999, 3)
+
+
 def chat_body(i: int) -> dict[str, object]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": PROMPT[0].format(i=i)}], "key": "",
+    content = PROMPT[0].format(i=i, latency=varied_latency(i))
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "key": "",
             "prompt": "You are a helpful assistant.", "temperature": 0.7}
 
 
@@ -240,7 +247,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, required=True)
     parser.add_argument("--in-flight", type=int, required=True)
     parser.add_argument("--client", choices=sorted(CLIENTS), default="aiohttp")
-    parser.add_argument("--prompt", default=PROMPT[0], help="prompt template; {i} is the item's number (aivvm)")
+    parser.add_argument("--prompt", default=PROMPT[0], help="prompt template; {i} is the item's number, {latency} "
+                                                                "its reply time in the varied rows (aivvm)")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="aivvm",
                         help="aivvm chat (default), OpenAI embeddings, or OpenAI chat with a tool call, streamed")
     args = parser.parse_args()

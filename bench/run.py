@@ -9,8 +9,12 @@ before and after `run` on each row, and its faster run is the baseline. Steady-s
 ones, never instead. Rows that need a Redis (memory, submit, collect, chunks, rate) use a private
 redis-server the benchmark starts.
 
-    python bench/run.py [--quick] [--only latency1,latency10,atonce,defaults,embeddings,tools,memory,
-                                           submit,collect,chunks,cpu,inflight,rate,serve,clients]
+    python bench/run.py [--quick] [--only latency1,latency10,varied,atonce,defaults,embeddings,tools,
+                                           memory,submit,collect,chunks,cpu,inflight,rate,serve,clients]
+
+`varied` gives each reply its own time, 0.1 to 1.0 s spread evenly (a stand-in directive in each
+prompt, the same on both sides: `bench.baseline.varied_latency`); its ideal is their sum over the
+slots, every slot busy until the last reply.
 
 `embeddings` and `tools` run `run --provider openai --base-url BASE/v1` on OpenAI lines (`/v1/embeddings`
 lines; chat lines with one tool and tool_choice "required", answered by streamed tool-call deltas)
@@ -48,11 +52,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aivvm_batch.private_redis import free_port  # noqa: E402
+from bench.baseline import tools_line, varied_latency  # noqa: E402 - the raw client's own lines
 from tests.private_server_helpers import private_redis, stub_process  # noqa: E402
 
-ALL_ROWS = ("latency1", "latency10", "atonce", "defaults", "embeddings", "tools", "memory", "submit", "collect",
-            "chunks", "cpu", "inflight", "rate", "serve", "clients")
-RUN_ROWS = ("latency1", "latency10", "atonce", "defaults", "embeddings", "tools")
+ALL_ROWS = ("latency1", "latency10", "varied", "atonce", "defaults", "embeddings", "tools", "memory", "submit",
+            "collect", "chunks", "cpu", "inflight", "rate", "serve", "clients")
+RUN_ROWS = ("latency1", "latency10", "varied", "atonce", "defaults", "embeddings", "tools")
 
 
 @dataclass
@@ -234,16 +239,11 @@ class Shape:
     in_flight: int | None  # None: run's default
     target: float  # ratio to the raw client
     endpoint: str = "aivvm"  # aivvm: prompt lines to the Aivvm API; embeddings, tools: OpenAI lines
+    varied: bool = False  # each reply's time its own (bench.baseline.varied_latency), not `latency`
 
 
 def embeddings_line(i: int) -> dict[str, Any]:
     return {"id": f"e{i}", "url": "/v1/embeddings", "input": f"text {i}", "model": "e"}
-
-
-def tools_line(i: int) -> dict[str, Any]:
-    from bench.baseline import tools_line as line  # the raw client sends the same body
-
-    return line(i)
 
 
 # endpoint -> (its input line, what an ok result of it carries); run with --provider openai
@@ -258,6 +258,7 @@ def shapes(quick: bool) -> dict[str, Shape]:
         return {
             "latency1": Shape("latency1", "1 s replies (10 chunks)", 1.0, 10, 1024, 256, 0.90),
             "latency10": Shape("latency10", "3 s replies (50 chunks; 10 s in the full run)", 3.0, 50, 1024, 512, 0.85),
+            "varied": Shape("varied", "replies of 0.1 to 1.0 s (4 chunks)", 0.0, 4, 2048, 256, 0.90, varied=True),
             "atonce": Shape("atonce", "replies at once", 0.0, 4, 2000, 256, 0.50),
             "defaults": Shape("defaults", "replies at once, `run` defaults", 0.0, 4, 1000, None, 0.50),
             "embeddings": Shape("embeddings", "embeddings, 1 s replies (OpenAI, JSON body)", 1.0, 10, 1024, 256, 0.90,
@@ -268,6 +269,7 @@ def shapes(quick: bool) -> dict[str, Shape]:
     return {
         "latency1": Shape("latency1", "1 s replies (10 chunks)", 1.0, 10, 16_384, 1024, 0.90),
         "latency10": Shape("latency10", "10 s replies (50 chunks)", 10.0, 50, 8192, 4096, 0.85),
+        "varied": Shape("varied", "replies of 0.1 to 1.0 s (4 chunks)", 0.0, 4, 8192, 256, 0.90, varied=True),
         "atonce": Shape("atonce", "replies at once", 0.0, 4, 10_000, 256, 0.70),
         "defaults": Shape("defaults", "replies at once, `run` defaults", 0.0, 4, 3000, None, 0.50),
         "embeddings": Shape("embeddings", "embeddings, 1 s replies (OpenAI, JSON body)", 1.0, 10, 4096, 256, 0.90,
@@ -282,9 +284,13 @@ def bench_run_row(shape: Shape, tmp: Path) -> None:
     asked = f"--concurrency {shape.in_flight}" if shape.in_flight else f"defaults ({in_flight} in flight)"
     print(f"{shape.title}: {shape.items:,} items, {asked}", flush=True)
     openai = shape.endpoint != "aivvm"
+    raw_prompt = "[[stub latency={latency}]] raw {i}" if shape.varied else "raw {i}"
     with stand_in_process(shape.latency, shape.chunks, tmp / "stub.log") as base:
-        raws = [raw_client(base, shape.items, in_flight, endpoint=shape.endpoint)]
-        ideal_s = math.ceil(shape.items / in_flight) * shape.latency
+        raws = [raw_client(base, shape.items, in_flight, prompt=raw_prompt, endpoint=shape.endpoint)]
+        if shape.varied:  # every slot busy to the end: the replies' times over the slots
+            ideal_s = sum(varied_latency(i) for i in range(shape.items)) / in_flight
+        else:
+            ideal_s = math.ceil(shape.items / in_flight) * shape.latency
         timeout = max(900.0, ideal_s * 20)
         if openai:
             line, carries = OPENAI_ROWS[shape.endpoint]
@@ -292,11 +298,13 @@ def bench_run_row(shape: Shape, tmp: Path) -> None:
             ours = aivvm_run(base, path, tmp, concurrency=shape.in_flight, timeout=timeout,
                              provider="openai", base_path="/v1", carries=carries)
         else:
-            path = write_prompts(tmp / f"{shape.key}.jsonl", shape.items, lambda i: f"{shape.key} {i}")
+            path = write_prompts(tmp / f"{shape.key}.jsonl", shape.items,
+                                 (lambda i: f"[[stub latency={varied_latency(i)}]] {shape.key} {i}") if shape.varied
+                                 else (lambda i: f"{shape.key} {i}"))
             ours = aivvm_run(base, path, tmp, concurrency=shape.in_flight, timeout=timeout)
         # the raw client again after: the better of its two runs is the baseline (a machine whose
         # speed drifts during the row never counts in our favour)
-        raws.append(raw_client(base, shape.items, in_flight, endpoint=shape.endpoint))
+        raws.append(raw_client(base, shape.items, in_flight, prompt=raw_prompt, endpoint=shape.endpoint))
         raw = max(raws, key=lambda m: m.items_per_s)
     PEAKS.append((shape.key, ours.peak, in_flight))
     ratio = ours.items_per_s / raw.items_per_s

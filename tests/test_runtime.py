@@ -50,18 +50,21 @@ def test_chunks_spread_a_small_batch_and_stay_small_for_a_big_one() -> None:
     assert [celery_threads(n) for n in (1, 32, 64, 256, 1024, 4096)] == [1, 32, 64, 64, 128, 512]
 
 
-def test_credit_takes_a_message_only_while_its_items_fit_in_the_free_slots() -> None:
+def test_credit_takes_a_message_while_one_of_its_items_finds_a_free_slot() -> None:
     credit = Credit(slots=128)
     assert credit.can_take([])  # nothing held: the first message always
     credit.took("t1", "task1", 64)
-    assert credit.can_take(["t1"])  # 64 held: another 64 fit
+    assert credit.can_take(["t1"]) and credit.room(["t1"]) == 1  # 64 held: another 64 fit
     credit.took("t2", "task2", 64)
-    assert not credit.can_take(["t1", "t2"])
+    assert not credit.can_take(["t1", "t2"]) and credit.room(["t1", "t2"]) == 0  # every slot busy
     credit.ended("task1")
-    assert credit.held(["t1", "t2"]) == 127 and not credit.can_take(["t1", "t2"])  # one free slot is not 64
-    for _ in range(63):
+    # one free slot: the next message is taken, its other 63 items wait for this process's slots
+    assert credit.held(["t1", "t2"]) == 127 and credit.can_take(["t1", "t2"]) and credit.room(["t1", "t2"]) == 1
+    for _ in range(64):
         credit.ended("task1")
-    assert credit.held(["t1", "t2"]) == 64 and credit.can_take(["t1", "t2"])
+    assert credit.held(["t1", "t2"]) == 64 and credit.room(["t1", "t2"]) == 1
+    credit.ended("task2")
+    assert credit.room(["t1", "t2"]) == 2  # 65 free: one message whole and one in part
     credit.settled("t2")
     credit.ended("task2")  # a message already settled: nothing changes
     assert credit.held(["t1", "t2", "t9"]) == 0  # a tag it never took holds nothing
@@ -70,19 +73,21 @@ def test_credit_takes_a_message_only_while_its_items_fit_in_the_free_slots() -> 
     assert Credit(slots=0).can_take(["big"])  # no slots known: Celery's prefetch alone
 
 
-def test_credit_wakes_the_consumer_once_when_a_refused_message_would_fit() -> None:
+def test_credit_wakes_the_consumer_once_when_a_slot_frees_after_a_refusal() -> None:
     credit, wakes = Credit(slots=128), []
     credit.on_room = lambda: wakes.append(1)
     credit.took("t1", "task1", 64)
     credit.took("t2", "task2", 64)
+    assert credit.can_take(["t1"])
     credit.ended("task1")
     assert wakes == []  # nothing was refused yet: the consumer is not asleep on the credit
-    assert not credit.can_take(["t1", "t2"])
-    for _ in range(62):
+    credit.took("t3", "task3", 64)  # taken beside the slot that freed: 127 running, 64 more held
+    assert not credit.can_take(["t1", "t2", "t3"])
+    for _ in range(63):
         credit.ended("task1")
-    assert wakes == []  # 63 free slots: a chunk of 64 does not fit yet
-    credit.ended("task1")
-    assert wakes == [1] and credit.can_take(["t1", "t2"])
+    assert wakes == []  # 63 items ended, as many of t3 started: every slot still busy
+    credit.ended("task2")
+    assert wakes == [1] and credit.can_take(["t1", "t2", "t3"])
     credit.ended("task2")
     assert wakes == [1]  # once per refusal, not at every end
 

@@ -38,16 +38,16 @@ def test_the_reserve_lets_a_process_hold_more_than_its_slots() -> None:
     assert credit.held(["a", "b"]) == 15
 
 
-def test_the_reserve_counts_in_whole_messages() -> None:
-    """A reserve smaller than a message still holds one: 64 slots running two chunks of 31 items
-    take the third before any of theirs ends (else the slots idle for the take every wave)."""
+def test_a_reserve_smaller_than_a_message_still_takes_one() -> None:
+    """64 slots running two chunks of 32 items take the third before any of theirs ends with a
+    reserve of 30 (else the slots idle for the take every wave)."""
     credit = Credit(slots=64)
-    credit.took("a", "task-a", 31)
-    credit.took("b", "task-b", 31)
-    assert not credit.can_take(["a", "b"])
+    credit.took("a", "task-a", 32)
+    credit.took("b", "task-b", 32)
+    assert not credit.can_take(["a", "b"]) and credit.room(["a", "b"]) == 0
     credit.ahead = 30
     assert credit.can_take(["a", "b"]) and credit.room(["a", "b"]) == 1
-    credit.ahead = 32  # two messages' worth, rounded up
+    credit.ahead = 33  # a message and one item of the next
     assert credit.room(["a", "b"]) == 2
 
 

@@ -11,7 +11,7 @@ kombu records a delivered message's time (the score of ``unacked_index``, which 
 reads to tell a dead worker's messages) with the host's own clock; here it is Redis's
 (:mod:`jobs.clock`), as every other liveness time is.
 
-A worker takes a message only while its items fit in the slots of its runtime (the runtime's
+A worker takes a message only while one of its items finds a free slot of its runtime (the runtime's
 :class:`~worker.credit.Credit`: kombu makes the transport, so it is found through
 :mod:`worker.process_runtime`); when kombu's BRPOP brings one, the others that fit come with it, in one
 round trip (:meth:`Channel._take_ahead`), and acknowledgements leave the consumer's thread
