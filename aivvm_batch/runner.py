@@ -113,7 +113,9 @@ def run(plan: RunPlan, progress: Progress, interrupts: Interrupts, workers: Work
             # from here a first Ctrl-C stops the batch gracefully: the workers are taking items
             interrupts.arm()
             report = _submit(store, publisher, checked, plan, options, settings, progress,
-                             redis_url if private else None, _holding(interrupts, progress))
+                             redis_url if private else None, _holding(interrupts, progress),
+                             # on its private Redis, only this run's workers take the messages
+                             min(workers.concurrencies) if private else None)
             if private:
                 prune_spool(plan.state_dir, {b.source for b in store.list_batches(limit=1000)})
             info = store.info(report.batch_id)
@@ -160,13 +162,14 @@ def _holding(interrupts: Interrupts, progress: Progress) -> Callable[[], bool]:
 
 def _submit(store: BatchStore, publisher: Publisher, checked: Checked, plan: RunPlan,
             options: BatchOptions, settings: Settings, progress: Progress,
-            private_url: str | None, hold: Callable[[], bool]) -> SubmitReport:
+            private_url: str | None, hold: Callable[[], bool], worker_slots: int | None) -> SubmitReport:
     """A new batch for this run, carrying over what the previous run of this input got right."""
     previous = store.run_batch(checked.source_key)
     earlier = store.info(previous) if previous is not None else None
     batch_id = new_batch_id()
     report = submit_file(store, publisher, checked.path, options, settings, batch_id=batch_id,
-                         reuse_from=None if plan.fresh else previous, defaults=plan.defaults, hold=hold)
+                         reuse_from=None if plan.fresh else previous, defaults=plan.defaults, hold=hold,
+                         worker_slots=worker_slots)
     store.set_run_batch(checked.source_key, batch_id)
     if previous is not None:
         store.delete(previous)

@@ -113,24 +113,26 @@ def new_batch_id() -> str:
 def submit_file(store: BatchStore, publisher: Publisher, path: str | Path, options: BatchOptions,
                 settings: Settings, *, batch_id: str | None = None, resume: bool = False,
                 reuse_from: str | None = None, defaults: RequestDefaults = RequestDefaults(),
-                hold: Callable[[], bool] | None = None) -> SubmitReport:
+                hold: Callable[[], bool] | None = None, worker_slots: int | None = None) -> SubmitReport:
     """:func:`submit_stream` of the file at ``path``, the batch named after it."""
     with open_input(path) as stream:
         return submit_stream(store, publisher, stream, str(path), options, settings, batch_id=batch_id,
-                             resume=resume, reuse_from=reuse_from, defaults=defaults, hold=hold)
+                             resume=resume, reuse_from=reuse_from, defaults=defaults, hold=hold,
+                             worker_slots=worker_slots)
 
 
 def submit_stream(store: BatchStore, publisher: Publisher, stream: BinaryIO, source: str,
                   options: BatchOptions, settings: Settings, *, expected_lines: int | None = None,
                   batch_id: str | None = None, resume: bool = False, reuse_from: str | None = None,
                   defaults: RequestDefaults = RequestDefaults(),
-                  hold: Callable[[], bool] | None = None) -> SubmitReport:
+                  hold: Callable[[], bool] | None = None, worker_slots: int | None = None) -> SubmitReport:
     """Record the batch and enqueue its items, read from ``stream`` a line at a time.
 
     ``source`` names the input (the batch's source, as ``status`` shows it). ``expected_lines``:
     about how many lines the stream holds, to size the messages from the start; by default
     counted if the stream is a regular file (:func:`jobs.lines.lines_expected`), else the
-    lines read so far (a pipe).
+    lines read so far (a pipe). ``worker_slots``: the slots of the smallest worker process that
+    will take the messages, if known (:func:`jobs.queue.chunk_size`).
 
     Once ``hold()`` is true, the rest of the file is recorded without being enqueued (``run``
     interrupted while it submits: no new item starts, and the batch, with what its workers
@@ -158,7 +160,7 @@ def submit_stream(store: BatchStore, publisher: Publisher, stream: BinaryIO, sou
     ahead = OneAhead()
     try:
         report = _submit(store, publisher, stream, expected_lines, batch_id, options, settings, resume,
-                         _reuse(store, reuse_from, options), defaults, ahead, hold)
+                         _reuse(store, reuse_from, options), defaults, ahead, hold, worker_slots)
     except BaseException as exc:
         ahead.close()  # nothing of the batch may arrive after it is removed
         if created and not resume:
@@ -173,7 +175,8 @@ def submit_stream(store: BatchStore, publisher: Publisher, stream: BinaryIO, sou
 
 def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, expected_lines: int | None,
             batch_id: str, options: BatchOptions, settings: Settings, resume: bool, reuse: Reuse | None,
-            defaults: RequestDefaults, ahead: OneAhead, hold: Callable[[], bool] | None) -> SubmitReport:
+            defaults: RequestDefaults, ahead: OneAhead, hold: Callable[[], bool] | None,
+            worker_slots: int | None) -> SubmitReport:
     if resume:
         store.update_options(batch_id, options)
     total = invalid = enqueued = kept = changed = cached = 0
@@ -200,14 +203,14 @@ def _submit(store: BatchStore, publisher: Publisher, stream: BinaryIO, expected_
         chunk.append(ChunkEntry(total, parsed))
         total += 1
         if len(chunk) >= CHUNK_LINES:
-            size = chunk_size(max(total, expected))
+            size = chunk_size(max(total, expected), worker_slots)
             if len(chunk) % size == 0:  # a block ends on a whole message: none part-filled mid-batch
                 outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, size, ahead, hold, options)
                 enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
                 cached, invalid = cached + outcome.cached, invalid + outcome.duplicates
                 chunk = []
-    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected)), ahead,
-                     hold, options)
+    outcome = _flush(store, publisher, batch_id, chunk, resume, reuse, chunk_size(max(total, expected), worker_slots),
+                     ahead, hold, options)
     enqueued, kept, changed = enqueued + len(outcome.enqueued), kept + outcome.kept, changed + outcome.changed
     cached, invalid = cached + outcome.cached, invalid + outcome.duplicates
     ahead.wait()  # every block is stored before the batch is finalized

@@ -1,6 +1,6 @@
 """Fair share: every batch on a shared queue has its turn (real Redis, a real worker, the stand-in).
 
-Each batch keeps a window of its messages on the queue (twice the workers' slots, at least 64
+Each batch keeps a window of its messages on the queue (three times the workers' slots, at least 64
 items) and the rest held; each message's end releases the next behind the other batches'
 messages, so a small batch waits for a window of a big one, never for the whole of it.
 """
@@ -55,23 +55,23 @@ def test_a_small_batch_is_not_queued_behind_the_whole_of_a_big_one(cluster: Clus
     assert cluster.store.redis.llen(keys.held(big)) == 0
 
 
-def test_a_window_is_twice_the_workers_slots_times_the_priority_and_each_end_releases_one() -> None:
+def test_a_window_is_three_times_the_workers_slots_times_the_priority_and_each_end_releases_one() -> None:
     client = fakeredis.FakeRedis()
     publisher = Publisher(client, celery_app)
-    client.set(keys.SLOTS, 64)  # two workers of 32: a window of 128 items
+    client.set(keys.SLOTS, 64)  # two workers of 32: a window of 192 items
     client.hset(keys.meta("b1"), "priority", 1)
     client.hset(keys.meta("b3"), "priority", 3)
     publisher.publish("b1", list(range(1000)), chunk=16)
     publisher.publish("b3", list(range(1000)), chunk=16)
-    assert int(client.get(keys.out("b1"))) == 8 and client.llen(keys.held("b1")) == 63 - 8
-    assert int(client.get(keys.out("b3"))) == 24  # three times the share
+    assert int(client.get(keys.out("b1"))) == 12 and client.llen(keys.held("b1")) == 63 - 12
+    assert int(client.get(keys.out("b3"))) == 36  # three times the share
     queued = [message_items(raw) for raw in reversed(client.lrange(keys.QUEUE, 0, -1))]  # the order taken
-    assert [q[0] for q in queued if q] == ["b1"] * 8 + ["b3"] * 24
+    assert [q[0] for q in queued if q] == ["b1"] * 12 + ["b3"] * 36
     assert queued[0] == ("b1", list(range(16)))  # the batch's own order
     assert publisher.release("b1", 1, 16) == 1  # one ended: the next goes behind the others
-    assert message_items(client.lrange(keys.QUEUE, 0, 0)[0]) == ("b1", list(range(128, 144)))
-    client.delete(keys.SLOTS)  # no worker seen lately: a window as for 64 slots (128 items)
-    assert publisher.release("b1", 0, 16, reset=True) == 8
+    assert message_items(client.lrange(keys.QUEUE, 0, 0)[0]) == ("b1", list(range(192, 208)))
+    client.delete(keys.SLOTS)  # no worker seen lately: a window as for 64 slots (192 items)
+    assert publisher.release("b1", 0, 16, reset=True) == 12
 
 
 def test_a_message_put_back_after_its_place_was_freed_counts_out_again() -> None:
@@ -81,11 +81,11 @@ def test_a_message_put_back_after_its_place_was_freed_counts_out_again() -> None
     publisher = Publisher(client, celery_app)
     client.set(keys.SLOTS, 64)
     client.hset(keys.meta("b1"), "priority", 1)
-    publisher.publish("b1", list(range(1000)), chunk=16)  # a window of 8 messages
+    publisher.publish("b1", list(range(1000)), chunk=16)  # a window of 12 messages
     assert publisher.release("b1", 1, 16) == 1  # freed early: the next one goes out
-    assert publisher.release("b1", -1, 16) == 0 and int(client.get(keys.out("b1"))) == 9
+    assert publisher.release("b1", -1, 16) == 0 and int(client.get(keys.out("b1"))) == 13
     assert publisher.release("b1", 1, 16) == 0  # the put-back message ends: back to the window
-    assert int(client.get(keys.out("b1"))) == 8
+    assert int(client.get(keys.out("b1"))) == 12
 
 
 def test_every_release_counts_in_the_messages_the_publisher_cut() -> None:
@@ -95,11 +95,11 @@ def test_every_release_counts_in_the_messages_the_publisher_cut() -> None:
     publisher = Publisher(client, celery_app)
     client.set(keys.SLOTS, 64)
     client.hset(keys.meta("b1"), "priority", 1)
-    publisher.publish("b1", list(range(1000)), chunk=32)  # a window of 128 items: 4 messages
-    assert client.hget(keys.meta("b1"), "chunk") == b"32" and int(client.get(keys.out("b1"))) == 4
+    publisher.publish("b1", list(range(1000)), chunk=32)  # a window of 192 items: 6 messages
+    assert client.hget(keys.meta("b1"), "chunk") == b"32" and int(client.get(keys.out("b1"))) == 6
     assert publisher.release("b1", 1, 1) == 1  # counted as 32 items a message, not 1
-    assert int(client.get(keys.out("b1"))) == 4
-    assert publisher.release("b1", 0, 8, reset=True) == 4  # the sweep's reset: 4 such messages, not 16 of 8
+    assert int(client.get(keys.out("b1"))) == 6
+    assert publisher.release("b1", 0, 8, reset=True) == 6  # the sweep's reset: 6 such messages, not 24 of 8
 
 
 def test_a_windowed_message_carries_its_mark_and_a_retry_does_not() -> None:
@@ -125,7 +125,7 @@ def test_slots_said_after_a_batch_was_submitted_widen_its_window_at_once() -> No
     store.create("bw", "prompts.jsonl", BatchOptions())
     publisher.publish("bw", list(range(1000)), chunk=16)
     store.finalize("bw", 1000)
-    assert int(store.redis.get(keys.out("bw"))) == 8  # 128 items
+    assert int(store.redis.get(keys.out("bw"))) == 12  # 192 items
     seen = [WorkerSeen("w1", 0.1, slots=512), WorkerSeen("w2", 0.2, slots=512)]
     assert say_slots(store, seen, Settings(), publisher=publisher) == 2
     assert int(store.redis.get(keys.out("bw"))) == 63 and store.redis.llen(keys.held("bw")) == 0

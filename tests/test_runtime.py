@@ -46,6 +46,9 @@ FAST = {"AIVVM_BATCH_BACKOFF_BASE": "0.2", "AIVVM_BATCH_BACKOFF_CAP": "2", "AIVV
 def test_chunks_spread_a_small_batch_and_stay_small_for_a_big_one() -> None:
     assert [chunk_size(n) for n in (1, 63, 64, 127, 128, 3000, 4096, 10_000, 5_000_000)] == \
         [1, 1, 1, 1, 2, 46, 64, 64, 64]
+    # messages of 128 items once the workers' slots are known and each holds one whole
+    assert [chunk_size(n, 128) for n in (3000, 8191, 8192, 10_000)] == [46, 64, 128, 128]
+    assert chunk_size(10_000, 127) == 64 and chunk_size(10_000, 512) == 128
     assert len(list(chunks(list(range(3000)), chunk_size(3000)))) == 66  # at least 64 messages
     assert [celery_threads(n) for n in (1, 32, 64, 256, 1024, 4096)] == [1, 32, 64, 64, 128, 512]
 
@@ -209,14 +212,14 @@ class Bench:
     def settings(self, **env: str) -> Settings:
         return Settings.from_env({**FAST, **env}, redis_url=self.url)
 
-    def submit(self, prompts: list[str]) -> str:
+    def submit(self, prompts: list[str], worker_slots: int | None = None) -> str:
         self.files += 1
         path = self.tmp_path / f"in-{self.files}.jsonl"
         path.write_text("".join(json.dumps({"id": f"i{n}", "prompt": p}) + "\n" for n, p in enumerate(prompts)))
         settings = self.settings()
         configure(celery_app, settings)
         report = submit_file(self.store, Publisher(self.client, celery_app), path,
-                             BatchOptions(base_url=self.stub.base_url), settings)
+                             BatchOptions(base_url=self.stub.base_url), settings, worker_slots=worker_slots)
         self.batches.append(report.batch_id)
         return report.batch_id
 
@@ -259,6 +262,17 @@ def test_a_file_is_cut_into_equal_messages_from_its_first_line(bench: Bench) -> 
     bench.submit([f"line {i}" for i in range(5000)])
     sizes = Counter(len(seqs) for _, seqs, _ in bench.queued())
     assert chunk_size(5000) == 64 and sizes == Counter({64: 5000 // 64, 5000 % 64: 1})
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_workers_of_128_slots_take_a_big_file_in_messages_of_128(bench: Bench) -> None:
+    """`run` says its workers' slots: a file of 8,192 lines or more goes in messages of 128 items,
+    a whole number of them in each worker's slots; the batch keeps that size for its window."""
+    batch_id = bench.submit([f"line {i}" for i in range(9000)], worker_slots=128)
+    sizes = Counter(len(seqs) for _, seqs, _ in bench.queued())
+    assert sizes == Counter({128: 9000 // 128, 9000 % 128: 1})
+    assert bench.client.hget(keys.meta(batch_id), "chunk") == b"128"
 
 
 @pytest.mark.integration

@@ -11,7 +11,8 @@ process's next free slots, so fewer than a message's items ever wait in a proces
 Waiting for a message to fit whole left slots idle behind every message's slowest items: with
 chunks of 64 and 128 slots a worker took its next message only once 64 slots were free, and
 8,192 replies of 0.1 to 1.0 s at 256 in flight took 23.7 s where the raw client took 18.4 s
-(0.78×; 0.95× taken this way, `bench/run.py --only varied`). What that rule guarded against, an
+(0.78×; 0.95× taken this way, `bench/run.py --only varied`; 0.97× with the batches' windows
+widened for it, :mod:`jobs.scripts`). What that rule guarded against, an
 item waiting in one process while another has slots free at a batch's end, costs at most one
 message's items the wait for this process's next free slots; batches of 256, 600 and 1,100
 replies of 1 s at 256 in flight took as long either way (1.57, 3.58 to 3.63, 5.54 to 5.64 s).
