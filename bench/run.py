@@ -284,7 +284,9 @@ def bench_run_row(shape: Shape, tmp: Path) -> None:
     asked = f"--concurrency {shape.in_flight}" if shape.in_flight else f"defaults ({in_flight} in flight)"
     print(f"{shape.title}: {shape.items:,} items, {asked}", flush=True)
     openai = shape.endpoint != "aivvm"
-    raw_prompt = "[[stub latency={latency}]] raw {i}" if shape.varied else "raw {i}"
+    # a prompt template for each side ({i}: the item's number; {latency}: its reply time, varied rows)
+    varied = "[[stub latency={latency}]] " if shape.varied else ""
+    raw_prompt, our_prompt = varied + "raw {i}", varied + shape.key + " {i}"
     with stand_in_process(shape.latency, shape.chunks, tmp / "stub.log") as base:
         raws = [raw_client(base, shape.items, in_flight, prompt=raw_prompt, endpoint=shape.endpoint)]
         if shape.varied:  # every slot busy to the end: the replies' times over the slots
@@ -299,8 +301,7 @@ def bench_run_row(shape: Shape, tmp: Path) -> None:
                              provider="openai", base_path="/v1", carries=carries)
         else:
             path = write_prompts(tmp / f"{shape.key}.jsonl", shape.items,
-                                 (lambda i: f"[[stub latency={varied_latency(i)}]] {shape.key} {i}") if shape.varied
-                                 else (lambda i: f"{shape.key} {i}"))
+                                 lambda i: our_prompt.format(i=i, latency=varied_latency(i)))
             ours = aivvm_run(base, path, tmp, concurrency=shape.in_flight, timeout=timeout)
         # the raw client again after: the better of its two runs is the baseline (a machine whose
         # speed drifts during the row never counts in our favour)

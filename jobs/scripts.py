@@ -445,16 +445,17 @@ return taken
 
 # KEYS: held out meta slots queue ; ARGV: ended, chunk, reset, ttl, publishing -> messages moved to
 # the queue. ``ended`` of the batch's messages have ended (0 when publishing); the batch may have a
-# window of messages out: enough for three times the workers' slots (at least WINDOW_MIN_ITEMS
-# items), times its priority: twice the slots keeps them busy, and a message stays out until its last
-# item ends while a worker takes its next once one item can start (worker/credit.py), so each worker
-# also holds up to a message beyond its slots. ``chunk``: its messages' items, as the publisher cut them (kept in its
-# meta when ``publishing``); the others (a message's end, the sweep) count in what the meta keeps.
+# window of messages out: WINDOW_SLOT_TIMES the workers' slots (at least WINDOW_MIN_ITEMS items),
+# times its priority: twice the slots keeps them busy, and a message stays out until its last item
+# ends while a worker takes its next once one item can start (worker/credit.py), so each worker also
+# holds up to a message beyond its slots. ``chunk``: its messages' items, as the publisher cut them
+# (kept in its meta when ``publishing``); the others (a message's end, the sweep) count in what the
+# meta keeps.
 # ``reset``: the sweep found the batch stalled with nothing out (a message was lost).
 # A batch that is gone (deleted) or finished keeps nothing held and counts nothing out.
 # (no worker seen for three sweeps: slots unknown, a window as for 64 slots; a worker says its own
 # at its start)
-WINDOW_MIN_ITEMS, WINDOW_UNKNOWN_SLOTS = 64, 64
+WINDOW_MIN_ITEMS, WINDOW_UNKNOWN_SLOTS, WINDOW_SLOT_TIMES = 64, 64, 3
 RELEASE_WINDOW = """
 local held, out, meta, slots, queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 if redis.call('EXISTS', meta) == 0 or redis.call('HEXISTS', meta, 'finished_at') == 1 then
@@ -471,7 +472,7 @@ local n = 0
 if not reset then n = math.max(0, tonumber(redis.call('GET', out) or '0') - ended) end
 local workers = tonumber(redis.call('GET', slots) or '""" + str(WINDOW_UNKNOWN_SLOTS) + """')
 local priority = math.max(1, tonumber(redis.call('HGET', meta, 'priority') or '1') or 1)
-local items = math.max(""" + str(WINDOW_MIN_ITEMS) + """, 3 * workers) * priority
+local items = math.max(""" + str(WINDOW_MIN_ITEMS) + """, """ + str(WINDOW_SLOT_TIMES) + """ * workers) * priority
 local window = math.max(2, math.ceil(items / chunk))
 local moved = 0
 while n < window do
